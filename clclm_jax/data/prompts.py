@@ -1,0 +1,83 @@
+"""Prompt templates and TALLRec's Yes/No recommendation prompts, kept as data in small registries.
+
+Template choice: TALLRec's `generate_prompt` (copied from early alpaca-lora) has a stray
+`  # noqa: E501` inside the string literal, so its models saw that text. `alpaca` is the clean
+Stanford Alpaca template and the default here (we train our own adapters, and the comment is a
+formatting accident that costs tokens); `tallrec_verbatim` keeps the comment for exact reproduction.
+"""
+
+import dataclasses
+
+from clclm_jax.data.records import Catalogue, Interaction, Item
+
+_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+               "context. Write a response that appropriately completes the request.{noqa}\n\n"
+               "### Instruction:\n{{instruction}}\n\n### Input:\n{{input}}\n\n### Response:\n")
+_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+             "completes the request.{noqa}\n\n### Instruction:\n{{instruction}}\n\n### Response:\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """A prompt with `{instruction}` and `{input}` slots; the answer follows the prompt directly."""
+
+  with_input: str
+  without_input: str
+
+  def prompt(self, instruction: str, input: str = "") -> str:
+    if input:
+      return self.with_input.format(instruction=instruction, input=input)
+    return self.without_input.format(instruction=instruction)
+
+
+TEMPLATES: dict[str, Template] = {
+    "alpaca": Template(_WITH_INPUT.format(noqa=""), _NO_INPUT.format(noqa="")),
+    "tallrec_verbatim": Template(_WITH_INPUT.format(noqa="  # noqa: E501"),
+                                 _NO_INPUT.format(noqa="  # noqa: E501")),
+}
+
+ANSWERS = ("No.", "Yes.")  # indexed by label: 0 No, 1 Yes.
+
+INSTRUCTIONS: dict[str, str] = {
+    domain: ("Given the user's preference and unpreference, identify whether the user will like the "
+             f'target {domain} by answering "Yes." or "No.".')
+    for domain in ("movie", "book")
+}
+
+
+def template(name: str) -> Template:
+  if name not in TEMPLATES:
+    raise KeyError(f"unknown template {name!r}; choose one of {sorted(TEMPLATES)}")
+  return TEMPLATES[name]
+
+
+def render_item(item: Item, domain: str) -> str:
+  """A history item as TALLRec writes it: `"Title"`, or `"Title" written by Author` for books."""
+  if domain == "book":
+    return f'"{item.title}" written by {item.author}'
+  return f'"{item.title}"'
+
+
+def render_target(item: Item, domain: str) -> str:
+  """The target item; TALLRec's book files quote the whole `"Title" written by Author` once more."""
+  if domain == "book":
+    return f'"{render_item(item, domain)}"'
+  return render_item(item, domain)
+
+
+def render_tallrec(interaction: Interaction, catalogue: Catalogue, domain: str) -> str:
+  """TALLRec's `input` text: liked and disliked history items (oldest first), then the target."""
+  if domain not in INSTRUCTIONS:
+    raise KeyError(f"unknown domain {domain!r}; choose one of {sorted(INSTRUCTIONS)}")
+  liked = [render_item(catalogue[i], domain) for i, like in zip(interaction.history_ids, interaction.history_likes) if like]
+  disliked = [render_item(catalogue[i], domain) for i, like in zip(interaction.history_ids, interaction.history_likes)
+              if not like]
+  target = render_target(catalogue[interaction.target_id], domain)
+  return (f"User Preference: {', '.join(liked)}\nUser Unpreference: {', '.join(disliked)}\n"
+          f"Whether the user will like the target {domain} {target}?")
+
+
+def tallrec_record(interaction: Interaction, catalogue: Catalogue, domain: str) -> dict[str, str]:
+  """The `{instruction, input, output}` record TALLRec stores for one interaction."""
+  return {"instruction": INSTRUCTIONS[domain], "input": render_tallrec(interaction, catalogue, domain),
+          "output": ANSWERS[interaction.label]}
