@@ -1,0 +1,156 @@
+"""Per-user item-id sequences (Amazon Beauty 5-core, MovieLens-100K) with the leave-one-out split.
+
+Ids run 1..N; 0 is padding and N + 1 the mask id. For a user's items `s`, the test example is
+`s[:-1] -> s[-1]`, the validation example `s[:-2] -> s[-2]` and training sees only `s[:-2]`
+(next-item pairs `s[:-3] -> s[1:-2]`), so valid/test targets never reach training.
+"""
+
+import dataclasses
+import os
+import pathlib
+
+import numpy as np
+
+from clclm_jax.data import paths
+from clclm_jax.data.errors import DataError
+
+PAD = 0
+MIN_LENGTH = 4  # one training pair plus the valid and test targets
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceData:
+  """Chronological item sequences (ids 1..num_items), one per user."""
+
+  name: str
+  sequences: tuple[np.ndarray, ...]
+  num_items: int
+
+  @property
+  def mask_id(self) -> int:
+    return self.num_items + 1
+
+  @property
+  def vocab_size(self) -> int:
+    """Embedding rows: padding, the items, the mask id."""
+    return self.num_items + 2
+
+
+def _reindex(name: str, raw: list[list[int]]) -> SequenceData:
+  """Maps raw item ids to 1..N in ascending raw order; keeps users with >= MIN_LENGTH items."""
+  raw = [np.asarray(s, np.int64) for s in raw if len(s) >= MIN_LENGTH]
+  vocab = np.unique(np.concatenate(raw))
+  seqs = tuple((np.searchsorted(vocab, s) + 1).astype(np.int32) for s in raw)
+  return SequenceData(name, seqs, len(vocab))
+
+
+def load_beauty(path: str | os.PathLike | None = None) -> SequenceData:
+  """Amazon Beauty 5-core from P5's `sequential_data.txt` (`user item item ...`, CRLF)."""
+  path = pathlib.Path(path) if path else paths.data_path("amazon-beauty-5core", "sequential_data.txt")
+  raw = []
+  with open(path, encoding="ascii", newline="") as f:
+    for line_no, line in enumerate(f, start=1):
+      fields = line.rstrip("\r\n").split(" ")
+      if fields == [""]:
+        continue
+      if len(fields) < 2 or not all(x.isdigit() for x in fields):
+        raise DataError(path, line_no, f"expected 'user item item ...' of integers, got {line[:60]!r}",
+                        "use P5's sequential_data.txt: space-separated integer ids, one user a line")
+      raw.append([int(x) for x in fields[1:]])
+  if not raw:
+    raise DataError(path, None, "no sequences", "point at a non-empty sequential_data.txt")
+  return _reindex("beauty", raw)
+
+
+def load_ml100k(path: str | os.PathLike | None = None) -> SequenceData:
+  """MovieLens-100K `u.data` (user, item, rating, timestamp); each user's items by timestamp."""
+  path = pathlib.Path(path) if path else paths.data_path("ml-100k", "u.data")
+  rows = []
+  with open(path, encoding="ascii") as f:
+    for line_no, line in enumerate(f, start=1):
+      fields = line.split()
+      if not fields:
+        continue
+      if len(fields) != 4 or not all(x.isdigit() for x in fields):
+        raise DataError(path, line_no, f"expected 'user<TAB>item<TAB>rating<TAB>timestamp', got {line[:60]!r}",
+                        "use GroupLens ml-100k/u.data unmodified")
+      rows.append([int(x) for x in fields])
+  if not rows:
+    raise DataError(path, None, "no ratings", "point at a non-empty u.data")
+  user, item, _, time = np.asarray(rows, np.int64).T
+  order = np.lexsort((item, time, user))  # by user, then timestamp; ties broken by item id
+  user, item = user[order], item[order]
+  starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+  return _reindex("ml100k", [s.tolist() for s in np.split(item, starts[1:])])
+
+
+def split(data: SequenceData, part: str) -> tuple[list[np.ndarray], list[np.ndarray] | np.ndarray]:
+  """Leave-one-out inputs and targets: 'train' (a target per position), 'valid' or 'test' (one each)."""
+  if part == "train":
+    return [s[:-3] for s in data.sequences], [s[1:-2] for s in data.sequences]
+  if part == "valid":
+    return [s[:-2] for s in data.sequences], np.asarray([s[-2] for s in data.sequences], np.int32)
+  if part == "test":
+    return [s[:-1] for s in data.sequences], np.asarray([s[-1] for s in data.sequences], np.int32)
+  raise ValueError(f"part must be 'train', 'valid' or 'test', got {part!r}")
+
+
+def train_sequences(data: SequenceData) -> list[np.ndarray]:
+  """Everything training may see per user: all but the last two items."""
+  return [s[:-2] for s in data.sequences]
+
+
+def pad(seqs: list[np.ndarray], max_len: int = 50, *, side: str = "right") -> tuple[np.ndarray, np.ndarray]:
+  """Keeps each sequence's last `max_len` items and pads with 0 -> (ids [B, max_len], lengths [B])."""
+  if side not in ("left", "right"):
+    raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+  ids_bl = np.zeros((len(seqs), max_len), np.int32)
+  lengths_b = np.zeros(len(seqs), np.int32)
+  for row, s in enumerate(seqs):
+    n = min(len(s), max_len)
+    lengths_b[row] = n
+    if n:
+      ids_bl[row, :n] = s[len(s) - n:]
+      if side == "left":
+        ids_bl[row] = np.roll(ids_bl[row], max_len - n)
+  return ids_bl, lengths_b
+
+
+def bucket_width(length: int, buckets: tuple[int, ...]) -> int:
+  """The smallest bucket that holds `length` (the last bucket caps it)."""
+  return next((b for b in buckets if length <= b), buckets[-1])
+
+
+def train_batches(data: SequenceData, batch_size: int, rng: np.random.Generator, *,
+                  buckets: tuple[int, ...] = (8, 16, 32, 50), group: int = 32):
+  """One epoch of right-padded next-item batches {items, targets, lengths}, remainder dropped.
+
+  Users are shuffled, sorted by length within chunks of `group` batches and padded to the
+  smallest bucket width, so short sequences do not pay for max_len (positions are counted from
+  the last item, so the width does not change the model's output).
+  """
+  inputs, targets = split(data, "train")
+  order = rng.permutation(len(inputs))
+  chunk = batch_size * group
+  batches = []
+  for start in range(0, len(order), chunk):
+    part = order[start:start + chunk]
+    part = part[np.argsort([len(inputs[u]) for u in part], kind="stable")]
+    batches += [part[i:i + batch_size] for i in range(0, len(part) - batch_size + 1, batch_size)]
+  for b in rng.permutation(len(batches)):
+    users = batches[b]
+    width = bucket_width(max(len(inputs[u]) for u in users), buckets)
+    items, lengths = pad([inputs[u] for u in users], width)
+    tgt, _ = pad([targets[u] for u in users], width)
+    yield {"items": items, "targets": tgt, "lengths": lengths}
+
+
+def eval_batches(data: SequenceData, part: str, batch_size: int, *, buckets: tuple[int, ...] = (8, 16, 32, 50)):
+  """Right-padded {items, lengths, target} batches for 'valid' or 'test', users sorted by length."""
+  inputs, targets = split(data, part)
+  order = np.argsort([len(s) for s in inputs], kind="stable")
+  for i in range(0, len(order), batch_size):
+    users = order[i:i + batch_size]
+    width = bucket_width(max(len(inputs[u]) for u in users), buckets)
+    items, lengths = pad([inputs[u] for u in users], width)
+    yield {"items": items, "lengths": lengths, "target": targets[users]}
