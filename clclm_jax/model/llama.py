@@ -1,0 +1,251 @@
+"""LLaMA decoder in Flax NNX with Hugging Face module names, frozen (optionally int8) base and LoRA."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clclm_jax.model.config import LORA_TARGETS, LlamaConfig, LoraConfig
+from clclm_jax.model.quant import quantize_int8
+
+
+class Frozen(nnx.Variable):
+  """A frozen float base weight (not an `nnx.Param`, so optimisers skip it)."""
+
+
+class QInt8(nnx.Variable):
+  """A frozen int8 kernel `[in, out]`."""
+
+
+class QScale(nnx.Variable):
+  """The float32 per-output-channel scale of a `QInt8` kernel."""
+
+
+def variable(cls, value, names: tuple[str, ...]):
+  """A variable tagged with logical axis names; meshes are applied later by `train/sharding.py`."""
+  return cls(value, out_sharding=names, eager_sharding=False)
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float = 0.02) -> jax.Array:
+  return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+class Linear(nnx.Module):
+  """Bias-free projection `x @ W` with a frozen float or int8 `W [in, out]` and optional LoRA."""
+
+  def __init__(self, in_features: int, out_features: int, names: tuple[str, str], *,
+               dtype=jnp.float32, quantize: str | None = None, rngs: nnx.Rngs):
+    self.names = names
+    self.dtype = dtype
+    self.quantize = quantize
+    self.lora_a = nnx.data(None)
+    self.lora_b = nnx.data(None)
+    self.lora_scaling = 0.0
+    self.lora_dropout = 0.0
+    self.set_kernel(_normal(rngs, (in_features, out_features)))
+
+  def set_kernel(self, w_io: jax.Array):
+    """Stores a float `[in, out]` weight, quantising it when the layer is int8."""
+    if self.quantize == "int8":
+      q_io, scale_o = quantize_int8(w_io)
+      self.kernel = variable(QInt8, q_io, self.names)
+      self.scale = variable(QScale, scale_o, self.names[1:])
+    else:
+      self.kernel = variable(Frozen, jnp.asarray(w_io, self.dtype), self.names)
+      self.scale = nnx.data(None)
+
+  def weight(self, dtype=jnp.float32) -> jax.Array:
+    """The float base weight `[in, out]` (dequantised if int8)."""
+    w = self.kernel[...].astype(jnp.float32)
+    return (w * self.scale[...] if self.scale is not None else w).astype(dtype)
+
+  def add_lora(self, cfg: LoraConfig, key: jax.Array):
+    """Attaches LoRA: A `[in, r]` ~ N(0, 1/in), B `[r, out]` = 0, so the model is unchanged."""
+    d_in, d_out = self.kernel.shape
+    a = jax.random.normal(key, (d_in, cfg.r), jnp.float32) / jnp.sqrt(d_in)
+    self.lora_a = variable(nnx.LoRAParam, a, (self.names[0], "lora_rank"))
+    self.lora_b = variable(nnx.LoRAParam, jnp.zeros((cfg.r, d_out), jnp.float32),
+                           ("lora_rank", self.names[1]))
+    self.lora_scaling = cfg.scaling
+    self.lora_dropout = cfg.dropout
+
+  def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None, out_dtype=None) -> jax.Array:
+    out_dtype = out_dtype or self.dtype
+    y = jnp.matmul(x, self.kernel[...].astype(self.dtype), preferred_element_type=out_dtype)
+    if self.scale is not None:
+      y = y * self.scale[...].astype(out_dtype)
+    if self.lora_a is not None:
+      if dropout_key is not None and self.lora_dropout > 0:
+        keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
+      h = x @ self.lora_a[...].astype(self.dtype)
+      y = y + (h @ self.lora_b[...].astype(self.dtype)).astype(out_dtype) * self.lora_scaling
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * weight, computed in float32."""
+
+  def __init__(self, dim: int, eps: float):
+    self.eps = eps
+    self.weight = variable(Frozen, jnp.ones((dim,), jnp.float32), ("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.weight[...]).astype(x.dtype)
+
+
+def rope_tables(positions_bt: jax.Array, head_dim: int, theta: float):
+  """cos/sin `[b, t, head_dim]` for rotate-half rotary embeddings (Hugging Face layout)."""
+  inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
+  x = x_bthd.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos_btd[:, :, None, :] + rotated * sin_btd[:, :, None, :]
+  return out.astype(x_bthd.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query causal self-attention with float32 softmax."""
+
+  def __init__(self, cfg: LlamaConfig, *, dtype, quantize, rngs: nnx.Rngs):
+    d, hd = cfg.hidden_size, cfg.head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = (
+        cfg.num_attention_heads, cfg.num_key_value_heads, hd)
+    kw = dict(dtype=dtype, quantize=quantize, rngs=rngs)
+    self.q_proj = Linear(d, self.num_heads * hd, ("embed", "heads"), **kw)
+    self.k_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
+    self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
+    self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), **kw)
+
+  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, keys):
+    b, t, _ = x_btd.shape
+    k_heads, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
+    q_bthd = self.q_proj(x_btd, keys[0]).reshape(b, t, self.num_heads, self.head_dim)
+    k_btkd = self.k_proj(x_btd, keys[1]).reshape(b, t, k_heads, self.head_dim)
+    v_btkd = self.v_proj(x_btd, keys[2]).reshape(b, t, k_heads, self.head_dim)
+    q_bthd = apply_rope(q_bthd, cos_btd, sin_btd)
+    k_btkd = apply_rope(k_btkd, cos_btd, sin_btd)
+    q_btkgd = q_bthd.reshape(b, t, k_heads, groups, self.head_dim) * self.head_dim**-0.5
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_btkd, preferred_element_type=jnp.float32)
+    scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_btkd.dtype)
+    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_btkd)
+    return self.o_proj(out_btkgd.reshape(b, t, -1), keys[3])
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: LlamaConfig, *, dtype, quantize, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(dtype=dtype, quantize=quantize, rngs=rngs)
+    self.gate_proj = Linear(d, f, ("embed", "mlp"), **kw)
+    self.up_proj = Linear(d, f, ("embed", "mlp"), **kw)
+    self.down_proj = Linear(f, d, ("mlp", "embed"), **kw)
+
+  def __call__(self, x_btd, keys):
+    h = jax.nn.silu(self.gate_proj(x_btd, keys[0])) * self.up_proj(x_btd, keys[1])
+    return self.down_proj(h, keys[2])
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm attention block then pre-norm MLP block, each with a residual."""
+
+  def __init__(self, cfg: LlamaConfig, *, dtype, quantize, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    self.self_attn = Attention(cfg, dtype=dtype, quantize=quantize, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    self.mlp = MLP(cfg, dtype=dtype, quantize=quantize, rngs=rngs)
+
+  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, dropout_key=None):
+    keys = [None] * 7 if dropout_key is None else list(jax.random.split(dropout_key, 7))
+    x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, allowed_bts, keys[:4])
+    return x_btd + self.mlp(self.post_attention_layernorm(x_btd), keys[4:])
+
+
+class Embed(nnx.Module):
+  """Token embedding table `[vocab, embed]`, kept in the compute dtype."""
+
+  def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    self.embedding = variable(Frozen, _normal(rngs, (vocab, dim)).astype(dtype), ("vocab", "embed"))
+
+  def __call__(self, tokens_bt: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], tokens_bt, axis=0)
+
+
+def mask_and_positions(attention_mask_bt: jax.Array):
+  """Causal same-segment mask `[b, t, s]` and per-segment positions from 0/1 or segment ids."""
+  seg_bt = attention_mask_bt.astype(jnp.int32)
+  t = seg_bt.shape[1]
+  causal_ts = jnp.tril(jnp.ones((t, t), bool))
+  allowed_bts = (seg_bt[:, :, None] == seg_bt[:, None, :]) & (seg_bt[:, None, :] > 0) & causal_ts
+  positions_bt = jnp.maximum(allowed_bts.sum(-1) - 1, 0)
+  return allowed_bts, positions_bt
+
+
+class Llama(nnx.Module):
+  """LLaMA causal LM; `dtype` is the compute dtype, `quantize="int8"` stores projections as int8."""
+
+  def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, quantize: str | None = None,
+               rngs: nnx.Rngs):
+    self.config = cfg
+    self.lora_config: LoraConfig | None = None
+    self.dtype = jnp.dtype(dtype)
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, quantize=quantize, rngs=rngs)
+                            for _ in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    self.lm_head = nnx.data(None)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
+                            quantize=quantize, rngs=rngs)
+
+  def projections(self, targets=LORA_TARGETS) -> list[tuple[str, "Linear"]]:
+    """`(hf_path, Linear)` for the named projections of every layer, e.g. `layers.3.self_attn.q_proj`."""
+    out = []
+    for i, layer in enumerate(self.layers):
+      for block in ("self_attn", "mlp"):
+        for name, lin in vars(getattr(layer, block)).items():
+          if name in targets:
+            out.append((f"layers.{i}.{block}.{name}", lin))
+    return out
+
+  def embed(self, tokens_bt: jax.Array) -> jax.Array:
+    return self.embed_tokens(tokens_bt)
+
+  def hidden_states(self, tokens_bt=None, positions_bt=None, attention_mask_bt=None, *,
+                    inputs_embeds_btd=None, dropout_key=None) -> jax.Array:
+    """Final-normed hidden states `[b, t, d]` in the compute dtype."""
+    x_btd = self.embed(tokens_bt) if inputs_embeds_btd is None else inputs_embeds_btd
+    x_btd = x_btd.astype(self.dtype)
+    b, t = x_btd.shape[:2]
+    if attention_mask_bt is None:
+      attention_mask_bt = jnp.ones((b, t), jnp.int32)
+    allowed_bts, default_positions_bt = mask_and_positions(attention_mask_bt)
+    positions_bt = default_positions_bt if positions_bt is None else positions_bt
+    cos_btd, sin_btd = rope_tables(positions_bt, self.config.head_dim, self.config.rope_theta)
+    for i, layer in enumerate(self.layers):
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+      x_btd = layer(x_btd, cos_btd, sin_btd, allowed_bts, key)
+    return self.norm(x_btd)
+
+  def lm_logits(self, h_xd: jax.Array) -> jax.Array:
+    """float32 logits from hidden states of any leading shape."""
+    if self.lm_head is None:
+      table_vd = self.embed_tokens.embedding[...]
+      return jnp.einsum("...d,vd->...v", h_xd.astype(table_vd.dtype), table_vd,
+                        preferred_element_type=jnp.float32)
+    return self.lm_head(h_xd, out_dtype=jnp.float32)
+
+  def __call__(self, tokens_bt=None, positions_bt=None, attention_mask_bt=None, *,
+               inputs_embeds_btd=None, dropout_key=None) -> jax.Array:
+    h_btd = self.hidden_states(tokens_bt, positions_bt, attention_mask_bt,
+                               inputs_embeds_btd=inputs_embeds_btd, dropout_key=dropout_key)
+    return self.lm_logits(h_btd)
