@@ -28,9 +28,9 @@ def test_beauty_malformed_line_names_file_and_line(tmp_path):
 
 def test_ml100k_orders_by_timestamp(tmp_path):
   p = tmp_path / "u.data"
-  p.write_text("1\t30\t5\t300\n1\t10\t3\t100\n1\t20\t4\t200\n1\t40\t1\t400\n2\t10\t5\t1\n")
+  p.write_text("1\t10\t5\t300\n1\t30\t3\t100\n1\t20\t4\t200\n1\t40\t1\t400\n2\t10\t5\t1\n")
   data = sequences.load_ml100k(p)
-  assert [s.tolist() for s in data.sequences] == [[2, 1, 3, 4]]  # ids: 10->1, 20->2, 30->3, 40->4
+  assert [s.tolist() for s in data.sequences] == [[3, 2, 1, 4]]  # ids: 10->1, 20->2, 30->3, 40->4
   p.write_text("1\t30\t5\n")
   with pytest.raises(DataError, match="u.data record 1"):
     sequences.load_ml100k(p)
@@ -42,7 +42,7 @@ def test_leave_one_out_keeps_targets_out_of_training():
   valid_in, valid_tgt = sequences.split(data, "valid")
   test_in, test_tgt = sequences.split(data, "test")
   assert train_in[0].tolist() == [1, 2, 3] and train_tgt[0].tolist() == [2, 3, 4]
-  assert valid_in[0].tolist() == [1, 2, 3, 4] and valid_tgt.tolist() == [5, 8]
+  assert valid_in[0].tolist() == [1, 2, 3, 4] and valid_tgt.tolist() == [5, 9]
   assert test_in[0].tolist() == [1, 2, 3, 4, 5] and test_tgt.tolist() == [6, 1]
   for s, seen in zip(data.sequences, sequences.train_sequences(data)):
     assert seen.tolist() == s[:-2].tolist()
