@@ -1,0 +1,121 @@
+"""grain input pipelines: records -> encoded examples -> padded (or packed) numpy batches.
+
+Chain: `MapDataset` source -> per-process shard -> shuffle(seed) -> repeat -> map(encode) -> batch.
+Batches are dicts of numpy arrays: `tokens`, `positions`, `attention_mask`, `loss_mask` [b, t]
+(right padding, t a multiple of `pad_multiple`), `answer_index`, `label`, `user_ids`, `index` [b]
+and `history_ids` [b, L] (left-padded with 0, most recent item last). Iterators are grain
+`DatasetIterator`s: `get_state()` / `set_state()` resume exactly at the next batch.
+"""
+
+import functools
+import math
+from collections.abc import Sequence
+
+import grain
+import jax
+import numpy as np
+
+from clclm_jax.data import prompts, tokenize
+from clclm_jax.data.records import Catalogue, Interaction
+
+Example = dict[str, np.ndarray]
+
+
+def _history(ids: Sequence[int], length: int) -> np.ndarray:
+  ids = list(ids)[-length:]
+  return np.asarray([0] * (length - len(ids)) + ids, np.int32)
+
+
+def tallrec_examples(interactions: Sequence[Interaction], catalogue: Catalogue, domain: str,
+                     tokenizer: tokenize.Tokenizer, *, cutoff_len: int = 512, train_on_inputs: bool = True,
+                     template: str = "alpaca", history_len: int = 10) -> grain.MapDataset:
+  """A lazily encoded `MapDataset` of TALLRec examples (one dict of arrays per interaction)."""
+
+  def encode(index: int, x: Interaction) -> Example:
+    enc = tokenize.encode_interaction(tokenizer, x, catalogue, domain, cutoff_len=cutoff_len,
+                                      train_on_inputs=train_on_inputs, template=template, index=index)
+    return {"tokens": enc.tokens, "loss_mask": enc.loss_mask, "answer_index": np.int32(enc.answer_index),
+            "label": np.int32(x.label), "user_ids": np.int32(x.user), "index": np.int32(index),
+            "history_ids": _history(x.history_ids, history_len)}
+
+  return grain.MapDataset.source(list(interactions)).map_with_index(encode)
+
+
+def alpaca_examples(records: Sequence[dict[str, str]], tokenizer: tokenize.Tokenizer, *, cutoff_len: int = 512,
+                    train_on_inputs: bool = True, template: str = "alpaca",
+                    history_len: int = 10) -> grain.MapDataset:
+  """Alpaca instruction records as examples; records longer than `cutoff_len` are left out (eagerly)."""
+  kept = []
+  for i, r in enumerate(records):
+    try:
+      enc = tokenize.encode_example(tokenizer, prompts.template(template).prompt(r["instruction"], r["input"]), r["output"], cutoff_len=cutoff_len,
+                                    train_on_inputs=train_on_inputs)
+    except tokenize.TooLong:
+      continue
+    kept.append({"tokens": enc.tokens, "loss_mask": enc.loss_mask, "answer_index": np.int32(enc.answer_index),
+                 "label": np.int32(-1), "user_ids": np.int32(0), "index": np.int32(i),
+                 "history_ids": np.zeros(history_len, np.int32)})
+  return grain.MapDataset.source(kept)
+
+
+def collate(examples: Sequence[Example], *, pad_multiple: int = 64, batch_size: int | None = None) -> Example:
+  """Right-pads a list of examples to a multiple of `pad_multiple`; optional dummy rows (index -1) fill a batch."""
+  t = pad_multiple * max(1, math.ceil(max(len(e["tokens"]) for e in examples) / pad_multiple))
+  b = batch_size or len(examples)
+  tokens, mask, loss = (np.zeros((b, t), np.int32) for _ in range(3))
+  for r, e in enumerate(examples):
+    n = len(e["tokens"])
+    tokens[r, :n], mask[r, :n], loss[r, :n] = e["tokens"], 1, e["loss_mask"]
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+  batch = {"tokens": tokens, "positions": positions, "attention_mask": mask, "loss_mask": loss}
+  for key in ("answer_index", "label", "user_ids", "index", "history_ids"):
+    col = np.stack([e[key] for e in examples])
+    fill = np.full((b - len(examples),) + col.shape[1:], -1 if key in ("index", "label") else 0, col.dtype)
+    batch[key] = np.concatenate([col, fill])
+  return batch
+
+
+def _shard(ds: grain.MapDataset, shard_index: int | None, shard_count: int | None) -> grain.MapDataset:
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
+  return ds[shard_index::shard_count]
+
+
+def train_dataset(examples: grain.MapDataset, *, batch_size: int, seed: int, num_epochs: int | None = None,
+                  pad_multiple: int = 64, pack_len: int | None = None, shard_index: int | None = None,
+                  shard_count: int | None = None) -> grain.IterDataset:
+  """Shuffled, repeated training batches of this process's shard; `iter()` it for a checkpointable iterator.
+
+  With `pack_len`, examples are first-fit packed into rows of `pack_len` tokens: batches then hold
+  `tokens`, `loss_mask`, `segment_ids` (0 = padding) and `positions` only (for LM-loss training).
+  """
+  ds = _shard(examples, shard_index, shard_count)
+  if len(ds) < batch_size and pack_len is None:
+    raise ValueError(f"shard has {len(ds)} examples, fewer than batch_size {batch_size}")
+  ds = ds.shuffle(seed).repeat(num_epochs)
+  if pack_len is None:
+    return ds.batch(batch_size, drop_remainder=True,
+                    batch_fn=functools.partial(collate, pad_multiple=pad_multiple)).to_iter_dataset()
+  ds = ds.map(lambda e: {"tokens": e["tokens"], "loss_mask": e["loss_mask"]}).to_iter_dataset()
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct={"tokens": pack_len, "loss_mask": pack_len}, num_packing_bins=batch_size, seed=seed)
+  return ds.batch(batch_size, drop_remainder=True).map(_packed_batch)
+
+
+def _packed_batch(b: Example) -> Example:
+  return {"tokens": b["tokens"].astype(np.int32), "loss_mask": b["loss_mask"].astype(np.int32),
+          "segment_ids": b["tokens_segment_ids"].astype(np.int32),
+          "positions": b["tokens_positions"].astype(np.int32)}
+
+
+def eval_dataset(examples: grain.MapDataset, *, batch_size: int, pad_multiple: int = 64,
+                 shard_index: int | None = None, shard_count: int | None = None) -> grain.MapDataset:
+  """Every example of this shard exactly once, sorted by length; short final batch filled with index -1 rows."""
+  shard = list(_shard(examples, shard_index, shard_count))
+  shard.sort(key=lambda e: (len(e["tokens"]), int(e["index"])))
+  batches = [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+  return grain.MapDataset.source(batches).map(
+      functools.partial(collate, pad_multiple=pad_multiple, batch_size=batch_size))
+

@@ -1,0 +1,91 @@
+"""Prompt + answer + EOS -> int32 tokens with a loss mask and the position that scores the answer.
+
+Conventions (shared with `train/`): `loss_mask[i] = 1` when token i is a training target, predicted
+by the logits at position i - 1 (position 0 never is); `answer_index` is the position whose logits
+predict the first answer token, i.e. the last prompt token. Any tokenizer with
+`encode(text, add_special_tokens=...)` and `eos_token_id` works; BOS is whatever the tokenizer adds.
+"""
+
+import dataclasses
+import os
+from typing import Protocol
+
+import numpy as np
+
+from clclm_jax.data import prompts
+from clclm_jax.data.errors import DataError
+from clclm_jax.data.records import Catalogue, Interaction
+
+
+class Tokenizer(Protocol):
+  eos_token_id: int
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """One tokenized example: tokens_t and loss_mask_t (int32), and the answer-scoring position."""
+
+  tokens: np.ndarray
+  loss_mask: np.ndarray
+  answer_index: int
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+
+class TooLong(ValueError):
+  """The prompt and answer do not fit in `cutoff_len` tokens."""
+
+
+def encode_example(tokenizer: Tokenizer, prompt: str, answer: str, *, cutoff_len: int,
+                   train_on_inputs: bool = True) -> Encoded:
+  """Tokenizes `prompt + answer` jointly (as TALLRec does) and appends EOS; raises TooLong, never cuts."""
+  prompt_ids = list(tokenizer.encode(prompt, add_special_tokens=True))
+  full_ids = list(tokenizer.encode(prompt + answer, add_special_tokens=True))
+  if full_ids[:len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
+    full_ids = prompt_ids + list(tokenizer.encode(answer, add_special_tokens=False))  # Merges across the seam.
+  tokens = np.asarray(full_ids + [tokenizer.eos_token_id], np.int32)
+  if len(tokens) > cutoff_len:
+    raise TooLong(f"{len(tokens)} tokens > cutoff_len {cutoff_len}")
+  first_target = 1 if train_on_inputs else len(prompt_ids)
+  loss_mask = (np.arange(len(tokens)) >= first_target).astype(np.int32)
+  return Encoded(tokens, loss_mask, len(prompt_ids) - 1)
+
+
+def encode_interaction(tokenizer: Tokenizer, interaction: Interaction, catalogue: Catalogue, domain: str, *,
+                       cutoff_len: int = 512, train_on_inputs: bool = True, template: str = "alpaca",
+                       path: str | os.PathLike | None = None, index: int | None = None) -> Encoded:
+  """A TALLRec prompt, re-rendered with the oldest history items dropped until it fits `cutoff_len`."""
+  tmpl = prompts.template(template)
+  for drop in range(len(interaction.history_ids) + 1):
+    x = interaction.drop_oldest(drop)
+    prompt = tmpl.prompt(prompts.INSTRUCTIONS[domain], prompts.render_tallrec(x, catalogue, domain))
+    try:
+      return encode_example(tokenizer, prompt, prompts.ANSWERS[x.label], cutoff_len=cutoff_len,
+                            train_on_inputs=train_on_inputs)
+    except TooLong as e:
+      problem = str(e)
+  raise DataError(path, index, f"even with no history the prompt is too long ({problem})",
+                  "raise cutoff_len or shorten the target item's title")
+
+
+def encode_alpaca(tokenizer: Tokenizer, record: dict[str, str], *, cutoff_len: int = 512,
+                  train_on_inputs: bool = True, template: str = "alpaca", path=None, index=None) -> Encoded:
+  """An Alpaca instruction record; a record that does not fit is an error (filter it beforehand)."""
+  prompt = prompts.template(template).prompt(record["instruction"], record["input"])
+  try:
+    return encode_example(tokenizer, prompt, record["output"], cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
+  except TooLong as e:
+    raise DataError(path, index, f"the record is too long ({e})", "raise cutoff_len or drop long records") from None
+
+
+def answer_token_ids(tokenizer: Tokenizer, template: str = "alpaca") -> tuple[int, int]:
+  """(yes_id, no_id): the first token of "Yes." and "No." right after a Response header, in context."""
+  prompt = prompts.template(template).prompt(prompts.INSTRUCTIONS["movie"], "User Preference: \"A\"")
+  yes, no = (encode_example(tokenizer, prompt, a, cutoff_len=1 << 30) for a in ("Yes.", "No."))
+  yes_id, no_id = int(yes.tokens[yes.answer_index + 1]), int(no.tokens[no.answer_index + 1])
+  if yes_id == no_id:
+    raise ValueError(f"'Yes.' and 'No.' start with the same token {yes_id}; use a tokenizer that separates them")
+  return yes_id, no_id
