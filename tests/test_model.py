@@ -1,0 +1,176 @@
+"""Llama forward parity with transformers on tiny random checkpoints, masks, packing, LoRA, int8."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from clclm_jax.model import config as config_lib
+from clclm_jax.model.errors import ModelError
+from clclm_jax.model.llama import Frozen, Llama, QInt8, QScale
+from clclm_jax.model.loading import load_model
+from clclm_jax.model.lora import add_lora, merge_lora
+from clclm_jax.model.quant import dequantize, quantize_int8
+
+
+def save_tiny_hf(path, tie: bool, seed: int = 0):
+  """A random GQA LlamaForCausalLM saved with `save_pretrained`; returns the torch model."""
+  torch.manual_seed(seed)
+  cfg = config_lib.presets["tiny"]
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+      num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+      rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
+      tie_word_embeddings=tie, initializer_range=0.2)
+  hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+  with torch.no_grad():  # Non-trivial norm weights so a wrong norm layout shows.
+    for name, p in hf.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+  hf.save_pretrained(path)
+  return hf
+
+
+def hf_logits(hf, tokens_bt, mask_bt=None, positions_bt=None):
+  kw = {}
+  if mask_bt is not None:
+    kw["attention_mask"] = torch.tensor(np.asarray(mask_bt))
+  if positions_bt is not None:
+    kw["position_ids"] = torch.tensor(np.asarray(positions_bt))
+  with torch.no_grad():
+    return hf(torch.tensor(np.asarray(tokens_bt)), **kw).logits.float().numpy()
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def tiny(request, tmp_path_factory):
+  path = tmp_path_factory.mktemp("tiny")
+  hf = save_tiny_hf(path, tie=request.param)
+  model, tokenizer = load_model(path)
+  assert tokenizer is None
+  return hf, model, path
+
+
+TOKENS = np.random.default_rng(0).integers(3, 256, size=(3, 11))
+
+
+def test_parity_with_transformers(tiny):
+  hf, model, _ = tiny
+  ours = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(TOKENS)))
+  assert ours.dtype == np.float32
+  np.testing.assert_allclose(ours, hf_logits(hf, TOKENS), atol=1e-4, rtol=0)
+
+
+def test_parity_left_padding(tiny):
+  hf, model, _ = tiny
+  mask = np.ones_like(TOKENS)
+  mask[0, :4] = 0
+  mask[1, :1] = 0
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  ours = np.asarray(model(jnp.asarray(TOKENS), attention_mask_bt=jnp.asarray(mask)))
+  theirs = hf_logits(hf, TOKENS, mask, positions)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
+  # Left padding changes nothing for the real tokens: row 0 equals its unpadded suffix.
+  alone = np.asarray(model(jnp.asarray(TOKENS[:1, 4:])))
+  np.testing.assert_allclose(ours[0, 4:], alone[0], atol=1e-4, rtol=0)
+
+
+def test_packed_segments_match_separate_sequences(tiny):
+  _, model, _ = tiny
+  seg = np.array([[1] * 5 + [2] * 4 + [0] * 2])
+  packed = np.asarray(model(jnp.asarray(TOKENS[:1, :11]), attention_mask_bt=jnp.asarray(seg)))
+  first = np.asarray(model(jnp.asarray(TOKENS[:1, :5])))
+  second = np.asarray(model(jnp.asarray(TOKENS[:1, 5:9])))
+  np.testing.assert_allclose(packed[0, :5], first[0], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(packed[0, 5:9], second[0], atol=1e-5, rtol=0)
+
+
+def test_api_pieces_agree(tiny):
+  _, model, _ = tiny
+  tokens = jnp.asarray(TOKENS)
+  h = model.hidden_states(tokens)
+  np.testing.assert_allclose(model.lm_logits(h), model(tokens), atol=1e-6)
+  np.testing.assert_allclose(model(None, inputs_embeds_btd=model.embed(tokens)), model(tokens), atol=1e-6)
+
+
+def test_bfloat16_close_to_float32(tiny):
+  _, model32, path = tiny
+  model16, _ = load_model(path, dtype="bfloat16")
+  assert model16.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+  lg16 = np.asarray(model16(jnp.asarray(TOKENS)))
+  lg32 = np.asarray(model32(jnp.asarray(TOKENS)))
+  assert lg16.dtype == np.float32
+  assert np.abs(lg16 - lg32).max() < 0.05 * np.abs(lg32).max()
+
+
+def test_variable_types_decide_what_trains():
+  model = Llama(config_lib.presets["tiny"], quantize="int8", rngs=nnx.Rngs(0))
+  assert not jax.tree.leaves(nnx.state(model, nnx.Param))
+  add_lora(model, config_lib.LoraConfig(r=4, targets=("q_proj", "down_proj")), jax.random.key(0))
+  trainable = nnx.state(model, nnx.Param)
+  assert len(jax.tree.leaves(trainable)) == 2 * 2 * 2  # layers x targets x (A, B)
+  q = model.layers[0].self_attn.q_proj
+  assert isinstance(q.kernel, QInt8) and q.kernel[...].dtype == jnp.int8
+  assert isinstance(q.scale, QScale) and isinstance(model.norm.weight, Frozen)
+  assert q.lora_a.get_metadata()["out_sharding"] == ("embed", "lora_rank")
+  specs = nnx.get_partition_spec(nnx.state(model))
+  assert specs["layers"][1]["mlp"]["down_proj"]["kernel"].get_value() == jax.P("mlp", "embed")
+  assert specs["embed_tokens"]["embedding"].get_value() == jax.P("vocab", "embed")
+
+
+def _randomize_lora(model, key):
+  for j, (_, lin) in enumerate(model.projections()):
+    if lin.lora_b is not None:
+      lin.lora_b.set_value(0.03 * jax.random.normal(jax.random.fold_in(key, j), lin.lora_b.shape))
+
+
+def test_lora_zero_b_is_base_and_merge_is_exact(tiny):
+  _, _, path = tiny
+  lora = config_lib.LoraConfig(r=4, alpha=8.0, targets=("q_proj", "v_proj", "up_proj"))
+  base, _ = load_model(path)
+  model, _ = load_model(path, lora=lora)
+  tokens = jnp.asarray(TOKENS)
+  np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(base(tokens)))
+  _randomize_lora(model, jax.random.key(1))
+  adapted = np.asarray(model(tokens))
+  assert np.abs(adapted - np.asarray(base(tokens))).max() > 1e-3
+  dropped = np.asarray(model(tokens, dropout_key=jax.random.key(2)))
+  assert np.abs(dropped - adapted).max() > 1e-4
+  merge_lora(model)
+  assert not jax.tree.leaves(nnx.state(model, nnx.Param))
+  np.testing.assert_allclose(np.asarray(model(tokens)), adapted, atol=1e-5, rtol=0)
+
+
+def test_int8_forward_equals_float_forward_on_dequantised_weights(tiny):
+  _, _, path = tiny
+  model8, _ = load_model(path, quantize="int8")
+  dequantised, _ = load_model(path)
+  pairs = list(zip(dequantised.projections(), model8.projections()))
+  for (_, lin_f), (_, lin_q) in pairs:
+    lin_f.set_kernel(lin_q.weight())
+  if model8.lm_head is not None:
+    dequantised.lm_head.set_kernel(model8.lm_head.weight())
+  tokens = jnp.asarray(TOKENS)
+  np.testing.assert_allclose(np.asarray(model8(tokens)), np.asarray(dequantised(tokens)), atol=1e-4, rtol=0)
+
+
+def test_quantize_int8_rounds_to_half_a_step():
+  w_io = jax.random.normal(jax.random.key(0), (64, 32)) * jnp.linspace(0.01, 2.0, 32)
+  q_io, scale_o = quantize_int8(w_io)
+  assert q_io.dtype == jnp.int8 and scale_o.shape == (32,)
+  assert int(jnp.abs(q_io).max()) == 127
+  assert bool(jnp.all(jnp.abs(dequantize(q_io, scale_o) - w_io) <= scale_o / 2 + 1e-7))
+
+
+def test_lora_config_rejects_unknown_target():
+  with pytest.raises(ModelError, match=r"LoRA target\(s\) \['qkv'\] unknown: choose from q_proj"):
+    config_lib.LoraConfig(targets=("q_proj", "qkv"))
+
+
+def test_from_hf_dict_rejects_other_architectures():
+  with pytest.raises(ModelError, match="cfg.json: model_type 'mistral' is not supported"):
+    config_lib.LlamaConfig.from_hf_dict({"model_type": "mistral"}, "cfg.json")
