@@ -1,0 +1,102 @@
+"""A pure train step over the trainable state; losses are looked up by name in a small registry."""
+
+from collections.abc import Callable, Mapping
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from clclm_jax.train import sharding
+from clclm_jax.train.state import TrainState
+
+LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], jax.Array]
+LOSSES: dict[str, LossFn] = {}
+
+
+def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+  """Adds `fn(model, batch, key) -> scalar` to the registry under `name`."""
+  def add(fn: LossFn) -> LossFn:
+    if name in LOSSES:
+      raise ValueError(f"loss {name!r} is already registered")
+    LOSSES[name] = fn
+    return fn
+  return add
+
+
+def attention_mask(batch: Mapping[str, jax.Array]) -> jax.Array | None:
+  """Segment ids when the batch is packed, else the padding mask."""
+  return batch["segment_ids"] if "segment_ids" in batch else batch.get("attention_mask")
+
+
+@register_loss("lm")
+def lm_loss(model: nnx.Module, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
+  """Next-token cross-entropy averaged over the tokens where `loss_mask` is 1."""
+  tokens_bt = batch["tokens"]
+  logits_btv = model(tokens_bt, batch.get("positions"), attention_mask(batch), dropout_key=key)
+  ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], tokens_bt[:, 1:])
+  w_bt = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  return jnp.sum(ce_bt * w_bt) / jnp.maximum(jnp.sum(w_bt), 1.0)
+
+
+def _loss_terms(params, frozen, micro, key, *, graphdef, loss_weights):
+  model = nnx.merge(graphdef, params, frozen)
+  terms = {name: LOSSES[name](model, micro, jax.random.fold_in(key, i))
+           for i, name in enumerate(sorted(loss_weights))}
+  total = sum(loss_weights[name] * terms[name] for name in terms)
+  return total, terms
+
+
+def _split_micro(x: jax.Array, accum_steps: int) -> jax.Array:
+  """[B, ...] -> [accum, B / accum, ...] taking rows i::accum, so the batch split stays put."""
+  x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+  return sharding.constrain(jnp.swapaxes(x, 0, 1), (None, "batch"))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: nnx.State, *,
+               graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+               loss_weights: Mapping[str, float], accum_steps: int = 1) -> tuple[TrainState, dict]:
+  """One optimizer update from a global batch, averaged over `accum_steps` micro-batches."""
+  rng, step_key = jax.random.split(state["rng"])
+  grad_fn = jax.value_and_grad(
+      functools.partial(_loss_terms, graphdef=graphdef, loss_weights=loss_weights), has_aux=True)
+  micro_bs = jax.tree.map(functools.partial(_split_micro, accum_steps=accum_steps), batch)
+
+  def accumulate(carry, xs):
+    i, micro = xs
+    (loss, terms), grads = grad_fn(state["params"], frozen, micro, jax.random.fold_in(step_key, i))
+    return jax.tree.map(jnp.add, carry, (grads, loss, terms)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, (state["params"], jnp.zeros(()), {n: jnp.zeros(()) for n in loss_weights}))
+  sums, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro_bs))
+  grads, loss, terms = jax.tree.map(lambda x: x / accum_steps, sums)
+
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+             **{f"loss/{name}": value for name, value in terms.items()}}
+  new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
+  return new_state, metrics
+
+
+def _with_frozen(step_fn, frozen, state, batch):
+  return step_fn(state, batch, frozen)
+
+
+def compile_train_step(graphdef: nnx.GraphDef, frozen: nnx.State, tx: optax.GradientTransformation,
+                       state_sh, mesh: Mesh, *, loss_weights: Mapping[str, float],
+                       accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """`train_step` jitted with explicit shardings and a donated state; the frozen base is bound."""
+  unknown = set(loss_weights) - set(LOSSES)
+  if unknown:
+    raise ValueError(f"config.loss_weights names unknown losses {sorted(unknown)}; known: {sorted(LOSSES)}")
+  frozen_sh = sharding.state_sharding(frozen, mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tx=tx, loss_weights=dict(loss_weights),
+                        accum_steps=accum_steps),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh), frozen_sh),
+      out_shardings=(state_sh, sharding.replicated(mesh)),
+      donate_argnums=0)
+  return functools.partial(_with_frozen, step_fn, sharding.put(frozen, frozen_sh))

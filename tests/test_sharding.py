@@ -1,0 +1,60 @@
+"""The same loss trajectory on 1 device, on 8 simulated devices in 3 mesh shapes, and on 2 processes."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from clclm_jax.train import sharding
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _worker(*args, env=None):
+  return subprocess.Popen([sys.executable, str(HERE / "train_worker.py"), *args], cwd=HERE, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+
+
+def _result(proc):
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def test_rule_table_and_mesh_shapes():
+  assert sharding.logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
+  assert sharding.logical_to_spec(("lora_rank", "heads")) == P(None, "tensor")
+  assert sharding.logical_to_spec(("vocab", "embed")) == P("tensor", "fsdp")
+  assert dict(sharding.make_mesh((-1, 1, 1)).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+  with pytest.raises(ValueError, match="config.mesh"):
+    sharding.make_mesh((2, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def mesh_losses():
+  return _result(_worker("meshes", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
+
+
+def test_meshes_on_8_devices_match_one_device(mesh_losses):
+  out = dict(mesh_losses)
+  ref = np.array(out.pop("1"))
+  assert len(out) == 3
+  for shape, losses in out.items():
+    np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=shape)
+
+
+def test_two_processes_match_one_process(mesh_losses):
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = str(s.getsockname()[1])
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  procs = [_worker("process", str(i), port, env=env) for i in range(2)]
+  results = [_result(p) for p in procs]
+  for r in results:
+    np.testing.assert_allclose(r["losses"], mesh_losses["1"], rtol=1e-5)

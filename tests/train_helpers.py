@@ -1,0 +1,36 @@
+"""Shared builders for the train tests: a tiny int8 Llama with LoRA and synthetic batches."""
+
+import jax
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from clclm_jax.model.config import LoraConfig, presets
+from clclm_jax.model.llama import Llama
+from clclm_jax.model.lora import add_lora
+
+
+def tiny_model(seed: int = 0, dropout: float = 0.1) -> Llama:
+  """The `tiny` preset, int8 base, LoRA on q and v."""
+  model = Llama(presets["tiny"], quantize="int8", rngs=nnx.Rngs(seed))
+  return add_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout), jax.random.PRNGKey(seed + 1))
+
+
+def optim_config(**kw) -> ConfigDict:
+  c = ConfigDict(dict(lr=1e-2, warmup_steps=2, total_steps=20, schedule="linear", max_grad_norm=1.0,
+                      b1=0.9, b2=0.999, weight_decay=0.0))
+  c.update(kw)
+  return c
+
+
+def synthetic_batches(n: int, batch: int = 8, length: int = 16, vocab: int = 256, seed: int = 0):
+  """Left-padded random token batches with a loss mask on the real tokens."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    lengths = rng.integers(length // 2, length + 1, size=batch)
+    mask = (np.arange(length)[None] >= (length - lengths)[:, None]).astype(np.int32)
+    tokens = rng.integers(3, vocab, size=(batch, length)).astype(np.int32) * mask
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+    out.append({"tokens": tokens, "positions": positions, "attention_mask": mask, "loss_mask": mask})
+  return out
