@@ -1,0 +1,1 @@
+"""Text data for recommendation alignment: records, TALLRec prompts, tokenization and grain pipelines."""

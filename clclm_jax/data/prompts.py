@@ -7,6 +7,7 @@ formatting accident that costs tokens); `tallrec_verbatim` keeps the comment for
 """
 
 import dataclasses
+from collections.abc import Sequence
 
 from clclm_jax.data.records import Catalogue, Interaction, Item
 
@@ -24,9 +25,9 @@ class Template:
   with_input: str
   without_input: str
 
-  def prompt(self, instruction: str, input: str = "") -> str:
-    if input:
-      return self.with_input.format(instruction=instruction, input=input)
+  def prompt(self, instruction: str, input_text: str = "") -> str:
+    if input_text:
+      return self.with_input.format(instruction=instruction, input=input_text)
     return self.without_input.format(instruction=instruction)
 
 
@@ -65,16 +66,20 @@ def render_target(item: Item, domain: str) -> str:
   return render_item(item, domain)
 
 
-def render_tallrec(interaction: Interaction, catalogue: Catalogue, domain: str) -> str:
-  """TALLRec's `input` text: liked and disliked history items (oldest first), then the target."""
+def render_input(history: Sequence[tuple[Item, bool]], target: Item, domain: str) -> str:
+  """TALLRec's `input` text from (item, liked) pairs, oldest first: liked items, disliked items, target."""
   if domain not in INSTRUCTIONS:
     raise KeyError(f"unknown domain {domain!r}; choose one of {sorted(INSTRUCTIONS)}")
-  liked = [render_item(catalogue[i], domain) for i, like in zip(interaction.history_ids, interaction.history_likes) if like]
-  disliked = [render_item(catalogue[i], domain) for i, like in zip(interaction.history_ids, interaction.history_likes)
-              if not like]
-  target = render_target(catalogue[interaction.target_id], domain)
-  return (f"User Preference: {', '.join(liked)}\nUser Unpreference: {', '.join(disliked)}\n"
-          f"Whether the user will like the target {domain} {target}?")
+  liked = ", ".join(render_item(item, domain) for item, like in history if like)
+  disliked = ", ".join(render_item(item, domain) for item, like in history if not like)
+  return (f"User Preference: {liked}\nUser Unpreference: {disliked}\n"
+          f"Whether the user will like the target {domain} {render_target(target, domain)}?")
+
+
+def render_tallrec(interaction: Interaction, catalogue: Catalogue, domain: str) -> str:
+  """TALLRec's `input` text for one interaction, items looked up in the catalogue."""
+  history = [(catalogue[i], like) for i, like in zip(interaction.history_ids, interaction.history_likes)]
+  return render_input(history, catalogue[interaction.target_id], domain)
 
 
 def tallrec_record(interaction: Interaction, catalogue: Catalogue, domain: str) -> dict[str, str]:
