@@ -31,14 +31,15 @@ def tallrec_examples(interactions: Sequence[Interaction], catalogue: Catalogue, 
                      template: str = "alpaca", history_len: int = 10) -> grain.MapDataset:
   """A lazily encoded `MapDataset` of TALLRec examples (one dict of arrays per interaction)."""
 
-  def encode(index: int, x: Interaction) -> Example:
+  def encode(indexed: tuple[int, Interaction]) -> Example:
+    index, x = indexed
     enc = tokenize.encode_interaction(tokenizer, x, catalogue, domain, cutoff_len=cutoff_len,
                                       train_on_inputs=train_on_inputs, template=template, index=index)
     return {"tokens": enc.tokens, "loss_mask": enc.loss_mask, "answer_index": np.int32(enc.answer_index),
             "label": np.int32(x.label), "user_ids": np.int32(x.user), "index": np.int32(index),
             "history_ids": _history(x.history_ids, history_len)}
 
-  return grain.MapDataset.source(list(interactions)).map_with_index(encode)
+  return grain.MapDataset.source(list(enumerate(interactions))).map(encode)
 
 
 def alpaca_examples(records: Sequence[dict[str, str]], tokenizer: tokenize.Tokenizer, *, cutoff_len: int = 512,

@@ -1,0 +1,118 @@
+"""grain pipelines: batch layout, bucketing, determinism, save/restore, sharding, eval coverage, packing."""
+
+import numpy as np
+import pytest
+
+from clclm_jax.data import fewshot, pipeline
+from clclm_jax.data.records import Catalogue, Interaction, Item
+
+
+class ByteTokenizer:
+  bos_token_id, eos_token_id = 1, 2
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    return [self.bos_token_id] * add_special_tokens + [b + 3 for b in text.encode("utf-8")]
+
+
+CATALOGUE = Catalogue(Item(i, f"M{i}" * (1 + i % 5)) for i in range(1, 41))
+
+
+def _interactions(n: int) -> list[Interaction]:
+  rng = np.random.default_rng(0)
+  out = []
+  for u in range(n):
+    k = int(rng.integers(0, 11))
+    out.append(Interaction(u + 1, tuple(int(i) for i in rng.integers(1, 41, k)), tuple(bool(b) for b in rng.integers(0, 2, k)),
+                           int(rng.integers(1, 41)), int(rng.integers(0, 2))))
+  return out
+
+
+@pytest.fixture(scope="module")
+def examples():
+  return pipeline.tallrec_examples(_interactions(50), CATALOGUE, "movie", ByteTokenizer(), cutoff_len=600, history_len=6)
+
+
+def test_fewshot_deterministic_and_nested():
+  pool = list(range(100))
+  assert fewshot.fewshot(pool, 16, seed=3) == fewshot.fewshot(pool, 16, seed=3)
+  assert fewshot.fewshot(pool, 16, seed=3) != fewshot.fewshot(pool, 16, seed=4)
+  assert fewshot.fewshot(pool, 64, seed=3)[:16] == fewshot.fewshot(pool, 16, seed=3)
+  assert sorted(fewshot.fewshot(pool, None, seed=3)) == pool
+  with pytest.raises(ValueError, match="n=101 must be in"):
+    fewshot.fewshot(pool, 101, seed=0)
+
+
+def test_batch_layout(examples):
+  b = next(iter(pipeline.train_dataset(examples, batch_size=8, seed=0, shard_index=0, shard_count=1)))
+  t = b["tokens"].shape[1]
+  assert t % 64 == 0 and t - 64 < b["attention_mask"].sum(1).max() <= t  # Bucketed, not padded to cutoff.
+  assert {k: v.shape for k, v in b.items()} == {
+      "tokens": (8, t), "positions": (8, t), "attention_mask": (8, t), "loss_mask": (8, t), "answer_index": (8,),
+      "label": (8,), "user_ids": (8,), "index": (8,), "history_ids": (8, 6)}
+  assert all(v.dtype == np.int32 for v in b.values())
+  xs = _interactions(50)
+  for r in range(8):
+    x, n = xs[b["index"][r]], b["attention_mask"][r].sum()
+    assert b["user_ids"][r] == x.user and b["label"][r] == x.label
+    hist = list(x.history_ids[-6:])
+    np.testing.assert_array_equal(b["history_ids"][r], [0] * (6 - len(hist)) + hist)
+    answer = b["tokens"][r, b["answer_index"][r] + 1] - 3
+    assert chr(answer) == ("Y" if x.label else "N") and b["tokens"][r, n - 1] == 2
+    np.testing.assert_array_equal(b["positions"][r, :n], np.arange(n))
+    assert b["loss_mask"][r, 0] == 0 and b["loss_mask"][r, n:].sum() == 0
+
+
+def test_deterministic_and_restores_exactly(examples):
+  def make():
+    return iter(pipeline.train_dataset(examples, batch_size=4, seed=7, shard_index=0, shard_count=1))
+
+  it = make()
+  for _ in range(15):  # Past the first epoch (12 batches).
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  fresh = make()
+  fresh.set_state(state)
+  for want in expected:
+    got = next(fresh)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  again = make()
+  np.testing.assert_array_equal(next(again)["index"], next(make())["index"])
+
+
+def test_epochs_reshuffle_and_cover(examples):
+  it = iter(pipeline.train_dataset(examples, batch_size=5, seed=1, shard_index=0, shard_count=1))
+  first = np.concatenate([next(it)["index"] for _ in range(10)])
+  second = np.concatenate([next(it)["index"] for _ in range(10)])
+  assert sorted(first) == sorted(second) == list(range(50)) and list(first) != list(second)
+
+
+def test_two_shards_disjoint_and_covering(examples):
+  seen = []
+  for shard in range(2):
+    ds = pipeline.train_dataset(examples, batch_size=5, seed=0, num_epochs=1, shard_index=shard, shard_count=2)
+    seen.append({int(i) for b in ds for i in b["index"]})
+  assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(50))
+
+
+def test_eval_keeps_every_record_once_sorted(examples):
+  per_shard = []
+  for shard in range(2):
+    batches = list(pipeline.eval_dataset(examples, batch_size=8, shard_index=shard, shard_count=2))
+    lengths = np.concatenate([b["attention_mask"].sum(1)[b["index"] >= 0] for b in batches])
+    assert (np.diff(lengths) >= 0).all()
+    assert all(b["tokens"].shape[0] == 8 for b in batches)
+    per_shard.append([int(i) for b in batches for i in b["index"] if i >= 0])
+  assert sorted(per_shard[0] + per_shard[1]) == list(range(50))
+  assert not set(per_shard[0]) & set(per_shard[1])
+
+
+def test_packing_segments_and_positions(examples):
+  b = next(iter(pipeline.train_dataset(examples, batch_size=2, seed=0, pack_len=2048, shard_index=0, shard_count=1)))
+  assert set(b) == {"tokens", "loss_mask", "segment_ids", "positions"}
+  seg, pos = b["segment_ids"][0], b["positions"][0]
+  assert seg.max() >= 2 and (seg[:seg.argmin()] > 0).all()
+  starts = np.flatnonzero(np.diff(seg) != 0) + 1
+  assert all(pos[s] == 0 for s in starts if seg[s] > 0) and (b["tokens"][0][seg == 0] == 0).all()
+  assert ((b["tokens"][0][pos == 0] == 1) | (seg[pos == 0] == 0)).all()  # Every segment starts with BOS.
