@@ -211,10 +211,10 @@ class Llama(nnx.Module):
     """`(hf_path, Linear)` for the named projections of every layer, e.g. `layers.3.self_attn.q_proj`."""
     out = []
     for i, layer in enumerate(self.layers):
-      for block in ("self_attn", "mlp"):
-        for name, lin in vars(getattr(layer, block)).items():
-          if name in targets:
-            out.append((f"layers.{i}.{block}.{name}", lin))
+      for name in LORA_TARGETS:
+        block = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        if name in targets:
+          out.append((f"layers.{i}.{block}.{name}", getattr(getattr(layer, block), name)))
     return out
 
   def embed(self, tokens_bt: jax.Array) -> jax.Array:

@@ -1,5 +1,6 @@
 """Load LLaMA checkpoints (Hugging Face folders, GGUF files, the named SmolLM2 default) into `Llama`."""
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -168,25 +169,13 @@ def _read_gguf(path: pathlib.Path):
   arch = meta.get("general.architecture")
   if arch != "llama":
     raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-  tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-  heads = int(meta["llama.attention.head_count"])
-  hidden = int(meta["llama.embedding_length"])
+  try:
+    cfg = _gguf_config(meta, reader)
+  except KeyError as e:
+    raise ModelError(f"{path}: GGUF metadata {e} is missing") from e
   tensors = {hf_name(t.name): t for t in reader.tensors}
-  cfg = LlamaConfig(
-      vocab_size=int(meta.get("llama.vocab_size", len(tokens))),
-      hidden_size=hidden,
-      intermediate_size=int(meta["llama.feed_forward_length"]),
-      num_hidden_layers=int(meta["llama.block_count"]),
-      num_attention_heads=heads,
-      num_key_value_heads=int(meta.get("llama.attention.head_count_kv", heads)),
-      head_dim=int(meta.get("llama.rope.dimension_count", hidden // heads)),
-      rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-      rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-      max_position_embeddings=int(meta.get("llama.context_length", 2048)),
-      tie_word_embeddings="lm_head.weight" not in tensors,
-      bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-      eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-  )
+  if "lm_head.weight" in tensors:
+    cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
 
   def get(name: str) -> np.ndarray:
     if name not in tensors:
@@ -205,6 +194,32 @@ def _read_gguf(path: pathlib.Path):
   return cfg, get, gguf_tokenizer(reader, path)
 
 
+def _f32(x) -> float:
+  """The shortest decimal of a GGUF float32 (9.9999997e-06 -> 1e-05), as the HF config spells it."""
+  return float(str(np.float32(x)))
+
+
+def _gguf_config(meta: dict, reader) -> LlamaConfig:
+  """`LlamaConfig` from `llama.*` GGUF metadata; tied unless an `output.weight` tensor exists."""
+  heads = int(meta["llama.attention.head_count"])
+  hidden = int(meta["llama.embedding_length"])
+  return LlamaConfig(
+      vocab_size=int(meta.get("llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)),
+      hidden_size=hidden,
+      intermediate_size=int(meta["llama.feed_forward_length"]),
+      num_hidden_layers=int(meta["llama.block_count"]),
+      num_attention_heads=heads,
+      num_key_value_heads=int(meta.get("llama.attention.head_count_kv", heads)),
+      head_dim=int(meta.get("llama.rope.dimension_count", hidden // heads)),
+      rms_norm_eps=_f32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+      rope_theta=_f32(meta.get("llama.rope.freq_base", 10000.0)),
+      max_position_embeddings=int(meta.get("llama.context_length", 2048)),
+      tie_word_embeddings=True,
+      bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+      eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+  )
+
+
 def gguf_tokenizer(reader, path: pathlib.Path):
   """A `PreTrainedTokenizerFast` rebuilt from a GGUF byte-level BPE vocabulary and merges."""
   import tokenizers  # pylint: disable=g-import-not-at-top
@@ -218,7 +233,10 @@ def gguf_tokenizer(reader, path: pathlib.Path):
   tokens = fields["tokenizer.ggml.tokens"].contents()
   merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
   types = fields["tokenizer.ggml.token_type"].contents()
-  bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False)
+  try:
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False)
+  except Exception as e:  # tokenizers raises a bare Exception for merges outside the vocabulary.
+    raise ModelError(f"{path}: GGUF tokenizer vocabulary and merges disagree ({e})") from e
   tok = tokenizers.Tokenizer(bpe)
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   pre = "tokenizer.ggml.pre" in fields and fields["tokenizer.ggml.pre"].contents()
