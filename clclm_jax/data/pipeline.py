@@ -1,6 +1,6 @@
 """grain input pipelines: records -> encoded examples -> padded (or packed) numpy batches.
 
-Chain: `MapDataset` source -> per-process shard -> shuffle(seed) -> repeat -> map(encode) -> batch.
+Chain: `MapDataset` source -> map(encode, lazy) -> per-process shard -> shuffle(seed) -> repeat -> batch.
 Batches are dicts of numpy arrays: `tokens`, `positions`, `attention_mask`, `loss_mask` [b, t]
 (right padding, t a multiple of `pad_multiple`), `answer_index`, `label`, `user_ids`, `index` [b]
 and `history_ids` [b, L] (left-padded with 0, most recent item last). Iterators are grain
@@ -21,6 +21,11 @@ from clclm_jax.data.records import Catalogue, Interaction
 Example = dict[str, np.ndarray]
 
 
+def _example(enc: tokenize.Encoded, *, label: int, user: int, index: int, history: np.ndarray) -> Example:
+  return {"tokens": enc.tokens, "loss_mask": enc.loss_mask, "answer_index": np.int32(enc.answer_index),
+          "label": np.int32(label), "user_ids": np.int32(user), "index": np.int32(index), "history_ids": history}
+
+
 def _history(ids: Sequence[int], length: int) -> np.ndarray:
   ids = list(ids)[-length:]
   return np.asarray([0] * (length - len(ids)) + ids, np.int32)
@@ -28,16 +33,14 @@ def _history(ids: Sequence[int], length: int) -> np.ndarray:
 
 def tallrec_examples(interactions: Sequence[Interaction], catalogue: Catalogue, domain: str,
                      tokenizer: tokenize.Tokenizer, *, cutoff_len: int = 512, train_on_inputs: bool = True,
-                     template: str = "alpaca", history_len: int = 10) -> grain.MapDataset:
-  """A lazily encoded `MapDataset` of TALLRec examples (one dict of arrays per interaction)."""
+                     template: str = "alpaca", history_len: int = 10, path=None) -> grain.MapDataset:
+  """A lazily encoded `MapDataset` of TALLRec examples; `path` names the source file in errors."""
 
   def encode(indexed: tuple[int, Interaction]) -> Example:
     index, x = indexed
     enc = tokenize.encode_interaction(tokenizer, x, catalogue, domain, cutoff_len=cutoff_len,
-                                      train_on_inputs=train_on_inputs, template=template, index=index)
-    return {"tokens": enc.tokens, "loss_mask": enc.loss_mask, "answer_index": np.int32(enc.answer_index),
-            "label": np.int32(x.label), "user_ids": np.int32(x.user), "index": np.int32(index),
-            "history_ids": _history(x.history_ids, history_len)}
+                                      train_on_inputs=train_on_inputs, template=template, path=path, index=index)
+    return _example(enc, label=x.label, user=x.user, index=index, history=_history(x.history_ids, history_len))
 
   return grain.MapDataset.source(list(enumerate(interactions))).map(encode)
 
@@ -45,17 +48,15 @@ def tallrec_examples(interactions: Sequence[Interaction], catalogue: Catalogue, 
 def alpaca_examples(records: Sequence[dict[str, str]], tokenizer: tokenize.Tokenizer, *, cutoff_len: int = 512,
                     train_on_inputs: bool = True, template: str = "alpaca",
                     history_len: int = 10) -> grain.MapDataset:
-  """Alpaca instruction records as examples; records longer than `cutoff_len` are left out (eagerly)."""
-  kept = []
+  """Alpaca instruction records as examples (label -1); records longer than `cutoff_len` are left out."""
+  tmpl, kept = prompts.template(template), []
   for i, r in enumerate(records):
     try:
-      enc = tokenize.encode_example(tokenizer, prompts.template(template).prompt(r["instruction"], r["input"]), r["output"], cutoff_len=cutoff_len,
-                                    train_on_inputs=train_on_inputs)
+      enc = tokenize.encode_example(tokenizer, tmpl.prompt(r["instruction"], r["input"]), r["output"],
+                                    cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
     except tokenize.TooLong:
       continue
-    kept.append({"tokens": enc.tokens, "loss_mask": enc.loss_mask, "answer_index": np.int32(enc.answer_index),
-                 "label": np.int32(-1), "user_ids": np.int32(0), "index": np.int32(i),
-                 "history_ids": np.zeros(history_len, np.int32)})
+    kept.append(_example(enc, label=-1, user=0, index=i, history=np.zeros(history_len, np.int32)))
   return grain.MapDataset.source(kept)
 
 

@@ -71,16 +71,6 @@ def encode_interaction(tokenizer: Tokenizer, interaction: Interaction, catalogue
                   "raise cutoff_len or shorten the target item's title")
 
 
-def encode_alpaca(tokenizer: Tokenizer, record: dict[str, str], *, cutoff_len: int = 512,
-                  train_on_inputs: bool = True, template: str = "alpaca", path=None, index=None) -> Encoded:
-  """An Alpaca instruction record; a record that does not fit is an error (filter it beforehand)."""
-  prompt = prompts.template(template).prompt(record["instruction"], record["input"])
-  try:
-    return encode_example(tokenizer, prompt, record["output"], cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
-  except TooLong as e:
-    raise DataError(path, index, f"the record is too long ({e})", "raise cutoff_len or drop long records") from None
-
-
 def answer_token_ids(tokenizer: Tokenizer, template: str = "alpaca") -> tuple[int, int]:
   """(yes_id, no_id): the first token of "Yes." and "No." right after a Response header, in context."""
   prompt = prompts.template(template).prompt(prompts.INSTRUCTIONS["movie"], "User Preference: \"A\"")
