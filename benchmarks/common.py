@@ -1,0 +1,143 @@
+"""Shared benchmark helpers: machine description, interleaved median timing, matmul peak, writers."""
+
+from collections.abc import Callable, Mapping, Sequence
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft", "numpy")
+
+
+def loadavg() -> list[float]:
+  """1/5/15-minute load averages (other processes sharing the cores skew timings)."""
+  try:
+    return [float(x) for x in pathlib.Path("/proc/loadavg").read_text().split()[:3]]
+  except OSError:
+    return list(os.getloadavg())
+
+
+def cpu_model() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+  """What ran the benchmark: CPU, cores, memory, accelerator and library versions."""
+  versions = {}
+  for name in PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  dev = jax.devices()[0]
+  mem_kb = None
+  try:
+    mem_kb = int(pathlib.Path("/proc/meminfo").read_text().split()[1])
+  except (OSError, IndexError, ValueError):
+    pass
+  return {
+      "cpu": cpu_model(),
+      "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+      "memory_gib": None if mem_kb is None else round(mem_kb / 2**20, 1),
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "jax_backend": jax.default_backend(),
+      "device": getattr(dev, "device_kind", dev.platform),
+      "device_count": jax.device_count(),
+      "versions": versions,
+  }
+
+
+def machine_line(m: Mapping[str, Any]) -> str:
+  """One markdown line describing the machine."""
+  v = m["versions"]
+  libs = ", ".join(f"{k} {v[k]}" for k in ("jax", "flax", "torch", "transformers", "peft") if v.get(k))
+  return (f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; JAX backend {m['jax_backend']} "
+          f"({m['device']} x{m['device_count']}); {libs}")
+
+
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+  """Seconds per call of each function, run in alternation (A B B A ...) so drift in load hits all alike.
+
+  Every `fn` must block until its work is done. `warmup` calls of each (compilation, caches) are not timed.
+  """
+  names = list(fns)
+  for _ in range(warmup):
+    for name in names:
+      fns[name]()
+  times = {name: [] for name in names}
+  for r in range(repeats):
+    for name in (names if r % 2 == 0 else names[::-1]):
+      start = time.perf_counter()
+      fns[name]()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def summarize(times: Sequence[float]) -> dict[str, Any]:
+  """Median (the reported number), min, max and the raw times of one timed function."""
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+          "times_s": [round(t, 5) for t in times]}
+
+
+def matmul_peak(dtype=jnp.float32, shape=(1024, 576, 1536), repeats: int = 20) -> dict[str, Any]:
+  """Measured FLOP/s of one jitted XLA matmul `[m, k] @ [k, n]` (SmolLM2's MLP shape by default)."""
+  m, k, n = shape
+  a = jax.random.normal(jax.random.key(0), (m, k), dtype)
+  b = jax.random.normal(jax.random.key(1), (k, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  times = interleaved_times({"matmul": lambda: f(a, b).block_until_ready()}, repeats=repeats, warmup=3)["matmul"]
+  flops = 2.0 * m * k * n
+  return {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "median_s": statistics.median(times),
+          "flop_per_s": flops / statistics.median(times), "best_flop_per_s": flops / min(times)}
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A GitHub markdown table; floats are printed as given, so format them before."""
+  lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _plain(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(obj, indent=2, default=_plain) + "\n")
+  return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text if text.endswith("\n") else text + "\n")
+  return path
+
+
+def si(x: float, unit: str = "") -> str:
+  """1.23e9 -> '1.23 G' + unit."""
+  for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(x) >= scale:
+      return f"{x / scale:.3g} {prefix}{unit}"
+  return f"{x:.3g} {unit}".rstrip()

@@ -1,0 +1,394 @@
+"""Speed of LoRA rec-tuning and Yes/No scoring: clclm-jax versus transformers + PEFT (PyTorch).
+
+  python benchmarks/throughput.py --out=benchmarks/results            # CPU, SmolLM2-135M-Instruct
+  python benchmarks/throughput.py --out=benchmarks/results --gpu      # also bfloat16 and a LLaMA-7B shape
+
+Both systems get the same weights (the SmolLM2 GGUF; ours stores them int8, transformers float32),
+the same LoRA (r=8, alpha=16, dropout 0.05 on q_proj, v_proj), the same token ids and batch shapes,
+and are timed in alternation in one process; reported numbers are medians, warm-up excluded.
+"""
+
+import argparse
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from clclm_jax.data import pipeline, tallrec, tokenize  # pylint: disable=wrong-import-position
+from clclm_jax.model import loading  # pylint: disable=wrong-import-position
+from clclm_jax.model.config import LlamaConfig, LoraConfig, presets  # pylint: disable=wrong-import-position
+from clclm_jax.model.llama import Llama  # pylint: disable=wrong-import-position
+from clclm_jax.model.lora import add_lora  # pylint: disable=wrong-import-position
+from clclm_jax.train import evaluate, sharding, state as state_lib, step as step_lib  # pylint: disable=wrong-import-position
+
+GOALS = {"train": 1.2, "score": 2.0}  # ours / transformers throughput ratios to reach.
+LORA = LoraConfig(r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", default="benchmarks/results", help="folder for throughput_<device>.{json,md}")
+  p.add_argument("--model", default=loading.SMOLLM2,
+                 help=f"'{loading.SMOLLM2}' or 'tiny' (random weights, SmolLM2 vocabulary; for tests)")
+  p.add_argument("--domain", default="movie", choices=("movie", "book"))
+  p.add_argument("--train-batch", type=int, default=4)
+  p.add_argument("--train-len", type=int, default=256)
+  p.add_argument("--score-prompts", type=int, default=32, help="real TALLRec test prompts to score")
+  p.add_argument("--score-batch", type=int, default=8)
+  p.add_argument("--repeats", type=int, default=5, help="timed repetitions of each system (median reported)")
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--peak-repeats", type=int, default=20)
+  p.add_argument("--gpu", action="store_true", help="also run bfloat16 and a LLaMA-7B-shaped model (needs a GPU)")
+  p.add_argument("--tag", default=None, help="output name suffix (default: the JAX backend)")
+  return p.parse_args(argv)
+
+
+# Inputs: real TALLRec prompts, identical token ids for both systems.
+
+def tallrec_encoded(tokenizer, domain: str, split: str, n: int):
+  """The first `n` examples of a TALLRec split as a grain MapDataset (encoded lazily)."""
+  splits = tallrec.tallrec_splits(domain)
+  interactions = getattr(splits, split)[:n]
+  return pipeline.tallrec_examples(interactions, splits.catalogue, domain, tokenizer)
+
+
+def train_batch(examples, batch: int, length: int) -> dict[str, np.ndarray]:
+  """`batch` full rows of `length` tokens cut from concatenated TALLRec training examples (no padding)."""
+  need, stream = batch * length, []
+  for e in examples:
+    stream.extend(e["tokens"].tolist())
+    if len(stream) >= need:
+      break
+  if len(stream) < need:
+    raise ValueError(f"{len(examples)} examples give {len(stream)} tokens, fewer than {batch}x{length}")
+  tokens = np.asarray(stream[:need], np.int32).reshape(batch, length)
+  ones = np.ones_like(tokens)
+  return {"tokens": tokens, "positions": np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy(),
+          "attention_mask": ones, "loss_mask": ones}
+
+
+def score_batches(examples, batch_size: int) -> list[dict[str, np.ndarray]]:
+  """The library's evaluation batches (sorted by length, right-padded to a multiple of 64)."""
+  return list(pipeline.eval_dataset(examples, batch_size=batch_size))
+
+
+def prompt_rows(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+  """Prompt-only token ids (up to and including `answer_index`) of the real rows of a batch."""
+  return [batch["tokens"][r, :batch["answer_index"][r] + 1] for r in np.flatnonzero(batch["index"] >= 0)]
+
+
+# FLOP counts (the same useful work is credited to both systems).
+
+def matmul_params(cfg: LlamaConfig, lora: LoraConfig | None) -> tuple[int, int]:
+  """(parameters in per-token matmuls of the decoder layers incl. LoRA, parameters of the LM head)."""
+  d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+  per_layer = d * q + 2 * d * kv + q * d + 3 * d * f
+  if lora is not None:
+    outs = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": d, "gate_proj": f, "up_proj": f, "down_proj": d}
+    ins = {"o_proj": q, "down_proj": f}
+    per_layer += sum(lora.r * (ins.get(t, d) + outs[t]) for t in lora.targets)
+  return cfg.num_hidden_layers * per_layer, d * cfg.vocab_size
+
+
+def forward_flops(cfg: LlamaConfig, lora: LoraConfig | None, seq_lens, head_rows: int | None = None) -> float:
+  """Forward FLOPs of sequences of the given lengths: 2 x params per token, plus 4 x L x heads x head_dim x T
+  per token for attention scores and values (PaLM's count), plus the LM head on `head_rows` rows (all tokens
+  when None)."""
+  body, head = matmul_params(cfg, lora)
+  seq_lens = np.asarray(seq_lens, np.float64)
+  attn = 4.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
+  tokens = seq_lens.sum()
+  rows = tokens if head_rows is None else head_rows
+  return float(2.0 * body * tokens + attn * (seq_lens**2).sum() + 2.0 * head * rows)
+
+
+def train_flops(cfg: LlamaConfig, lora: LoraConfig, batch: int, length: int) -> float:
+  """A LoRA step = forward + backward; the frozen base needs activation gradients only (about 1x forward),
+  LoRA's weight gradients are negligible, so about 2x forward (not the 3x of full fine-tuning)."""
+  return 2.0 * forward_flops(cfg, lora, [length] * batch)
+
+
+# Ours.
+
+def ours_train_fn(model: nnx.Module, batch_np: dict[str, np.ndarray], optim: ConfigDict, mesh):
+  """A no-argument callable running one jitted, donated `train_step` on a fixed batch; returns the loss."""
+  graphdef, params, frozen = state_lib.split_model(model)
+  tx = state_lib.make_optimizer(optim)
+  train_state = state_lib.init_state(params, tx, seed=0, mesh=mesh)
+  step = step_lib.compile_train_step(graphdef, frozen, tx, state_lib.state_shardings(params, tx, mesh), mesh,
+                                     loss_weights={"lm": 1.0})
+  batch = sharding.global_batch(batch_np, mesh)
+
+  def run() -> float:
+    nonlocal train_state
+    train_state, metrics = step(train_state, batch)
+    return float(metrics["loss"])
+
+  return run
+
+
+def ours_score_fn(model: nnx.Module, batches, yes_no: tuple[int, int], mesh):
+  """A no-argument callable scoring every prompt of `batches` with `evaluate.score`; returns P(Yes) by index."""
+  graphdef, params, frozen = state_lib.split_model(model)
+  params_sh, frozen_sh = sharding.state_sharding(params, mesh), sharding.state_sharding(frozen, mesh)
+  params, frozen = sharding.put(params, params_sh), sharding.put(frozen, frozen_sh)
+  eval_step = evaluate.compile_eval_step(graphdef, params_sh, frozen_sh, mesh, *yes_no)
+  return lambda: evaluate.score(eval_step, params, frozen, batches, mesh).p_yes
+
+
+# transformers + PEFT, as a careful user writes it.
+
+def hf_model(source: pathlib.Path, lora: LoraConfig, device: str, dtype: str):
+  """`AutoModelForCausalLM` (from a GGUF file or an HF folder) wrapped by PEFT LoRA."""
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  kw = {"dtype": getattr(torch, dtype)}
+  if source.suffix == ".gguf":
+    kw["gguf_file"] = source.name
+    source = source.parent
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(source), **kw).to(device)
+  model.config.use_cache = False
+  cfg = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.targets), task_type="CAUSAL_LM")
+  return peft.get_peft_model(model, cfg)
+
+
+def hf_train_fn(model, batch_np: dict[str, np.ndarray], optim: ConfigDict, device: str):
+  """One AdamW step (grad-norm clipped like ours) on the same batch; returns the loss."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  ids = torch.from_numpy(batch_np["tokens"]).long().to(device)
+  mask = torch.from_numpy(batch_np["attention_mask"]).long().to(device)
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.b1, optim.b2), weight_decay=optim.weight_decay)
+
+  def run() -> float:
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+  return run
+
+
+def hf_score_fn(model, prompt_batches: list[list[np.ndarray]], yes_no: tuple[int, int], pad_id: int, device: str):
+  """Scores the same prompts in the same batches: left padding to the longest in the batch, positions from
+  the mask, `logits_to_keep=1`, no KV cache, `torch.inference_mode`."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  tensors = []
+  for rows in prompt_batches:
+    t = max(len(r) for r in rows)
+    ids = np.full((len(rows), t), pad_id, np.int64)
+    mask = np.zeros((len(rows), t), np.int64)
+    for i, r in enumerate(rows):
+      ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    tensors.append(tuple(torch.from_numpy(x).to(device) for x in (ids, mask, pos)))
+  pair = list(yes_no)
+
+  def run() -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.inference_mode():
+      for ids, mask, pos in tensors:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
+        out.append(torch.softmax(logits[:, pair].float(), dim=-1)[:, 0])
+    return torch.cat(out).cpu().numpy()
+
+  return run
+
+
+# Runs.
+
+def optim_config() -> ConfigDict:
+  """TALLRec's rec-tuning optimizer: AdamW lr 1e-4, 20 warm-up steps, clipping at 1.0."""
+  return ConfigDict(dict(lr=1e-4, warmup_steps=20, total_steps=1000, schedule="constant", max_grad_norm=1.0,
+                         b1=0.9, b2=0.999, weight_decay=0.0))
+
+
+def tiny_checkpoint(tokenizer, folder: pathlib.Path) -> pathlib.Path:
+  """A random `tiny`-shaped LLaMA with SmolLM2's vocabulary saved as an HF folder (both systems load it)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  cfg = dict(presets["tiny"].to_hf_dict(), vocab_size=len(tokenizer))
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).save_pretrained(folder)
+  tokenizer.save_pretrained(folder)
+  return folder
+
+
+def compare(name: str, fns: dict[str, Any], work: float, unit: str, flops: float, args) -> dict[str, Any]:
+  """Times the systems in alternation; throughput = work / median seconds."""
+  times = common.interleaved_times(fns, repeats=args.repeats, warmup=args.warmup)
+  out = {}
+  for system, ts in times.items():
+    s = common.summarize(ts)
+    s[f"{unit}_per_s"] = work / s["median_s"]
+    s["flop_per_s"] = flops / s["median_s"]
+    out[system] = s
+  out["ratio"] = out["ours"][f"{unit}_per_s"] / out["transformers"][f"{unit}_per_s"]
+  out["goal"] = GOALS[name]
+  out["met"] = bool(out["ratio"] >= GOALS[name])
+  out["work"], out["unit"], out["flops"] = work, unit, flops
+  return out
+
+
+def run_comparison(args, device: str, dtype: str, tmp: pathlib.Path) -> dict[str, Any]:
+  """Train step and scoring, ours versus transformers + PEFT, on one device and dtype."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  jax_dtype = "bfloat16" if dtype == "bfloat16" else "float32"
+  source = loading.smollm2_gguf()
+  if args.model == "tiny":
+    import gguf  # pylint: disable=g-import-not-at-top
+    tokenizer = loading.gguf_tokenizer(gguf.GGUFReader(str(source)), source)
+    source = tiny_checkpoint(tokenizer, tmp / "tiny")
+  elif args.model != loading.SMOLLM2:
+    raise ValueError(f"--model={args.model!r}: use '{loading.SMOLLM2}' or 'tiny'")
+  start = time.perf_counter()
+  model, tokenizer = loading.load_model(source, dtype=jax_dtype, quantize="int8", lora=LORA)
+  load_ours = time.perf_counter() - start
+  start = time.perf_counter()
+  hf = hf_model(pathlib.Path(source), LORA, device, dtype)
+  load_hf = time.perf_counter() - start
+  cfg = model.config
+  yes_no = tokenize.answer_token_ids(tokenizer)
+  mesh = sharding.make_mesh((-1, 1, 1))
+
+  train_np = train_batch(tallrec_encoded(tokenizer, args.domain, "train", 64), args.train_batch, args.train_len)
+  optim = optim_config()
+  train = compare("train", {"ours": ours_train_fn(model, train_np, optim, mesh),
+                            "transformers": hf_train_fn(hf, train_np, optim, device)},
+                  work=train_np["tokens"].size, unit="tokens",
+                  flops=train_flops(cfg, LORA, args.train_batch, args.train_len), args=args)
+
+  batches = score_batches(tallrec_encoded(tokenizer, args.domain, "test", args.score_prompts), args.score_batch)
+  rows = [prompt_rows(b) for b in batches]
+  lens = [len(r) for rs in rows for r in rs]
+  ours_score, hf_score = ours_score_fn(model, batches, yes_no, mesh), hf_score_fn(hf, rows, yes_no,
+                                                                                  tokenizer.pad_token_id, device)
+  score = compare("score", {"ours": ours_score, "transformers": hf_score}, work=len(lens), unit="prompts",
+                  flops=forward_flops(cfg, LORA, lens, head_rows=len(lens)), args=args)
+  # Same prompts in the same order on both sides: P(Yes) should agree up to int8 rounding.
+  order = np.argsort(np.concatenate([b["index"][b["index"] >= 0] for b in batches]), kind="stable")
+  score["max_abs_diff_p_yes"] = float(np.max(np.abs(ours_score() - hf_score()[order])))
+  score["prompt_tokens"] = {"mean": float(np.mean(lens)), "min": int(min(lens)), "max": int(max(lens))}
+  score["padded_tokens_ours"] = int(sum(b["tokens"].shape[1] * b["tokens"].shape[0] for b in batches))
+  score["padded_tokens_transformers"] = int(sum(max(len(r) for r in rs) * args.score_batch for rs in rows))
+  return {"model": args.model, "config": cfg.to_hf_dict(), "device": device, "dtype": dtype,
+          "ours_storage": "int8 base + float LoRA", "transformers_storage": f"{dtype} base + {dtype} LoRA",
+          "torch_threads": torch.get_num_threads(), "load_s": {"ours": load_ours, "transformers": load_hf},
+          "train": {**train, "batch": args.train_batch, "length": args.train_len},
+          "score": {**score, "prompts": len(lens), "batch": args.score_batch, "domain": args.domain}}
+
+
+def run_llama7b_shape(args) -> dict[str, Any]:
+  """A LLaMA-7B-shaped model with random weights (bfloat16 compute, int8 base, LoRA): step time, MFU, memory."""
+  cfg = presets["llama-7b"]
+  model = Llama(cfg, dtype=jnp.bfloat16, quantize="int8", rngs=nnx.Rngs(0))
+  add_lora(model, LORA, jax.random.key(1))
+  b, t = 8, 512
+  tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (b, t)).astype(np.int32)
+  ones = np.ones_like(tokens)
+  batch = {"tokens": tokens, "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+           "attention_mask": ones, "loss_mask": ones}
+  run = ours_train_fn(model, batch, optim_config(), sharding.make_mesh((-1, 1, 1)))
+  del model
+  times = common.interleaved_times({"ours": run}, repeats=args.repeats, warmup=args.warmup)["ours"]
+  peak = common.matmul_peak(jnp.bfloat16, shape=(8192, 8192, 8192), repeats=args.peak_repeats)
+  s = common.summarize(times)
+  flops = train_flops(cfg, LORA, b, t)
+  stats = jax.devices()[0].memory_stats() or {}
+  return {**s, "batch": b, "length": t, "tokens_per_s": b * t / s["median_s"], "flop_per_s": flops / s["median_s"],
+          "mfu_vs_measured_peak": flops / s["median_s"] / peak["flop_per_s"], "matmul_peak": peak,
+          "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "bytes_limit": stats.get("bytes_limit")}
+
+
+def markdown(result: dict[str, Any]) -> str:
+  m = result["machine"]
+  lines = [f"# Throughput: clclm-jax vs transformers + PEFT ({result['tag']})", "",
+           f"Machine: {common.machine_line(m)}.",
+           f"Load average before / after: {result['loadavg_before']} / {result['loadavg_after']} "
+           "(other jobs shared the cores; both systems were timed in alternation, so load hits both).",
+           f"Measured peak: XLA {result['matmul_peak']['dtype']} matmul {result['matmul_peak']['shape']} = "
+           f"{common.si(result['matmul_peak']['flop_per_s'], 'FLOP/s')} (median).", ""]
+  for run in result["runs"]:
+    tr, sc = run["train"], run["score"]
+    peak = result["matmul_peak"]["flop_per_s"]
+    lines += [f"## {run['model']} on {run['device']}, {run['dtype']} "
+              f"(ours: {run['ours_storage']}; transformers: {run['transformers_storage']}, "
+              f"{run['torch_threads']} torch threads)", ""]
+    rows = []
+    for task, d, what in (("LoRA train step", tr, f"{tr['batch']}x{tr['length']} tokens, AdamW"),
+                          ("Yes/No scoring", sc, f"{sc['prompts']} {sc['domain']} test prompts, batch {sc['batch']}")):
+      for system in ("ours", "transformers"):
+        s = d[system]
+        rows.append([task, what, system, f"{s['median_s'] * 1e3:.0f} ms", f"{s[d['unit'] + '_per_s']:.1f} {d['unit']}/s",
+                     common.si(s["flop_per_s"], "FLOP/s"), f"{100 * s['flop_per_s'] / peak:.0f}%"])
+    lines.append(common.markdown_table(
+        ["task", "work", "system", "median time", "throughput", "model FLOP/s", "of matmul peak"], rows))
+    lines += ["", "| goal | ratio ours / transformers | target | status |", "| --- | --- | --- | --- |"]
+    for task, d in (("train tokens/s", tr), ("scoring prompts/s", sc)):
+      lines.append(f"| {task} | {d['ratio']:.2f}x | >= {d['goal']}x | {'met' if d['met'] else 'missed'} |")
+    lines += ["", f"Scoring agreement: max |P(Yes) ours - transformers| = {sc['max_abs_diff_p_yes']:.3g} "
+              f"(int8 vs float base). Prompt tokens mean {sc['prompt_tokens']['mean']:.0f} "
+              f"(min {sc['prompt_tokens']['min']}, max {sc['prompt_tokens']['max']}); tokens run incl. padding: "
+              f"ours {sc['padded_tokens_ours']}, transformers {sc['padded_tokens_transformers']}.", ""]
+  if result.get("llama7b"):
+    g = result["llama7b"]
+    lines += ["## LLaMA-7B shape, random weights, int8 + LoRA, bfloat16", "",
+              f"Batch {g['batch']}x{g['length']}: {g['median_s'] * 1e3:.0f} ms/step, {g['tokens_per_s']:.0f} tokens/s, "
+              f"{common.si(g['flop_per_s'], 'FLOP/s')}, MFU {100 * g['mfu_vs_measured_peak']:.1f}% of the measured "
+              f"bf16 matmul peak ({common.si(g['matmul_peak']['flop_per_s'], 'FLOP/s')}); "
+              f"peak device memory {(g['peak_bytes_in_use'] or 0) / 2**30:.1f} GiB.", ""]
+  lines += ["FLOPs: forward = 2 x matmul params x tokens + 4 x layers x heads x head_dim x T per token "
+            "(attention) + the LM head on the rows that need it (all tokens in training, one per prompt in "
+            "scoring); a LoRA step = 2 x forward (the frozen base needs activation gradients only). Both "
+            "systems are credited the same useful FLOPs (padding not counted)."]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  on_gpu = jax.default_backend() == "gpu"
+  if args.gpu and not on_gpu:
+    raise SystemExit("--gpu: JAX sees no GPU (backend is %r); drop the flag on a CPU machine" % jax.default_backend())
+  result = {"tag": args.tag or jax.default_backend(), "argv": sys.argv[1:] if argv is None else argv,
+            "machine": common.machine(), "loadavg_before": common.loadavg()}
+  result["matmul_peak"] = common.matmul_peak(jnp.bfloat16 if on_gpu else jnp.float32, repeats=args.peak_repeats)
+  with tempfile.TemporaryDirectory() as tmp:
+    runs = [run_comparison(args, "cpu", "float32", pathlib.Path(tmp))] if not on_gpu else []
+    if on_gpu:
+      import torch  # pylint: disable=g-import-not-at-top
+      if torch.cuda.is_available():
+        runs.append(run_comparison(args, "cuda", "bfloat16", pathlib.Path(tmp)))
+      result["llama7b"] = run_llama7b_shape(args)
+  result["runs"] = runs
+  result["loadavg_after"] = common.loadavg()
+  out = pathlib.Path(args.out)
+  common.write_json(out / f"throughput_{result['tag']}.json", result)
+  common.write_text(out / f"throughput_{result['tag']}.md", markdown(result))
+  print(markdown(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
