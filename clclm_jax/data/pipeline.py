@@ -63,21 +63,25 @@ def alpaca_examples(records: Sequence[dict[str, str]], tokenizer: tokenize.Token
   return grain.MapDataset.source(kept)
 
 
-def collate(examples: Sequence[Example], *, pad_multiple: int = 64, batch_size: int | None = None) -> Example:
-  """Right-pads a list of examples to a multiple of `pad_multiple`; optional dummy rows (index -1) fill a batch."""
+def collate(examples: Sequence[Example], *, pad_multiple: int = 64) -> Example:
+  """Stacks examples into a batch, right-padded to the next multiple of `pad_multiple` tokens."""
   t = pad_multiple * max(1, math.ceil(max(len(e["tokens"]) for e in examples) / pad_multiple))
-  b = batch_size or len(examples)
-  tokens, mask, loss = (np.zeros((b, t), np.int32) for _ in range(3))
+  tokens, mask, loss = (np.zeros((len(examples), t), np.int32) for _ in range(3))
   for r, e in enumerate(examples):
     n = len(e["tokens"])
     tokens[r, :n], mask[r, :n], loss[r, :n] = e["tokens"], 1, e["loss_mask"]
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
   batch = {"tokens": tokens, "positions": positions, "attention_mask": mask, "loss_mask": loss}
   for key in ("answer_index", "label", "user_ids", "index", "history_ids"):
-    col = np.stack([e[key] for e in examples])
-    fill = np.full((b - len(examples),) + col.shape[1:], -1 if key in ("index", "label") else 0, col.dtype)
-    batch[key] = np.concatenate([col, fill])
+    batch[key] = np.stack([e[key] for e in examples])
   return batch
+
+
+def _blank(like: Example) -> Example:
+  """A fill row: no tokens, index and label -1."""
+  return {"tokens": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.int32), "answer_index": np.int32(0),
+          "label": np.int32(-1), "user_ids": np.int32(0), "index": np.int32(-1),
+          "history_ids": np.zeros_like(like["history_ids"])}
 
 
 def _shard(ds: grain.MapDataset, shard_index: int | None, shard_count: int | None) -> grain.MapDataset:
@@ -117,10 +121,14 @@ def _packed_batch(b: Example) -> Example:
 
 def eval_dataset(examples: grain.MapDataset, *, batch_size: int, pad_multiple: int = 64,
                  shard_index: int | None = None, shard_count: int | None = None) -> grain.MapDataset:
-  """Every example of this shard exactly once, sorted by length; short final batch filled with index -1 rows."""
-  shard = list(_shard(examples, shard_index, shard_count))
-  shard.sort(key=lambda e: (len(e["tokens"]), int(e["index"])))
-  batches = [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
-  return grain.MapDataset.source(batches).map(
-      functools.partial(collate, pad_multiple=pad_multiple, batch_size=batch_size))
+  """Every example of this shard exactly once, sorted by length, in full batches (fill rows have index -1).
 
+  Every shard yields the same number of batches, so processes step through evaluation together.
+  """
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  shard = sorted(_shard(examples, shard_index, shard_count), key=lambda e: (len(e["tokens"]), int(e["index"])))
+  num_batches = math.ceil(math.ceil(len(examples) / shard_count) / batch_size)
+  blank = _blank(examples[0])
+  batches = [shard[i * batch_size:(i + 1) * batch_size] for i in range(num_batches)]
+  batches = [b + [blank] * (batch_size - len(b)) for b in batches]
+  return grain.MapDataset.source(batches).map(functools.partial(collate, pad_multiple=pad_multiple))
