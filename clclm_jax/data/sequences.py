@@ -122,7 +122,7 @@ def bucket_width(length: int, buckets: tuple[int, ...]) -> int:
 
 
 def train_batches(data: SequenceData, batch_size: int, rng: np.random.Generator, *,
-                  buckets: tuple[int, ...] = (8, 16, 32, 50), group: int = 32):
+                  buckets: tuple[int, ...] = (4, 8, 16, 50), group: int = 32):
   """One epoch of right-padded next-item batches {items, targets, lengths}, remainder dropped.
 
   Users are shuffled, sorted by length within chunks of `group` batches and padded to the
@@ -145,7 +145,7 @@ def train_batches(data: SequenceData, batch_size: int, rng: np.random.Generator,
     yield {"items": items, "targets": tgt, "lengths": lengths}
 
 
-def eval_batches(data: SequenceData, part: str, batch_size: int, *, buckets: tuple[int, ...] = (8, 16, 32, 50)):
+def eval_batches(data: SequenceData, part: str, batch_size: int, *, buckets: tuple[int, ...] = (4, 8, 16, 50)):
   """Right-padded {items, lengths, target} batches for 'valid' or 'test', users sorted by length."""
   inputs, targets = split(data, part)
   order = np.argsort([len(s) for s in inputs], kind="stable")

@@ -1,0 +1,141 @@
+"""Pretraining of the sequence encoder, CL4SRec/CoSeRec style: next-item CE + lambda * InfoNCE.
+
+The state is a plain dict (params, rest, opt_state, step, rng); `train_step(state, batch)` is pure
+and jitted once per padded width with the state donated. Training stops early on validation
+NDCG@10 (or at the time budget) and the best parameters are evaluated on valid and test.
+"""
+
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from clclm_jax.contrastive import losses, metrics
+from clclm_jax.contrastive.encoder import SeqEncoder, pool
+from clclm_jax.data import augment, sequences
+
+State = dict[str, Any]
+
+
+def build_model(cfg: ml_collections.ConfigDict, vocab_size: int) -> SeqEncoder:
+  return SeqEncoder(vocab_size, hidden=cfg.hidden, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                    max_len=cfg.max_len, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
+                    rngs=nnx.Rngs(cfg.seed))
+
+
+def init_state(model: SeqEncoder, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, State]:
+  """Splits the model: trainable `nnx.Param`s get the optimiser, everything else rides along."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  state = {"params": params, "rest": rest, "opt_state": tx.init(params),
+           "step": jnp.zeros((), jnp.int32), "rng": jax.random.key(seed)}
+  return graphdef, state
+
+
+def augment_kwargs(cfg: ml_collections.ConfigDict, mask_id: int) -> dict[str, Any]:
+  a = cfg.augment
+  return dict(mask_id=mask_id, short_threshold=a.short_threshold, eta=a.crop_eta, gamma=a.mask_gamma,
+              beta=a.reorder_beta, insert_rate=a.insert_rate, substitute_rate=a.substitute_rate)
+
+
+def loss_fn(params, rest, batch, key, *, graphdef, corr_vk, cfg, aug):
+  """CE over next items of the batch plus cl_weight * InfoNCE between two augmented views."""
+  model = nnx.merge(graphdef, params, rest)
+  aug_key, drop_key = jax.random.split(key)
+  items_bl = batch["items"]
+  b = items_bl.shape[0]
+  v1_bl, _, v2_bl, _ = augment.two_views_batch(aug_key, items_bl, batch["lengths"], corr_vk, **aug)
+  all_bl = jnp.concatenate([items_bl, v1_bl, v2_bl])  # one encoder pass for the sequence and both views
+  h_bld = model(all_bl, dropout_key=drop_key)
+  ce, count = losses.next_item_ce(h_bld[:b], model.item_table(), batch["targets"])
+  z_nd = pool(h_bld[b:], all_bl[b:] > 0, cfg.pooling)
+  cl = losses.info_nce(z_nd[:b], z_nd[b:], temperature=cfg.temperature, similarity=cfg.similarity)
+  loss = ce + cfg.cl_weight * cl
+  return loss, {"loss": loss, "ce": ce, "cl": cl, "targets": count}
+
+
+def train_step(state: State, batch: dict[str, jax.Array], *, graphdef, tx, corr_vk, cfg, aug) -> tuple[State, dict]:
+  key = jax.random.fold_in(state["rng"], state["step"])
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef, corr_vk=corr_vk, cfg=cfg, aug=aug),
+                               has_aux=True)
+  (_, aux), grads = grad_fn(state["params"], state["rest"], batch, key)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  new_state = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
+                   step=state["step"] + 1)
+  return new_state, aux
+
+
+def make_train_step(graphdef, tx, corr_vk, cfg, mask_id: int) -> Callable[[State, dict], tuple[State, dict]]:
+  step = functools.partial(train_step, graphdef=graphdef, tx=tx, corr_vk=corr_vk, cfg=cfg,
+                           aug=augment_kwargs(cfg, mask_id))
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_rank_fn(graphdef, cfg) -> Callable:
+  @jax.jit
+  def rank(params, rest, items_bl, target_b):
+    model = nnx.merge(graphdef, params, rest)
+    scores_bv = model.encode(items_bl, pooling=cfg.pooling) @ model.item_table().T
+    return metrics.target_rank(scores_bv, target_b, history_bl=items_bl, exclude_history=cfg.exclude_history)
+  return rank
+
+
+def evaluate(rank_fn, state: State, data: sequences.SequenceData, part: str, cfg) -> dict[str, float]:
+  """Mean HR@k / NDCG@k over all users for 'valid' or 'test' (full ranking)."""
+  ranks = [np.asarray(rank_fn(state["params"], state["rest"], b["items"], b["target"]))
+           for b in sequences.eval_batches(data, part, cfg.eval_batch_size, buckets=tuple(cfg.buckets))]
+  per_user = metrics.ranking_metrics(jnp.asarray(np.concatenate(ranks)))
+  return {k: float(v.mean()) for k, v in per_user.items()}
+
+
+def train(cfg: ml_collections.ConfigDict, data: sequences.SequenceData) -> dict[str, Any]:
+  """Trains with early stopping on valid NDCG@10; returns a summary with valid/test metrics."""
+  model = build_model(cfg, data.vocab_size)
+  tx = optax.adam(cfg.lr)
+  graphdef, state = init_state(model, tx, cfg.seed)
+  corr_vk = jnp.asarray(augment.itemcf_iuf(sequences.train_sequences(data), data.num_items, cfg.augment.corr_top_k))
+  step_fn = make_train_step(graphdef, tx, corr_vk, cfg, data.mask_id)
+  rank_fn = make_rank_fn(graphdef, cfg)
+  rng = np.random.default_rng(cfg.seed)
+  best_ndcg, best_epoch, best_params, epoch_times, history = -1.0, -1, None, [], []
+  start = time.time()
+  bar = tqdm(range(1, cfg.num_epochs + 1), desc=f"pretrain {data.name}", unit="epoch")
+  for epoch in bar:
+    t0 = time.time()
+    sums = []
+    for batch in sequences.train_batches(data, cfg.batch_size, rng, buckets=tuple(cfg.buckets)):
+      state, aux = step_fn(state, batch)
+      sums.append(aux)
+    sums = jax.device_get(sums)
+    epoch_times.append(time.time() - t0)
+    record = {"epoch": epoch, "seconds": epoch_times[-1],
+              **{k: float(np.mean([s[k] for s in sums])) for k in ("loss", "ce", "cl")}}
+    if epoch % cfg.eval_every == 0:
+      valid = evaluate(rank_fn, state, data, "valid", cfg)
+      record.update({f"valid/{k}": v for k, v in valid.items()})
+      if valid["NDCG@10"] > best_ndcg:
+        best_ndcg, best_epoch, best_params = valid["NDCG@10"], epoch, jax.device_get(state["params"])
+    history.append(record)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", cl=f"{record['cl']:.3f}",
+                    ndcg10=f"{record.get('valid/NDCG@10', float('nan')):.4f}", best=best_epoch)
+    if epoch - best_epoch >= cfg.patience * cfg.eval_every and best_epoch > 0:
+      break
+    if time.time() - start > cfg.time_budget_min * 60:
+      break
+  bar.close()
+  if best_params is not None:
+    state = dict(state, params=jax.device_put(best_params))
+  summary = {"dataset": data.name, "epochs": len(history), "best_epoch": best_epoch,
+             "train_seconds": time.time() - start, "epoch_seconds_median": float(np.median(epoch_times)),
+             "valid": evaluate(rank_fn, state, data, "valid", cfg),
+             "test": evaluate(rank_fn, state, data, "test", cfg), "history": history}
+  print(f"[{data.name}] {summary['epochs']} epochs ({summary['train_seconds'] / 60:.1f} min, "
+        f"{summary['epoch_seconds_median']:.1f} s/epoch), best epoch {best_epoch}: "
+        + " ".join(f"test {k} {v:.4f}" for k, v in summary["test"].items()))
+  return summary

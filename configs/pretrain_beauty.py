@@ -1,0 +1,28 @@
+"""Encoder pretraining on Amazon Beauty 5-core (CL4SRec/CoSeRec protocol: hidden 64, 2x2, len 50)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.dataset = "beauty"  # or "ml100k"
+  c.seed = 0
+  c.max_len = 50
+  c.buckets = (4, 8, 16, 50)  # padded widths (fewer wasted positions, one compile each); last = max_len
+  c.hidden, c.num_layers, c.num_heads = 64, 2, 2
+  c.dropout, c.attn_dropout = 0.5, 0.5
+  c.pooling = "last"
+  c.batch_size, c.eval_batch_size = 256, 1024
+  c.lr = 1e-3
+  c.num_epochs = 300
+  c.eval_every = 1
+  c.patience = 20  # evaluations without a better valid NDCG@10
+  c.time_budget_min = 35.0
+  c.cl_weight = 0.1  # lambda
+  c.temperature = 1.0  # tau (CoSeRec)
+  c.similarity = "dot"
+  c.exclude_history = False  # CL4SRec/CoSeRec code ranks history items too
+  c.augment = ml_collections.ConfigDict(dict(
+      crop_eta=0.6, mask_gamma=0.3, reorder_beta=0.6, insert_rate=0.4, substitute_rate=0.1,
+      short_threshold=4, corr_top_k=1))
+  return c
