@@ -63,8 +63,9 @@ def alpaca_examples(records: Sequence[dict[str, str]], tokenizer: tokenize.Token
   return grain.MapDataset.source(kept)
 
 
-def collate(examples: Sequence[Example], *, pad_multiple: int = 64) -> Example:
-  """Stacks examples into a batch, right-padded to the next multiple of `pad_multiple` tokens."""
+def collate(examples: Sequence[Example], *, pad_multiple: int = 64, batch_size: int | None = None) -> Example:
+  """Stacks examples into a batch right-padded to a multiple of `pad_multiple` tokens; fill rows up to `batch_size`."""
+  examples = list(examples) + [_blank(examples[0])] * ((batch_size or len(examples)) - len(examples))
   t = pad_multiple * max(1, math.ceil(max(len(e["tokens"]) for e in examples) / pad_multiple))
   tokens, mask, loss = (np.zeros((len(examples), t), np.int32) for _ in range(3))
   for r, e in enumerate(examples):
@@ -129,6 +130,6 @@ def eval_dataset(examples: grain.MapDataset, *, batch_size: int, pad_multiple: i
   shard = sorted(_shard(examples, shard_index, shard_count), key=lambda e: (len(e["tokens"]), int(e["index"])))
   num_batches = math.ceil(math.ceil(len(examples) / shard_count) / batch_size)
   blank = _blank(examples[0])
-  batches = [shard[i * batch_size:(i + 1) * batch_size] for i in range(num_batches)]
-  batches = [b + [blank] * (batch_size - len(b)) for b in batches]
-  return grain.MapDataset.source(batches).map(functools.partial(collate, pad_multiple=pad_multiple))
+  batches = [shard[i * batch_size:(i + 1) * batch_size] or [blank] for i in range(num_batches)]
+  return grain.MapDataset.source(batches).map(
+      functools.partial(collate, pad_multiple=pad_multiple, batch_size=batch_size))
