@@ -22,14 +22,16 @@ def _interactions(n: int) -> list[Interaction]:
   out = []
   for u in range(n):
     k = int(rng.integers(0, 11))
-    out.append(Interaction(u + 1, tuple(int(i) for i in rng.integers(1, 41, k)), tuple(bool(b) for b in rng.integers(0, 2, k)),
-                           int(rng.integers(1, 41)), int(rng.integers(0, 2))))
+    ids, likes = rng.integers(1, 41, k), rng.integers(0, 2, k)
+    out.append(Interaction(u + 1, tuple(map(int, ids)), tuple(map(bool, likes)), int(rng.integers(1, 41)),
+                           int(rng.integers(0, 2))))
   return out
 
 
 @pytest.fixture(scope="module")
 def examples():
-  return pipeline.tallrec_examples(_interactions(50), CATALOGUE, "movie", ByteTokenizer(), cutoff_len=600, history_len=6)
+  return pipeline.tallrec_examples(_interactions(50), CATALOGUE, "movie", ByteTokenizer(), cutoff_len=600,
+                                   history_len=6)
 
 
 def test_fewshot_deterministic_and_nested():

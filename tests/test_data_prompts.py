@@ -68,6 +68,7 @@ def test_alpaca_sources(data_root):
 
 def test_jsonl_source(tmp_path):
   path = tmp_path / "a.jsonl"
-  path.write_text('{"instruction": "i", "input": "", "output": "o"}\n\n{"instruction": "j", "input": "x", "output": "p"}\n')
+  path.write_text('{"instruction": "i", "input": "", "output": "o"}\n\n'
+                  '{"instruction": "j", "input": "x", "output": "p"}\n')
   assert instruct.read_alpaca(path) == [{"instruction": "i", "input": "", "output": "o"},
                                         {"instruction": "j", "input": "x", "output": "p"}]

@@ -10,6 +10,7 @@ import pytest
 from clclm_jax.data import prompts, tallrec
 from clclm_jax.data.errors import DataError
 from clclm_jax.data.instruct import read_json_records
+from clclm_jax.data.records import Catalogue, Item
 
 
 def test_movie_files_byte_identical(data_root, tmp_path):
@@ -100,7 +101,8 @@ def test_book_history_capped_at_ten():
 def test_command_line_writes_three_files(tmp_path):
   _write_bx(tmp_path)
   out = tmp_path / "out"
-  cmd = [sys.executable, "-m", "clclm_jax.data", "tallrec", "--dataset", "book", "--raw", str(tmp_path), "--out", str(out)]
+  cmd = [sys.executable, "-m", "clclm_jax.data", "tallrec", "--dataset", "book", "--raw", str(tmp_path),
+         "--out", str(out)]
   done = subprocess.run(cmd, capture_output=True, text=True, check=True)
   assert "train=" in done.stdout
   assert sorted(p.name for p in out.iterdir()) == ["test.json", "train.json", "valid.json"]
@@ -113,7 +115,8 @@ def test_command_line_failure_leaves_nothing(tmp_path):
   _write_bx(tmp_path)
   (tmp_path / "BX-Book-Ratings.csv").write_bytes(b'"User-ID";"ISBN";"Book-Rating"\r\n"x";"0001";"5"\r\n')
   out = tmp_path / "out"
-  cmd = [sys.executable, "-m", "clclm_jax.data", "tallrec", "--dataset", "book", "--raw", str(tmp_path), "--out", str(out)]
+  cmd = [sys.executable, "-m", "clclm_jax.data", "tallrec", "--dataset", "book", "--raw", str(tmp_path),
+         "--out", str(out)]
   done = subprocess.run(cmd, capture_output=True, text=True)
   assert done.returncode == 1
   assert "BX-Book-Ratings.csv record 0: User-ID and Book-Rating must be integers" in done.stderr
@@ -127,10 +130,10 @@ def test_atomic_write_failure_leaves_no_file(tmp_path):
 
 
 def test_unknown_item_with_catalogue(tmp_path):
-  from clclm_jax.data.records import Catalogue, Item
   path = tmp_path / "x.json"
   record = {"instruction": prompts.INSTRUCTIONS["movie"], "output": "Yes.",
-            "input": 'User Preference: "A (1990)"\nUser Unpreference: \nWhether the user will like the target movie "B (1991)"?'}
+            "input": 'User Preference: "A (1990)"\nUser Unpreference: \n'
+                     'Whether the user will like the target movie "B (1991)"?'}
   path.write_text(json.dumps([record]))
   with pytest.raises(DataError, match=r"x.json record 0: unknown item 'B \(1991\)' by None; fix: pass the catalogue"):
     tallrec.read_tallrec(path, "movie", tallrec.ItemIds(Catalogue([Item(1, "A (1990)")])))

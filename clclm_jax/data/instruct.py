@@ -11,7 +11,7 @@ ALPACA_KEYS = ("instruction", "input", "output")
 
 def _decode(path: pathlib.Path) -> str:
   try:
-    text = path.read_bytes().decode("utf-8")
+    text = path.read_bytes().decode("utf-8-sig")
   except UnicodeDecodeError as e:
     raise DataError(path, None, f"byte {e.start} is not UTF-8", "re-encode the file as UTF-8") from None
   if not text.strip():
