@@ -199,7 +199,8 @@ def parse_tallrec(records: Sequence[dict], domain: str, ids: ItemIds, path=None)
   out = []
   for i, r in enumerate(records):
     if r["instruction"] != prompts.INSTRUCTIONS[domain]:
-      raise DataError(path, i, f"instruction is not TALLRec's {domain} instruction", f"use --dataset {domain}'s files")
+      raise DataError(path, i, f"instruction is not TALLRec's {domain} instruction",
+                      "parse each file with the domain it was made for (movie or book)")
     if r["output"] not in prompts.ANSWERS:
       raise DataError(path, i, f"output {r['output']!r} is not 'Yes.' or 'No.'", "label every record Yes. or No.")
     m = _INPUT_RE.fullmatch(r["input"])
