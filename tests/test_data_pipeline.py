@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from clclm_jax.data import fewshot, pipeline
+from clclm_jax.data.errors import DataError
 from clclm_jax.data.records import Catalogue, Interaction, Item
 
 
@@ -130,3 +131,26 @@ def test_alpaca_examples_drop_long_records():
   assert list(b["index"]) == [0, 2, -1, -1] and list(b["label"]) == [-1] * 4
   longest = max(len(e["tokens"]) for e in ds)
   assert b["tokens"].shape == (4, -(-longest // 64) * 64) and b["attention_mask"][2:].sum() == 0
+
+
+def test_packed_iterator_restores_exactly(examples):
+  def make():
+    return iter(pipeline.train_dataset(examples, batch_size=2, seed=3, pack_len=2048, shard_index=0, shard_count=1))
+
+  it = make()
+  for _ in range(4):
+    next(it)
+  state, want = it.get_state(), next(it)
+  fresh = make()
+  fresh.set_state(state)
+  got = next(fresh)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_encoding_error_names_source_file():
+  long_target = Catalogue([Item(1, "x" * 400)])
+  ds = pipeline.tallrec_examples([Interaction(1, (), (), 1, 0)], long_target, "movie", ByteTokenizer(),
+                                 cutoff_len=256, path="movie/test.json")
+  with pytest.raises(DataError, match=r"movie/test.json record 0: even with no history the prompt is too long"):
+    ds[0]
