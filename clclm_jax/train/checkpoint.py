@@ -1,0 +1,81 @@
+"""orbax checkpoints: the latest train state (for exact resume) and the best trainable params.
+
+Saved: trainable params, optimizer state, step, random key, data-iterator state and a JSON `meta`
+(config, early stopping, metrics). Not saved: the frozen base, which is rebuilt from its source.
+"""
+
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from clclm_jax.train.state import TrainState
+
+
+def _manager(directory: pathlib.Path) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def abstract(tree):
+  """Shapes, dtypes and shardings of `tree`, the target to restore into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def check_finite(tree, what: str) -> None:
+  """Refuses to write NaN or inf to disk."""
+  bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+         if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.isfinite(x).all())]
+  if bad:
+    raise FloatingPointError(f"not saving {what}: non-finite values in {bad[:3]}")
+
+
+class Checkpoints:
+  """`WORKDIR/checkpoints/latest/<step>` (full state) and `WORKDIR/checkpoints/best/<step>` (params)."""
+
+  def __init__(self, workdir: str | pathlib.Path):
+    root = pathlib.Path(workdir) / "checkpoints"
+    self.latest = _manager(root / "latest")
+    self.best = _manager(root / "best")
+
+  def save_latest(self, state: TrainState, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
+    check_finite(state["params"], "the latest checkpoint")
+    step = int(state["step"])
+    if self.latest.latest_step() == step:
+      return
+    self.latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)))
+
+  def restore_latest(self, target: TrainState) -> tuple[TrainState, dict, dict] | None:
+    """(state, data-iterator state, meta) of the newest complete checkpoint, or None."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    r = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract(target)), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return r["state"], r["data"], r["meta"]
+
+  def save_best(self, step: int, params, meta: dict[str, Any]) -> None:
+    check_finite(params, "the best checkpoint")
+    self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                 meta=ocp.args.JsonSave(meta)), force=True)
+
+  def best_step(self) -> int | None:
+    return self.best.latest_step()
+
+  def restore_best(self, target_params) -> tuple[Any, dict]:
+    """(params, meta) of the best checkpoint; raises FileNotFoundError when there is none."""
+    step = self.best.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no best checkpoint under {self.best.directory}: train first")
+    r = self.best.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract(target_params)), meta=ocp.args.JsonRestore()))
+    return r["params"], r["meta"]
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()

@@ -1,0 +1,247 @@
+"""The trainer: build model and data from a config, train with periodic validation AUC, resume exactly.
+
+Stages (`config.stages`): "instruct" (Alpaca instruction tuning, in WORKDIR/instruct) and "rec"
+(TALLRec rec tuning, in WORKDIR, initialised from the previous stage's LoRA). The last stage is
+evaluated on the test split with its best checkpoint.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+import tqdm
+import transformers
+
+from clclm_jax.data import fewshot, instruct, paths, pipeline, tallrec, tokenize
+from clclm_jax.model import loading, lora, peft
+from clclm_jax.model.config import LoraConfig, presets
+from clclm_jax.model.llama import Llama
+from clclm_jax.train import checkpoint, evaluate, sharding, state as state_lib, step as step_lib
+
+
+def smollm2_tokenizer() -> transformers.PreTrainedTokenizerFast:
+  """The SmolLM2 tokenizer alone, cached as tokenizer.json in CLCLM_CACHE (~/.cache/clclm_jax)."""
+  cache = pathlib.Path(os.environ.get("CLCLM_CACHE") or "~/.cache/clclm_jax").expanduser() / "smollm2-tokenizer"
+  if not (cache / "tokenizer.json").is_file():
+    import gguf  # pylint: disable=g-import-not-at-top
+    path = loading.smollm2_gguf()
+    loading.gguf_tokenizer(gguf.GGUFReader(str(path)), path).save_pretrained(cache)
+  return transformers.PreTrainedTokenizerFast.from_pretrained(cache)
+
+
+def build_model(config: ConfigDict):
+  """(model with LoRA, tokenizer) from `config.model` and `config.lora`."""
+  m, lc = config.model, config.lora
+  lora_cfg = LoraConfig(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets))
+  if m.preset:  # A random model of a preset's shape, with the SmolLM2 tokenizer's vocabulary.
+    tokenizer = smollm2_tokenizer()
+    cfg = dataclasses.replace(presets[m.preset], vocab_size=len(tokenizer),
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = Llama(cfg, dtype=loading.DTYPES[m.dtype], quantize=m.quantize or None, rngs=nnx.Rngs(config.seed))
+    lora.add_lora(model, lora_cfg, jax.random.key(config.seed))
+  else:
+    model, tokenizer = loading.load_model(m.source, dtype=m.dtype, quantize=m.quantize or None,
+                                          lora=lora_cfg, lora_seed=config.seed)
+  if lc.init_from:
+    peft.load_peft(model, lc.init_from)
+  return model, tokenizer
+
+
+def _eval_batches(examples, config: ConfigDict):
+  return pipeline.eval_dataset(examples, batch_size=config.train.eval_batch_size // jax.process_count(),
+                               pad_multiple=config.data.pad_multiple)
+
+
+def rec_data(config: ConfigDict, tokenizer, splits=("valid", "test")):
+  """(training examples, {split: eval batches}) for the TALLRec task of `config.data`."""
+  d = config.data
+  sp = tallrec.tallrec_splits(d.domain, seed=d.split_seed, book_valid_size=d.book_valid_size)
+  encode = lambda xs: pipeline.tallrec_examples(  # noqa: E731
+      xs, sp.catalogue, d.domain, tokenizer, cutoff_len=d.cutoff_len, train_on_inputs=d.train_on_inputs,
+      template=d.template)
+  sizes = {"valid": d.valid_size, "test": d.test_size}
+  evals = {s: _eval_batches(encode(fewshot.fewshot(getattr(sp, s), sizes[s] if sizes[s] > 0 else None,
+                                                   d.fewshot_seed)), config) for s in splits}
+  return encode(fewshot.fewshot(sp.train, d.shots if d.shots > 0 else None, d.fewshot_seed)), evals
+
+
+def instruct_data(config: ConfigDict, tokenizer):
+  records = instruct.read_alpaca(paths.data_path(config.instruct.file))
+  if config.instruct.num_examples > 0:
+    records = fewshot.fewshot(records, config.instruct.num_examples, config.data.fewshot_seed)
+  return pipeline.alpaca_examples(records, tokenizer, cutoff_len=config.data.cutoff_len,
+                                  train_on_inputs=config.data.train_on_inputs, template=config.data.template), {}
+
+
+def stage_config(config: ConfigDict, stage: str) -> ConfigDict:
+  """The instruct stage takes its batch size, steps and learning rate from `config.instruct`."""
+  c = ConfigDict(config.to_dict())
+  if stage == "instruct":
+    c.train.batch_size, c.train.max_steps = config.instruct.batch_size, config.instruct.max_steps
+    c.optim.lr, c.optim.warmup_steps = config.instruct.lr, config.instruct.warmup_steps
+  return c
+
+
+class MetricsLog:
+  """WORKDIR/metrics.jsonl and TensorBoard events, written by process 0."""
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int):
+    self.on = jax.process_index() == 0
+    self.path = workdir / "metrics.jsonl"
+    if not self.on:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    rows = [json.loads(l) for l in self.path.read_text().splitlines()] if self.path.exists() else []
+    self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
+    self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
+
+  def write(self, row: dict) -> None:
+    if not self.on:
+      return
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in row.items():
+      if k != "step":
+        self.tb.add_scalar(k, v, row["step"])
+
+  def close(self) -> None:
+    if self.on:
+      self.tb.close()
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+  bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    terms = [k for k in bad if k.startswith("loss/")] or list(bad)
+    raise FloatingPointError(f"step {step}: non-finite {bad}; first bad loss term(s): {terms}. "
+                             "Lower optim.lr, check the batch at this step, or the loss weights.")
+
+
+def train_stage(config: ConfigDict, workdir: pathlib.Path, stage: str, model, tokenizer, mesh,
+                init_params=None) -> tuple[dict, nnx.State]:
+  """Trains one stage in `workdir`, resuming from its latest checkpoint; returns (summary, params)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  t = config.train
+  graphdef, params, frozen = state_lib.split_model(model)
+  params = params if init_params is None else init_params
+  examples, evals = (rec_data if stage == "rec" else instruct_data)(config, tokenizer)
+  if t.batch_size % (t.micro_batch_size * jax.process_count()):
+    raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of micro_batch_size x processes")
+  total = t.max_steps if t.max_steps > 0 else t.num_epochs * max(1, len(examples) // t.batch_size)
+  optim = ConfigDict({**config.optim.to_dict(), "total_steps": total})
+  tx = state_lib.make_optimizer(optim)
+  state = state_lib.init_state(params, tx, config.seed, mesh)
+  data_iter = iter(pipeline.train_dataset(examples, batch_size=t.batch_size // jax.process_count(),
+                                          seed=config.seed, pad_multiple=config.data.pad_multiple))
+  ckpts = checkpoint.Checkpoints(workdir)
+  stopper = evaluate.EarlyStopping(t.patience)
+  restored = ckpts.restore_latest(state)
+  if restored is not None:
+    state, data_state, meta = restored
+    data_iter.set_state(data_state)
+    stopper = evaluate.EarlyStopping(**meta["early_stopping"])
+  start = int(state["step"])
+  log = MetricsLog(workdir, start)
+  state_sh = state_lib.state_shardings(params, tx, mesh)
+  train_step = step_lib.compile_train_step(graphdef, frozen, tx, state_sh, mesh, loss_weights=dict(config.loss_weights),
+                                           accum_steps=t.batch_size // t.micro_batch_size)
+  frozen = sharding.put(frozen, sharding.state_sharding(frozen, mesh))
+  yes_no = tokenize.answer_token_ids(tokenizer, config.data.template)
+  eval_step = evaluate.compile_eval_step(graphdef, state_sh["params"], sharding.state_sharding(frozen, mesh),
+                                         mesh, *yes_no)
+  stop = threading.Event()
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+  n_tokens, t0 = 0, time.time()
+  meta = lambda: {"config": config.to_dict(), "early_stopping": dataclasses.asdict(stopper)}  # noqa: E731
+  with jax.set_mesh(mesh), tqdm.tqdm(total=total, initial=start, desc=stage,
+                                      disable=jax.process_index() != 0) as bar:
+    for step in range(start + 1, total + 1):
+      batch = next(data_iter)
+      state, metrics = train_step(state, sharding.global_batch(batch, mesh))
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      _check_finite(metrics, step)
+      n_tokens += int(batch["loss_mask"].sum()) * jax.process_count()
+      row = {"step": step, **{f"train/{k}": v for k, v in metrics.items()}}
+      if "valid" in evals and (step % t.eval_every == 0 or step == total):
+        valid = evaluate.score(eval_step, state["params"], frozen, evals["valid"], mesh).metrics()
+        row.update({f"valid/{k}": v for k, v in valid.items()})
+        stopper = stopper.update(valid["auc"], step)
+        if stopper.best_step == step:
+          ckpts.save_best(step, state["params"], {"step": step, "valid": valid})
+      log.write(row)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}", best_auc=f"{stopper.best:.4f}")
+      bar.update(1)
+      done = step == total or stopper.should_stop or stop.is_set()
+      if done or step % t.checkpoint_every == 0 or "valid/auc" in row:
+        ckpts.save_latest(state, data_iter.get_state(), meta())
+      if done:
+        break
+  signal.signal(signal.SIGTERM, previous_handler)
+  wall = time.time() - t0
+  if "valid" not in evals:  # Stages without validation keep their last params as the best.
+    ckpts.save_best(int(state["step"]), state["params"], {"step": int(state["step"])})
+  summary = {"stage": stage, "steps": int(state["step"]), "total_steps": total, "preempted": stop.is_set(),
+             "best_step": stopper.best_step, "valid_auc": stopper.best,
+             "tokens_per_s": n_tokens / max(wall, 1e-9), "wall_s": wall}
+  log.close()
+  ckpts.close()
+  return summary, state["params"]
+
+
+def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str = "test", model=None,
+                   tokenizer=None, mesh=None) -> dict:
+  """Scores `split` with the best checkpoint; writes WORKDIR/eval/<split>_metrics.json."""
+  workdir = pathlib.Path(workdir)
+  mesh = mesh or sharding.make_mesh(config.mesh)
+  if model is None:
+    model, tokenizer = build_model(config)
+  graphdef, params, frozen = state_lib.split_model(model)
+  params_sh, frozen_sh = sharding.state_sharding(params, mesh), sharding.state_sharding(frozen, mesh)
+  ckpts = checkpoint.Checkpoints(workdir)
+  params, meta = ckpts.restore_best(sharding.put(params, params_sh))
+  ckpts.close()
+  _, evals = rec_data(config, tokenizer, splits=(split,))
+  eval_step = evaluate.compile_eval_step(graphdef, params_sh, frozen_sh, mesh,
+                                         *tokenize.answer_token_ids(tokenizer, config.data.template))
+  t0 = time.time()
+  with jax.set_mesh(mesh):
+    scores = evaluate.score(eval_step, params, sharding.put(frozen, frozen_sh), evals[split], mesh)
+  metrics = {**scores.metrics(), "best_step": meta["step"], "wall_s": time.time() - t0}
+  if jax.process_index() == 0:
+    (workdir / "eval").mkdir(parents=True, exist_ok=True)
+    (workdir / "eval" / f"{split}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+  return metrics
+
+
+def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """All stages of `config`, then the test AUC of the last stage's best checkpoint; returns the summary."""
+  workdir = pathlib.Path(workdir)
+  sharding.maybe_initialize_distributed(config)
+  mesh = sharding.make_mesh(config.mesh)
+  model, tokenizer = build_model(config)
+  params, summary = None, {}
+  for i, stage in enumerate(config.stages):
+    last = i == len(config.stages) - 1
+    summary, params = train_stage(stage_config(config, stage), workdir if last else workdir / stage,
+                                  stage, model, tokenizer, mesh, init_params=params)
+    if summary["preempted"]:
+      return summary
+  if config.stages[-1] == "rec" and config.data.test_size != 0:
+    summary["test_auc"] = evaluate_split(config, workdir, "test", model, tokenizer, mesh)["auc"]
+  return summary
+
+
+def format_summary(summary: dict) -> str:
+  rows = [("best step", summary.get("best_step")), ("valid AUC", summary.get("valid_auc")),
+          ("test AUC", summary.get("test_auc")), ("tokens/s (train)", summary.get("tokens_per_s")),
+          ("wall time (s)", summary.get("wall_s"))]
+  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+  return "\n".join(f"{k:<18}{fmt(v):>12}" for k, v in rows)

@@ -1,0 +1,26 @@
+"""Scores a split with the best checkpoint in `--workdir`; writes WORKDIR/eval/<split>_metrics.json."""
+
+import json
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from clclm_jax.train import loop, sharding
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder of train.py; default runs/<config name>.")
+_SPLIT = flags.DEFINE_enum("split", "test", ["valid", "test"], "Which split to score.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+  config = _CONFIG.value
+  sharding.maybe_initialize_distributed(config)
+  metrics = loop.evaluate_split(config, _WORKDIR.value or f"runs/{config.name}", _SPLIT.value)
+  print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,61 @@
+"""AUC against scikit-learn, Yes/No scoring at the answer position, early stopping."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+import train_helpers
+from clclm_jax.train import evaluate, sharding, state as state_lib
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_matches_sklearn_with_ties(seed):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 2, 300)
+  scores = np.round(rng.random(300) + 0.3 * labels, 1)  # rounding makes many ties
+  assert evaluate.auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_auc_edge_cases():
+  assert evaluate.auc([0.1, 0.9], [0, 1]) == 1.0
+  assert evaluate.auc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5
+  with pytest.raises(ValueError, match="both classes"):
+    evaluate.auc([0.1, 0.2], [1, 1])
+
+
+def test_yes_probability_is_softmax_at_answer_index():
+  model = train_helpers.tiny_model()
+  batch = {k: jnp.asarray(v) for k, v in train_helpers.synthetic_batches(1, batch=4)[0].items()}
+  batch["answer_index"] = jnp.array([15, 14, 15, 13])
+  p = evaluate.yes_probability(model, batch, 7, 9)
+  logits = model(batch["tokens"], batch["positions"], batch["attention_mask"])
+  rows = logits[jnp.arange(4), batch["answer_index"]][:, jnp.array([7, 9])]
+  np.testing.assert_allclose(p, jax.nn.softmax(rows, -1)[:, 0], rtol=1e-5)
+
+
+def test_score_drops_fill_rows_and_orders_by_index():
+  model = train_helpers.tiny_model()
+  graphdef, params, frozen = state_lib.split_model(model)
+  mesh = sharding.make_mesh((-1, 1, 1))
+  step = evaluate.compile_eval_step(graphdef, sharding.state_sharding(params, mesh),
+                                    sharding.state_sharding(frozen, mesh), mesh, 7, 9)
+  batches = train_helpers.synthetic_batches(2, batch=4)
+  for i, b in enumerate(batches):
+    b["answer_index"] = np.full(4, 15, np.int32)
+    b["label"] = np.array([1, 0, 1, -1], np.int32)
+    b["index"] = np.array([5 + i, 3 + i, 1 + i, -1], np.int32)
+  s = evaluate.score(step, params, frozen, batches, mesh)
+  assert list(s.index) == [1, 2, 3, 4, 5, 6] and list(s.label) == [1, 1, 0, 0, 1, 1]
+  assert s.metrics()["n"] == 6 and np.all((s.p_yes > 0) & (s.p_yes < 1))
+
+
+def test_early_stopping_waits_patience_evaluations():
+  stop = evaluate.EarlyStopping(patience=2)
+  for step, value in [(10, 0.6), (20, 0.7), (30, 0.65)]:
+    stop = stop.update(value, step)
+    assert not stop.should_stop
+  assert (stop.best, stop.best_step, stop.bad_evals) == (0.7, 20, 1)
+  stop = stop.update(0.7, 40)  # equal is not better
+  assert stop.should_stop and stop.best_step == 20

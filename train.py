@@ -1,0 +1,22 @@
+"""Trains per `--config` (e.g. configs/book.py) in `--workdir` (default runs/<config name>), resuming there."""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from clclm_jax.train import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics.jsonl); default runs/<config name>.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+  config = _CONFIG.value
+  summary = loop.train(config, _WORKDIR.value or f"runs/{config.name}")
+  print(loop.format_summary(summary))
+
+
+if __name__ == "__main__":
+  app.run(main)
