@@ -322,33 +322,40 @@ def run_llama7b_shape(args) -> dict[str, Any]:
           "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "bytes_limit": stats.get("bytes_limit")}
 
 
+def run_table(run: dict[str, Any], peak_flop_per_s: float) -> str:
+  """Median time, throughput and achieved FLOP/s of both systems on both tasks."""
+  tr, sc = run["train"], run["score"]
+  rows = []
+  for task, d, what in (("LoRA train step", tr, f"{tr['batch']}x{tr['length']} tokens, AdamW"),
+                        ("Yes/No scoring", sc, f"{sc['prompts']} {sc['domain']} test prompts, batch {sc['batch']}")):
+    for system in ("ours", "transformers"):
+      s = d[system]
+      rows.append([task, what, system, f"{s['median_s'] * 1e3:.0f} ms", f"{s[d['unit'] + '_per_s']:.1f} {d['unit']}/s",
+                   common.si(s["flop_per_s"], "FLOP/s"), f"{100 * s['flop_per_s'] / peak_flop_per_s:.0f}%"])
+  return common.markdown_table(
+      ["task", "work", "system", "median time", "throughput", "model FLOP/s", "of matmul peak"], rows)
+
+
+def goal_table(run: dict[str, Any]) -> str:
+  rows = [[task, f"{d['ratio']:.2f}x", f">= {d['goal']}x", "met" if d["met"] else "missed"]
+          for task, d in (("train tokens/s", run["train"]), ("scoring prompts/s", run["score"]))]
+  return common.markdown_table(["goal", "ours / transformers", "target", "status"], rows)
+
+
 def markdown(result: dict[str, Any]) -> str:
-  m = result["machine"]
+  peak = result["matmul_peak"]
   lines = [f"# Throughput: clclm-jax vs transformers + PEFT ({result['tag']})", "",
-           f"Machine: {common.machine_line(m)}.",
+           f"Machine: {common.machine_line(result['machine'])}.",
            f"Load average before / after: {result['loadavg_before']} / {result['loadavg_after']} "
            "(other jobs shared the cores; both systems were timed in alternation, so load hits both).",
-           f"Measured peak: XLA {result['matmul_peak']['dtype']} matmul {result['matmul_peak']['shape']} = "
-           f"{common.si(result['matmul_peak']['flop_per_s'], 'FLOP/s')} (median).", ""]
+           f"Measured peak: XLA {peak['dtype']} matmul {peak['shape']} = "
+           f"{common.si(peak['flop_per_s'], 'FLOP/s')} (median).", ""]
   for run in result["runs"]:
-    tr, sc = run["train"], run["score"]
-    peak = result["matmul_peak"]["flop_per_s"]
+    sc = run["score"]
     lines += [f"## {run['model']} on {run['device']}, {run['dtype']} "
               f"(ours: {run['ours_storage']}; transformers: {run['transformers_storage']}, "
-              f"{run['torch_threads']} torch threads)", ""]
-    rows = []
-    for task, d, what in (("LoRA train step", tr, f"{tr['batch']}x{tr['length']} tokens, AdamW"),
-                          ("Yes/No scoring", sc, f"{sc['prompts']} {sc['domain']} test prompts, batch {sc['batch']}")):
-      for system in ("ours", "transformers"):
-        s = d[system]
-        rows.append([task, what, system, f"{s['median_s'] * 1e3:.0f} ms", f"{s[d['unit'] + '_per_s']:.1f} {d['unit']}/s",
-                     common.si(s["flop_per_s"], "FLOP/s"), f"{100 * s['flop_per_s'] / peak:.0f}%"])
-    lines.append(common.markdown_table(
-        ["task", "work", "system", "median time", "throughput", "model FLOP/s", "of matmul peak"], rows))
-    lines += ["", "| goal | ratio ours / transformers | target | status |", "| --- | --- | --- | --- |"]
-    for task, d in (("train tokens/s", tr), ("scoring prompts/s", sc)):
-      lines.append(f"| {task} | {d['ratio']:.2f}x | >= {d['goal']}x | {'met' if d['met'] else 'missed'} |")
-    lines += ["", f"Scoring agreement: max |P(Yes) ours - transformers| = {sc['max_abs_diff_p_yes']:.3g} "
+              f"{run['torch_threads']} torch threads)", "", run_table(run, peak["flop_per_s"]), "", goal_table(run),
+              "", f"Scoring agreement: max |P(Yes) ours - transformers| = {sc['max_abs_diff_p_yes']:.3g} "
               f"(int8 vs float base). Prompt tokens mean {sc['prompt_tokens']['mean']:.0f} "
               f"(min {sc['prompt_tokens']['min']}, max {sc['prompt_tokens']['max']}); tokens run incl. padding: "
               f"ours {sc['padded_tokens_ours']}, transformers {sc['padded_tokens_transformers']}.", ""]
@@ -359,11 +366,14 @@ def markdown(result: dict[str, Any]) -> str:
               f"{common.si(g['flop_per_s'], 'FLOP/s')}, MFU {100 * g['mfu_vs_measured_peak']:.1f}% of the measured "
               f"bf16 matmul peak ({common.si(g['matmul_peak']['flop_per_s'], 'FLOP/s')}); "
               f"peak device memory {(g['peak_bytes_in_use'] or 0) / 2**30:.1f} GiB.", ""]
-  lines += ["FLOPs: forward = 2 x matmul params x tokens + 4 x layers x heads x head_dim x T per token "
-            "(attention) + the LM head on the rows that need it (all tokens in training, one per prompt in "
-            "scoring); a LoRA step = 2 x forward (the frozen base needs activation gradients only). Both "
-            "systems are credited the same useful FLOPs (padding not counted)."]
+  lines.append(FLOPS_NOTE)
   return "\n".join(lines) + "\n"
+
+
+FLOPS_NOTE = ("FLOPs: forward = 2 x matmul params x tokens + 4 x layers x heads x head_dim x T per token "
+              "(attention) + the LM head on the rows that need it (all tokens in training, one per prompt in "
+              "scoring); a LoRA step = 2 x forward (the frozen base needs activation gradients only). Both "
+              "systems are credited the same useful FLOPs (padding not counted).")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

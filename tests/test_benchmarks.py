@@ -1,0 +1,99 @@
+"""Benchmark plumbing on the tiny model: timing helpers, FLOP counts, both scripts end to end, README markers."""
+
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import quality  # pylint: disable=g-import-not-at-top,wrong-import-position
+import readme_results  # pylint: disable=g-import-not-at-top,wrong-import-position
+import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from clclm_jax.model.config import LoraConfig, presets  # pylint: disable=wrong-import-position
+from clclm_jax.model.llama import Llama  # pylint: disable=wrong-import-position
+from clclm_jax.model.lora import add_lora  # pylint: disable=wrong-import-position
+
+
+def test_interleaved_times_alternates_and_excludes_warmup():
+  calls = []
+  fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+  times = common.interleaved_times(fns, repeats=3, warmup=1)
+  assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+  assert [len(t) for t in times.values()] == [3, 3]
+  s = common.summarize([3.0, 1.0, 2.0])
+  assert s["median_s"] == 2.0 and s["min_s"] == 1.0 and s["max_s"] == 3.0
+
+
+def test_writers_and_formatting(tmp_path):
+  path = common.write_json(tmp_path / "x" / "r.json", {"a": np.float32(1.5), "b": np.arange(2)})
+  assert json.loads(path.read_text()) == {"a": 1.5, "b": [0, 1]}
+  assert common.markdown_table(["x", "y"], [[1, 2]]).splitlines() == ["| x | y |", "| --- | --- |", "| 1 | 2 |"]
+  assert common.si(2.5e11, "FLOP/s") == "250 GFLOP/s"
+  m = common.machine()
+  assert m["cores"] >= 1 and m["versions"]["jax"] == jax.__version__
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smollm2-135m"])
+def test_flop_count_uses_the_model_parameter_count(preset):
+  cfg, lora = presets[preset], LoraConfig()
+  model = nnx.eval_shape(lambda: add_lora(Llama(cfg, rngs=nnx.Rngs(0)), lora, jax.random.key(0)))
+  sizes = [int(np.prod(v.shape)) for path, v in nnx.to_flat_state(nnx.state(model))
+           if "layers" in path and path[-1] in ("kernel", "lora_a", "lora_b")]
+  body, head = throughput.matmul_params(cfg, lora)
+  assert body == sum(sizes) and head == cfg.hidden_size * cfg.vocab_size
+  one = throughput.forward_flops(cfg, lora, [10], head_rows=1)
+  assert one == 2 * body * 10 + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * 100 + 2 * head
+  assert throughput.train_flops(cfg, lora, 2, 10) == 2 * throughput.forward_flops(cfg, lora, [10, 10])
+
+
+def test_throughput_script_on_tiny_model(tmp_path, data_root):
+  del data_root
+  result = throughput.main(["--model", "tiny", "--out", str(tmp_path), "--train-batch", "2", "--train-len", "64",
+                            "--score-prompts", "4", "--score-batch", "2", "--repeats", "1", "--peak-repeats", "2"])
+  run = result["runs"][0]
+  for task, unit in (("train", "tokens"), ("score", "prompts")):
+    d = run[task]
+    assert d["ours"][f"{unit}_per_s"] > 0 and d["transformers"][f"{unit}_per_s"] > 0
+    assert d["ratio"] == pytest.approx(d["ours"][f"{unit}_per_s"] / d["transformers"][f"{unit}_per_s"])
+  assert run["train"]["work"] == 2 * 64 and run["score"]["prompts"] == 4
+  assert run["score"]["max_abs_diff_p_yes"] < 1e-2  # Same weights (int8 vs float) and prompts on both sides.
+  saved = json.loads((tmp_path / "throughput_cpu.json").read_text())
+  assert saved["runs"][0]["score"]["ratio"] == pytest.approx(run["score"]["ratio"])
+  assert "scoring prompts/s" in (tmp_path / "throughput_cpu.md").read_text()
+
+
+def test_quality_script_on_tiny_model(tmp_path, data_root):
+  del data_root
+  args = ["--out", str(tmp_path), "--preset", "tiny", "--domains", "movie", "--shots", "16", "--test-size", "16",
+          "--max-steps", "1", "--batch-size", "4", "--micro-batch-size", "4", "--valid-size", "8", "--eval-every", "1"]
+  quality.main(args + ["--methods", "heuristic", "zero_shot"])
+  result = quality.main(args + ["--methods", "lora", "--merge"])
+  rows = {(r["method"], r["test_n"]): r for r in result["rows"] if r["domain"] == "movie"}
+  assert rows[("heuristic", 1000)]["auc"] == pytest.approx(0.726, abs=5e-4)  # methods.md: 72.6 on movie.
+  subset = [rows[(m, 16)] for m in ("heuristic", "zero_shot", "lora")]
+  assert all(r["subset"] and r["subset_seed"] == 0 and 0.0 <= r["auc"] <= 1.0 for r in subset)
+  assert rows[("lora", 16)]["steps"] == 1
+  assert len([r for r in result["rows"] if r["method"] == "tallrec_published"]) == 6
+  assert "SUBSET 16/1000" in (tmp_path / "quality.md").read_text()
+  assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_readme_results_only_touches_the_marked_section(tmp_path):
+  results = tmp_path / "results"
+  common.write_json(results / "quality.json", {"machine": common.machine(), "model": "tiny",
+                                               "rows": quality.published_rows()})
+  readme = tmp_path / "README.md"
+  readme.write_text("# Title\n\nText.\n")
+  readme_results.main(["--results", str(results), "--readme", str(readme)])
+  first = readme.read_text()
+  assert first.startswith("# Title\n\nText.\n") and first.count(readme_results.START) == 1
+  assert "67.24" in first
+  readme.write_text(first + "\nAfter.\n")
+  readme_results.main(["--results", str(results), "--readme", str(readme)])
+  assert readme.read_text() == first + "\nAfter.\n"
