@@ -1,0 +1,1 @@
+"""CLCLMRec contrastive core: sequence encoder, InfoNCE / next-item losses, ranking metrics, pretraining."""

@@ -1,0 +1,196 @@
+"""Sequence encoder, losses, ranking metrics and the pretraining step on tiny synthetic data."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from clclm_jax.contrastive import losses, metrics, pretrain
+from clclm_jax.contrastive.encoder import SeqEncoder, pool
+from clclm_jax.data import sequences
+from clclm_jax.model.llama import Frozen
+
+VOCAB = 22  # padding, items 1..20, mask id 21
+
+
+def _encoder(**kwargs):
+  return SeqEncoder(VOCAB, hidden=16, num_layers=2, num_heads=2, max_len=10, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_padding_side_and_width_do_not_change_real_states():
+  model = _encoder()
+  seqs = [np.asarray([3, 4, 5]), np.asarray([7, 8, 9, 10, 11])]
+  right, n = sequences.pad(seqs, 6)
+  left, _ = sequences.pad(seqs, 6, side="left")
+  wide, _ = sequences.pad(seqs, 9)
+  h_right, h_left, h_wide = model(jnp.asarray(right)), model(jnp.asarray(left)), model(jnp.asarray(wide))
+  for row, length in enumerate(n):
+    np.testing.assert_allclose(h_right[row, :length], h_left[row, 6 - length:], atol=1e-6)
+    np.testing.assert_allclose(h_right[row, :length], h_wide[row, :length], atol=1e-6)
+    assert (h_right[row, length:] == 0).all() and (h_left[row, :6 - length] == 0).all()
+  np.testing.assert_allclose(model.encode(jnp.asarray(right)), model.encode(jnp.asarray(left)), atol=1e-6)
+
+
+def test_padding_feedback_changes_nothing_and_attention_is_causal():
+  model = _encoder(use_feedback=True)
+  items = jnp.asarray([[3, 4, 5, 6, 0, 0]])
+  feedback = jnp.asarray([[1, 2, 1, 1, 0, 0]])
+  h = model(items, feedback_bl=feedback)
+  np.testing.assert_array_equal(h, model(items, feedback_bl=feedback.at[0, 4:].set(2)))
+  h_changed = model(items.at[0, 2].set(9), feedback_bl=feedback)
+  np.testing.assert_array_equal(h[0, :2], h_changed[0, :2])  # earlier positions cannot see position 2
+  assert not np.allclose(h[0, 2:4], h_changed[0, 2:4])
+
+
+def test_dropout_only_with_a_key_and_deterministic_per_key():
+  model = _encoder()
+  items = jnp.asarray([[3, 4, 5, 6, 0, 0]])
+  a, b = model(items, dropout_key=jax.random.key(1)), model(items, dropout_key=jax.random.key(1))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, model(items, dropout_key=jax.random.key(2)))
+  assert not np.allclose(a, model(items))
+  assert (a[0, 4:] == 0).all()
+
+
+def test_item_init_frozen_and_trainable_filter():
+  init = np.random.default_rng(0).normal(size=(VOCAB, 8)).astype(np.float32)
+  frozen = _encoder(item_init=init, freeze_item_init=True)
+  assert isinstance(frozen.embed_items, Frozen) and frozen.item_table().shape == (VOCAB, 16)
+  assert "embed_items" not in nnx.state(frozen, nnx.Param) and "item_proj" in nnx.state(frozen, nnx.Param)
+  trainable = _encoder(item_init=np.zeros((VOCAB, 16), np.float32))
+  assert isinstance(trainable.embed_items, nnx.Param) and trainable.item_proj is None
+  with pytest.raises(ValueError, match="vocab_size"):
+    _encoder(item_init=init[:5])
+
+
+def test_pool_last_and_mean():
+  h = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2)
+  mask = jnp.asarray([[1, 1, 0], [0, 1, 1]], bool)
+  np.testing.assert_array_equal(pool(h, mask, "last"), [[2, 3], [10, 11]])
+  np.testing.assert_allclose(pool(h, mask, "mean"), [[1, 2], [9, 10]])
+
+
+def _nt_xent_numpy(z1, z2, tau, cosine):
+  z = np.concatenate([z1, z2]).astype(np.float64)
+  if cosine:
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+  n = len(z1)
+  total = 0.0
+  for i in range(2 * n):
+    sims = np.asarray([z[i] @ z[j] / tau for j in range(2 * n) if j != i])
+    pos = z[i] @ z[(i + n) % (2 * n)] / tau
+    total += np.log(np.exp(sims).sum()) - pos
+  return total / (2 * n)
+
+
+@pytest.mark.parametrize("similarity,tau", [("dot", 1.0), ("cosine", 0.2)])
+def test_info_nce_matches_numpy_and_ignores_batch_order(similarity, tau):
+  rng = np.random.default_rng(0)
+  z1, z2 = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
+  got = losses.info_nce(z1, z2, temperature=tau, similarity=similarity)
+  np.testing.assert_allclose(got, _nt_xent_numpy(z1, z2, tau, similarity == "cosine"), rtol=1e-5)
+  perm = rng.permutation(6)
+  np.testing.assert_allclose(losses.info_nce(z1[perm], z2[perm], temperature=tau, similarity=similarity), got, rtol=1e-6)
+
+
+def test_next_item_ce_matches_numpy_and_skips_padding():
+  rng = np.random.default_rng(1)
+  h = rng.normal(size=(2, 3, 4)).astype(np.float32)
+  table = rng.normal(size=(7, 4)).astype(np.float32)  # pad, items 1..5, mask 6
+  targets = np.asarray([[2, 5, 0], [1, 0, 0]], np.int32)
+  loss, count = losses.next_item_ce(jnp.asarray(h), jnp.asarray(table), jnp.asarray(targets))
+  ref = []
+  for b, l in zip(*np.nonzero(targets)):
+    logits = table[1:6] @ h[b, l]
+    ref.append(np.log(np.exp(logits).sum()) - logits[targets[b, l] - 1])
+  assert int(count) == 3
+  np.testing.assert_allclose(loss, np.mean(ref), rtol=1e-5)
+  g_h, g_table = jax.grad(lambda h, t: losses.next_item_ce(h, t, jnp.asarray(targets))[0], argnums=(0, 1))(
+      jnp.asarray(h), jnp.asarray(table))
+  assert (g_h[0, 2] == 0).all() and (g_h[1, 1:] == 0).all() and (g_h[0, 0] != 0).any()
+  assert (g_table[0] == 0).all() and (g_table[6] == 0).all() and (g_table[1:6] != 0).any()
+
+
+def test_info_nce_global_batch_under_sharding_on_8_devices():
+  code = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from clclm_jax.contrastive import losses
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(0)
+    z1, z2 = rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=(16, 8)).astype(np.float32)
+    single = losses.info_nce(z1, z2, temperature=0.5, similarity="cosine")
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    shard = NamedSharding(mesh, P("data"))
+    s1, s2 = jax.device_put(z1, shard), jax.device_put(z2, shard)
+    assert len(s1.addressable_shards) == 8 and s1.addressable_shards[0].data.shape == (2, 8)
+    f = jax.jit(lambda a, b: losses.info_nce(a, b, temperature=0.5, similarity="cosine"))
+    np.testing.assert_allclose(f(s1, s2), single, rtol=1e-6)
+    print("OK")
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+def test_ranks_and_metrics_against_hand_values():
+  scores = jnp.asarray([[9.0, 0.5, 0.9, 0.1, 0.7, 9.0],    # target 4: item 2 higher -> rank 1
+                        [9.0, 0.8, 0.2, 0.3, 0.1, 9.0]])   # target 2: items 1, 3 higher -> rank 2
+  target = jnp.asarray([4, 2])
+  rank = metrics.target_rank(scores, target)
+  np.testing.assert_array_equal(rank, [1, 2])
+  m = metrics.ranking_metrics(rank, ks=(1, 2, 5))
+  np.testing.assert_allclose(m["HR@1"], [0, 0])
+  np.testing.assert_allclose(m["HR@2"], [1, 0])
+  np.testing.assert_allclose(m["NDCG@5"], [1 / np.log2(3), 1 / np.log2(4)])
+  history = jnp.asarray([[2, 4, 0], [1, 3, 2]])  # the target itself is never excluded
+  np.testing.assert_array_equal(metrics.target_rank(scores, target, history_bl=history, exclude_history=True), [0, 0])
+
+
+def _tiny_config():
+  c = ml_collections.ConfigDict(dict(
+      seed=0, max_len=8, buckets=(8,), hidden=16, num_layers=1, num_heads=2, dropout=0.1, attn_dropout=0.1,
+      pooling="last", batch_size=16, eval_batch_size=64, lr=1e-2, num_epochs=2, eval_every=1, patience=5,
+      time_budget_min=5.0, cl_weight=0.1, temperature=1.0, similarity="dot", exclude_history=False))
+  c.augment = ml_collections.ConfigDict(dict(crop_eta=0.6, mask_gamma=0.3, reorder_beta=0.6, insert_rate=0.4,
+                                             substitute_rate=0.1, short_threshold=4, corr_top_k=1))
+  return c
+
+
+def _tiny_data():
+  rng = np.random.default_rng(0)  # each user walks the item cycle 1..20 from a random start
+  seqs = tuple(((rng.integers(20) + np.arange(rng.integers(5, 10))) % 20 + 1).astype(np.int32) for _ in range(64))
+  return sequences.SequenceData("tiny", seqs, 20)
+
+
+def test_train_step_is_pure_jitted_and_learns():
+  cfg, data = _tiny_config(), _tiny_data()
+  tx = optax.adam(cfg.lr)
+  graphdef, state = pretrain.init_state(pretrain.build_model(cfg, data.vocab_size), tx, 0)
+  corr = jnp.zeros((data.vocab_size, 1), jnp.int32) + jnp.arange(data.vocab_size)[:, None]
+  step = pretrain.make_train_step(graphdef, tx, corr, cfg, data.mask_id)
+  batch = next(sequences.train_batches(data, 16, np.random.default_rng(0), buckets=(8,)))
+  first = None
+  for _ in range(30):
+    state, aux = step(state, batch)
+    first = first if first is not None else float(aux["ce"])
+  assert int(state["step"]) == 30 and set(aux) == {"loss", "ce", "cl", "targets"}
+  assert float(aux["ce"]) < 0.5 * first
+  np.testing.assert_allclose(aux["loss"], aux["ce"] + 0.1 * aux["cl"], rtol=1e-6)
+
+
+def test_train_summary_has_valid_and_test_metrics():
+  summary = pretrain.train(_tiny_config(), _tiny_data())
+  assert summary["epochs"] == 2 and 1 <= summary["best_epoch"] <= 2
+  for part in ("valid", "test"):
+    assert set(summary[part]) == {f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)}
+    assert 0.0 <= summary[part]["NDCG@10"] <= summary[part]["HR@10"] <= 1.0
+  assert summary["test"]["HR@10"] > 0.5  # the cycle is easy: far above chance (10/20)
