@@ -103,7 +103,9 @@ class SeqEncoder(nnx.Module):
     # Distance from the most recent real item: 0 for the last one, whatever the padding side.
     back_bl = jnp.flip(jnp.cumsum(jnp.flip(mask_bl, 1), axis=1), 1) - 1
     x_bld = self.item_table()[items_bl] + self.embed_positions[...][jnp.clip(back_bl, 0, self.max_len - 1)]
-    if self.embed_feedback is not None and feedback_bl is not None:
+    if feedback_bl is not None:
+      if self.embed_feedback is None:
+        raise ValueError("feedback_bl given but the encoder was built with use_feedback=False")
       x_bld = x_bld + self.embed_feedback[...][feedback_bl]
     keys = jax.random.split(dropout_key, len(self.layers) + 1) if dropout_key is not None else [None] * (len(self.layers) + 1)
     x_bld = dropout(self.embed_layernorm(x_bld), self.dropout_rate, keys[0]) * mask_bl[..., None]
