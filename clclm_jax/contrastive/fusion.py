@@ -1,0 +1,161 @@
+"""CLCLMRec fusion: a sequence encoder's user representation as k soft tokens inside the LLM prompt.
+
+The prompt carries k placeholder tokens (one reserved token id, e.g. `<reponame>` for SmolLM2) on a
+line of their own; their input embeddings are replaced by a trained projector (LLaRA / CoLLM style)
+applied to the SASRec encoder's output over the user's history ids and likes. Without a history
+the module is exactly its LLM, so stage-1 (text-only) training and the stage-2 fused model share it.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clclm_jax.contrastive.encoder import SeqEncoder, pool
+from clclm_jax.model.llama import Llama
+
+FEEDBACK_BITS = 4  # history ids are packed as id * 4 + feedback (0 pad/unknown, 1 liked, 2 disliked)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionConfig:
+  """Soft-token placement, encoder shape, and the contrastive losses' settings (read by `joint.py`)."""
+
+  num_items: int
+  placeholder_id: int
+  num_soft_tokens: int = 4
+  source: str = "user"  # "user": MLP(pooled user state) -> k tokens; "items": last k item states, one token each
+  projector_hidden: int = 256
+  encoder_hidden: int = 64
+  encoder_layers: int = 2
+  encoder_heads: int = 2
+  encoder_dropout: float = 0.2
+  max_len: int = 50
+  pooling: str = "mean"
+  seq_temperature: float = 0.2
+  text_temperature: float = 0.1
+  align_temperature: float = 0.1
+  crop_eta: float = 0.6
+  mask_gamma: float = 0.3
+  reorder_beta: float = 0.6
+  insert_rate: float = 0.4
+  substitute_rate: float = 0.1
+  short_threshold: int = 4
+
+  def __post_init__(self):
+    if self.source not in ("user", "items"):
+      raise ValueError(f"FusionConfig.source={self.source!r}: use 'user' or 'items'")
+    if self.num_soft_tokens < 1:
+      raise ValueError(f"FusionConfig.num_soft_tokens={self.num_soft_tokens} must be >= 1")
+
+  @property
+  def mask_id(self) -> int:
+    """The encoder's mask row (after the items); row 0 is padding."""
+    return self.num_items + 1
+
+
+class ItemCorrelation(nnx.Variable):
+  """A frozen int32 table `[num_items + 2, top_k]` of correlated item ids (ItemCF-IUF), for augmentation."""
+
+
+def place_soft_tokens(x_btd: jax.Array, tokens_bt: jax.Array, soft_bkd: jax.Array,
+                      placeholder_id: int) -> jax.Array:
+  """Replaces the embedding of the j-th placeholder of each row by `soft_bkd[:, j]`; other rows pass through."""
+  is_slot_bt = tokens_bt == placeholder_id
+  slot_bt = jnp.clip(jnp.cumsum(is_slot_bt, axis=1) - 1, 0, soft_bkd.shape[1] - 1)
+  soft_btd = jnp.take_along_axis(soft_bkd, slot_bt[..., None], axis=1).astype(x_btd.dtype)
+  return jnp.where(is_slot_bt[..., None], soft_btd, x_btd)
+
+
+def last_states(h_bld: jax.Array, mask_bl: jax.Array, k: int) -> jax.Array:
+  """The states of the k most recent real items `[b, k, d]`, oldest first; zeros where a history is shorter."""
+  back_bl = jnp.flip(jnp.cumsum(jnp.flip(mask_bl, 1), axis=1), 1)  # 1 for the most recent item
+  onehot_bkl = (back_bl[:, None, :] == jnp.arange(k, 0, -1)[None, :, None]) & mask_bl[:, None, :]
+  return jnp.einsum("bkl,bld->bkd", onehot_bkl.astype(h_bld.dtype), h_bld)
+
+
+class Projector(nnx.Module):
+  """MLP (Linear, GELU, Linear) into the LLM input space, RMS-normalised to the token embeddings' scale."""
+
+  def __init__(self, d_in: int, d_out: int, num_out: int, hidden: int, out_rms: float, *, rngs: nnx.Rngs):
+    self.num_out, self.d_out, self.out_rms = num_out, d_out, out_rms
+    self.up_proj = nnx.Linear(d_in, hidden, rngs=rngs)
+    self.down_proj = nnx.Linear(hidden, num_out * d_out, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+  def __call__(self, z_xd: jax.Array) -> jax.Array:
+    y = self.down_proj(jax.nn.gelu(self.up_proj(z_xd)))
+    y = y.reshape(*z_xd.shape[:-1], self.num_out, self.d_out)
+    return y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-6) * self.out_rms
+
+
+class FusedRec(nnx.Module):
+  """LLM (frozen base + LoRA) + SASRec encoder + projector to k soft tokens + an alignment head.
+
+  Called like `Llama` (`tokens_bt, positions_bt, attention_mask_bt`); passing `history_ids_bl`
+  (left-padded, most recent last) and `feedback_bl` fills the placeholders with soft tokens.
+  """
+
+  def __init__(self, llm: Llama, cfg: FusionConfig, *, item_corr=None, rngs: nnx.Rngs):
+    self.config = cfg
+    self.llm = llm
+    d_llm = llm.config.hidden_size
+    self.encoder = SeqEncoder(cfg.num_items + 2, hidden=cfg.encoder_hidden, num_layers=cfg.encoder_layers,
+                              num_heads=cfg.encoder_heads, max_len=cfg.max_len, dropout=cfg.encoder_dropout,
+                              attn_dropout=cfg.encoder_dropout, use_feedback=True, rngs=rngs)
+    table_vd = llm.embed_tokens.embedding[...].astype(jnp.float32)
+    out_rms = float(jnp.sqrt(jnp.mean(table_vd * table_vd)))
+    per_input = cfg.num_soft_tokens if cfg.source == "user" else 1
+    self.projector = Projector(cfg.encoder_hidden, d_llm, per_input, cfg.projector_hidden, out_rms, rngs=rngs)
+    self.align_proj = nnx.Linear(d_llm, cfg.encoder_hidden, rngs=rngs)
+    if item_corr is None:
+      item_corr = jnp.arange(cfg.num_items + 2, dtype=jnp.int32)[:, None]
+    if item_corr.shape[0] != cfg.num_items + 2:
+      raise ValueError(f"item_corr has {item_corr.shape[0]} rows, expected num_items + 2 = {cfg.num_items + 2}")
+    self.item_corr = ItemCorrelation(jnp.asarray(item_corr, jnp.int32))
+
+  def encode_history(self, history_ids_bl: jax.Array, feedback_bl: jax.Array, *,
+                     dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(pooled user representation `[b, e]`, per-item states `[b, l, e]`) from ids and likes."""
+    h_ble = self.encoder(history_ids_bl, feedback_bl=feedback_bl, dropout_key=dropout_key)
+    return pool(h_ble, history_ids_bl > 0, self.config.pooling), h_ble
+
+  def soft_tokens(self, history_ids_bl: jax.Array, feedback_bl: jax.Array, *,
+                  dropout_key: jax.Array | None = None) -> jax.Array:
+    """The k soft tokens `[b, k, d_llm]` for each user."""
+    z_be, h_ble = self.encode_history(history_ids_bl, feedback_bl, dropout_key=dropout_key)
+    if self.config.source == "user":
+      return self.projector(z_be)
+    items_bke = last_states(h_ble, history_ids_bl > 0, self.config.num_soft_tokens)
+    return self.projector(items_bke)[:, :, 0]
+
+  def packed_corr(self) -> jax.Array:
+    """`item_corr` over packed ids (id * 4 + feedback): a substitute keeps the user's like or dislike."""
+    packed_p = jnp.arange(self.item_corr.shape[0] * FEEDBACK_BITS)
+    return self.item_corr[...][packed_p // FEEDBACK_BITS] * FEEDBACK_BITS + (packed_p % FEEDBACK_BITS)[:, None]
+
+  def inputs_embeds(self, tokens_bt: jax.Array, history_ids_bl: jax.Array, feedback_bl: jax.Array, *,
+                    dropout_key: jax.Array | None = None) -> jax.Array:
+    soft_bkd = self.soft_tokens(history_ids_bl, feedback_bl, dropout_key=dropout_key)
+    return place_soft_tokens(self.llm.embed(tokens_bt), tokens_bt, soft_bkd, self.config.placeholder_id)
+
+  def hidden_states(self, tokens_bt, positions_bt=None, attention_mask_bt=None, *, history_ids_bl=None,
+                    feedback_bl=None, dropout_key=None) -> jax.Array:
+    """The LLM's final hidden states; soft tokens fill the placeholders when a history is given."""
+    if history_ids_bl is None:
+      return self.llm.hidden_states(tokens_bt, positions_bt, attention_mask_bt, dropout_key=dropout_key)
+    if feedback_bl is None:
+      feedback_bl = jnp.zeros_like(history_ids_bl)
+    enc_key, llm_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    x_btd = self.inputs_embeds(tokens_bt, history_ids_bl, feedback_bl, dropout_key=enc_key)
+    return self.llm.hidden_states(None, positions_bt, attention_mask_bt, inputs_embeds_btd=x_btd,
+                                  dropout_key=llm_key)
+
+  def lm_logits(self, h_xd: jax.Array) -> jax.Array:
+    return self.llm.lm_logits(h_xd)
+
+  def __call__(self, tokens_bt, positions_bt=None, attention_mask_bt=None, *, history_ids_bl=None,
+               feedback_bl=None, dropout_key=None) -> jax.Array:
+    h_btd = self.hidden_states(tokens_bt, positions_bt, attention_mask_bt, history_ids_bl=history_ids_bl,
+                               feedback_bl=feedback_bl, dropout_key=dropout_key)
+    return self.llm.lm_logits(h_btd)

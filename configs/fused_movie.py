@@ -1,0 +1,33 @@
+"""CLCLMRec on TALLRec movie: stage 1 text-only LoRA, stage 2 fused soft tokens + contrastive losses."""
+
+from ml_collections import ConfigDict
+
+from configs import base
+
+
+def fused_overrides(c: ConfigDict) -> ConfigDict:
+  """The fused-model fields shared by the movie and book configs, added on top of `configs/base.py`."""
+  c.data.train_on_inputs = False  # LM loss on the answer only
+  c.data.pad_multiple = 16
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 2
+  c.train.batch_size = 8
+  c.train.micro_batch_size = 8
+  with c.unlocked():
+    c.fusion = ConfigDict(dict(
+        num_soft_tokens=4, placeholder="<reponame>",  # a SmolLM2 special token that TALLRec text never holds
+        source="user", projector_hidden=256, encoder_hidden=64, encoder_layers=2, encoder_heads=2,
+        encoder_dropout=0.2, pooling="mean", history_len=10, view_len=128, corr_top_k=1,
+        seq_temperature=0.2, text_temperature=0.1, align_temperature=0.1))
+    # Two stages as in the seeds: text-only prompts, then prompts with the fused tokens.
+    c.stage1 = ConfigDict(dict(steps=16, loss_weights=ConfigDict({"lm": 1.0})))
+    c.stage2 = ConfigDict(dict(steps=16, loss_weights=ConfigDict(
+        {"fused_lm": 1.0, "seq_cl": 0.1, "text_cl": 0.1, "align_cl": 0.0})))  # weight 0: the term is off
+  return c
+
+
+def get_config() -> ConfigDict:
+  c = fused_overrides(base.get_config())
+  c.name = "fused_movie"
+  c.data.domain = "movie"
+  return c

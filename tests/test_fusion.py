@@ -1,0 +1,160 @@
+"""Fused soft tokens (exact placement, text-only equivalence) and the joint losses (gradients, switches)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+import train_helpers
+from clclm_jax.contrastive import joint
+from clclm_jax.contrastive.fusion import FusedRec, FusionConfig, place_soft_tokens
+from clclm_jax.data.records import Catalogue, Interaction, Item
+from clclm_jax.model.llama import QInt8
+from clclm_jax.train import step as step_lib
+
+PH, PH_ID, K = "<ph>", 5, 3
+
+
+class CharTokenizer:
+  """One id per character (7..246) and one for the placeholder text; BOS 1, EOS 2."""
+
+  eos_token_id = 2
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    ids = [1] if add_special_tokens else []
+    for i, part in enumerate(text.split(PH)):
+      ids += [PH_ID] * (i > 0) + [7 + ord(c) % 240 for c in part]
+    return ids
+
+
+def _data(n: int = 4):
+  rng = np.random.default_rng(0)
+  catalogue = Catalogue(Item(i, f"M{i}") for i in range(1, 21))
+  xs = [Interaction(u, tuple(int(i) for i in rng.choice(np.arange(1, 21), 5, replace=False)),
+                    tuple(bool(b) for b in rng.integers(0, 2, 5)), int(rng.integers(1, 21)), u % 2)
+        for u in range(1, n + 1)]
+  return xs, catalogue
+
+
+def _spec(k: int = K) -> joint.PromptSpec:
+  return joint.PromptSpec("movie", PH, PH_ID, num_soft_tokens=k, cutoff_len=1024, history_len=6, view_len=64)
+
+
+def _model(dropout: float = 0.0) -> FusedRec:
+  cfg = FusionConfig(num_items=20, placeholder_id=PH_ID, num_soft_tokens=K, encoder_hidden=16,
+                     projector_hidden=32, encoder_dropout=0.0, max_len=6)
+  return FusedRec(train_helpers.tiny_model(dropout=dropout), cfg, rngs=nnx.Rngs(3))
+
+
+def _batch(k: int = K, views: bool = True):
+  xs, cat = _data()
+  tok = CharTokenizer()
+  batch = next(joint.train_batches(xs, cat, tok, _spec(k), batch_size=4, seed=0, views=views))
+  return {key: jnp.asarray(v) for key, v in batch.items()}
+
+
+def test_fused_prompt_places_exactly_k_soft_tokens():
+  b = _batch()
+  slots_bt = b["tokens"] == PH_ID
+  np.testing.assert_array_equal(slots_bt.sum(1), K)
+  assert not (b["loss_mask"] * slots_bt).any()
+  first_slot = jnp.argmax(slots_bt, axis=1)
+  last_history = b["history_mask"].shape[1] - 1 - jnp.argmax(b["history_mask"][:, ::-1], axis=1)
+  assert (b["history_mask"].sum(1) > 0).all() and (last_history < first_slot).all()
+  model = _model()
+  x_btd = model.inputs_embeds(b["tokens"], b["history_ids"], b["history_feedback"])
+  changed_bt = jnp.any(x_btd != model.llm.embed(b["tokens"]), axis=-1)
+  np.testing.assert_array_equal(changed_bt, slots_bt)
+  soft_bkd = model.soft_tokens(b["history_ids"], b["history_feedback"])
+  np.testing.assert_array_equal(x_btd[slots_bt].reshape(4, K, -1), soft_bkd)
+
+
+def test_text_only_path_is_the_llm():
+  model = _model()
+  b = _batch()
+  args = (b["tokens"], b["positions"], b["attention_mask"])
+  np.testing.assert_array_equal(model(*args), model.llm(*args))  # fusion disabled: no history passed
+  text = _batch(k=0)  # text-only prompts with a history: no slots, nothing replaced
+  text_args = (text["tokens"], text["positions"], text["attention_mask"])
+  np.testing.assert_array_equal(
+      model(*text_args, history_ids_bl=text["history_ids"], feedback_bl=text["history_feedback"]),
+      model.llm(*text_args))
+  fused = model(*args, history_ids_bl=b["history_ids"], feedback_bl=b["history_feedback"])
+  zeroed = model.llm(None, b["positions"], b["attention_mask"], inputs_embeds_btd=_zeroed_embeds(model, b))
+  before_bt = jnp.cumsum(b["tokens"] == PH_ID, axis=1) == 0
+  np.testing.assert_allclose(np.asarray(fused)[before_bt], np.asarray(zeroed)[before_bt], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(fused)[before_bt], np.asarray(model.llm(*args))[before_bt],
+                             rtol=1e-5, atol=1e-5)
+  after_bt = ~before_bt & (b["attention_mask"] > 0)
+  assert np.abs(np.asarray(fused)[after_bt] - np.asarray(zeroed)[after_bt]).max() > 1e-3
+
+
+def _zeroed_embeds(model: FusedRec, b) -> jax.Array:
+  """Input embeddings with zero vectors at the placeholders (projector output zeroed)."""
+  zeros_bkd = jnp.zeros((b["tokens"].shape[0], K, model.llm.config.hidden_size))
+  return place_soft_tokens(model.llm.embed(b["tokens"]), b["tokens"], zeros_bkd, PH_ID)
+
+
+def _grads(model: FusedRec, b, names):
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+
+  def total(p):
+    m = nnx.merge(graphdef, p, frozen)
+    return sum(step_lib.LOSSES[n](m, b, jax.random.key(i)) for i, n in enumerate(names))
+
+  norms = {"lora_b": 0.0, "projector": 0.0, "encoder": 0.0, "align": 0.0}
+  for path, g in jax.tree_util.tree_leaves_with_path(jax.grad(total)(params)):
+    names = "/".join(str(getattr(k, "key", k)) for k in path)
+    part = next(p for p in ("lora_b", "lora_a", "projector", "encoder", "align") if p in names)
+    if part != "lora_a":
+      norms[part] += float(jnp.sum(jnp.square(g)))
+  return norms, frozen
+
+
+@pytest.mark.parametrize("names,nonzero", [
+    (("fused_lm",), {"lora_b", "projector", "encoder"}),
+    (("seq_cl",), {"encoder"}),
+    (("text_cl",), {"lora_b"}),
+    (("align_cl",), {"lora_b", "encoder", "align"}),
+])
+def test_gradients_flow_only_where_intended(names, nonzero):
+  model = _model()
+  for _, lin in model.llm.projections():  # B = 0 at init would hide LoRA's gradient path
+    if lin.lora_b is not None:
+      lin.lora_b.set_value(jnp.full(lin.lora_b.shape, 0.01))
+  norms, frozen = _grads(model, _batch(), names)
+  assert {k for k, v in norms.items() if v > 0} == nonzero, norms
+  assert all(np.isfinite(v) for v in norms.values())
+  assert any(isinstance(v, QInt8) for v in jax.tree.leaves(frozen, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def test_losses_finite_and_switching_off_removes_term():
+  xs, cat = _data(8)
+  model = _model(dropout=0.05)
+  logged = []
+  before = np.asarray(model.projector.up_proj.kernel[...])
+  joint.fit(model, joint.train_batches(xs, cat, CharTokenizer(), _spec(), batch_size=4, seed=0, views=True),
+            steps=2, loss_weights={"fused_lm": 1.0, "seq_cl": 0.1, "text_cl": 0.0, "align_cl": 0.1},
+            optim=ConfigDict(dict(lr=1e-2, warmup_steps=0, schedule="constant", max_grad_norm=1.0, b1=0.9,
+                                  b2=0.999, weight_decay=0.0)), seed=0, log=lambda i, m: logged.append(m))
+  terms = {k for k in logged[0] if k.startswith("loss/")}
+  assert terms == {"loss/fused_lm", "loss/seq_cl", "loss/align_cl"}
+  for m in logged:
+    assert all(np.isfinite(v) for v in m.values())
+    np.testing.assert_allclose(m["loss"], m["loss/fused_lm"] + 0.1 * (m["loss/seq_cl"] + m["loss/align_cl"]),
+                               rtol=1e-5)
+  assert not np.array_equal(np.asarray(model.projector.up_proj.kernel[...]), before)
+
+
+def test_packed_augmentation_keeps_likes_with_items():
+  ids = jnp.array([[0, 0, 3, 4, 5, 6], [0, 7, 8, 9, 10, 11]])
+  fb = jnp.array([[0, 0, 1, 2, 1, 2], [0, 2, 2, 1, 1, 2]])
+  right, n = joint.left_to_right(ids * 4 + fb)
+  np.testing.assert_array_equal(n, [4, 5])
+  np.testing.assert_array_equal(right[0], [13, 18, 21, 26, 0, 0])
+  v1, _, v2, _ = joint.augment.two_views_batch(jax.random.key(0), right, n, _model().packed_corr(), mask_id=21 * 4)
+  for view in (v1, v2):
+    for row, orig in zip(np.asarray(view), np.asarray(ids * 4 + fb)):
+      assert set(row[row > 0].tolist()) <= set(orig[orig > 0].tolist()) | {21 * 4}
