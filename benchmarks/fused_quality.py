@@ -84,7 +84,7 @@ def run_domain(domain: str, args, log) -> list[dict]:
     p, label = joint.score(model, evals[spec.num_soft_tokens], *yes_no)
     return 100 * evaluate.auc(p, label)
 
-  def train(spec, steps, weights, shots, seed, views=False, pool=None):
+  def train(spec, steps, weights, seed, pool, views=False):
     batches = joint.train_batches(pool, splits.catalogue, tokenizer, spec, batch_size=config.train.batch_size,
                                   seed=seed, views=views, pad_multiple=d.pad_multiple)
     joint.fit(model, batches, steps=steps, loss_weights=weights, optim=config.optim, seed=seed,
@@ -106,8 +106,7 @@ def run_domain(domain: str, args, log) -> list[dict]:
         t = time.time()
         record("zero_shot", test_auc(text), t)
       t = time.time()
-      train(text, args.stage1_steps or config.stage1.steps, dict(config.stage1.loss_weights), shots, seed,
-            pool=train_set)
+      train(text, args.stage1_steps or config.stage1.steps, dict(config.stage1.loss_weights), seed, train_set)
       if "text_only" in args.variants:
         record("text_only", test_auc(text), t)
       stage1 = jax.tree.map(np.array, nnx.state(model, nnx.Param))
@@ -115,8 +114,8 @@ def run_domain(domain: str, args, log) -> list[dict]:
         nnx.update(model, stage1)
         t = time.time()
         weights = stage2_weights(config, variant)
-        train(fused, args.stage2_steps or config.stage2.steps, weights, shots, seed,
-              views=weights.get("text_cl", 0) > 0, pool=train_set)
+        train(fused, args.stage2_steps or config.stage2.steps, weights, seed, train_set,
+              views=weights.get("text_cl", 0) > 0)
         record(variant, test_auc(fused), t)
   return rows, {"test_size": len(test), "test_total": len(splits.test), "like_share_auc": 100 * like_share_auc(test),
                 "fusion": dataclasses.asdict(fcfg) | {"item_corr": "itemcf_iuf(train pool)"},
