@@ -160,10 +160,17 @@ def test_int8_forward_equals_float_forward_on_dequantised_weights(tiny):
 
 def test_quantize_int8_rounds_to_half_a_step():
   w_io = jax.random.normal(jax.random.key(0), (64, 32)) * jnp.linspace(0.01, 2.0, 32)
-  q_io, scale_o = quantize_int8(w_io)
-  assert q_io.dtype == jnp.int8 and scale_o.shape == (32,)
-  assert int(jnp.abs(q_io).max()) == 127
-  assert bool(jnp.all(jnp.abs(dequantize(q_io, scale_o) - w_io) <= scale_o / 2 + 1e-7))
+  q_io, scale_go, zero_go = quantize_int8(w_io)
+  assert q_io.dtype == jnp.int8 and scale_go.shape == zero_go.shape == (2, 32)
+  assert int(q_io.min()) == -128 and int(q_io.max()) == 127
+  step_io = jnp.repeat(scale_go, 32, axis=0)
+  assert bool(jnp.all(jnp.abs(dequantize(q_io, scale_go, zero_go) - w_io) <= step_io * 0.501))
+
+
+def test_quantize_int8_is_lossless_on_a_4bit_grid():
+  k_io = jax.random.randint(jax.random.key(1), (64, 8), 0, 16).at[0].set(0).at[1].set(15)
+  w_io = 0.37 * k_io - 1.1
+  np.testing.assert_allclose(dequantize(*quantize_int8(w_io)), w_io, atol=1e-6, rtol=0)
 
 
 def test_lora_config_rejects_unknown_target():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clclm_jax.model.config import LORA_TARGETS, LlamaConfig, LoraConfig
-from clclm_jax.model.quant import quantize_int8
+from clclm_jax.model.quant import dequantize, quantize_int8
 
 
 class Frozen(nnx.Variable):
@@ -17,7 +17,7 @@ class QInt8(nnx.Variable):
 
 
 class QScale(nnx.Variable):
-  """The float32 per-output-channel scale of a `QInt8` kernel."""
+  """Float32 group scale or zero point `[in // 32, out]` of a `QInt8` kernel."""
 
 
 def variable(cls, value, names: tuple[str, ...]):
@@ -46,17 +46,20 @@ class Linear(nnx.Module):
   def set_kernel(self, w_io: jax.Array):
     """Stores a float `[in, out]` weight, quantising it when the layer is int8."""
     if self.quantize == "int8":
-      q_io, scale_o = quantize_int8(w_io)
+      q_io, scale_go, zero_go = quantize_int8(w_io)
       self.kernel = variable(QInt8, q_io, self.names)
-      self.scale = variable(QScale, scale_o, self.names[1:])
+      self.scale = variable(QScale, scale_go, (None, self.names[1]))
+      self.zero = variable(QScale, zero_go, (None, self.names[1]))
     else:
       self.kernel = variable(Frozen, jnp.asarray(w_io, self.dtype), self.names)
       self.scale = nnx.data(None)
+      self.zero = nnx.data(None)
 
   def weight(self, dtype=jnp.float32) -> jax.Array:
-    """The float base weight `[in, out]` (dequantised if int8)."""
-    w = self.kernel[...].astype(jnp.float32)
-    return (w * self.scale[...] if self.scale is not None else w).astype(dtype)
+    """The float base weight `[in, out]`, dequantised on the fly if int8."""
+    if self.scale is None:
+      return self.kernel[...].astype(dtype)
+    return dequantize(self.kernel[...], self.scale[...], self.zero[...], dtype)
 
   def add_lora(self, cfg: LoraConfig, key: jax.Array):
     """Attaches LoRA: A `[in, r]` ~ N(0, 1/in), B `[r, out]` = 0, so the model is unchanged."""
@@ -70,9 +73,7 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None, out_dtype=None) -> jax.Array:
     out_dtype = out_dtype or self.dtype
-    y = jnp.matmul(x, self.kernel[...].astype(self.dtype), preferred_element_type=out_dtype)
-    if self.scale is not None:
-      y = y * self.scale[...].astype(out_dtype)
+    y = jnp.matmul(x, self.weight(self.dtype), preferred_element_type=out_dtype)
     if self.lora_a is not None:
       if dropout_key is not None and self.lora_dropout > 0:
         keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)

@@ -1,23 +1,41 @@
-"""Symmetric per-output-channel int8 weights and model memory accounting."""
+"""Group-wise int8 weights (asymmetric, 32 input rows per group) and model memory accounting.
+
+Groups of 32 match the GGUF Q4/Q8 block size, so an int8 copy of a Q4_1 checkpoint is (nearly)
+lossless: a block's 16 levels land on the int8 grid. Per-output-channel symmetric int8 flipped the
+argmax on ~4% of SmolLM2 prompt positions.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+GROUP = 32
 
-def quantize_int8(w_io: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Absmax int8 over each output column: w ~= q * scale, q in [-127, 127]."""
+
+def group_size(d_in: int) -> int:
+  """Rows per quantisation group: `GROUP` when it divides `d_in`, else the whole column."""
+  return GROUP if d_in % GROUP == 0 else d_in
+
+
+def quantize_int8(w_io: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Min-max int8 per group of input rows: w ~= q * scale + zero, with q, scale, zero `[in]`, `[g, out]`."""
   w_io = jnp.asarray(w_io, jnp.float32)
-  scale_o = jnp.max(jnp.abs(w_io), axis=0) / 127.0
-  scale_o = jnp.where(scale_o == 0, 1.0, scale_o)
-  q_io = jnp.clip(jnp.round(w_io / scale_o), -127, 127).astype(jnp.int8)
-  return q_io, scale_o
+  d_in, d_out = w_io.shape
+  w_gko = w_io.reshape(d_in // group_size(d_in), group_size(d_in), d_out)
+  lo_go, hi_go = w_gko.min(axis=1), w_gko.max(axis=1)
+  scale_go = jnp.where(hi_go > lo_go, (hi_go - lo_go) / 255.0, 1.0)
+  zero_go = lo_go + 128.0 * scale_go
+  q_gko = jnp.clip(jnp.round((w_gko - zero_go[:, None]) / scale_go[:, None]), -128, 127)
+  return q_gko.reshape(d_in, d_out).astype(jnp.int8), scale_go, zero_go
 
 
-def dequantize(q_io: jax.Array, scale_o: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """The float weight an int8 kernel stands for."""
-  return (q_io.astype(jnp.float32) * scale_o).astype(dtype)
+def dequantize(q_io: jax.Array, scale_go: jax.Array, zero_go: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """The float weight `[in, out]` an int8 kernel stands for, in `dtype`."""
+  d_in, d_out = q_io.shape
+  q_gko = q_io.reshape(scale_go.shape[0], -1, d_out).astype(dtype)
+  w_gko = q_gko * scale_go[:, None].astype(dtype) + zero_go[:, None].astype(dtype)
+  return w_gko.reshape(d_in, d_out)
 
 
 def model_bytes(model: nnx.Module) -> int:
