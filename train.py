@@ -3,7 +3,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clclm_jax.train import loop
+from clclm_jax.train import cli, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics.jsonl); default runs/<config name>.")
@@ -19,4 +19,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -17,6 +17,7 @@ def get_config() -> ConfigDict:
   c.model = ConfigDict(dict(
       source="smollm2-135m-instruct",  # or a Hugging Face folder / .gguf file
       preset="",  # e.g. "tiny": a random model of that shape instead of `source`
+      tokenizer="smollm2",  # with `preset`: "smollm2" or "bytes"
       dtype="float32",
       quantize="int8",
   ))

@@ -6,12 +6,12 @@ from configs import base
 def get_config():
   c = base.get_config()
   c.name = "tiny"
-  c.model.preset = "tiny"
+  c.model.preset, c.model.tokenizer = "tiny", "bytes"
   c.lora.r, c.lora.alpha = 4, 8.0
-  c.data.shots, c.data.valid_size, c.data.test_size = 32, 32, 64
-  c.data.cutoff_len = 512
-  c.train.batch_size, c.train.micro_batch_size, c.train.eval_batch_size = 8, 4, 32
-  c.train.num_epochs, c.train.eval_every, c.train.patience, c.train.checkpoint_every = 4, 4, 10, 2
+  c.data.shots, c.data.valid_size, c.data.test_size = 16, 32, 64
+  c.data.cutoff_len, c.data.pad_multiple = 1024, 256  # bytes: few padded shapes, few compiles
+  c.train.batch_size, c.train.micro_batch_size, c.train.eval_batch_size = 4, 2, 32
+  c.train.num_epochs, c.train.eval_every, c.train.patience, c.train.checkpoint_every = 2, 4, 10, 2
   c.instruct.num_examples, c.instruct.batch_size, c.instruct.max_steps = 16, 8, 2
   c.optim.lr = 1e-3
   return c

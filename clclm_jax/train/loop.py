@@ -37,12 +37,28 @@ def smollm2_tokenizer() -> transformers.PreTrainedTokenizerFast:
   return transformers.PreTrainedTokenizerFast.from_pretrained(cache)
 
 
+def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
+  """UTF-8 bytes as tokens (256) plus <s> and </s>: a 258-token vocabulary for tiny test models."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens(["<s>", "</s>"])
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                              pad_token="</s>")
+
+
 def build_model(config: ConfigDict):
   """(model with LoRA, tokenizer) from `config.model` and `config.lora`."""
   m, lc = config.model, config.lora
   lora_cfg = LoraConfig(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets))
-  if m.preset:  # A random model of a preset's shape, with the SmolLM2 tokenizer's vocabulary.
-    tokenizer = smollm2_tokenizer()
+  if m.preset:  # A random model of a preset's shape, with the vocabulary of `model.tokenizer`.
+    tokenizers = {"bytes": byte_tokenizer, "smollm2": smollm2_tokenizer}
+    if m.tokenizer not in tokenizers:
+      raise ValueError(f"config.model.tokenizer={m.tokenizer!r}: use one of {sorted(tokenizers)}")
+    tokenizer = tokenizers[m.tokenizer]()
     cfg = dataclasses.replace(presets[m.preset], vocab_size=len(tokenizer),
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = Llama(cfg, dtype=loading.DTYPES[m.dtype], quantize=m.quantize or None, rngs=nnx.Rngs(config.seed))

@@ -1,0 +1,37 @@
+"""train.py then eval.py on configs/tiny.py: metrics files, summary, under a minute; bad overrides."""
+
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def _run(*args, timeout=300):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_train_then_eval_under_a_minute(tmp_path, data_root):
+  t0 = time.time()
+  train = _run("train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}")
+  assert train.returncode == 0, train.stderr[-3000:]
+  ev = _run("eval.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--split=test")
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  wall = time.time() - t0
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+  assert all("train/loss" in r for r in rows) and any("valid/auc" in r for r in rows)
+  test = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
+  assert test["n"] == 64 and 0.0 <= test["auc"] <= 1.0
+  assert "test AUC" in train.stdout and "valid AUC" in train.stdout
+  assert list((tmp_path / "tensorboard").glob("events.*"))
+  assert wall < 60, f"tiny train + eval took {wall:.0f}s"
+
+
+def test_bad_overrides_are_one_clear_line():
+  r = _run("train.py", "--config=configs/tiny.py", "--config.train.nope=1")
+  assert r.returncode != 0 and "config has no field 'nope'" in r.stderr and "Traceback" not in r.stderr
+  r = _run("eval.py", "--config=configs/tiny.py", "--config.train.batch_size=abc")
+  assert r.returncode != 0 and "batch_size" in r.stderr and "Traceback" not in r.stderr
