@@ -5,8 +5,8 @@
   python benchmarks/quality.py --methods lora --domains movie --shots 16 --test-size 200 --merge  # one cell
 
 `--test-size n > 0` scores a deterministic subset (`fewshot(test, n, seed)`, the same rows the train
-loop evaluates for that seed); every row records its test set. `--merge` keeps the rows of earlier runs
-in quality.json (a row is replaced when method, domain, shots, seed and test set are equal).
+loop evaluates for that seed); every row records its test set. `--merge [FILES]` keeps the rows of earlier
+runs (OUT/quality.json and FILES; a row is replaced when method, domain, shots, seed and test set agree).
 """
 
 import argparse
@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--valid-size", type=int, default=None, help="data.valid_size (early stopping set)")
   p.add_argument("--eval-every", type=int, default=None, help="train.eval_every")
   p.add_argument("--workdir", default="", help="keep LoRA runs here (default: a temporary folder)")
-  p.add_argument("--merge", action="store_true", help="keep other rows of an existing quality.json")
+  p.add_argument("--merge", nargs="*", default=None, metavar="JSON",
+                 help="keep the rows of OUT/quality.json and of these quality.json files (new rows win)")
   return p.parse_args(argv)
 
 
@@ -227,7 +228,8 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   out = pathlib.Path(args.out)
-  previous = json.loads((out / "quality.json").read_text()) if args.merge and (out / "quality.json").exists() else None
+  sources = [] if args.merge is None else [out / "quality.json", *map(pathlib.Path, args.merge)]
+  previous = [json.loads(f.read_text()) for f in sources if f.exists()]
   rows = []
   model_and_tokenizer = None
   with tempfile.TemporaryDirectory() as tmp:
@@ -245,11 +247,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           rows += [lora_row(args, domain, shots, seed, workdir) for shots in args.shots]
         print(json.dumps(rows[-1]), flush=True)
   new_keys = {row_key(r) for r in rows}
-  kept = [r for r in (previous or {}).get("rows", []) if r["method"] != "tallrec_published" and row_key(r) not in new_keys]
+  kept = {}
+  for r in (r for p in previous for r in p["rows"] if r["method"] != "tallrec_published"):
+    if row_key(r) not in new_keys:
+      kept[row_key(r)] = r
+  runs = [run for p in previous for run in p.get("runs", [])]
   result = {"machine": common.machine(), "model": args.preset or base.get_config().model.source,
-            "runs": (previous or {}).get("runs", []) + [{"argv": sys.argv[1:] if argv is None else argv,
-                                                        "loadavg": common.loadavg()}],
-            "rows": published_rows() + kept + rows}
+            "runs": runs + [{"argv": sys.argv[1:] if argv is None else argv, "loadavg": common.loadavg()}],
+            "rows": published_rows() + list(kept.values()) + rows}
   common.write_json(out / "quality.json", result)
   common.write_text(out / "quality.md", markdown(result))
   plot(result, out / "quality.png")

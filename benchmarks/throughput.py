@@ -248,6 +248,8 @@ def compare(name: str, fns: dict[str, Any], work: float, unit: str, flops: float
   out["goal"] = GOALS[name]
   out["met"] = bool(out["ratio"] >= GOALS[name])
   out["work"], out["unit"], out["flops"] = work, unit, flops
+  print(f"{name}: ours {out['ours']['median_s']:.3f} s, transformers {out['transformers']['median_s']:.3f} s, "
+        f"ratio {out['ratio']:.2f}", file=sys.stderr, flush=True)
   return out
 
 
