@@ -33,9 +33,20 @@ def quantize_int8(w_io: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 def dequantize(q_io: jax.Array, scale_go: jax.Array, zero_go: jax.Array, dtype=jnp.float32) -> jax.Array:
   """The float weight `[in, out]` an int8 kernel stands for, in `dtype`."""
   d_in, d_out = q_io.shape
-  q_gko = q_io.reshape(scale_go.shape[0], -1, d_out).astype(dtype)
-  w_gko = q_gko * scale_go[:, None].astype(dtype) + zero_go[:, None].astype(dtype)
-  return w_gko.reshape(d_in, d_out)
+  q_gko = q_io.reshape(scale_go.shape[0], -1, d_out).astype(jnp.float32)
+  w_gko = q_gko * scale_go[:, None] + zero_go[:, None]
+  return w_gko.reshape(d_in, d_out).astype(dtype)
+
+
+def quantize_model(model: nnx.Module) -> nnx.Module:
+  """Turns every float projection of a `Llama` (not the embedding table) into int8, in place."""
+  linears = [lin for _, lin in model.projections()] + ([model.lm_head] if model.lm_head is not None else [])
+  for lin in linears:
+    if lin.quantize != "int8":
+      w_io = lin.weight(jnp.float32)
+      lin.quantize = "int8"
+      lin.set_kernel(w_io)
+  return model
 
 
 def model_bytes(model: nnx.Module) -> int:
