@@ -12,7 +12,6 @@ import json
 import pathlib
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

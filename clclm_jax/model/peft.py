@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clclm_jax.model.config import LoraConfig
+from clclm_jax.model.config import LORA_TARGETS, LoraConfig
 from clclm_jax.model.errors import ModelError
 from clclm_jax.model.llama import Llama
 from clclm_jax.model.lora import add_lora
@@ -99,8 +99,7 @@ def _read_config(file: pathlib.Path) -> LoraConfig:
 
 
 def _order(name: str) -> int:
-  names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-  return names.index(name) if name in names else len(names)
+  return LORA_TARGETS.index(name) if name in LORA_TARGETS else len(LORA_TARGETS)
 
 
 def _read_weights(folder: pathlib.Path) -> dict[tuple[str, str], np.ndarray]:
