@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+import tqdm
 from jax.sharding import Mesh
 
 from clclm_jax.train import sharding
@@ -63,11 +64,14 @@ class Scores:
             "mean_p_yes": float(np.mean(self.p_yes))}
 
 
-def score(eval_step: Callable, params, frozen, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh) -> Scores:
-  """P(Yes) for every real row (index >= 0) of the batches, ordered by record index."""
+def score(eval_step: Callable, params, frozen, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
+          desc: str = "eval") -> Scores:
+  """P(Yes) for every real row (index >= 0) of the batches, ordered by record index; shows progress."""
   keep = ("tokens", "positions", "attention_mask", "answer_index", "label", "index")
   out = []
-  for batch in batches:
+  total = len(batches) if hasattr(batches, "__len__") else None
+  for batch in tqdm.tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
+                         disable=jax.process_index() != 0):
     p, label, index = jax.device_get(eval_step(params, frozen, sharding.global_batch(
         {k: batch[k] for k in keep if k in batch}, mesh)))
     out.append((p, label, index))

@@ -187,7 +187,8 @@ def train_stage(config: ConfigDict, workdir: pathlib.Path, stage: str, model, to
       n_tokens += int(batch["loss_mask"].sum()) * jax.process_count()
       row = {"step": step, **{f"train/{k}": v for k, v in metrics.items()}}
       if "valid" in evals and (step % t.eval_every == 0 or step == total):
-        valid = evaluate.score(eval_step, state["params"], frozen, evals["valid"], mesh).metrics()
+        valid = evaluate.score(eval_step, state["params"], frozen, evals["valid"], mesh,
+                               desc="valid").metrics()
         row.update({f"valid/{k}": v for k, v in valid.items()})
         stopper = stopper.update(valid["auc"], step)
         if stopper.best_step == step:
@@ -229,7 +230,7 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
                                          *tokenize.answer_token_ids(tokenizer, config.data.template))
   t0 = time.time()
   with jax.set_mesh(mesh):
-    scores = evaluate.score(eval_step, params, sharding.put(frozen, frozen_sh), evals[split], mesh)
+    scores = evaluate.score(eval_step, params, sharding.put(frozen, frozen_sh), evals[split], mesh, desc=split)
   metrics = {**scores.metrics(), "best_step": meta["step"], "wall_s": time.time() - t0}
   if jax.process_index() == 0:
     (workdir / "eval").mkdir(parents=True, exist_ok=True)
