@@ -59,3 +59,63 @@ def test_early_stopping_waits_patience_evaluations():
   assert (stop.best, stop.best_step, stop.bad_evals) == (0.7, 20, 1)
   stop = stop.update(0.7, 40)  # equal is not better
   assert stop.should_stop and stop.best_step == 20
+
+
+def _prefixed_batches(n_batches=3, batch=4, prefix_len=20, seed=0):
+  """Right-padded batches whose real rows share their first `prefix_len` tokens; last row of each is fill."""
+  rng = np.random.default_rng(seed)
+  prefix = rng.integers(3, 256, prefix_len)
+  out = []
+  for i in range(n_batches):
+    lengths = rng.integers(prefix_len + 3, prefix_len + 30, batch)
+    t = 64
+    tokens, mask = np.zeros((batch, t), np.int32), np.zeros((batch, t), np.int32)
+    for r, n in enumerate(lengths[:-1]):
+      tokens[r, :n] = np.r_[prefix, rng.integers(3, 256, n - prefix_len)]
+      mask[r, :n] = 1
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+    out.append({"tokens": tokens, "positions": positions, "attention_mask": mask,
+                "answer_index": np.maximum(mask.sum(1) - 1, 0).astype(np.int32),
+                "label": np.r_[rng.integers(0, 2, batch - 1), -1].astype(np.int32),
+                "index": np.r_[np.arange(batch - 1) + i * batch, -1].astype(np.int32)})
+  return out
+
+
+def _trained_lora_model():
+  model = train_helpers.tiny_model(dropout=0.0)
+  for _, proj in model.projections(("q_proj", "v_proj")):
+    proj.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(3), proj.lora_b.shape)
+  return model
+
+
+def test_prefix_cache_matches_full_forward():
+  model = _trained_lora_model()
+  batch = _prefixed_batches(1)[0]
+  full = model.hidden_states(batch["tokens"], batch["positions"], batch["attention_mask"])
+  cache = model.prefix_cache(jnp.asarray(batch["tokens"][0, :20]))
+  rest = evaluate.strip_prefix(batch, 20)
+  part = model.hidden_states(rest["tokens"], None, rest["attention_mask"], prefix_kv=cache)
+  real = batch["attention_mask"][:, 20:] == 1
+  np.testing.assert_allclose(np.asarray(part)[real], np.asarray(full)[:, 20:][real], atol=2e-5)
+
+
+def test_shared_prefix_width():
+  batches = _prefixed_batches(prefix_len=20)
+  assert evaluate.shared_prefix(batches).size == 20
+  np.testing.assert_array_equal(evaluate.shared_prefix(batches), batches[0]["tokens"][0, :20])
+  batches[1]["answer_index"][0] = 12  # the prefix may not reach past any row's answer position
+  assert evaluate.shared_prefix(batches).size == 12
+
+
+def test_score_with_shared_prefix_equals_plain_scoring():
+  model = _trained_lora_model()
+  graphdef, params, frozen = state_lib.split_model(model)
+  mesh = sharding.make_mesh((-1, 1, 1))
+  step = evaluate.compile_eval_step(graphdef, sharding.state_sharding(params, mesh),
+                                    sharding.state_sharding(frozen, mesh), mesh, 7, 9)
+  batches = _prefixed_batches()
+  plain = evaluate.score(step, params, frozen, batches, mesh, share_prefix=False)
+  shared = evaluate.score(step, params, frozen, batches, mesh, share_prefix=True)
+  np.testing.assert_array_equal(plain.index, shared.index)
+  np.testing.assert_allclose(shared.p_yes, plain.p_yes, atol=1e-5)
+  assert len(plain.index) == 9

@@ -125,7 +125,8 @@ class Attention(nnx.Module):
     self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
     self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), **kw)
 
-  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, keys):
+  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, keys, prefix_kv=None):
+    """Returns (output, (k, v)); `prefix_kv` = roped (k, v) `[1, p, kv_heads, d]` attended before x."""
     b, t, _ = x_btd.shape
     k_heads, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
     q_bthd = self.q_proj(x_btd, keys[0]).reshape(b, t, self.num_heads, self.head_dim)
@@ -133,12 +134,16 @@ class Attention(nnx.Module):
     v_btkd = self.v_proj(x_btd, keys[2]).reshape(b, t, k_heads, self.head_dim)
     q_bthd = apply_rope(q_bthd, cos_btd, sin_btd)
     k_btkd = apply_rope(k_btkd, cos_btd, sin_btd)
+    kv = (k_btkd, v_btkd)
+    if prefix_kv is not None:
+      k_btkd, v_btkd = (jnp.concatenate([jnp.broadcast_to(p, (b, *p.shape[1:])).astype(x.dtype), x], axis=1)
+                        for p, x in zip(prefix_kv, kv))
     q_btkgd = q_bthd.reshape(b, t, k_heads, groups, self.head_dim) * self.head_dim**-0.5
     scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_btkd, preferred_element_type=jnp.float32)
     scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_btkd.dtype)
     out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_btkd)
-    return self.o_proj(out_btkgd.reshape(b, t, -1), keys[3])
+    return self.o_proj(out_btkgd.reshape(b, t, -1), keys[3]), kv
 
 
 class MLP(nnx.Module):
@@ -165,10 +170,13 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     self.mlp = MLP(cfg, dtype=dtype, quantize=quantize, rngs=rngs)
 
-  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, dropout_key=None):
+  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, dropout_key=None, prefix_kv=None):
+    """Returns (output, this layer's roped (k, v) of x)."""
     keys = [None] * 7 if dropout_key is None else list(jax.random.split(dropout_key, 7))
-    x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, allowed_bts, keys[:4])
-    return x_btd + self.mlp(self.post_attention_layernorm(x_btd), keys[4:])
+    attn_btd, kv = self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, allowed_bts, keys[:4],
+                                  prefix_kv)
+    x_btd = x_btd + attn_btd
+    return x_btd + self.mlp(self.post_attention_layernorm(x_btd), keys[4:]), kv
 
 
 class Embed(nnx.Module):
@@ -222,20 +230,38 @@ class Llama(nnx.Module):
     return self.embed_tokens(tokens_bt)
 
   def hidden_states(self, tokens_bt=None, positions_bt=None, attention_mask_bt=None, *,
-                    inputs_embeds_btd=None, dropout_key=None) -> jax.Array:
-    """Final-normed hidden states `[b, t, d]` in the compute dtype."""
+                    inputs_embeds_btd=None, dropout_key=None, prefix_kv=None) -> jax.Array:
+    """Final-normed hidden states `[b, t, d]` in the compute dtype.
+
+    `prefix_kv` (from `prefix_cache`) is a shared prompt prefix every row continues: rows then hold
+    only the rest of their tokens, and default positions start after the prefix.
+    """
+    return self._forward(tokens_bt, positions_bt, attention_mask_bt, inputs_embeds_btd, dropout_key,
+                         prefix_kv)[0]
+
+  def prefix_cache(self, prefix_tokens_p: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """Per-layer roped (k, v) `[1, p, kv_heads, head_dim]` of a token prefix, for `hidden_states`."""
+    return self._forward(prefix_tokens_p[None], None, None, None, None, None)[1]
+
+  def _forward(self, tokens_bt, positions_bt, attention_mask_bt, inputs_embeds_btd, dropout_key, prefix_kv):
     x_btd = self.embed(tokens_bt) if inputs_embeds_btd is None else inputs_embeds_btd
     x_btd = x_btd.astype(self.dtype)
     b, t = x_btd.shape[:2]
     if attention_mask_bt is None:
       attention_mask_bt = jnp.ones((b, t), jnp.int32)
     allowed_bts, default_positions_bt = mask_and_positions(attention_mask_bt)
+    if prefix_kv is not None:
+      p = prefix_kv[0][0].shape[1]
+      allowed_bts = jnp.concatenate([jnp.ones((b, t, p), bool), allowed_bts], axis=-1)
+      default_positions_bt = default_positions_bt + p
     positions_bt = default_positions_bt if positions_bt is None else positions_bt
     cos_btd, sin_btd = rope_tables(positions_bt, self.config.head_dim, self.config.rope_theta)
+    kvs = []
     for i, layer in enumerate(self.layers):
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      x_btd = layer(x_btd, cos_btd, sin_btd, allowed_bts, key)
-    return self.norm(x_btd)
+      x_btd, kv = layer(x_btd, cos_btd, sin_btd, allowed_bts, key, None if prefix_kv is None else prefix_kv[i])
+      kvs.append(kv)
+    return self.norm(x_btd), kvs
 
   def lm_logits(self, h_xd: jax.Array) -> jax.Array:
     """float32 logits from hidden states of any leading shape."""

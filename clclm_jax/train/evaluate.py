@@ -31,25 +31,80 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
   return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def yes_probability(model: nnx.Module, batch: dict[str, jax.Array], yes_id: int, no_id: int) -> jax.Array:
-  """softmax over (Yes, No) logits at `answer_index`; the LM head runs on those [b, d] rows only."""
-  h_btd = model.hidden_states(batch["tokens"], batch.get("positions"), attention_mask(batch))
+def yes_probability(model: nnx.Module, batch: dict[str, jax.Array], yes_id: int, no_id: int,
+                    prefix_kv=None) -> jax.Array:
+  """softmax over (Yes, No) logits at `answer_index`; the LM head runs on those [b, d] rows only.
+
+  With `prefix_kv` (the cached shared prefix), the batch holds only the tokens after the prefix.
+  """
+  h_btd = model.hidden_states(batch["tokens"], batch.get("positions"), attention_mask(batch),
+                              prefix_kv=prefix_kv)
   h_bd = jnp.take_along_axis(h_btd, batch["answer_index"][:, None, None], axis=1)[:, 0]
   logits_b2 = model.lm_logits(h_bd)[:, jnp.array([yes_id, no_id])]
   return jax.nn.softmax(logits_b2, axis=-1)[:, 0]
 
 
-def _eval_step(params, frozen, batch, *, graphdef, yes_id, no_id):
+def _eval_step(params, frozen, batch, prefix_kv, *, graphdef, yes_id, no_id):
   model = nnx.merge(graphdef, params, frozen)
-  return yes_probability(model, batch, yes_id, no_id), batch["label"], batch["index"]
+  return yes_probability(model, batch, yes_id, no_id, prefix_kv), batch["label"], batch["index"]
+
+
+def _prefix_step(params, frozen, prefix_p, *, graphdef):
+  return nnx.merge(graphdef, params, frozen).prefix_cache(prefix_p)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalStep:
+  """Jitted scoring: `batch(params, frozen, batch, prefix_kv)` and `prefix(params, frozen, tokens_p)`."""
+
+  batch: Callable
+  prefix: Callable
 
 
 def compile_eval_step(graphdef: nnx.GraphDef, params_sh, frozen_sh, mesh: Mesh, yes_id: int,
-                      no_id: int) -> Callable:
-  """Jitted `(params, frozen, batch) -> (p_yes, label, index)`, outputs replicated on every process."""
-  return jax.jit(functools.partial(_eval_step, graphdef=graphdef, yes_id=yes_id, no_id=no_id),
-                 in_shardings=(params_sh, frozen_sh, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+                      no_id: int) -> EvalStep:
+  """Scoring steps whose outputs are replicated on every process; the prefix cache is replicated."""
+  rep = sharding.replicated(mesh)
+  return EvalStep(
+      batch=jax.jit(functools.partial(_eval_step, graphdef=graphdef, yes_id=yes_id, no_id=no_id),
+                    in_shardings=(params_sh, frozen_sh, sharding.batch_sharding(mesh), rep), out_shardings=rep),
+      prefix=jax.jit(functools.partial(_prefix_step, graphdef=graphdef),
+                     in_shardings=(params_sh, frozen_sh, rep), out_shardings=rep))
+
+
+def shared_prefix(batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+  """The longest token prefix of every real row (index >= 0) that ends before each row's answer index.
+
+  Agreed across processes, so every process strips the same width and steps stay in lockstep.
+  """
+  rows = [b["tokens"][b["index"] >= 0] for b in batches]
+  answer = [b["answer_index"][b["index"] >= 0] for b in batches]
+  limit = min([int(a.min()) for a in answer if a.size] or [0])
+  prefix = np.full(limit + 1, -1, np.int64)  # -1 beyond the prefix length
+  width = 0
+  if limit and any(r.size for r in rows):
+    first = next(r[0] for r in rows if r.size)[:limit]
+    same = np.all(np.stack([np.all(r[:, :limit] == first, axis=0) for r in rows if r.size]), axis=0)
+    width = int(np.argmin(same)) if not same.all() else limit
+    prefix[:width] = first[:width]
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    n = int(multihost_utils.process_allgather(np.int64(prefix.size)).max())
+    all_p = multihost_utils.process_allgather(np.pad(prefix, (0, n - prefix.size), constant_values=-1))
+    same = np.all(all_p == all_p[:1], axis=0) & (all_p[0] >= 0)
+    width = int(np.argmin(same)) if not same.all() else n
+    prefix = all_p[0]
+  return prefix[:width].astype(np.int32)
+
+
+def strip_prefix(batch: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+  """The batch without its first `width` tokens (the cached prefix); fill rows keep index -1."""
+  out = dict(batch)
+  for k in ("tokens", "positions", "attention_mask"):
+    if k in batch:
+      out[k] = batch[k][:, width:]
+  out["answer_index"] = np.maximum(batch["answer_index"] - width, 0).astype(batch["answer_index"].dtype)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,17 +119,23 @@ class Scores:
             "mean_p_yes": float(np.mean(self.p_yes))}
 
 
-def score(eval_step: Callable, params, frozen, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
-          desc: str = "eval") -> Scores:
-  """P(Yes) for every real row (index >= 0) of the batches, ordered by record index; shows progress."""
+def score(eval_step: EvalStep, params, frozen, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
+          desc: str = "eval", share_prefix: bool = True, min_prefix: int = 16) -> Scores:
+  """P(Yes) for every real row (index >= 0) of the batches, ordered by record index; shows progress.
+
+  With `share_prefix`, the token prefix common to all prompts (TALLRec's instruction) runs once and
+  its keys/values are reused by every batch, when it is at least `min_prefix` tokens long.
+  """
   keep = ("tokens", "positions", "attention_mask", "answer_index", "label", "index")
+  batches = [{k: b[k] for k in keep if k in b} for b in batches]
+  prefix = shared_prefix(batches) if share_prefix else np.zeros(0, np.int32)
+  prefix_kv = None
+  if prefix.size >= min_prefix:
+    prefix_kv = eval_step.prefix(params, frozen, jnp.asarray(prefix))
+    batches = [strip_prefix(b, prefix.size) for b in batches]
   out = []
-  total = len(batches) if hasattr(batches, "__len__") else None
-  for batch in tqdm.tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
-                         disable=jax.process_index() != 0):
-    p, label, index = jax.device_get(eval_step(params, frozen, sharding.global_batch(
-        {k: batch[k] for k in keep if k in batch}, mesh)))
-    out.append((p, label, index))
+  for batch in tqdm.tqdm(batches, desc=desc, unit="batch", leave=False, disable=jax.process_index() != 0):
+    out.append(jax.device_get(eval_step.batch(params, frozen, sharding.global_batch(batch, mesh), prefix_kv)))
   p, label, index = (np.concatenate(x) for x in zip(*out))
   real = index >= 0
   order = np.argsort(index[real], kind="stable")
