@@ -1,4 +1,4 @@
-"""Scores a split with the best checkpoint in `--workdir`; writes WORKDIR/eval/<split>_metrics.json."""
+"""Scores a split with the best checkpoint in `--workdir` (WORKDIR/eval/<split>_metrics.json), or exports its LoRA."""
 
 import json
 
@@ -10,6 +10,8 @@ from clclm_jax.train import cli, loop, sharding
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder of train.py; default runs/<config name>.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["valid", "test"], "Which split to score.")
+_EXPORT_PEFT = flags.DEFINE_string("export_peft", None, "Instead of scoring, write the best checkpoint's LoRA "
+                                   "as a Hugging Face PEFT adapter folder here.")
 
 
 def main(argv):
@@ -18,7 +20,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
   config = _CONFIG.value
   sharding.maybe_initialize_distributed(config)
-  metrics = loop.evaluate_split(config, _WORKDIR.value or f"runs/{config.name}", _SPLIT.value)
+  workdir = _WORKDIR.value or f"runs/{config.name}"
+  if _EXPORT_PEFT.value:
+    print(f"PEFT adapter written to {loop.export_best_peft(config, workdir, _EXPORT_PEFT.value)}")
+    return
+  metrics = loop.evaluate_split(config, workdir, _SPLIT.value)
   print(json.dumps(metrics, indent=2))
 
 

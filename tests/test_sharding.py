@@ -1,4 +1,4 @@
-"""The same loss trajectory on 1 device, on 8 simulated devices in 3 mesh shapes, and on 2 processes."""
+"""The same losses and eval scores on 1 device, on 8 simulated devices in 3 mesh shapes, and on 2 processes."""
 
 import json
 import os
@@ -44,6 +44,8 @@ def mesh_losses():
 def test_meshes_on_8_devices_match_one_device(mesh_losses):
   out = dict(mesh_losses)
   ref = np.array(out.pop("1"))
+  scores = out.pop("eval")
+  np.testing.assert_allclose(scores["(2, 2, 2)"], scores["1"], atol=1e-5)
   assert len(out) == 3
   for shape, losses in out.items():
     np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=shape)
@@ -56,5 +58,6 @@ def test_two_processes_match_one_process(mesh_losses):
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   procs = [_worker("process", str(i), port, env=env) for i in range(2)]
   results = [_result(p) for p in procs]
-  for r in results:
+  for r in results:  # training and evaluation (each process scores its shard; shared prefix agreed)
     np.testing.assert_allclose(r["losses"], mesh_losses["1"], rtol=1e-5)
+    np.testing.assert_allclose(r["eval"], mesh_losses["eval"]["1"], atol=1e-5)

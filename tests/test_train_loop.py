@@ -1,5 +1,7 @@
 """Trainer guards: a non-finite loss stops with the step and loss term; nothing non-finite is saved."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,3 +29,28 @@ def test_configs_are_locked_and_tiny_is_small():
   with pytest.raises(AttributeError):
     c.train.nope = 1
   assert c.model.preset == "tiny" and c.data.test_size > 0
+
+
+
+def _losses(workdir):
+  return [json.loads(l)["train/loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tiny(stages=("rec",), init_from=""):
+  """configs/tiny.py cut to 2 steps per stage and no test split."""
+  c = tiny.get_config()
+  c.stages, c.lora.init_from = stages, init_from
+  c.data.test_size, c.train.max_steps, c.train.eval_every = 0, 2, 2
+  return c
+
+
+def test_rec_stage_starts_from_stage_one_or_an_imported_peft_adapter(tmp_path, data_root):
+  loop.train(_tiny(stages=("instruct", "rec")), tmp_path / "two")
+  assert len(_losses(tmp_path / "two" / "instruct")) == 2 and len(_losses(tmp_path / "two")) == 2
+  adapter = loop.export_best_peft(_tiny(), tmp_path / "two" / "instruct", tmp_path / "adapter")
+  assert (adapter / "adapter_config.json").is_file()
+  loop.train(_tiny(init_from=str(adapter)), tmp_path / "peft")
+  loop.train(_tiny(), tmp_path / "scratch")
+  two, imported, scratch = (_losses(tmp_path / d) for d in ("two", "peft", "scratch"))
+  np.testing.assert_allclose(imported, two, rtol=1e-6)  # the same LoRA start, data and keys
+  assert abs(scratch[0] - two[0]) > 1e-4

@@ -9,8 +9,10 @@ import sys
 import jax
 import numpy as np
 
+import grain
 import train_helpers
-from clclm_jax.train import sharding, state as state_lib, step as step_lib
+from clclm_jax.data import pipeline
+from clclm_jax.train import evaluate, sharding, state as state_lib, step as step_lib
 
 
 def trajectory(mesh_shape, devices=None, steps: int = 4, accum_steps: int = 1) -> list[float]:
@@ -30,14 +32,45 @@ def trajectory(mesh_shape, devices=None, steps: int = 4, accum_steps: int = 1) -
   return losses
 
 
+def eval_examples(n: int = 21) -> grain.MapDataset:
+  """Prompts sharing a 20-token prefix (one shares only 17), ragged lengths, labels 0/1."""
+  rng = np.random.default_rng(0)
+  prefix = rng.integers(3, 256, 20)
+  out = []
+  for i in range(n):
+    tokens = np.r_[prefix, rng.integers(3, 256, int(rng.integers(5, 40)))].astype(np.int32)
+    if i == 13:
+      tokens[17] = 1
+    out.append({"tokens": tokens, "loss_mask": np.ones_like(tokens), "answer_index": np.int32(len(tokens) - 1),
+                "label": np.int32(i % 2), "user_ids": np.int32(0), "index": np.int32(i),
+                "history_ids": np.zeros(4, np.int32)})
+  return grain.MapDataset.source(out)
+
+
+def eval_scores(mesh_shape, devices=None) -> list[float]:
+  """P(Yes) by record index; each process scores its own shard of the examples."""
+  model = train_helpers.tiny_model(dropout=0.0)
+  graphdef, params, frozen = state_lib.split_model(model)
+  mesh = sharding.make_mesh(mesh_shape, devices)
+  step = evaluate.compile_eval_step(graphdef, sharding.state_sharding(params, mesh),
+                                    sharding.state_sharding(frozen, mesh), mesh, 7, 9)
+  batches = pipeline.eval_dataset(eval_examples(), batch_size=8 // jax.process_count(), pad_multiple=16)
+  with jax.set_mesh(mesh):
+    s = evaluate.score(step, sharding.put(params, sharding.state_sharding(params, mesh)),
+                       sharding.put(frozen, sharding.state_sharding(frozen, mesh)), batches, mesh)
+  assert list(s.index) == list(range(21)), s.index
+  return s.p_yes.tolist()
+
+
 def main(argv):
   if argv[1] == "meshes":
     out = {"1": trajectory((1, 1, 1), jax.devices()[:1])}
     for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
       out[str(shape)] = trajectory(shape)
+    out["eval"] = {"1": eval_scores((1, 1, 1), jax.devices()[:1]), "(2, 2, 2)": eval_scores((2, 2, 2))}
   else:  # "process <id> <port>": one of two processes with one CPU device each.
     jax.distributed.initialize(f"localhost:{argv[3]}", num_processes=2, process_id=int(argv[2]))
-    out = {"losses": trajectory((-1, 1, 1))}
+    out = {"losses": trajectory((-1, 1, 1)), "eval": eval_scores((-1, 1, 1))}
   print(json.dumps(out))
 
 

@@ -213,6 +213,25 @@ def train_stage(config: ConfigDict, workdir: pathlib.Path, stage: str, model, to
   return summary, state["params"]
 
 
+def best_params(workdir: pathlib.Path, model, mesh):
+  """(params, meta) of the best checkpoint in `workdir`, sharded like the model's trainable state."""
+  _, params, _ = state_lib.split_model(model)
+  ckpts = checkpoint.Checkpoints(workdir)
+  try:
+    return ckpts.restore_best(sharding.put(params, sharding.state_sharding(params, mesh)))
+  finally:
+    ckpts.close()
+
+
+def export_best_peft(config: ConfigDict, workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
+  """Writes the best checkpoint's LoRA in `workdir` as a Hugging Face PEFT adapter folder."""
+  model, _ = build_model(config)
+  params, _ = best_params(pathlib.Path(workdir), model, sharding.make_mesh(config.mesh))
+  nnx.update(model, jax.device_get(params))
+  base = config.model.source if not config.model.preset else f"random {config.model.preset} preset"
+  return peft.export_peft(model, out_dir, base_model_name_or_path=base)
+
+
 def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str = "test", model=None,
                    tokenizer=None, mesh=None) -> dict:
   """Scores `split` with the best checkpoint; writes WORKDIR/eval/<split>_metrics.json."""
@@ -222,9 +241,7 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
     model, tokenizer = build_model(config)
   graphdef, params, frozen = state_lib.split_model(model)
   params_sh, frozen_sh = sharding.state_sharding(params, mesh), sharding.state_sharding(frozen, mesh)
-  ckpts = checkpoint.Checkpoints(workdir)
-  params, meta = ckpts.restore_best(sharding.put(params, params_sh))
-  ckpts.close()
+  params, meta = best_params(workdir, model, mesh)
   _, evals = rec_data(config, tokenizer, splits=(split,))
   eval_step = evaluate.compile_eval_step(graphdef, params_sh, frozen_sh, mesh,
                                          *tokenize.answer_token_ids(tokenizer, config.data.template))
@@ -260,5 +277,5 @@ def format_summary(summary: dict) -> str:
   rows = [("best step", summary.get("best_step")), ("valid AUC", summary.get("valid_auc")),
           ("test AUC", summary.get("test_auc")), ("tokens/s (train)", summary.get("tokens_per_s")),
           ("wall time (s)", summary.get("wall_s"))]
-  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
   return "\n".join(f"{k:<18}{fmt(v):>12}" for k, v in rows)
