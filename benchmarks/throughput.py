@@ -350,7 +350,8 @@ def markdown(result: dict[str, Any]) -> str:
   lines = [f"# Throughput: clclm-jax vs transformers + PEFT ({result['tag']})", "",
            f"Machine: {common.machine_line(result['machine'])}.",
            f"Load average before / after: {result['loadavg_before']} / {result['loadavg_after']} "
-           "(other jobs shared the cores; both systems were timed in alternation, so load hits both).",
+           "(both systems are timed in alternation, so any load hits both; on a shared CPU torch suffers more, "
+           "so compare ratios from idle runs).",
            f"Measured peak: XLA {peak['dtype']} matmul {peak['shape']} = "
            f"{common.si(peak['flop_per_s'], 'FLOP/s')} (median).", ""]
   for run in result["runs"]:
@@ -372,6 +373,9 @@ def markdown(result: dict[str, Any]) -> str:
               f"bf16 matmul peak ({common.si(g['matmul_peak']['flop_per_s'], 'FLOP/s')}); "
               f"peak device memory {(g['peak_bytes_in_use'] or 0) / 2**30:.1f} GiB.", ""]
   lines.append(FLOPS_NOTE)
+  if any(not run[t]["met"] for run in result["runs"] for t in ("train", "score")):
+    lines += ["", "A goal is missed: where our time goes is in [profile_cpu.md](profile_cpu.md) "
+              "(`python benchmarks/profile_ours.py`)."]
   return "\n".join(lines) + "\n"
 
 
