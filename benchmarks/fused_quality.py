@@ -1,31 +1,40 @@
 """Issue 5's table: TALLRec test AUC x100 for SmolLM2-135M-Instruct int8, zero-shot / text-only / fused.
 
-Per (domain, shots, seed): zero-shot; text-only LoRA (stage 1, TALLRec-style prompts); fused (stage 2
-from the stage-1 weights: soft tokens + the config's joint losses); fused with one loss removed
-(`fused-seq_cl`, `fused-text_cl`) or added (`fused+align_cl`). The full protocol is 2 domains x
-16/64/256 shots x 3 seeds on the whole test sets; flags choose a slice, and the output says which.
+Per domain: zero-shot, scored once (it depends on neither shots nor seed). Per (domain, shots, seed):
+text-only LoRA (stage 1, TALLRec-style prompts); fused (stage 2 from the stage-1 weights: soft tokens +
+the config's joint losses); fused with one loss removed (`fused-seq_cl`, `fused-text_cl`) or added
+(`fused+align_cl`). The full protocol is 2 domains x 16/64/256 shots x 3 seeds on the whole test sets;
+flags choose a slice, and the output says which. `--merge` keeps the rows of OUT/results.json that this
+run does not recompute (and reuses its zero-shot row for the same test subset); every row names its run.
+benchmarks/quality.py reads OUT/results.json for its zero-shot, LoRA and fused rows.
 
   python benchmarks/fused_quality.py --domains movie --shots 64 --seeds 0 --test_size 128 \
-      --variants zero_shot,text_only,fused
+      --stage1_steps 8 --stage2_steps 8 --variants zero_shot,text_only,fused --merge
 """
 
 import argparse
 import dataclasses
 import json
 import pathlib
+import shlex
+import statistics
+import sys
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from clclm_jax.contrastive import joint
-from clclm_jax.contrastive.fusion import FusedRec, FusionConfig
-from clclm_jax.data import augment, fewshot, tallrec, tokenize
-from clclm_jax.model import loading
-from clclm_jax.model.config import LoraConfig
-from clclm_jax.train import evaluate
-from configs import fused_book, fused_movie
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from clclm_jax.contrastive import joint  # pylint: disable=wrong-import-position
+from clclm_jax.contrastive.fusion import FusedRec, FusionConfig  # pylint: disable=wrong-import-position
+from clclm_jax.data import augment, fewshot, tallrec, tokenize  # pylint: disable=wrong-import-position
+from clclm_jax.model import loading  # pylint: disable=wrong-import-position
+from clclm_jax.model.config import LoraConfig  # pylint: disable=wrong-import-position
+from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
+from configs import fused_book, fused_movie  # pylint: disable=wrong-import-position
 
 PUBLISHED_TALLREC = {"movie": {16: 67.24, 64: 67.48, 256: 71.98}, "book": {16: 56.36, 64: 60.39, 256: 64.38}}
 GOALS = {"movie": {16: 74, 64: 75, 256: 77}, "book": {16: 71, 64: 72, 256: 74}}
@@ -48,9 +57,21 @@ def like_share_auc(xs) -> float:
                       np.array([x.label for x in xs]))
 
 
-def run_domain(domain: str, args, log) -> list[dict]:
+def row_key(r: dict) -> tuple:
+  """Rows with equal keys measure the same thing; zero-shot has no shots, seed or steps."""
+  return (r["domain"], r["variant"], r["shots"], r["seed"], r["test_size"], r["test_seed"], r["stage1_steps"],
+          r["stage2_steps"])
+
+
+def steps_of(config, args) -> tuple[int, int]:
+  return args.stage1_steps or config.stage1.steps, args.stage2_steps or config.stage2.steps
+
+
+def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dict, emit) -> None:
+  """Sets `meta[domain]` (what the rows are measured with), then emits the rows: zero-shot, then each cell."""
   config = CONFIGS[domain].get_config()
   f, d = config.fusion, config.data
+  s1, s2 = steps_of(config, args)
   t0 = time.time()
   lora = LoraConfig(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
                     targets=tuple(config.lora.targets))
@@ -77,79 +98,124 @@ def run_domain(domain: str, args, log) -> list[dict]:
   evals = {spec.num_soft_tokens: joint.eval_batches(test, splits.catalogue, tokenizer, spec,
                                                     batch_size=args.eval_batch_size, pad_multiple=d.pad_multiple)
            for spec in (text, fused)}
+  base = {"domain": domain, "test_size": len(test), "test_total": len(splits.test), "test_seed": args.test_seed,
+          "batch_size": config.train.batch_size, "lr": config.optim.lr, "run": run}
+  meta[domain] = {"test_size": len(test), "test_total": len(splits.test), "test_seed": args.test_seed,
+                  "like_share_auc": 100 * like_share_auc(test),
+                  "fusion": dataclasses.asdict(fcfg) | {"item_corr": "itemcf_iuf(train pool)"},
+                  "stage1_loss_weights": config.stage1.loss_weights.to_dict(),
+                  "stage2_loss_weights": config.stage2.loss_weights.to_dict(), "optim": config.optim.to_dict(),
+                  "batch_size": config.train.batch_size, "train_on_inputs": d.train_on_inputs,
+                  "pad_multiple": d.pad_multiple}
   log(f"{domain}: loaded in {time.time() - t0:.0f}s; test {len(test)} of {len(splits.test)}; "
       f"like-share AUC {100 * like_share_auc(test):.2f}")
 
-  def test_auc(spec) -> float:
+  def test_auc(spec) -> tuple[float, float]:
+    t = time.time()
     p, label = joint.score(model, evals[spec.num_soft_tokens], *yes_no)
-    return 100 * evaluate.auc(p, label)
+    return 100 * evaluate.auc(p, label), time.time() - t
 
-  def train(spec, steps, weights, seed, pool, views=False):
+  def train(spec, steps, weights, seed, pool, views=False) -> float:
     batches = joint.train_batches(pool, splits.catalogue, tokenizer, spec, batch_size=config.train.batch_size,
                                   seed=seed, views=views, pad_multiple=d.pad_multiple)
-    joint.fit(model, batches, steps=steps, loss_weights=weights, optim=config.optim, seed=seed,
-              log=lambda i, m: log(f"  step {i}/{steps} " + " ".join(f"{k}={v:.4f}" for k, v in m.items()
-                                                                   if k.startswith("loss"))))
+    t = last = time.time()
 
-  rows = []
+    def show(i, m):
+      nonlocal last
+      log(f"  step {i}/{steps} ({time.time() - last:.0f}s) " +
+          " ".join(f"{k}={v:.4f}" for k, v in m.items() if k.startswith("loss")))
+      last = time.time()
+
+    joint.fit(model, batches, steps=steps, loss_weights=weights, optim=config.optim, seed=seed, log=show)
+    return time.time() - t
+
+  def record(row):
+    emit(row)
+    log(f"{domain} {row['shots']}-shot seed {row['seed']} {row['variant']}: AUC {row['auc']:.2f} "
+        f"(train {row['train_s']:.0f}s, score {row['score_s']:.0f}s)")
+
+  if "zero_shot" in args.variants:
+    zero = {**base, "variant": "zero_shot", "shots": 0, "seed": None, "stage1_steps": 0, "stage2_steps": 0}
+    old = [r for r in previous if row_key(r) == row_key(zero)]
+    if old:
+      log(f"{domain} zero_shot: AUC {old[-1]['auc']:.2f}, kept from run {old[-1]['run']} (same test subset)")
+    else:
+      nnx.update(model, initial)
+      auc, score_s = test_auc(text)
+      record({**zero, "auc": auc, "train_s": 0.0, "score_s": score_s})
   for shots in args.shots:
     for seed in args.seeds:
       nnx.update(model, initial)
-      cell = {"domain": domain, "shots": shots, "seed": seed}
-
-      def record(variant, auc, t):
-        rows.append({**cell, "variant": variant, "auc": auc, "wall_s": time.time() - t})
-        log(f"{domain} {shots}-shot seed {seed} {variant}: AUC {auc:.2f} ({time.time() - t:.0f}s)")
-
+      cell = {**base, "shots": shots, "seed": seed, "stage1_steps": s1}
       train_set = fewshot.fewshot(splits.train, shots, seed)
-      if "zero_shot" in args.variants:
-        t = time.time()
-        record("zero_shot", test_auc(text), t)
-      t = time.time()
-      train(text, args.stage1_steps or config.stage1.steps, dict(config.stage1.loss_weights), seed, train_set)
+      train1_s = train(text, s1, dict(config.stage1.loss_weights), seed, train_set)
       if "text_only" in args.variants:
-        record("text_only", test_auc(text), t)
+        auc, score_s = test_auc(text)
+        record({**cell, "variant": "text_only", "stage2_steps": 0, "auc": auc, "train_s": train1_s,
+                "score_s": score_s})
       stage1 = jax.tree.map(np.array, nnx.state(model, nnx.Param))
       for variant in [v for v in args.variants if v.startswith("fused")]:
         nnx.update(model, stage1)
-        t = time.time()
         weights = stage2_weights(config, variant)
-        train(fused, args.stage2_steps or config.stage2.steps, weights, seed, train_set,
-              views=weights.get("text_cl", 0) > 0)
-        record(variant, test_auc(fused), t)
-  return rows, {"test_size": len(test), "test_total": len(splits.test), "like_share_auc": 100 * like_share_auc(test),
-                "fusion": dataclasses.asdict(fcfg) | {"item_corr": "itemcf_iuf(train pool)"},
-                "stage1": config.stage1.to_dict(), "stage2": config.stage2.to_dict(),
-                "optim": config.optim.to_dict(), "batch_size": config.train.batch_size,
-                "train_on_inputs": d.train_on_inputs}
+        train2_s = train(fused, s2, weights, seed, train_set, views=weights.get("text_cl", 0) > 0)
+        auc, score_s = test_auc(fused)
+        record({**cell, "variant": variant, "stage2_steps": s2, "loss_weights": weights, "auc": auc,
+                "train_s": train1_s + train2_s, "score_s": score_s})
 
 
-def markdown(rows, meta, args) -> str:
-  full = (set(args.domains) == {"movie", "book"} and sorted(args.shots) == [16, 64, 256] and len(args.seeds) >= 3
-          and all(m["test_size"] == m["test_total"] for m in meta.values()))
+def merge_rows(previous: list[dict], new: list[dict]) -> list[dict]:
+  """`previous` rows that `new` does not measure again, then `new`."""
+  keys = {row_key(r) for r in new}
+  return [r for r in previous if row_key(r) not in keys] + new
+
+
+def command(argv: list[str]) -> str:
+  return "python benchmarks/fused_quality.py " + shlex.join(argv)
+
+
+def markdown(result: dict) -> str:
+  rows, runs = result["rows"], result["runs"]
+  domains = sorted({r["domain"] for r in rows}, key=["movie", "book"].index)
+  trained = [r for r in rows if r["variant"] != "zero_shot"]
+  full = (set(domains) == {"movie", "book"} and {r["shots"] for r in trained} >= {16, 64, 256}
+          and len({r["seed"] for r in trained}) >= 3 and all(r["test_size"] == r["test_total"] for r in rows))
   lines = ["# Fused quality: TALLRec test AUC x100, SmolLM2-135M-Instruct int8", "",
+           f"Machine: {common.machine_line(result['machine'])}.", "",
            "**Full protocol.**" if full else
            "**A slice, not the full protocol** (2 domains x 16/64/256 shots x 3 seeds, whole test sets).", ""]
-  for domain, m in meta.items():
-    lines.append(f"- {domain}: test subset {m['test_size']} of {m['test_total']} (fewshot seed {args.test_seed}); "
-                 f"stage 1 {args.stage1_steps or m['stage1']['steps']} steps, stage 2 "
-                 f"{args.stage2_steps or m['stage2']['steps']} steps, batch {m['batch_size']}, lr {m['optim']['lr']}; "
+  for domain in domains:
+    m = result["meta"][domain]
+    lines.append(f"- {domain}: test subset {m['test_size']} of {m['test_total']} (fewshot seed {m['test_seed']}); "
+                 f"batch {m['batch_size']}, lr {m['optim']['lr']}, answer-only LM loss; "
                  f"like-share heuristic on the same subset {m['like_share_auc']:.2f}")
-  lines += [f"- seeds {args.seeds}; fused variants start from the text-only (stage-1) weights, so they train "
-            "stage 1 + stage 2 steps", "", "| domain | shots | variant | AUC x100 (mean) | seeds | TALLRec 7B | goal |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
-  for domain in args.domains:
-    for shots in args.shots:
-      for variant in args.variants:
-        aucs = [r["auc"] for r in rows if (r["domain"], r["shots"], r["variant"]) == (domain, shots, variant)]
-        if aucs:
-          goal = GOALS[domain].get(shots, "") if variant == "fused" else ""
-          lines.append(f"| {domain} | {shots} | {variant} | {np.mean(aucs):.2f} | {len(aucs)} | "
-                       f"{PUBLISHED_TALLREC[domain].get(shots, '')} | {goal} |")
+  lines += ["- steps `s1+s2`: stage-1 (text-only LoRA) steps + stage-2 (fused) steps; fused variants start from "
+            "the text-only weights of the same cell; examples seen = steps x batch (so 256 shots with 8 steps "
+            "sees 64 of them); minutes are wall clock on the shared machine, XLA compiles included",
+            "- runs (the `run` column):"]
+  lines += [f"  {i}. `{run['command']}` ({run['wall_s'] / 60:.1f} min, load {run['loadavg_before'][0]:.1f})"
+            for i, run in enumerate(runs)]
+  lines += ["", "| domain | shots | variant | steps | AUC x100 | seeds | train + score min per seed | run | "
+            "TALLRec 7B | goal |", "|" + " --- |" * 10]
+  groups: dict[tuple, list] = {}
+  for r in rows:
+    groups.setdefault((r["domain"], r["shots"], r["variant"], r["stage1_steps"], r["stage2_steps"],
+                       r["test_size"]), []).append(r)
+  order = lambda k: (domains.index(k[0]), k[1], VARIANTS.index(k[2]), k[3], k[4])  # noqa: E731
+  for key in sorted(groups, key=order):
+    rs = groups[key]
+    aucs = [r["auc"] for r in rs]
+    spread = f" ± {statistics.stdev(aucs):.2f}" if len(aucs) > 1 else ""
+    domain, shots, variant = key[:3]
+    minutes = statistics.mean(r["train_s"] + r["score_s"] for r in rs) / 60
+    goal = GOALS[domain].get(shots, "") if variant == "fused" else ""
+    lines.append(f"| {domain} | {shots or '-'} | {variant} | {key[3]}+{key[4]} | {statistics.mean(aucs):.2f}{spread} | "
+                 f"{','.join(str(r['seed']) for r in rs if r['seed'] is not None) or '-'} | {minutes:.1f} | "
+                 f"{','.join(sorted({str(r['run']) for r in rs}))} | {PUBLISHED_TALLREC[domain].get(shots, '')} | "
+                 f"{goal} |")
   return "\n".join(lines) + "\n"
 
 
-def main():
+def parse_args(argv: list[str] | None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   split = lambda conv: lambda s: [conv(x) for x in s.split(",")]  # noqa: E731
   parser.add_argument("--domains", type=split(str), default=["movie", "book"])
@@ -162,28 +228,50 @@ def main():
   parser.add_argument("--stage2_steps", type=int, default=0, help="0: the config's")
   parser.add_argument("--eval_batch_size", type=int, default=16)
   parser.add_argument("--out", default="benchmarks/results/fused_quality")
-  args = parser.parse_args()
+  parser.add_argument("--merge", action="store_true", help="keep OUT/results.json rows this run does not redo")
+  args = parser.parse_args(argv)
   unknown = set(args.variants) - set(VARIANTS)
   if unknown:
     parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+  return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse_args(argv)
+  cache = common.enable_compilation_cache()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  logfile = (out / "log.txt").open("w")
+  previous = json.loads((out / "results.json").read_text()) if args.merge and (out / "results.json").exists() \
+      else {"runs": [], "meta": {}, "rows": []}
+  run = len(previous["runs"])
+  logfile = (out / "log.txt").open("a" if args.merge else "w")
 
   def log(msg: str):
     print(msg, flush=True)
     logfile.write(msg + "\n")
     logfile.flush()
 
-  rows, meta, t0 = [], {}, time.time()
+  argv = sys.argv[1:] if argv is None else argv
+  log(f"run {run}: {command(argv)} (XLA cache {cache})")
+  rows, meta, t0, load = [], dict(previous["meta"]), time.time(), common.loadavg()
+
+  def save() -> dict:
+    runs = previous["runs"] + [{"command": command(argv), "wall_s": time.time() - t0, "loadavg_before": load,
+                                "loadavg_after": common.loadavg()}]
+    result = {"machine": common.machine(), "runs": runs, "meta": meta, "rows": merge_rows(previous["rows"], rows)}
+    common.write_json(out / "results.json", result)
+    common.write_text(out / "results.md", markdown(result))
+    return result
+
+  def emit(row: dict):
+    rows.append(row)
+    save()
+
   for domain in args.domains:
-    domain_rows, meta[domain] = run_domain(domain, args, log)
-    rows += domain_rows
-  result = {"args": vars(args), "machine": f"{jax.devices()[0].platform}, {jax.device_count()} device(s)",
-            "wall_s": time.time() - t0, "meta": meta, "rows": rows}
-  (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-  (out / "results.md").write_text(markdown(rows, meta, args))
-  print(markdown(rows, meta, args))
+    run_domain(domain, args, log, previous["rows"], run, meta, emit)
+  result = save()
+  print(markdown(result))
+  return result
 
 
 if __name__ == "__main__":

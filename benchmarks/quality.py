@@ -1,12 +1,12 @@
-"""Few-shot TALLRec AUC: zero-shot and LoRA rec tuning against TALLRec's numbers and a no-training heuristic.
+"""Few-shot TALLRec AUC grid: zero-shot, TALLRec-style LoRA and the fused model against TALLRec and a heuristic.
 
-  python benchmarks/quality.py --out=benchmarks/results --methods heuristic zero_shot lora \\
-      --domains movie book --shots 16 64 256 --seeds 0 1 2 --test-size -1     # the whole grid (GPU-sized)
-  python benchmarks/quality.py --methods lora --domains movie --shots 16 --test-size 200 --merge  # one cell
+  python benchmarks/quality.py [--out benchmarks/results] [--fused benchmarks/results/fused_quality/results.json]
 
-`--test-size n > 0` scores a deterministic subset (`fewshot(test, n, seed)`, the same rows the train
-loop evaluates for that seed); every row records its test set. `--merge [FILES]` keeps the rows of earlier
-runs (OUT/quality.json and FILES; a row is replaced when method, domain, shots, seed and test set agree).
+One source of truth for the model rows: they are read from `benchmarks/fused_quality.py`'s results.json
+(`zero_shot`; `text_only` = TALLRec-style LoRA, shown as `lora`; `fused` and its ablations), and each
+row names the fused_quality command that measured it. This script computes only what needs no model:
+the history like-ratio heuristic, on the whole test sets and on every test subset the model rows used.
+Writes quality.{json,md,png} into --out.
 """
 
 import argparse
@@ -14,70 +14,37 @@ import json
 import pathlib
 import statistics
 import sys
-import tempfile
-import time
 from typing import Any
 
-import jax
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from clclm_jax.data import fewshot, tallrec, tokenize  # pylint: disable=wrong-import-position
-from clclm_jax.train import evaluate, loop, sharding, state as state_lib  # pylint: disable=wrong-import-position
+from clclm_jax.data import fewshot, tallrec  # pylint: disable=wrong-import-position
+from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
 
 # TALLRec (arXiv 2305.00447) Table: AUC x 100 of LLaMA-7B rec tuning, by training shots.
 TALLREC_PUBLISHED = {"movie": {16: 67.24, 64: 67.48, 256: 71.98}, "book": {16: 56.36, 64: 60.39, 256: 64.38}}
-METHODS = ("heuristic", "zero_shot", "lora")
+NAMES = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "history like-ratio (no training)",
+         "zero_shot": "ours, zero-shot", "lora": "ours, TALLRec-style LoRA", "fused": "ours, fused (CLCLMRec)",
+         "fused-seq_cl": "ours, fused - seq_cl", "fused-text_cl": "ours, fused - text_cl",
+         "fused+align_cl": "ours, fused + align_cl"}
+FUSED_DEFAULT = ROOT / "benchmarks" / "results" / "fused_quality" / "results.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="benchmarks/results", help="folder for quality.{json,md,png}")
-  p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+  p.add_argument("--fused", default=str(FUSED_DEFAULT), help="benchmarks/fused_quality.py's results.json")
   p.add_argument("--domains", nargs="+", default=["movie", "book"], choices=("movie", "book"))
-  p.add_argument("--shots", nargs="+", type=int, default=[16, 64, 256])
-  p.add_argument("--seeds", nargs="+", type=int, default=[0])
-  p.add_argument("--test-size", type=int, default=-1, help="<= 0: the whole test set; else a seeded subset")
-  p.add_argument("--preset", default="", help="a random model of this preset's shape (e.g. 'tiny', for tests)")
-  p.add_argument("--epochs", type=int, default=None, help="train.num_epochs (default: configs/base.py)")
-  p.add_argument("--max-steps", type=int, default=None, help="train.max_steps (overrides epochs)")
-  p.add_argument("--batch-size", type=int, default=None, help="train.batch_size")
-  p.add_argument("--micro-batch-size", type=int, default=None, help="train.micro_batch_size")
-  p.add_argument("--lr", type=float, default=None, help="optim.lr")
-  p.add_argument("--valid-size", type=int, default=None, help="data.valid_size (early stopping set)")
-  p.add_argument("--eval-every", type=int, default=None, help="train.eval_every")
-  p.add_argument("--workdir", default="", help="keep LoRA runs here (default: a temporary folder)")
-  p.add_argument("--merge", nargs="*", default=None, metavar="JSON",
-                 help="keep the rows of OUT/quality.json and of these quality.json files (new rows win)")
   return p.parse_args(argv)
 
 
-def make_config(args, domain: str, shots: int, seed: int):
-  """configs/base.py with this cell's domain, shots, seed, test subset and the command-line overrides."""
-  c = base.get_config()
-  c.name = f"quality_{domain}_{shots}_{seed}"
-  c.seed = seed
-  c.data.domain, c.data.shots, c.data.fewshot_seed = domain, shots, seed
-  c.data.test_size = args.test_size if args.test_size > 0 else -1
-  if args.preset:
-    c.model.preset = args.preset
-  overrides = {("train", "num_epochs"): args.epochs, ("train", "max_steps"): args.max_steps,
-               ("train", "batch_size"): args.batch_size, ("train", "micro_batch_size"): args.micro_batch_size,
-               ("optim", "lr"): args.lr, ("data", "valid_size"): args.valid_size,
-               ("train", "eval_every"): args.eval_every}
-  for (group, field), value in overrides.items():
-    if value is not None:
-      setattr(c[group], field, value)
-  return c
-
-
 def test_set(domain: str, test_size: int, seed: int) -> tuple[list, dict[str, Any]]:
-  """The test interactions scored for this seed, and a description recorded with every row."""
+  """The test interactions (fused_quality's subset for this size and seed), and their description."""
   full = tallrec.tallrec_splits(domain).test
   if test_size <= 0 or test_size >= len(full):
     return full, {"test_n": len(full), "test_full_n": len(full), "subset": False, "subset_seed": None}
@@ -91,52 +58,28 @@ def like_ratio(interaction) -> float:
   return float(np.mean(likes)) if likes else 0.5
 
 
-def heuristic_row(domain: str, test_size: int, seed: int | None) -> dict[str, Any]:
-  xs, desc = test_set(domain, test_size, seed or 0)
+def heuristic_row(domain: str, test_size: int, seed: int) -> dict[str, Any]:
+  xs, desc = test_set(domain, test_size, seed)
   scores = np.asarray([like_ratio(x) for x in xs])
   labels = np.asarray([x.label for x in xs])
-  return {"method": "heuristic", "domain": domain, "shots": 0, "seed": seed, **desc,
+  return {"method": "heuristic", "domain": domain, "shots": 0, "seed": None, **desc,
           "auc": evaluate.auc(scores, labels)}
 
 
-def zero_shot_row(args, domain: str, seed: int, model_and_tokenizer) -> dict[str, Any]:
-  """P(Yes) of the untrained model (LoRA B = 0) on the test set, through the train loop's data and scoring."""
-  config = make_config(args, domain, shots=0, seed=seed)
-  model, tokenizer = model_and_tokenizer
-  _, evals = loop.rec_data(config, tokenizer, splits=("test",))
-  mesh = sharding.make_mesh(config.mesh)
-  graphdef, params, frozen = state_lib.split_model(model)
-  params_sh, frozen_sh = sharding.state_sharding(params, mesh), sharding.state_sharding(frozen, mesh)
-  eval_step = evaluate.compile_eval_step(graphdef, params_sh, frozen_sh, mesh,
-                                         *tokenize.answer_token_ids(tokenizer, config.data.template))
-  start = time.perf_counter()
-  with jax.set_mesh(mesh):
-    metrics = evaluate.score(eval_step, sharding.put(params, params_sh), sharding.put(frozen, frozen_sh),
-                             evals["test"], mesh).metrics()
-  _, desc = test_set(domain, args.test_size, seed)
-  return {"method": "zero_shot", "domain": domain, "shots": 0, "seed": seed, **desc, "auc": metrics["auc"],
-          "accuracy": metrics["accuracy"], "mean_p_yes": metrics["mean_p_yes"],
-          "eval_s": time.perf_counter() - start, "model": config.model.preset or config.model.source}
-
-
-def lora_row(args, domain: str, shots: int, seed: int, workdir: pathlib.Path) -> dict[str, Any]:
-  """TALLRec-style LoRA rec tuning with `loop.train` (early stopping on validation AUC), then test AUC."""
-  config = make_config(args, domain, shots, seed)
-  start = time.perf_counter()
-  summary = loop.train(config, workdir / config.name)
-  _, desc = test_set(domain, args.test_size, seed)
-  t = config.train
-  return {"method": "lora", "domain": domain, "shots": shots, "seed": seed, **desc, "auc": summary["test_auc"],
-          "valid_auc": summary["valid_auc"], "valid_size": config.data.valid_size, "steps": summary["steps"],
-          "best_step": summary["best_step"], "train_tokens_per_s": summary["tokens_per_s"],
-          "wall_s": time.perf_counter() - start, "model": config.model.preset or config.model.source,
-          "train": {"batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size, "num_epochs": t.num_epochs,
-                    "max_steps": t.max_steps, "eval_every": t.eval_every, "patience": t.patience,
-                    "lr": config.optim.lr}}
-
-
-def row_key(r: dict[str, Any]) -> tuple:
-  return (r["method"], r["domain"], r["shots"], r["seed"], r["test_n"], r["subset_seed"])
+def fused_rows(fused: dict[str, Any], domains: list[str]) -> list[dict[str, Any]]:
+  """fused_quality rows in this table's form (AUC as a fraction), each with the command that measured it."""
+  rows = []
+  for r in fused["rows"]:
+    if r["domain"] not in domains:
+      continue
+    subset = r["test_size"] < r["test_total"]
+    rows.append({"method": "lora" if r["variant"] == "text_only" else r["variant"], "domain": r["domain"],
+                 "shots": r["shots"], "seed": r["seed"], "test_n": r["test_size"], "test_full_n": r["test_total"],
+                 "subset": subset, "subset_seed": r["test_seed"] if subset else None, "auc": r["auc"] / 100,
+                 "steps": f"{r['stage1_steps']}+{r['stage2_steps']}", "batch_size": r["batch_size"],
+                 "train_s": r["train_s"], "score_s": r["score_s"], "run": r["run"],
+                 "command": fused["runs"][r["run"]]["command"]})
+  return rows
 
 
 def published_rows() -> list[dict[str, Any]]:
@@ -154,71 +97,96 @@ def test_label(r: dict[str, Any]) -> str:
 
 
 def auc_table(rows_in: list[dict[str, Any]]) -> str:
-  """One markdown row per (method, domain, shots, test set): mean AUC x100 (± std over seeds)."""
-  names = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "history like-ratio (no training)",
-           "zero_shot": "ours, zero-shot", "lora": "ours, LoRA rec tuning"}
+  """One markdown row per (domain, method, shots, steps, test set): mean AUC x100 (± std over seeds)."""
   groups: dict[tuple, list] = {}
   for r in rows_in:
-    groups.setdefault((r["method"], r["domain"], r["shots"], r["test_n"], r["subset"]), []).append(r)
-  order = {m: i for i, m in enumerate(names)}
+    groups.setdefault((r["domain"], r["method"], r["shots"], r.get("steps", ""), r["test_n"], r["subset"]),
+                      []).append(r)
+  order = {m: i for i, m in enumerate(NAMES)}
   rows = []
-  for key in sorted(groups, key=lambda k: (k[1], order[k[0]], k[2], k[3] or 0)):
+  for key in sorted(groups, key=lambda k: (k[0], order[k[1]], k[2], k[3], k[4] or 0)):
     rs = groups[key]
     aucs = [100 * r["auc"] for r in rs]
     spread = f" ± {statistics.stdev(aucs):.2f}" if len(aucs) > 1 else ""
     seeds = ",".join(str(r["seed"]) for r in rs if r["seed"] is not None) or "-"
-    extra = ""
-    if key[0] == "lora":
-      extra = (f"{rs[0]['steps']} steps (best {rs[0]['best_step']}), batch {rs[0]['train']['batch_size']}, "
-               f"valid {rs[0]['valid_size']}, {statistics.mean(r['wall_s'] for r in rs) / 60:.1f} min")
-    elif key[0] == "zero_shot":
-      extra = f"{statistics.mean(r['eval_s'] for r in rs) / 60:.1f} min scoring"
-    rows.append([key[1], names[key[0]], key[2] or "-", seeds, test_label(rs[0]),
-                 f"{statistics.mean(aucs):.2f}{spread}", extra])
-  return common.markdown_table(["domain", "method", "shots", "seeds", "test set", "AUC x100", "notes"], rows)
+    notes = ""
+    if "run" in rs[0]:
+      minutes = statistics.mean(r["train_s"] + r["score_s"] for r in rs) / 60
+      runs = ",".join(sorted({str(r["run"]) for r in rs}))
+      notes = f"{minutes:.1f} min per seed (train + score), fused_quality run {runs}"
+    rows.append([key[0], NAMES[key[1]], key[2] or "-", key[3] or "-", seeds, test_label(rs[0]),
+                 f"{statistics.mean(aucs):.2f}{spread}", notes])
+  return common.markdown_table(["domain", "method", "shots", "steps", "seeds", "test set", "AUC x100", "notes"],
+                               rows)
+
+
+def sources(result: dict[str, Any]) -> list[str]:
+  """The commands behind the model rows, by fused_quality run number."""
+  runs = sorted({(r["run"], r["command"]) for r in result["rows"] if "run" in r})
+  return [f"- fused_quality run {i}: `{cmd}`" for i, cmd in runs]
 
 
 def markdown(result: dict[str, Any]) -> str:
-  lines = ["# Few-shot TALLRec AUC (x100)", "", f"Machine: {common.machine_line(result['machine'])}.",
-           f"Model: {result['model']} (int8 base, LoRA r=8, alpha 16, dropout 0.05 on q, v). "
-           "Rows marked SUBSET score a seeded subset of the test set, not the whole of it; "
-           "they are not directly comparable with full-test rows.", "", auc_table(result["rows"]), ""]
+  model_machine = result.get("model_machine")
+  lines = ["# Few-shot TALLRec AUC (x100)", "",
+           f"Model rows: {result['model']}, int8 base, LoRA r=8, alpha 16, dropout 0.05 on q, v; "
+           f"batch {', '.join(sorted({str(r['batch_size']) for r in result['rows'] if 'batch_size' in r})) or '-'}; "
+           "steps `s1+s2` = stage-1 text-only LoRA steps + stage-2 fused steps (`lora` rows stop after stage 1). "
+           "Rows marked SUBSET score a seeded subset of the test set, not the whole of it; they are not "
+           "directly comparable with full-test rows. Minutes are wall clock on the shared machine, XLA compiles "
+           "included.", ""]
+  if model_machine:
+    lines += [f"Model rows measured on: {common.machine_line(model_machine)}. Produced by "
+              "`benchmarks/fused_quality.py` (its results.json is the source of these rows):", "",
+              *sources(result), ""]
+  lines += [f"Heuristic rows and this table: `python benchmarks/quality.py` on "
+            f"{common.machine_line(result['machine'])}.", "", auc_table(result["rows"]), ""]
   return "\n".join(lines) + "\n"
 
 
+def _by_shots(rows: list[dict[str, Any]], method: str) -> dict[str, list[tuple]]:
+  """{test label: [(shots, mean AUC x100, std)]} for one method."""
+  groups: dict[tuple, list] = {}
+  for r in rows:
+    if r["method"] == method:
+      steps = f", {r['steps']} steps" if r.get("steps") not in (None, "0+0") else ""
+      groups.setdefault((test_label(r) + steps, r["shots"]), []).append(100 * r["auc"])
+  out: dict[str, list[tuple]] = {}
+  for (label, shots), aucs in sorted(groups.items()):
+    out.setdefault(label, []).append((shots, statistics.mean(aucs), statistics.stdev(aucs) if len(aucs) > 1 else 0))
+  return out
+
+
 def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
-  """AUC against training shots per domain: TALLRec's curve, our LoRA points, flat lines for the rest."""
+  """AUC against training shots per domain: TALLRec's curve, our LoRA and fused curves, flat lines for the rest."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  domains = sorted({r["domain"] for r in result["rows"]})
-  fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 3.6), squeeze=False)
+  domains = [d for d in ("movie", "book") if any(r["domain"] == d for r in result["rows"])]
+  fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 5.6), squeeze=False)
   for ax, domain in zip(axes[0], domains):
     rows = [r for r in result["rows"] if r["domain"] == domain]
     pub = sorted((r["shots"], 100 * r["auc"]) for r in rows if r["method"] == "tallrec_published")
     ax.plot(*zip(*pub), "o-", color="tab:gray", label="TALLRec published (LLaMA-7B)")
-    for method, style, color in (("heuristic", "--", "tab:green"), ("zero_shot", ":", "tab:orange")):
-      by_test: dict[str, list] = {}
-      for r in rows:
-        if r["method"] == method:
-          by_test.setdefault(test_label(r), []).append(100 * r["auc"])
-      for label, aucs in by_test.items():
-        name = "like-ratio heuristic" if method == "heuristic" else "ours zero-shot"
-        ax.axhline(statistics.mean(aucs), ls=style, color=color, label=f"{name}, {label}")
-    lora: dict[tuple, list] = {}
-    for r in rows:
-      if r["method"] == "lora":
-        lora.setdefault((test_label(r),), []).append((r["shots"], 100 * r["auc"]))
-    for (label,), pts in lora.items():
-      ax.plot(*zip(*sorted(pts)), "s", color="tab:blue", label=f"ours LoRA, {label}")
+    for method, styles, color in (("heuristic", ("--", "-."), "tab:green"), ("zero_shot", (":",), "tab:orange")):
+      for i, (label, pts) in enumerate(_by_shots(rows, method).items()):
+        ax.axhline(pts[0][1], ls=styles[i % len(styles)], color=color,
+                   label=f"{NAMES[method].split(', ')[-1]}, {label}")
+    for method, marker, color in (("lora", "s-", "tab:blue"), ("fused", "D-", "tab:red"),
+                                  ("fused-seq_cl", "v", "tab:purple"), ("fused-text_cl", "^", "tab:brown"),
+                                  ("fused+align_cl", "P", "tab:pink")):
+      for label, pts in _by_shots(rows, method).items():
+        shots, mean, std = zip(*pts)
+        ax.errorbar(shots, mean, yerr=std if any(std) else None, fmt=marker, color=color, capsize=3,
+                    label=f"{NAMES[method]}, {label}")
     ax.set_xscale("log", base=2)
     ax.set_xticks([16, 64, 256], ["16", "64", "256"])
     ax.set_xlabel("training shots")
     ax.set_ylabel("test AUC x100")
     ax.set_title(domain)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -228,33 +196,17 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   out = pathlib.Path(args.out)
-  sources = [] if args.merge is None else [out / "quality.json", *map(pathlib.Path, args.merge)]
-  previous = [json.loads(f.read_text()) for f in sources if f.exists()]
-  rows = []
-  model_and_tokenizer = None
-  with tempfile.TemporaryDirectory() as tmp:
-    workdir = pathlib.Path(args.workdir or tmp)
-    for domain in args.domains:
-      if "heuristic" in args.methods:
-        rows.append(heuristic_row(domain, -1, None))
-      for seed in args.seeds:
-        if "heuristic" in args.methods and args.test_size > 0:
-          rows.append(heuristic_row(domain, args.test_size, seed))
-        if "zero_shot" in args.methods:
-          model_and_tokenizer = model_and_tokenizer or loop.build_model(make_config(args, domain, 0, seed))
-          rows.append(zero_shot_row(args, domain, seed, model_and_tokenizer))
-        if "lora" in args.methods:
-          rows += [lora_row(args, domain, shots, seed, workdir) for shots in args.shots]
-        print(json.dumps(rows[-1]), flush=True)
-  new_keys = {row_key(r) for r in rows}
-  kept = {}
-  for r in (r for p in previous for r in p["rows"] if r["method"] != "tallrec_published"):
-    if row_key(r) not in new_keys:
-      kept[row_key(r)] = r
-  runs = [run for p in previous for run in p.get("runs", [])]
-  result = {"machine": common.machine(), "model": args.preset or base.get_config().model.source,
-            "runs": runs + [{"argv": sys.argv[1:] if argv is None else argv, "loadavg": common.loadavg()}],
-            "rows": published_rows() + list(kept.values()) + rows}
+  fused_path = pathlib.Path(args.fused)
+  fused = json.loads(fused_path.read_text()) if fused_path.exists() else {"rows": [], "runs": [], "meta": {}}
+  model_rows = fused_rows(fused, args.domains)
+  rows = [r for r in published_rows() if r["domain"] in args.domains]
+  for domain in args.domains:
+    rows.append(heuristic_row(domain, -1, 0))
+    for test_n, seed in sorted({(r["test_n"], r["subset_seed"]) for r in model_rows
+                                if r["domain"] == domain and r["subset"]}):
+      rows.append(heuristic_row(domain, test_n, seed))
+  result = {"machine": common.machine(), "model": "smollm2-135m-instruct", "model_machine": fused.get("machine"),
+            "fused_results": str(fused_path), "rows": rows + model_rows}
   common.write_json(out / "quality.json", result)
   common.write_text(out / "quality.md", markdown(result))
   plot(result, out / "quality.png")

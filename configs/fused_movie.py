@@ -20,7 +20,7 @@ def fused_overrides(c: ConfigDict) -> ConfigDict:
         encoder_dropout=0.2, pooling="mean", history_len=10, view_len=128, corr_top_k=1,
         seq_temperature=0.2, text_temperature=0.1, align_temperature=0.1))
     # Two stages as in the seeds: text-only prompts, then prompts with the fused tokens.
-    c.stage1 = ConfigDict(dict(steps=16, loss_weights=ConfigDict({"lm": 1.0})))
+    c.stage1 = ConfigDict(dict(steps=16, loss_weights=ConfigDict({"text_lm": 1.0})))
     c.stage2 = ConfigDict(dict(steps=16, loss_weights=ConfigDict(
         {"fused_lm": 1.0, "seq_cl": 0.1, "text_cl": 0.1, "align_cl": 0.0})))  # weight 0: the term is off
   return c

@@ -1,4 +1,4 @@
-"""Benchmark plumbing on the tiny model: timing helpers, FLOP counts, both scripts end to end, README markers."""
+"""Benchmark plumbing: timing helpers, FLOP counts, throughput on the tiny model, quality tables, README markers."""
 
 import json
 import pathlib
@@ -11,6 +11,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import fused_quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 import quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 import readme_results  # pylint: disable=g-import-not-at-top,wrong-import-position
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -68,19 +69,66 @@ def test_throughput_script_on_tiny_model(tmp_path, data_root):
   assert "scoring prompts/s" in (tmp_path / "throughput_cpu.md").read_text()
 
 
-def test_quality_script_on_tiny_model(tmp_path, data_root):
+def _fused_results(tmp_path) -> pathlib.Path:
+  """A fused_quality results.json as the script writes it: movie 16 shots, two seeds, a 16-prompt subset."""
+  cell = {"domain": "movie", "test_size": 16, "test_total": 1000, "test_seed": 0, "batch_size": 8, "lr": 1e-3,
+          "train_s": 60.0, "score_s": 30.0}
+  rows = [{**cell, "variant": "zero_shot", "shots": 0, "seed": None, "stage1_steps": 0, "stage2_steps": 0,
+           "auc": 50.0, "run": 0}]
+  for seed, auc in ((0, 60.0), (1, 62.0)):
+    rows += [{**cell, "variant": "text_only", "shots": 16, "seed": seed, "stage1_steps": 2, "stage2_steps": 0,
+              "auc": auc, "run": seed},
+             {**cell, "variant": "fused", "shots": 16, "seed": seed, "stage1_steps": 2, "stage2_steps": 2,
+              "auc": auc + 10, "run": seed}]
+  runs = [{"command": f"python benchmarks/fused_quality.py --seeds {i}", "wall_s": 60.0,
+           "loadavg_before": [1.0, 1.0, 1.0], "loadavg_after": [1.0, 1.0, 1.0]} for i in range(2)]
+  meta = {"movie": {"test_size": 16, "test_total": 1000, "test_seed": 0, "batch_size": 8, "optim": {"lr": 1e-3},
+                    "like_share_auc": 70.0}}
+  return common.write_json(tmp_path / "fused" / "results.json",
+                           {"machine": common.machine(), "runs": runs, "meta": meta, "rows": rows})
+
+
+def test_fused_quality_merge_and_markdown(tmp_path):
+  result = json.loads(_fused_results(tmp_path).read_text())
+  redo = {**result["rows"][1], "auc": 1.0, "run": 2}
+  merged = fused_quality.merge_rows(result["rows"], [redo])
+  assert len(merged) == len(result["rows"]) and merged[-1]["auc"] == 1.0
+  assert [r["auc"] for r in merged].count(60.0) == 0  # the re-measured row replaced, not duplicated
+  text = fused_quality.markdown(result)
+  assert "A slice, not the full protocol" in text and "test subset 16 of 1000" in text
+  assert "| movie | 16 | fused | 2+2 | 71.00 ± 1.41 | 0,1 |" in text
+  assert "| movie | - | zero_shot | 0+0 | 50.00 | - |" in text
+  assert "`python benchmarks/fused_quality.py --seeds 1`" in text
+  assert fused_quality.stage2_weights(fused_quality.CONFIGS["movie"].get_config(), "fused-seq_cl")["seq_cl"] == 0.0
+
+
+def test_compilation_cache_goes_to_clclm_cache(tmp_path, monkeypatch):
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  monkeypatch.setenv("CLCLM_CACHE", str(tmp_path))
+  try:
+    path = common.enable_compilation_cache(0.25)
+    assert path == tmp_path / "xla" and jax.config.jax_compilation_cache_dir == str(path)
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.25
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+def test_quality_reads_the_fused_results(tmp_path, data_root):
   del data_root
-  args = ["--out", str(tmp_path), "--preset", "tiny", "--domains", "movie", "--shots", "16", "--test-size", "16",
-          "--max-steps", "1", "--batch-size", "4", "--micro-batch-size", "4", "--valid-size", "8", "--eval-every", "1"]
-  quality.main(args + ["--methods", "heuristic", "zero_shot"])
-  result = quality.main(args + ["--methods", "lora", "--merge"])
-  rows = {(r["method"], r["test_n"]): r for r in result["rows"] if r["domain"] == "movie"}
-  assert rows[("heuristic", 1000)]["auc"] == pytest.approx(0.726, abs=5e-4)  # methods.md: 72.6 on movie.
-  subset = [rows[(m, 16)] for m in ("heuristic", "zero_shot", "lora")]
-  assert all(r["subset"] and r["subset_seed"] == 0 and 0.0 <= r["auc"] <= 1.0 for r in subset)
-  assert rows[("lora", 16)]["steps"] == 1
-  assert len([r for r in result["rows"] if r["method"] == "tallrec_published"]) == 6
-  assert "SUBSET 16/1000" in (tmp_path / "quality.md").read_text()
+  fused = _fused_results(tmp_path)
+  result = quality.main(["--out", str(tmp_path), "--fused", str(fused), "--domains", "movie"])
+  rows = {(r["method"], r["test_n"], r["seed"]): r for r in result["rows"]}
+  assert rows[("heuristic", 1000, None)]["auc"] == pytest.approx(0.726, abs=5e-4)  # methods.md: 72.6 on movie.
+  subset = rows[("heuristic", 16, None)]
+  assert subset["subset"] and subset["subset_seed"] == 0 and 0.0 <= subset["auc"] <= 1.0
+  assert rows[("lora", 16, 1)]["auc"] == pytest.approx(0.62) and rows[("lora", 16, 1)]["steps"] == "2+0"
+  assert rows[("fused", 16, 0)]["command"] == "python benchmarks/fused_quality.py --seeds 0"
+  assert rows[("zero_shot", 16, None)]["shots"] == 0
+  assert len([r for r in result["rows"] if r["method"] == "tallrec_published"]) == 3
+  text = (tmp_path / "quality.md").read_text()
+  assert "SUBSET 16/1000" in text and "`python benchmarks/fused_quality.py --seeds 1`" in text
+  assert "| movie | ours, fused (CLCLMRec) | 16 | 2+2 | 0,1 | SUBSET 16/1000 (seed 0) | 71.00 ± 1.41 |" in text
   assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from ml_collections import ConfigDict
@@ -146,6 +147,47 @@ def test_losses_finite_and_switching_off_removes_term():
     np.testing.assert_allclose(m["loss"], m["loss/fused_lm"] + 0.1 * (m["loss/seq_cl"] + m["loss/align_cl"]),
                                rtol=1e-5)
   assert not np.array_equal(np.asarray(model.projector.up_proj.kernel[...]), before)
+
+
+def test_target_ce_equals_the_full_logits_ce():
+  model = _model()
+  for _, lin in model.llm.projections():
+    if lin.lora_b is not None:
+      lin.lora_b.set_value(jnp.full(lin.lora_b.shape, 0.01))
+  text, fused = _batch(k=0, views=False), _batch(views=False)
+  assert text["target_index"].shape[1] % 8 == 0
+  np.testing.assert_array_equal((text["target_index"] > 0).sum(1), text["loss_mask"][:, 1:].sum(1))
+  key = jax.random.key(0)
+  np.testing.assert_allclose(step_lib.LOSSES["text_lm"](model, text, key), step_lib.LOSSES["lm"](model.llm, text, key),
+                             rtol=1e-5)
+  logits_btv = model(fused["tokens"], fused["positions"], fused["attention_mask"],
+                     history_ids_bl=fused["history_ids"], feedback_bl=fused["history_feedback"])
+  ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], fused["tokens"][:, 1:])
+  w_bt = fused["loss_mask"][:, 1:]
+  np.testing.assert_allclose(step_lib.LOSSES["fused_lm"](model, fused, key), (ce_bt * w_bt).sum() / w_bt.sum(),
+                             rtol=1e-5)
+
+
+def test_score_and_fit_reuse_their_compiled_functions():
+  xs, cat = _data(8)
+  model, tok = _model(), CharTokenizer()
+  evals = joint.eval_batches(xs, cat, tok, _spec(), batch_size=4)
+  first, labels = joint.score(model, evals, 7, 8)
+  hits = joint._yes_fn.cache_info().hits  # pylint: disable=protected-access
+  again, _ = joint.score(model, evals, 7, 8)
+  assert joint._yes_fn.cache_info().hits == hits + 1  # pylint: disable=protected-access
+  np.testing.assert_array_equal(first, again)
+  np.testing.assert_array_equal(labels, [x.label for x in xs])
+  optim = ConfigDict(dict(lr=1e-2, warmup_steps=0, schedule="constant", max_grad_norm=1.0, b1=0.9, b2=0.999,
+                          weight_decay=0.0))
+  for _ in range(2):
+    joint.fit(model, joint.train_batches(xs, cat, tok, _spec(), batch_size=4, seed=0), steps=1,
+              loss_weights={"fused_lm": 1.0}, optim=optim, seed=0)
+  graphdef = nnx.split(model, nnx.Param, ...)[0]
+  step_fns = [v[1] for k, v in joint._STEP_FNS.items() if k[0] == graphdef]  # pylint: disable=protected-access
+  assert len(step_fns) == 1 and step_fns[0]._cache_size() == 1  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="unknown losses"):
+    joint.fit(model, iter(()), steps=1, loss_weights={"nope": 1.0}, optim=optim, seed=0)
 
 
 def test_packed_augmentation_keeps_likes_with_items():

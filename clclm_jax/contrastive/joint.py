@@ -1,11 +1,12 @@
 """CLCLMRec rec tuning: fused-prompt batches, the joint losses (registered by name), scoring, training.
 
 Losses, each weighted by `config.loss_weights[name]` and off when absent:
-  `fused_lm`  next-token CE on the fused prompt (soft tokens at the placeholders) where `loss_mask` is 1;
+  `text_lm`   next-token CE on the text-only prompt where `loss_mask` is 1 (LM head on those rows only);
+  `fused_lm`  the same on the fused prompt (soft tokens at the placeholders);
   `seq_cl`    InfoNCE between two augmented views (data/augment.py) of the history through the encoder;
   `text_cl`   InfoNCE between the LLM's mean-pooled states of two text views (data/textviews.py);
   `align_cl`  CALRec-style InfoNCE between the LLM's pooled history span and the encoder's user state.
-Stage 1 trains the registered `lm` loss on text-only prompts; stage 2 these on fused prompts.
+Stage 1 trains `text_lm` on text-only prompts; stage 2 the others on fused prompts.
 """
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -112,10 +113,18 @@ def _pad_rows(rows: Sequence[np.ndarray], b: int, t: int) -> np.ndarray:
   return out
 
 
+def target_index(loss_mask_bt: np.ndarray, multiple: int = 8) -> np.ndarray:
+  """Positions `[b, n]` where `loss_mask` is 1 (n a multiple of `multiple`), padded with 0 (never a target)."""
+  rows = [np.flatnonzero(m[1:]) + 1 for m in loss_mask_bt]
+  n = multiple * max(1, math.ceil(max(len(r) for r in rows) / multiple))
+  return _pad_rows(rows, len(rows), n)
+
+
 def collate_fused(examples: Sequence[Batch], *, pad_multiple: int = 16, batch_size: int | None = None) -> Batch:
-  """`pipeline.collate` plus `history_feedback`, `history_mask` and, when present, padded text views."""
+  """`pipeline.collate` plus `history_feedback`, `history_mask`, `target_index` and, when present, text views."""
   batch = pipeline.collate(examples, pad_multiple=pad_multiple, batch_size=batch_size)
   b, t = batch["tokens"].shape
+  batch["target_index"] = target_index(batch["loss_mask"])
   batch["history_feedback"] = _pad_rows([e["history_feedback"] for e in examples], b,
                                         examples[0]["history_feedback"].shape[0])
   batch["history_mask"] = _pad_rows([e["history_mask"] for e in examples], b, t)
@@ -154,10 +163,14 @@ def eval_batches(interactions: Sequence[Interaction], catalogue: Catalogue, toke
 
 # --- Losses ----------------------------------------------------------------------------------------
 
-def _masked_ce(logits_btv: jax.Array, tokens_bt: jax.Array, loss_mask_bt: jax.Array) -> jax.Array:
-  ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], tokens_bt[:, 1:])
-  w_bt = loss_mask_bt[:, 1:].astype(jnp.float32)
-  return jnp.sum(ce_bt * w_bt) / jnp.maximum(jnp.sum(w_bt), 1.0)
+def _target_ce(model: FusedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Mean next-token CE at `target_index` (0 = padding); the LM head runs on those rows only."""
+  idx_bn = batch["target_index"]
+  h_bnd = jnp.take_along_axis(h_btd, jnp.maximum(idx_bn - 1, 0)[..., None], axis=1)
+  targets_bn = jnp.take_along_axis(batch["tokens"], idx_bn, axis=1)
+  ce_bn = optax.softmax_cross_entropy_with_integer_labels(model.lm_logits(h_bnd), targets_bn)
+  w_bn = (idx_bn > 0).astype(jnp.float32)
+  return jnp.sum(ce_bn * w_bn) / jnp.maximum(jnp.sum(w_bn), 1.0)
 
 
 def _masked_mean(h_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
@@ -173,12 +186,20 @@ def left_to_right(seq_bl: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.take_along_axis(seq_bl, idx_bl, axis=1), n_b
 
 
+@register_loss("text_lm")
+def text_lm_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
+  """Next-token CE of the text-only prompt: step.py's `lm` with the LM head on the target rows only."""
+  h_btd = model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"], dropout_key=key)
+  return _target_ce(model, h_btd, batch)
+
+
 @register_loss("fused_lm")
 def fused_lm_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
   """Next-token CE of the fused prompt (placeholders hold the soft tokens)."""
-  logits_btv = model(batch["tokens"], batch.get("positions"), batch["attention_mask"],
-                     history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"], dropout_key=key)
-  return _masked_ce(logits_btv, batch["tokens"], batch["loss_mask"])
+  h_btd = model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"],
+                              history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"],
+                              dropout_key=key)
+  return _target_ce(model, h_btd, batch)
 
 
 @register_loss("seq_cl")
@@ -229,10 +250,16 @@ def yes_probability(model: FusedRec, batch: Mapping[str, jax.Array], yes_id: int
   return jax.nn.softmax(logits_b2, axis=-1)[:, 0]
 
 
+@functools.lru_cache(maxsize=16)
+def _yes_fn(graphdef: nnx.GraphDef, yes_id: int, no_id: int):
+  """One jitted scorer per model structure, so repeated `score` calls reuse its compiled shapes."""
+  return jax.jit(lambda p, r, b: yes_probability(nnx.merge(graphdef, p, r), b, yes_id, no_id))
+
+
 def score(model: FusedRec, batches: Sequence[Batch], yes_id: int, no_id: int) -> tuple[np.ndarray, np.ndarray]:
   """(P(Yes), label) for the real rows of `batches`, ordered by record index."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  fn = jax.jit(lambda p, r, b: yes_probability(nnx.merge(graphdef, p, r), b, yes_id, no_id))
+  fn = _yes_fn(graphdef, yes_id, no_id)
   keys = ("tokens", "positions", "attention_mask", "answer_index", "history_ids", "history_feedback")
   p, label, index = (np.concatenate(x) for x in zip(*[
       (np.asarray(fn(params, rest, {k: b[k] for k in keys})), b["label"], b["index"]) for b in batches]))
@@ -240,20 +267,43 @@ def score(model: FusedRec, batches: Sequence[Batch], yes_id: int, no_id: int) ->
   return p[order], label[order]
 
 
+_STEP_FNS: dict[tuple, tuple] = {}
+
+
+def _train_step(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, mesh, optim: ConfigDict, steps: int,
+                weights: Mapping[str, float]):
+  """(tx, jitted `train.step.train_step`, frozen shardings), kept per structure, optimizer, steps, losses and mesh.
+
+  As `step.compile_train_step`, but the frozen state is an argument, so repeated `fit`s reuse compiled shapes.
+  """
+  optim_items = tuple(sorted(optim.to_dict().items()))
+  key = (graphdef, mesh, optim_items, steps, tuple(sorted(weights.items())))
+  if key not in _STEP_FNS:
+    tx = state_lib.make_optimizer(ConfigDict({**dict(optim_items), "total_steps": steps}))
+    state_sh, frozen_sh = state_lib.state_shardings(params, tx, mesh), sharding.state_sharding(frozen, mesh)
+    fn = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_weights=dict(weights)),
+                 in_shardings=(state_sh, sharding.batch_sharding(mesh), frozen_sh),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    _STEP_FNS[key] = (tx, fn, frozen_sh)
+  return _STEP_FNS[key]
+
+
 def fit(model: FusedRec, batches: Iterator[Batch], *, steps: int, loss_weights: Mapping[str, float],
         optim: ConfigDict, seed: int, mesh=None, log: Callable[[int, dict], None] | None = None) -> FusedRec:
   """`steps` updates of the trainable `nnx.Param`s with `train.step`; writes them back into `model`."""
   weights = {k: float(v) for k, v in loss_weights.items() if v}
+  unknown = set(weights) - set(step_lib.LOSSES)
+  if unknown:
+    raise ValueError(f"loss_weights names unknown losses {sorted(unknown)}; known: {sorted(step_lib.LOSSES)}")
   mesh = mesh or sharding.make_mesh((-1, 1, 1))
   graphdef, params, frozen = state_lib.split_model(model)
-  tx = state_lib.make_optimizer(ConfigDict({**optim.to_dict(), "total_steps": steps}))
+  tx, step_fn, frozen_sh = _train_step(graphdef, params, frozen, mesh, optim, steps, weights)
   state = state_lib.init_state(params, tx, seed, mesh)
-  step_fn = step_lib.compile_train_step(graphdef, frozen, tx, state_lib.state_shardings(params, tx, mesh), mesh,
-                                        loss_weights=weights)
+  frozen = sharding.put(frozen, frozen_sh)
   with jax.set_mesh(mesh):
     for i in range(1, steps + 1):
       batch = next(batches)
-      state, metrics = step_fn(state, sharding.global_batch(batch, mesh))
+      state, metrics = step_fn(state, sharding.global_batch(batch, mesh), frozen)
       if log is not None:
         log(i, {k: float(v) for k, v in jax.device_get(metrics).items()})
   nnx.update(model, jax.device_get(state["params"]))
