@@ -25,7 +25,8 @@ def throughput_section(result: dict, md_name: str) -> list[str]:
   lines = [f"### Speed: clclm-jax vs transformers + PEFT ({result['tag']})", "",
            f"{common.machine_line(result['machine'])}. Load average before / after the run: "
            f"{result['loadavg_before'][0]:.1f} / {result['loadavg_after'][0]:.1f} on "
-           f"{result['machine']['cores']} cores (shared with other jobs; the systems alternate, medians reported). "
+           f"{result['machine']['cores']} cores (the systems alternate, medians reported; on a loaded CPU torch suffers more, so idle "
+           "runs give the fair ratio). "
            f"Measured {peak['dtype']} matmul peak {common.si(peak['flop_per_s'], 'FLOP/s')}. "
            f"Details: [{md_name}](benchmarks/results/{md_name}).", ""]
   for run in result["runs"]:
@@ -36,7 +37,11 @@ def throughput_section(result: dict, md_name: str) -> list[str]:
     lines += [f"LLaMA-7B shape (random weights, int8 + LoRA, bf16, batch {g['batch']}x{g['length']}): "
               f"{g['tokens_per_s']:.0f} tokens/s, MFU {100 * g['mfu_vs_measured_peak']:.1f}%, "
               f"peak memory {(g['peak_bytes_in_use'] or 0) / 2**30:.1f} GiB.", ""]
-  return lines + [FLOPS_NOTE, ""]
+  lines.append(FLOPS_NOTE)
+  if any(not run[t]["met"] for run in result["runs"] for t in ("train", "score")):
+    lines.append("A goal is missed; where our time goes: [profile_cpu.md](benchmarks/results/profile_cpu.md) "
+                 "(`python benchmarks/profile_ours.py`).")
+  return lines + [""]
 
 
 def quality_section(result: dict) -> list[str]:
