@@ -119,6 +119,67 @@ def test_next_item_ce_matches_numpy_and_skips_padding():
   assert (g_table[0] == 0).all() and (g_table[6] == 0).all() and (g_table[1:6] != 0).any()
 
 
+def _ce_case():
+  rng = np.random.default_rng(2)
+  h = jnp.asarray(rng.normal(size=(3, 4, 5)).astype(np.float32))
+  table = jnp.asarray(rng.normal(size=(9, 5)).astype(np.float32))  # pad, items 1..7, mask 8
+  targets = jnp.asarray([[2, 7, 1, 0], [3, 3, 0, 0], [5, 0, 0, 0]], np.int32)
+  return h, table, targets
+
+
+@pytest.mark.parametrize("correct", [False, True])
+def test_sampled_ce_with_all_items_uniform_equals_full_ce(correct):
+  h, table, targets = _ce_case()
+  log_q = losses.sampling_log_q(jnp.zeros(9), "uniform")
+  negatives, log_pi = losses.sample_negatives(jax.random.key(0), log_q, 7)
+  assert sorted(np.asarray(negatives).tolist()) == list(range(1, 8))
+  got, count = losses.sampled_next_item_ce(h, table, targets, negatives, log_pi_v=log_pi if correct else None)
+  want, want_count = losses.next_item_ce(h, table, targets)
+  assert int(count) == int(want_count) == 6
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  grad = lambda f: jax.grad(lambda h, t: f(h, t)[0], argnums=(0, 1))(h, table)
+  g_got = grad(lambda h, t: losses.sampled_next_item_ce(h, t, targets, negatives))
+  g_want = grad(lambda h, t: losses.next_item_ce(h, t, targets))
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sampled_ce_logq_matches_numpy_and_masks_padding():
+  h, table, targets = _ce_case()
+  counts = jnp.asarray([0, 30, 1, 5, 0, 9, 2, 4, 0])
+  log_q = losses.sampling_log_q(counts, "popularity")
+  np.testing.assert_allclose(np.exp(log_q[1:8]), (np.asarray(counts[1:8]) + 1) / 58.0, rtol=1e-5)
+  assert np.isneginf(log_q[0]) and np.isneginf(log_q[8])
+  negatives, log_pi = losses.sample_negatives(jax.random.key(1), log_q, 3)
+  loss, _ = losses.sampled_next_item_ce(h, table, targets, negatives, log_pi_v=log_pi)
+  pi = 1 - (1 - np.exp(np.asarray(log_q, np.float64))) ** 3
+  h_np, t_np, negs = np.asarray(h, np.float64), np.asarray(table, np.float64), np.asarray(negatives)
+  ref = []
+  for b, l in zip(*np.nonzero(np.asarray(targets))):
+    t = int(targets[b, l])
+    cand = [t] + [n for n in negs if n != t]  # the target's own id is dropped from its negatives
+    logits = np.asarray([t_np[c] @ h_np[b, l] - np.log(pi[c]) for c in cand])
+    ref.append(np.log(np.exp(logits).sum()) - logits[0])
+  np.testing.assert_allclose(loss, np.mean(ref), rtol=1e-5)
+  g_h, g_table = jax.grad(lambda h, t: losses.sampled_next_item_ce(h, t, targets, negatives, log_pi_v=log_pi)[0],
+                          argnums=(0, 1))(h, table)
+  assert np.isfinite(g_h).all() and np.isfinite(g_table).all()
+  assert (g_h[0, 3] == 0).all() and (g_h[1, 2:] == 0).all() and (g_h[2, 1:] == 0).all() and (g_h[0, 0] != 0).any()
+  assert (g_table[0] == 0).all() and (g_table[8] == 0).all()
+
+
+def test_sample_negatives_distinct_real_items_favouring_popular_ones():
+  counts = jnp.asarray([0] + [1000] + [0] * 18 + [0])  # item 1 holds most of the mass
+  log_q = losses.sampling_log_q(counts, "popularity")
+  keys = jax.random.split(jax.random.key(0), 200)
+  ids = np.asarray(jax.vmap(lambda k: losses.sample_negatives(k, log_q, 4)[0])(keys))
+  assert ((ids >= 1) & (ids <= 19)).all()
+  assert all(len(set(row)) == 4 for row in ids.tolist())
+  assert (ids == 1).any(axis=1).mean() > 0.95 and (ids == 2).any(axis=1).mean() < 0.5
+  with pytest.raises(ValueError, match="sampling"):
+    losses.sampling_log_q(counts, "zipf")
+
+
 def test_info_nce_global_batch_under_sharding_on_8_devices():
   code = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
@@ -159,7 +220,8 @@ def _tiny_config():
   c = ml_collections.ConfigDict(dict(
       seed=0, max_len=8, buckets=(8,), hidden=16, num_layers=1, num_heads=2, dropout=0.1, attn_dropout=0.1,
       pooling="last", batch_size=16, eval_batch_size=64, lr=1e-2, num_epochs=2, eval_every=1, patience=5,
-      time_budget_min=5.0, cl_weight=0.1, temperature=1.0, similarity="dot", exclude_history=False))
+      time_budget_min=5.0, cl_weight=0.1, temperature=1.0, similarity="dot", exclude_history=False,
+      ce_negatives=0, ce_sampling="popularity"))
   c.augment = ml_collections.ConfigDict(dict(crop_eta=0.6, mask_gamma=0.3, reorder_beta=0.6, insert_rate=0.4,
                                              substitute_rate=0.1, short_threshold=4, corr_top_k=1))
   return c
@@ -171,12 +233,14 @@ def _tiny_data():
   return sequences.SequenceData("tiny", seqs, 20)
 
 
-def test_train_step_is_pure_jitted_and_learns():
+@pytest.mark.parametrize("negatives,sampling", [(0, "uniform"), (8, "uniform"), (8, "popularity")])
+def test_train_step_is_pure_jitted_and_learns(negatives, sampling):
   cfg, data = _tiny_config(), _tiny_data()
+  cfg.ce_negatives, cfg.ce_sampling = negatives, sampling
   tx = optax.adam(cfg.lr)
   graphdef, state = pretrain.init_state(pretrain.build_model(cfg, data.vocab_size), tx, 0)
   corr = jnp.zeros((data.vocab_size, 1), jnp.int32) + jnp.arange(data.vocab_size)[:, None]
-  step = pretrain.make_train_step(graphdef, tx, corr, cfg, data.mask_id)
+  step = pretrain.make_train_step(graphdef, tx, corr, cfg, data.mask_id, pretrain.item_counts(data))
   batch = next(sequences.train_batches(data, 16, np.random.default_rng(0), buckets=(8,)))
   first = None
   for _ in range(30):
@@ -187,8 +251,11 @@ def test_train_step_is_pure_jitted_and_learns():
   np.testing.assert_allclose(aux["loss"], aux["ce"] + 0.1 * aux["cl"], rtol=1e-6)
 
 
-def test_train_summary_has_valid_and_test_metrics():
-  summary = pretrain.train(_tiny_config(), _tiny_data())
+@pytest.mark.parametrize("negatives", [0, 8])
+def test_train_summary_has_valid_and_test_metrics(negatives):
+  cfg = _tiny_config()
+  cfg.ce_negatives = negatives
+  summary = pretrain.train(cfg, _tiny_data())
   assert summary["epochs"] == 2 and 1 <= summary["best_epoch"] <= 2
   for part in ("valid", "test"):
     assert set(summary[part]) == {f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)}

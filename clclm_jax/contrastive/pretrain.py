@@ -3,6 +3,8 @@
 The state is a plain dict (params, rest, opt_state, step, rng); `train_step(state, batch)` is pure
 and jitted once per padded width with the state donated. Training stops early on validation
 NDCG@10 (or at the time budget) and the best parameters are evaluated on valid and test.
+The next-item CE is a full softmax (`ce_negatives = 0`) or a sampled softmax over `ce_negatives`
+shared negatives per step (`ce_sampling` 'uniform' or 'popularity' with logQ correction).
 """
 
 import functools
@@ -44,26 +46,42 @@ def augment_kwargs(cfg: ml_collections.ConfigDict, mask_id: int) -> dict[str, An
               beta=a.reorder_beta, insert_rate=a.insert_rate, substitute_rate=a.substitute_rate)
 
 
-def loss_fn(params, rest, batch, key, *, graphdef, corr_vk, cfg, aug):
+def item_counts(data: sequences.SequenceData) -> np.ndarray:
+  """Occurrences of each id [vocab] in the training sequences (popularity for sampling)."""
+  return np.bincount(np.concatenate(sequences.train_sequences(data)), minlength=data.vocab_size)
+
+
+def next_item_loss(h_bld, table_vd, targets_bl, key, *, cfg, log_q_v):
+  """Full-softmax CE when `cfg.ce_negatives` is 0, else sampled softmax over shared negatives."""
+  k = cfg.get("ce_negatives", 0)
+  if not k:
+    return losses.next_item_ce(h_bld, table_vd, targets_bl)
+  negatives_k, log_pi_v = losses.sample_negatives(key, log_q_v, k)
+  correct = cfg.get("ce_sampling", "uniform") != "uniform"
+  return losses.sampled_next_item_ce(h_bld, table_vd, targets_bl, negatives_k, log_pi_v=log_pi_v if correct else None)
+
+
+def loss_fn(params, rest, batch, key, *, graphdef, corr_vk, cfg, aug, log_q_v=None):
   """CE over next items of the batch plus cl_weight * InfoNCE between two augmented views."""
   model = nnx.merge(graphdef, params, rest)
-  aug_key, drop_key = jax.random.split(key)
+  aug_key, drop_key, neg_key = jax.random.split(key, 3)
   items_bl = batch["items"]
   b = items_bl.shape[0]
   v1_bl, _, v2_bl, _ = augment.two_views_batch(aug_key, items_bl, batch["lengths"], corr_vk, **aug)
   all_bl = jnp.concatenate([items_bl, v1_bl, v2_bl])  # one encoder pass for the sequence and both views
   h_bld = model(all_bl, dropout_key=drop_key)
-  ce, count = losses.next_item_ce(h_bld[:b], model.item_table(), batch["targets"])
+  ce, count = next_item_loss(h_bld[:b], model.item_table(), batch["targets"], neg_key, cfg=cfg, log_q_v=log_q_v)
   z_nd = pool(h_bld[b:], all_bl[b:] > 0, cfg.pooling)
   cl = losses.info_nce(z_nd[:b], z_nd[b:], temperature=cfg.temperature, similarity=cfg.similarity)
   loss = ce + cfg.cl_weight * cl
   return loss, {"loss": loss, "ce": ce, "cl": cl, "targets": count}
 
 
-def train_step(state: State, batch: dict[str, jax.Array], *, graphdef, tx, corr_vk, cfg, aug) -> tuple[State, dict]:
+def train_step(state: State, batch: dict[str, jax.Array], *, graphdef, tx, corr_vk, cfg, aug,
+               log_q_v=None) -> tuple[State, dict]:
   key = jax.random.fold_in(state["rng"], state["step"])
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef, corr_vk=corr_vk, cfg=cfg, aug=aug),
-                               has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef, corr_vk=corr_vk, cfg=cfg, aug=aug,
+                                                 log_q_v=log_q_v), has_aux=True)
   (_, aux), grads = grad_fn(state["params"], state["rest"], batch, key)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   new_state = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
@@ -71,9 +89,18 @@ def train_step(state: State, batch: dict[str, jax.Array], *, graphdef, tx, corr_
   return new_state, aux
 
 
-def make_train_step(graphdef, tx, corr_vk, cfg, mask_id: int) -> Callable[[State, dict], tuple[State, dict]]:
+def make_train_step(graphdef, tx, corr_vk, cfg, mask_id: int,
+                    counts_v: np.ndarray | None = None) -> Callable[[State, dict], tuple[State, dict]]:
+  """Jitted step; `counts_v` (item frequencies) only matters for popularity-sampled negatives."""
+  log_q_v = None
+  if cfg.get("ce_negatives", 0):
+    if counts_v is None:
+      if cfg.get("ce_sampling", "uniform") != "uniform":
+        raise ValueError("popularity-sampled negatives need counts_v (item_counts(data))")
+      counts_v = np.zeros(corr_vk.shape[0])
+    log_q_v = losses.sampling_log_q(jnp.asarray(counts_v), cfg.get("ce_sampling", "uniform"))
   step = functools.partial(train_step, graphdef=graphdef, tx=tx, corr_vk=corr_vk, cfg=cfg,
-                           aug=augment_kwargs(cfg, mask_id))
+                           aug=augment_kwargs(cfg, mask_id), log_q_v=log_q_v)
   return jax.jit(step, donate_argnums=0)
 
 
@@ -100,7 +127,7 @@ def train(cfg: ml_collections.ConfigDict, data: sequences.SequenceData) -> dict[
   tx = optax.adam(cfg.lr)
   graphdef, state = init_state(model, tx, cfg.seed)
   corr_vk = jnp.asarray(augment.itemcf_iuf(sequences.train_sequences(data), data.num_items, cfg.augment.corr_top_k))
-  step_fn = make_train_step(graphdef, tx, corr_vk, cfg, data.mask_id)
+  step_fn = make_train_step(graphdef, tx, corr_vk, cfg, data.mask_id, item_counts(data))
   rank_fn = make_rank_fn(graphdef, cfg)
   rng = np.random.default_rng(cfg.seed)
   best_ndcg, best_epoch, best_params, epoch_times, history = -1.0, -1, None, [], []
