@@ -1,9 +1,11 @@
 """Issue 5's table: TALLRec test AUC x100 for SmolLM2-135M-Instruct int8, zero-shot / text-only / fused.
 
-Per domain: zero-shot, scored once (it depends on neither shots nor seed). Per (domain, shots, seed):
-text-only LoRA (stage 1, TALLRec-style prompts); fused (stage 2 from the stage-1 weights: soft tokens +
-the config's joint losses); fused with one loss removed (`fused-seq_cl`, `fused-text_cl`) or added
-(`fused+align_cl`). The full protocol is 2 domains x 16/64/256 shots x 3 seeds on the whole test sets;
+Per domain: zero-shot, scored once (it depends on neither shots nor seed), and, when the config
+pretrains the encoder on behaviour sequences (contrastive/feedback.py), that encoder alone (`encoder_only`,
+no LLM). Per (domain, shots, seed): text-only LoRA (stage 1, TALLRec-style prompts); fused (stage 2 from
+the stage-1 weights: soft tokens + the config's joint losses); fused with one part removed
+(`fused-seq_cl`, `fused-text_cl`, `fused-pretrain`: encoder from scratch, `fused-hint`: no answer-hint
+token) or added (`fused+align_cl`). The full protocol is 2 domains x 16/64/256 shots x 3 seeds on the whole test sets;
 flags choose a slice, and the output says which. `--merge` keeps the rows of OUT/results.json that this
 run does not recompute (and reuses its zero-shot row for the same test subset); every row names its run.
 benchmarks/quality.py reads OUT/results.json for its zero-shot, LoRA and fused rows.
@@ -28,7 +30,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from clclm_jax.contrastive import joint  # pylint: disable=wrong-import-position
+from clclm_jax.contrastive import feedback, joint  # pylint: disable=wrong-import-position
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig  # pylint: disable=wrong-import-position
 from clclm_jax.data import augment, fewshot, tallrec, tokenize  # pylint: disable=wrong-import-position
 from clclm_jax.model import loading  # pylint: disable=wrong-import-position
@@ -39,11 +41,16 @@ from configs import fused_book, fused_movie  # pylint: disable=wrong-import-posi
 PUBLISHED_TALLREC = {"movie": {16: 67.24, 64: 67.48, 256: 71.98}, "book": {16: 56.36, 64: 60.39, 256: 64.38}}
 GOALS = {"movie": {16: 74, 64: 75, 256: 77}, "book": {16: 71, 64: 72, 256: 74}}
 CONFIGS = {"movie": fused_movie, "book": fused_book}
-VARIANTS = ("zero_shot", "text_only", "fused", "fused-seq_cl", "fused-text_cl", "fused+align_cl")
+VARIANTS = ("zero_shot", "encoder_only", "text_only", "fused", "fused-seq_cl", "fused-text_cl", "fused-pretrain",
+            "fused-hint", "fused+align_cl")
+NOT_LOSSES = ("fused-pretrain", "fused-hint")  # ablations of the model, not of a loss term
+UNTRAINED = ("zero_shot", "encoder_only")  # scored once per domain: no shots, no seed
 
 
 def stage2_weights(config, variant: str) -> dict[str, float]:
   weights = dict(config.stage2.loss_weights)
+  if variant in NOT_LOSSES:
+    return weights
   if "-" in variant:
     weights[variant.split("-", 1)[1]] = 0.0
   if "+" in variant:
@@ -84,16 +91,25 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
   fcfg = FusionConfig(num_items=num_items, placeholder_id=placeholder_id, num_soft_tokens=f.num_soft_tokens,
                       source=f.source, projector_hidden=f.projector_hidden, encoder_hidden=f.encoder_hidden,
                       encoder_layers=f.encoder_layers, encoder_heads=f.encoder_heads,
-                      encoder_dropout=f.encoder_dropout, max_len=f.history_len, pooling=f.pooling,
+                      encoder_dropout=f.encoder_dropout, max_len=f.history_len + 1, pooling=f.pooling,
                       seq_temperature=f.seq_temperature, text_temperature=f.text_temperature,
-                      align_temperature=f.align_temperature)
+                      align_temperature=f.align_temperature, target_aware=f.target_aware,
+                      answer_hint=tokenize.answer_token_ids(tokenizer, d.template) if f.answer_hint else None)
   model = FusedRec(llm, fcfg, item_corr=corr, rngs=nnx.Rngs(config.seed))
+  scratch = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+  test = fewshot.fewshot(splits.test, args.test_size if args.test_size > 0 else None, args.test_seed)
+  encoder = None
+  if f.target_aware and f.pretrain.epochs > 0:
+    pcfg = feedback.PretrainConfig(**f.pretrain.to_dict(), window=f.history_len + 1, seed=config.seed)
+    encoder = feedback.pretrain(model, feedback.behaviour_sequences(domain, splits), splits.valid, pcfg, log)
+    encoder |= {"config": dataclasses.asdict(pcfg), "test_auc": feedback.encoder_auc(model, test)}
+    log(f"{domain}: encoder pretrained on {encoder['items']} behaviour events in {encoder['seconds']:.0f}s; "
+        f"valid AUC {100 * encoder['best_valid_auc']:.2f}, test subset AUC {100 * encoder['test_auc']:.2f}")
   initial = jax.tree.map(np.array, nnx.state(model, nnx.Param))
   text = joint.PromptSpec(domain, f.placeholder, placeholder_id, 0, cutoff_len=d.cutoff_len,
                           train_on_inputs=d.train_on_inputs, template=d.template, history_len=f.history_len,
                           view_len=f.view_len)
   fused = text.with_soft_tokens(f.num_soft_tokens)
-  test = fewshot.fewshot(splits.test, args.test_size if args.test_size > 0 else None, args.test_seed)
   yes_no = tokenize.answer_token_ids(tokenizer, d.template)
   evals = {spec.num_soft_tokens: joint.eval_batches(test, splits.catalogue, tokenizer, spec,
                                                     batch_size=args.eval_batch_size, pad_multiple=d.pad_multiple)
@@ -106,7 +122,9 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
                   "stage1_loss_weights": config.stage1.loss_weights.to_dict(),
                   "stage2_loss_weights": config.stage2.loss_weights.to_dict(), "optim": config.optim.to_dict(),
                   "batch_size": config.train.batch_size, "train_on_inputs": d.train_on_inputs,
-                  "pad_multiple": d.pad_multiple}
+                  "pad_multiple": d.pad_multiple,
+                  "encoder_pretraining": None if encoder is None else {k: v for k, v in encoder.items()
+                                                                        if k != "epochs"}}
   log(f"{domain}: loaded in {time.time() - t0:.0f}s; test {len(test)} of {len(splits.test)}; "
       f"like-share AUC {100 * like_share_auc(test):.2f}")
 
@@ -143,6 +161,9 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
       nnx.update(model, initial)
       auc, score_s = test_auc(text)
       record({**zero, "auc": auc, "train_s": 0.0, "score_s": score_s})
+  if "encoder_only" in args.variants and encoder is not None:
+    record({**base, "variant": "encoder_only", "shots": 0, "seed": None, "stage1_steps": 0, "stage2_steps": 0,
+            "auc": 100 * encoder["test_auc"], "train_s": encoder["seconds"], "score_s": 0.0})
   for shots in args.shots:
     for seed in args.seeds:
       nnx.update(model, initial)
@@ -156,9 +177,13 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
       stage1 = jax.tree.map(np.array, nnx.state(model, nnx.Param))
       for variant in [v for v in args.variants if v.startswith("fused")]:
         nnx.update(model, stage1)
+        if variant == "fused-pretrain":
+          nnx.update(model, nnx.State({k: scratch[k] for k in ("encoder", "feedback_head")}))
+        model.config = dataclasses.replace(fcfg, answer_hint=None) if variant == "fused-hint" else fcfg
         weights = stage2_weights(config, variant)
         train2_s = train(fused, s2, weights, seed, train_set, views=weights.get("text_cl", 0) > 0)
         auc, score_s = test_auc(fused)
+        model.config = fcfg
         record({**cell, "variant": variant, "stage2_steps": s2, "loss_weights": weights, "auc": auc,
                 "train_s": train1_s + train2_s, "score_s": score_s})
 
@@ -176,7 +201,7 @@ def command(argv: list[str]) -> str:
 def markdown(result: dict) -> str:
   rows, runs = result["rows"], result["runs"]
   domains = sorted({r["domain"] for r in rows}, key=["movie", "book"].index)
-  trained = [r for r in rows if r["variant"] != "zero_shot"]
+  trained = [r for r in rows if r["variant"] not in UNTRAINED]
   full = (set(domains) == {"movie", "book"} and {r["shots"] for r in trained} >= {16, 64, 256}
           and len({r["seed"] for r in trained}) >= 3 and all(r["test_size"] == r["test_total"] for r in rows))
   lines = ["# Fused quality: TALLRec test AUC x100, SmolLM2-135M-Instruct int8", "",

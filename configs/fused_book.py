@@ -10,4 +10,7 @@ def get_config() -> ConfigDict:
   c = fused_overrides(base.get_config())
   c.name = "fused_book"
   c.data.domain = "book"
+  # Book-Crossing items are rarely seen twice: hide most ids in pretraining so likes are read from context.
+  c.fusion.encoder_dropout = 0.5
+  c.fusion.pretrain.item_mask_rate = 0.8
   return c

@@ -8,7 +8,7 @@ from configs import base
 def fused_overrides(c: ConfigDict) -> ConfigDict:
   """The fused-model fields shared by the movie and book configs, added on top of `configs/base.py`."""
   c.data.train_on_inputs = False  # LM loss on the answer only
-  c.data.pad_multiple = 16
+  c.data.pad_multiple = 64  # few padded widths: each new one compiles the 30-layer step again (~100 s)
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 2
   c.train.batch_size = 8
@@ -18,7 +18,12 @@ def fused_overrides(c: ConfigDict) -> ConfigDict:
         num_soft_tokens=4, placeholder="<reponame>",  # a SmolLM2 special token that TALLRec text never holds
         source="user", projector_hidden=256, encoder_hidden=64, encoder_layers=2, encoder_heads=2,
         encoder_dropout=0.2, pooling="mean", history_len=10, view_len=128, corr_top_k=1,
-        seq_temperature=0.2, text_temperature=0.1, align_temperature=0.1))
+        seq_temperature=0.2, text_temperature=0.1, align_temperature=0.1,
+        # The encoder reads the target item and is pretrained on behaviour sequences (contrastive/feedback.py):
+        # next-feedback BCE + cl_weight x InfoNCE over augmented views; epochs=0 leaves it untrained.
+        target_aware=True, answer_hint=True,  # first soft token: P(like) x E[Yes] + (1 - P(like)) x E[No]
+        pretrain=ConfigDict(dict(epochs=12, batch_size=256, lr=1e-3, stride=5, cl_weight=0.1, patience=3,
+                                 item_mask_rate=0.0))))
     # Two stages as in the seeds: text-only prompts, then prompts with the fused tokens.
     c.stage1 = ConfigDict(dict(steps=16, loss_weights=ConfigDict({"text_lm": 1.0})))
     c.stage2 = ConfigDict(dict(steps=16, loss_weights=ConfigDict(

@@ -13,7 +13,7 @@ from clclm_jax.contrastive import joint
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig, place_soft_tokens
 from clclm_jax.data.records import Catalogue, Interaction, Item
 from clclm_jax.model.llama import QInt8
-from clclm_jax.train import step as step_lib
+from clclm_jax.train import evaluate, step as step_lib
 
 PH, PH_ID, K = "<ph>", 5, 3
 
@@ -105,10 +105,10 @@ def _grads(model: FusedRec, b, names):
     m = nnx.merge(graphdef, p, frozen)
     return sum(step_lib.LOSSES[n](m, b, jax.random.key(i)) for i, n in enumerate(names))
 
-  norms = {"lora_b": 0.0, "projector": 0.0, "encoder": 0.0, "align": 0.0}
+  norms = {"lora_b": 0.0, "projector": 0.0, "encoder": 0.0, "align": 0.0, "feedback": 0.0}
   for path, g in jax.tree_util.tree_leaves_with_path(jax.grad(total)(params)):
     names = "/".join(str(getattr(k, "key", k)) for k in path)
-    part = next(p for p in ("lora_b", "lora_a", "projector", "encoder", "align") if p in names)
+    part = next(p for p in ("lora_b", "lora_a", "projector", "encoder", "align", "feedback") if p in names)
     if part != "lora_a":
       norms[part] += float(jnp.sum(jnp.square(g)))
   return norms, frozen
@@ -173,11 +173,14 @@ def test_score_and_fit_reuse_their_compiled_functions():
   model, tok = _model(), CharTokenizer()
   evals = joint.eval_batches(xs, cat, tok, _spec(), batch_size=4)
   first, labels = joint.score(model, evals, 7, 8)
-  hits = joint._yes_fn.cache_info().hits  # pylint: disable=protected-access
+  hits = joint._yes_fns.cache_info().hits  # pylint: disable=protected-access
   again, _ = joint.score(model, evals, 7, 8)
-  assert joint._yes_fn.cache_info().hits == hits + 1  # pylint: disable=protected-access
+  assert joint._yes_fns.cache_info().hits == hits + 1  # pylint: disable=protected-access
   np.testing.assert_array_equal(first, again)
   np.testing.assert_array_equal(labels, [x.label for x in xs])
+  plain, _ = joint.score(model, evals, 7, 8, share_prefix=False)  # the instruction prefix computed per row
+  np.testing.assert_allclose(first, plain, atol=1e-5)
+  assert evaluate.shared_prefix(evals).size > 100
   optim = ConfigDict(dict(lr=1e-2, warmup_steps=0, schedule="constant", max_grad_norm=1.0, b1=0.9, b2=0.999,
                           weight_decay=0.0))
   for _ in range(2):

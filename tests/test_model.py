@@ -10,7 +10,7 @@ from flax import nnx
 
 from clclm_jax.model import config as config_lib
 from clclm_jax.model.errors import ModelError
-from clclm_jax.model.llama import Frozen, Llama, QInt8, QScale
+from clclm_jax.model.llama import Frozen, Llama, QInt8, QScale, frozen_matmul
 from clclm_jax.model.loading import load_model
 from clclm_jax.model.lora import add_lora, merge_lora
 from clclm_jax.model import quant
@@ -197,3 +197,17 @@ def test_lora_config_rejects_unknown_target():
 def test_from_hf_dict_rejects_other_architectures():
   with pytest.raises(ModelError, match="cfg.json: model_type 'mistral' is not supported"):
     config_lib.LlamaConfig.from_hf_dict({"model_type": "mistral"}, "cfg.json")
+
+
+def test_frozen_matmul_backward_is_one_dot_in_the_weight_dtype():
+  rng = np.random.default_rng(0)
+  x, w = jnp.asarray(rng.normal(size=(4, 16)), jnp.float32), jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+  ref = jax.grad(loss(lambda x, w: x @ w))(x, w)
+  np.testing.assert_allclose(jax.grad(loss(frozen_matmul))(x, w), ref, rtol=1e-6)
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  out = frozen_matmul(xb, wb)
+  assert out.dtype == jnp.float32  # accumulated in float32
+  gb = jax.grad(loss(frozen_matmul))(xb, wb)
+  assert gb.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(gb, np.float32), ref, atol=0.1, rtol=0.05)

@@ -4,6 +4,8 @@ The prompt carries k placeholder tokens (one reserved token id, e.g. `<reponame>
 line of their own; their input embeddings are replaced by a trained projector (LLaRA / CoLLM style)
 applied to the SASRec encoder's output over the user's history ids and likes. Without a history
 the module is exactly its LLM, so stage-1 (text-only) training and the stage-2 fused model share it.
+With `target_aware`, the encoder also reads the target item (see `encoder_inputs`) and a feedback head
+on its state predicts the like, which `contrastive/feedback.py` pretrains on behaviour sequences.
 """
 
 import dataclasses
@@ -42,12 +44,18 @@ class FusionConfig:
   insert_rate: float = 0.4
   substitute_rate: float = 0.1
   short_threshold: int = 4
+  target_aware: bool = False  # the encoder reads the target item last; its state there is the user signal
+  # (yes_id, no_id): the first soft token is p * E[yes] + (1 - p) * E[no], p = the feedback head's
+  # P(like target); a hint in the LLM's own answer vocabulary, readable before the projector has learned.
+  answer_hint: tuple[int, int] | None = None
 
   def __post_init__(self):
     if self.source not in ("user", "items"):
       raise ValueError(f"FusionConfig.source={self.source!r}: use 'user' or 'items'")
     if self.num_soft_tokens < 1:
       raise ValueError(f"FusionConfig.num_soft_tokens={self.num_soft_tokens} must be >= 1")
+    if self.answer_hint is not None and not (self.target_aware and self.source == "user"):
+      raise ValueError("FusionConfig.answer_hint needs target_aware=True and source='user'")
 
   @property
   def mask_id(self) -> int:
@@ -73,6 +81,16 @@ def last_states(h_bld: jax.Array, mask_bl: jax.Array, k: int) -> jax.Array:
   back_bl = jnp.flip(jnp.cumsum(jnp.flip(mask_bl, 1), axis=1), 1)  # 1 for the most recent item
   onehot_bkl = (back_bl[:, None, :] == jnp.arange(k, 0, -1)[None, :, None]) & mask_bl[:, None, :]
   return jnp.einsum("bkl,bld->bkd", onehot_bkl.astype(h_bld.dtype), h_bld)
+
+
+def encoder_inputs(ids_bl: jax.Array, feedback_bl: jax.Array,
+                   target_b: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The target-aware layout of left-padded rows: each item carries the previous item's feedback, so the
+  state at item t has seen likes < t only and can predict like(t); the target, when given, goes last."""
+  shifted_bl = jnp.concatenate([jnp.zeros_like(feedback_bl[:, :1]), feedback_bl], axis=1)
+  if target_b is None:
+    return ids_bl, shifted_bl[:, :-1]
+  return jnp.concatenate([ids_bl, target_b[:, None].astype(ids_bl.dtype)], axis=1), shifted_bl
 
 
 class Projector(nnx.Module):
@@ -108,25 +126,42 @@ class FusedRec(nnx.Module):
     per_input = cfg.num_soft_tokens if cfg.source == "user" else 1
     self.projector = Projector(cfg.encoder_hidden, d_llm, per_input, cfg.projector_hidden, out_rms, rngs=rngs)
     self.align_proj = nnx.Linear(d_llm, cfg.encoder_hidden, rngs=rngs)
+    self.feedback_head = nnx.Linear(cfg.encoder_hidden, 1, rngs=rngs)
     if item_corr is None:
       item_corr = jnp.arange(cfg.num_items + 2, dtype=jnp.int32)[:, None]
     if item_corr.shape[0] != cfg.num_items + 2:
       raise ValueError(f"item_corr has {item_corr.shape[0]} rows, expected num_items + 2 = {cfg.num_items + 2}")
     self.item_corr = ItemCorrelation(jnp.asarray(item_corr, jnp.int32))
 
-  def encode_history(self, history_ids_bl: jax.Array, feedback_bl: jax.Array, *,
-                     dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(pooled user representation `[b, e]`, per-item states `[b, l, e]`) from ids and likes."""
+  def encode_history(self, history_ids_bl: jax.Array, feedback_bl: jax.Array, target_ids_b: jax.Array | None = None,
+                     *, dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(user representation `[b, e]`, per-position states `[b, l, e]`) from ids and likes; target-aware
+    encoders read `encoder_inputs` and the representation is the last state (the target's when given)."""
+    if self.config.target_aware:
+      history_ids_bl, feedback_bl = encoder_inputs(history_ids_bl, feedback_bl, target_ids_b)
     h_ble = self.encoder(history_ids_bl, feedback_bl=feedback_bl, dropout_key=dropout_key)
-    return pool(h_ble, history_ids_bl > 0, self.config.pooling), h_ble
+    how = "last" if self.config.target_aware else self.config.pooling
+    return pool(h_ble, history_ids_bl > 0, how), h_ble
 
-  def soft_tokens(self, history_ids_bl: jax.Array, feedback_bl: jax.Array, *,
-                  dropout_key: jax.Array | None = None) -> jax.Array:
+  def like_logit(self, h_xe: jax.Array) -> jax.Array:
+    """The feedback head: logit of a like from target-aware encoder states."""
+    return self.feedback_head(h_xe)[..., 0]
+
+  def soft_tokens(self, history_ids_bl: jax.Array, feedback_bl: jax.Array, target_ids_b: jax.Array | None = None,
+                  *, dropout_key: jax.Array | None = None) -> jax.Array:
     """The k soft tokens `[b, k, d_llm]` for each user."""
-    z_be, h_ble = self.encode_history(history_ids_bl, feedback_bl, dropout_key=dropout_key)
+    z_be, h_ble = self.encode_history(history_ids_bl, feedback_bl, target_ids_b, dropout_key=dropout_key)
     if self.config.source == "user":
-      return self.projector(z_be)
-    items_bke = last_states(h_ble, history_ids_bl > 0, self.config.num_soft_tokens)
+      soft_bkd = self.projector(z_be)
+      if self.config.answer_hint is not None:
+        p_b11 = jax.nn.sigmoid(self.like_logit(z_be))[:, None, None]
+        yes_d, no_d = self.llm.embed(jnp.asarray(self.config.answer_hint)).astype(soft_bkd.dtype)
+        soft_bkd = soft_bkd.at[:, :1].set(p_b11 * yes_d + (1 - p_b11) * no_d)
+      return soft_bkd
+    mask_bl = history_ids_bl > 0
+    if h_ble.shape[1] > mask_bl.shape[1]:  # the target-aware layout appended the target
+      mask_bl = jnp.concatenate([mask_bl, target_ids_b[:, None] > 0], axis=1)
+    items_bke = last_states(h_ble, mask_bl, self.config.num_soft_tokens)
     return self.projector(items_bke)[:, :, 0]
 
   def packed_corr(self) -> jax.Array:
@@ -134,28 +169,30 @@ class FusedRec(nnx.Module):
     packed_p = jnp.arange(self.item_corr.shape[0] * FEEDBACK_BITS)
     return self.item_corr[...][packed_p // FEEDBACK_BITS] * FEEDBACK_BITS + (packed_p % FEEDBACK_BITS)[:, None]
 
-  def inputs_embeds(self, tokens_bt: jax.Array, history_ids_bl: jax.Array, feedback_bl: jax.Array, *,
-                    dropout_key: jax.Array | None = None) -> jax.Array:
-    soft_bkd = self.soft_tokens(history_ids_bl, feedback_bl, dropout_key=dropout_key)
+  def inputs_embeds(self, tokens_bt: jax.Array, history_ids_bl: jax.Array, feedback_bl: jax.Array,
+                    target_ids_b: jax.Array | None = None, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    soft_bkd = self.soft_tokens(history_ids_bl, feedback_bl, target_ids_b, dropout_key=dropout_key)
     return place_soft_tokens(self.llm.embed(tokens_bt), tokens_bt, soft_bkd, self.config.placeholder_id)
 
   def hidden_states(self, tokens_bt, positions_bt=None, attention_mask_bt=None, *, history_ids_bl=None,
-                    feedback_bl=None, dropout_key=None) -> jax.Array:
-    """The LLM's final hidden states; soft tokens fill the placeholders when a history is given."""
+                    feedback_bl=None, target_ids_b=None, dropout_key=None, prefix_kv=None) -> jax.Array:
+    """The LLM's final hidden states; soft tokens fill the placeholders when a history is given.
+    `prefix_kv` is a cached shared prefix (`Llama.prefix_cache`) that the rows continue."""
     if history_ids_bl is None:
-      return self.llm.hidden_states(tokens_bt, positions_bt, attention_mask_bt, dropout_key=dropout_key)
+      return self.llm.hidden_states(tokens_bt, positions_bt, attention_mask_bt, dropout_key=dropout_key,
+                                    prefix_kv=prefix_kv)
     if feedback_bl is None:
       feedback_bl = jnp.zeros_like(history_ids_bl)
     enc_key, llm_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    x_btd = self.inputs_embeds(tokens_bt, history_ids_bl, feedback_bl, dropout_key=enc_key)
+    x_btd = self.inputs_embeds(tokens_bt, history_ids_bl, feedback_bl, target_ids_b, dropout_key=enc_key)
     return self.llm.hidden_states(None, positions_bt, attention_mask_bt, inputs_embeds_btd=x_btd,
-                                  dropout_key=llm_key)
+                                  dropout_key=llm_key, prefix_kv=prefix_kv)
 
   def lm_logits(self, h_xd: jax.Array) -> jax.Array:
     return self.llm.lm_logits(h_xd)
 
   def __call__(self, tokens_bt, positions_bt=None, attention_mask_bt=None, *, history_ids_bl=None,
-               feedback_bl=None, dropout_key=None) -> jax.Array:
+               feedback_bl=None, target_ids_b=None, dropout_key=None) -> jax.Array:
     h_btd = self.hidden_states(tokens_bt, positions_bt, attention_mask_bt, history_ids_bl=history_ids_bl,
-                               feedback_bl=feedback_bl, dropout_key=dropout_key)
+                               feedback_bl=feedback_bl, target_ids_b=target_ids_b, dropout_key=dropout_key)
     return self.llm.lm_logits(h_btd)

@@ -27,7 +27,7 @@ from clclm_jax.contrastive.fusion import FEEDBACK_BITS, FusedRec
 from clclm_jax.data import augment, pipeline, prompts, textviews, tokenize
 from clclm_jax.data.errors import DataError
 from clclm_jax.data.records import Catalogue, Interaction
-from clclm_jax.train import sharding, state as state_lib, step as step_lib
+from clclm_jax.train import evaluate, sharding, state as state_lib, step as step_lib
 from clclm_jax.train.step import register_loss
 
 BEHAVIOR_LINE = "User Behavior Embedding:"
@@ -61,7 +61,7 @@ def fused_input(x: Interaction, catalogue: Catalogue, domain: str, slots: str = 
   return f"{history}\n{BEHAVIOR_LINE}{slots}\n{question}"
 
 
-def _left_pad(values: Sequence[int], length: int) -> np.ndarray:
+def left_pad(values: Sequence[int], length: int) -> np.ndarray:
   values = list(values)[-length:]
   return np.asarray([0] * (length - len(values)) + values, np.int32)
 
@@ -93,8 +93,9 @@ def encode_fused(tokenizer: tokenize.Tokenizer, x: Interaction, catalogue: Catal
   history_mask[len(tokenizer.encode(prompt[:start])):len(tokenizer.encode(prompt[:end]))] = 1
   return {"tokens": enc.tokens, "loss_mask": enc.loss_mask * (enc.tokens != spec.placeholder_id),
           "answer_index": np.int32(enc.answer_index), "label": np.int32(y.label), "user_ids": np.int32(y.user),
-          "index": np.int32(index), "history_ids": _left_pad(y.history_ids, spec.history_len),
-          "history_feedback": _left_pad([1 if like else 2 for like in y.history_likes], spec.history_len),
+          "index": np.int32(index), "target_ids": np.int32(y.target_id),
+          "history_ids": left_pad(y.history_ids, spec.history_len),
+          "history_feedback": left_pad([1 if like else 2 for like in y.history_likes], spec.history_len),
           "history_mask": history_mask}
 
 
@@ -121,13 +122,15 @@ def target_index(loss_mask_bt: np.ndarray, multiple: int = 8) -> np.ndarray:
 
 
 def collate_fused(examples: Sequence[Batch], *, pad_multiple: int = 16, batch_size: int | None = None) -> Batch:
-  """`pipeline.collate` plus `history_feedback`, `history_mask`, `target_index` and, when present, text views."""
+  """`pipeline.collate` plus `history_feedback`, `history_mask`, `target_index`, `target_ids` and, when present,
+  text views."""
   batch = pipeline.collate(examples, pad_multiple=pad_multiple, batch_size=batch_size)
   b, t = batch["tokens"].shape
   batch["target_index"] = target_index(batch["loss_mask"])
   batch["history_feedback"] = _pad_rows([e["history_feedback"] for e in examples], b,
                                         examples[0]["history_feedback"].shape[0])
   batch["history_mask"] = _pad_rows([e["history_mask"] for e in examples], b, t)
+  batch["target_ids"] = _pad_rows([e["target_ids"][None] for e in examples], b, 1)[:, 0]
   if "view1_tokens" in examples[0]:
     views = [e[f"view{i}_tokens"] for e in examples for i in (1, 2)]
     tv = pad_multiple * math.ceil(max(len(v) for v in views) / pad_multiple)
@@ -198,7 +201,7 @@ def fused_lm_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Arra
   """Next-token CE of the fused prompt (placeholders hold the soft tokens)."""
   h_btd = model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"],
                               history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"],
-                              dropout_key=key)
+                              target_ids_b=batch["target_ids"], dropout_key=key)
   return _target_ce(model, h_btd, batch)
 
 
@@ -241,28 +244,41 @@ def align_cl_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Arra
 
 # --- Scoring and training --------------------------------------------------------------------------
 
-def yes_probability(model: FusedRec, batch: Mapping[str, jax.Array], yes_id: int, no_id: int) -> jax.Array:
-  """P(Yes) from the (Yes, No) logits at `answer_index`, soft tokens placed when the prompt has slots."""
+def yes_probability(model: FusedRec, batch: Mapping[str, jax.Array], yes_id: int, no_id: int,
+                    prefix_kv=None) -> jax.Array:
+  """P(Yes) from the (Yes, No) logits at `answer_index`, soft tokens placed when the prompt has slots;
+  with `prefix_kv` the batch holds only the tokens after the cached shared prefix."""
   h_btd = model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"],
-                              history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"])
+                              history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"],
+                              target_ids_b=batch["target_ids"], prefix_kv=prefix_kv)
   h_bd = jnp.take_along_axis(h_btd, batch["answer_index"][:, None, None], axis=1)[:, 0]
   logits_b2 = model.lm_logits(h_bd)[:, jnp.array([yes_id, no_id])]
   return jax.nn.softmax(logits_b2, axis=-1)[:, 0]
 
 
 @functools.lru_cache(maxsize=16)
-def _yes_fn(graphdef: nnx.GraphDef, yes_id: int, no_id: int):
-  """One jitted scorer per model structure, so repeated `score` calls reuse its compiled shapes."""
-  return jax.jit(lambda p, r, b: yes_probability(nnx.merge(graphdef, p, r), b, yes_id, no_id))
+def _yes_fns(graphdef: nnx.GraphDef, yes_id: int, no_id: int):
+  """Jitted (scorer, prefix cache) per model structure, so repeated `score` calls reuse compiled shapes."""
+  return (jax.jit(lambda p, r, b, kv: yes_probability(nnx.merge(graphdef, p, r), b, yes_id, no_id, kv)),
+          jax.jit(lambda p, r, tokens_p: nnx.merge(graphdef, p, r).llm.prefix_cache(tokens_p)))
 
 
-def score(model: FusedRec, batches: Sequence[Batch], yes_id: int, no_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """(P(Yes), label) for the real rows of `batches`, ordered by record index."""
+def score(model: FusedRec, batches: Sequence[Batch], yes_id: int, no_id: int, *, share_prefix: bool = True,
+          min_prefix: int = 16) -> tuple[np.ndarray, np.ndarray]:
+  """(P(Yes), label) for the real rows of `batches`, ordered by record index. As `evaluate.score`, the token
+  prefix common to every prompt (up to the first placeholder) runs once when it has `min_prefix` tokens."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  fn = _yes_fn(graphdef, yes_id, no_id)
-  keys = ("tokens", "positions", "attention_mask", "answer_index", "history_ids", "history_feedback")
+  fn, prefix_fn = _yes_fns(graphdef, yes_id, no_id)
+  prefix = evaluate.shared_prefix(list(batches)) if share_prefix else np.zeros(0, np.int32)
+  slot = np.flatnonzero(prefix == model.config.placeholder_id)
+  prefix = prefix[:slot[0]] if slot.size else prefix
+  kv = None
+  if prefix.size >= min_prefix:
+    kv = prefix_fn(params, rest, jnp.asarray(prefix))
+    batches = [evaluate.strip_prefix(b, prefix.size) for b in batches]
+  keys = ("tokens", "positions", "attention_mask", "answer_index", "history_ids", "history_feedback", "target_ids")
   p, label, index = (np.concatenate(x) for x in zip(*[
-      (np.asarray(fn(params, rest, {k: b[k] for k in keys})), b["label"], b["index"]) for b in batches]))
+      (np.asarray(fn(params, rest, {k: b[k] for k in keys}, kv)), b["label"], b["index"]) for b in batches]))
   order = np.argsort(np.where(index >= 0, index, np.iinfo(np.int32).max), kind="stable")[:int((index >= 0).sum())]
   return p[order], label[order]
 

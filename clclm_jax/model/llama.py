@@ -29,6 +29,34 @@ def _normal(rngs: nnx.Rngs, shape, std: float = 0.02) -> jax.Array:
   return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
 
+def frozen_matmul(x: jax.Array, w_io: jax.Array) -> jax.Array:
+  """`x @ W` accumulated in float32 for a frozen `W` (no dW). Below float32, the backward is one dot in
+  `W`'s dtype (`_low_precision_matmul`); in float32, autodiff's own, which keeps the int8 dequantisation
+  fused into each dot instead of saving the float weight (7.3 s against 6.8 s per SmolLM2 4x256 step)."""
+  if w_io.dtype == jnp.float32:
+    return jnp.matmul(x.astype(jnp.float32), w_io, preferred_element_type=jnp.float32)
+  return _low_precision_matmul(x.astype(w_io.dtype), w_io)
+
+
+@jax.custom_vjp
+def _low_precision_matmul(x: jax.Array, w_io: jax.Array) -> jax.Array:
+  """Autodiff would run the backward of a bf16 dot with float32 accumulation in float32; on CPU a bf16 x
+  bf16 -> f32 dot runs at about twice the float32 speed (5.1 s against 6.0 s per SmolLM2 4x256 step)."""
+  return jnp.matmul(x, w_io, preferred_element_type=jnp.float32)
+
+
+def _low_precision_fwd(x, w_io):
+  return _low_precision_matmul(x, w_io), w_io
+
+
+def _low_precision_bwd(w_io, ct):
+  dx = jnp.einsum("...o,io->...i", ct.astype(w_io.dtype), w_io, preferred_element_type=jnp.float32)
+  return dx.astype(w_io.dtype), None
+
+
+_low_precision_matmul.defvjp(_low_precision_fwd, _low_precision_bwd)
+
+
 class Linear(nnx.Module):
   """Bias-free projection `x @ W` with a frozen float or int8 `W [in, out]` and optional LoRA."""
 
@@ -73,13 +101,16 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None, out_dtype=None) -> jax.Array:
     out_dtype = out_dtype or self.dtype
-    y = jnp.matmul(x, self.weight(self.dtype), preferred_element_type=out_dtype)
+    # Accumulating in float32 is also the fast path on CPU: XLA's bf16 x bf16 -> bf16 dot runs at half the
+    # speed of bf16 x bf16 -> f32.
+    y = frozen_matmul(x, self.weight(self.dtype)).astype(out_dtype)
     if self.lora_a is not None:
       if dropout_key is not None and self.lora_dropout > 0:
         keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
-      h = x @ self.lora_a[...].astype(self.dtype)
-      y = y + (h @ self.lora_b[...].astype(self.dtype)).astype(out_dtype) * self.lora_scaling
+      h = jnp.matmul(x, self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+      y = y + jnp.matmul(h, self.lora_b[...].astype(self.dtype), preferred_element_type=jnp.float32).astype(
+          out_dtype) * self.lora_scaling
     return y
 
 
@@ -142,7 +173,7 @@ class Attention(nnx.Module):
     scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_btkd, preferred_element_type=jnp.float32)
     scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_btkd.dtype)
-    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_btkd)
+    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_btkd, preferred_element_type=jnp.float32).astype(v_btkd.dtype)
     return self.o_proj(out_btkgd.reshape(b, t, -1), keys[3]), kv
 
 
@@ -267,8 +298,7 @@ class Llama(nnx.Module):
     """float32 logits from hidden states of any leading shape."""
     if self.lm_head is None:
       table_vd = self.embed_tokens.embedding[...]
-      return jnp.einsum("...d,vd->...v", h_xd.astype(table_vd.dtype), table_vd,
-                        preferred_element_type=jnp.float32)
+      return frozen_matmul(h_xd.astype(table_vd.dtype), table_vd.T)
     return self.lm_head(h_xd, out_dtype=jnp.float32)
 
   def __call__(self, tokens_bt=None, positions_bt=None, attention_mask_bt=None, *,
