@@ -29,8 +29,10 @@ from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
 # TALLRec (arXiv 2305.00447) Table: AUC x 100 of LLaMA-7B rec tuning, by training shots.
 TALLREC_PUBLISHED = {"movie": {16: 67.24, 64: 67.48, 256: 71.98}, "book": {16: 56.36, 64: 60.39, 256: 64.38}}
 NAMES = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "history like-ratio (no training)",
-         "zero_shot": "ours, zero-shot", "lora": "ours, TALLRec-style LoRA", "fused": "ours, fused (CLCLMRec)",
+         "zero_shot": "ours, zero-shot", "encoder_only": "ours, pretrained encoder alone (no LLM)",
+         "lora": "ours, TALLRec-style LoRA", "fused": "ours, fused (CLCLMRec)",
          "fused-seq_cl": "ours, fused - seq_cl", "fused-text_cl": "ours, fused - text_cl",
+         "fused-pretrain": "ours, fused - encoder pretraining", "fused-hint": "ours, fused - answer hint",
          "fused+align_cl": "ours, fused + align_cl"}
 FUSED_DEFAULT = ROOT / "benchmarks" / "results" / "fused_quality" / "results.json"
 
@@ -169,12 +171,14 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
     rows = [r for r in result["rows"] if r["domain"] == domain]
     pub = sorted((r["shots"], 100 * r["auc"]) for r in rows if r["method"] == "tallrec_published")
     ax.plot(*zip(*pub), "o-", color="tab:gray", label="TALLRec published (LLaMA-7B)")
-    for method, styles, color in (("heuristic", ("--", "-."), "tab:green"), ("zero_shot", (":",), "tab:orange")):
+    for method, styles, color in (("heuristic", ("--", "-."), "tab:green"), ("zero_shot", (":",), "tab:orange"),
+                                  ("encoder_only", ("--",), "tab:olive")):
       for i, (label, pts) in enumerate(_by_shots(rows, method).items()):
         ax.axhline(pts[0][1], ls=styles[i % len(styles)], color=color,
                    label=f"{NAMES[method].split(', ')[-1]}, {label}")
     for method, marker, color in (("lora", "s-", "tab:blue"), ("fused", "D-", "tab:red"),
                                   ("fused-seq_cl", "v", "tab:purple"), ("fused-text_cl", "^", "tab:brown"),
+                                  ("fused-pretrain", "x", "tab:cyan"), ("fused-hint", "*", "black"),
                                   ("fused+align_cl", "P", "tab:pink")):
       for label, pts in _by_shots(rows, method).items():
         shots, mean, std = zip(*pts)

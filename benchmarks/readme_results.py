@@ -22,16 +22,18 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 def throughput_section(result: dict, md_name: str) -> list[str]:
   from throughput import FLOPS_NOTE, goal_table, run_table  # pylint: disable=g-import-not-at-top
   peak = result["matmul_peak"]
+  peaks = {p["dtype"]: p["flop_per_s"] for p in [peak] + result.get("more_peaks", [])}
   lines = [f"### Speed: clclm-jax vs transformers + PEFT ({result['tag']})", "",
            f"{common.machine_line(result['machine'])}. Load average before / after the run: "
            f"{result['loadavg_before'][0]:.1f} / {result['loadavg_after'][0]:.1f} on "
            f"{result['machine']['cores']} cores (the systems alternate, medians reported; on a loaded CPU torch suffers more, so idle "
            "runs give the fair ratio). "
-           f"Measured {peak['dtype']} matmul peak {common.si(peak['flop_per_s'], 'FLOP/s')}. "
+           "Measured matmul peaks: " + ", ".join(f"{p['dtype']} {common.si(p['flop_per_s'], 'FLOP/s')}"
+                                                 for p in [peak] + result.get("more_peaks", [])) + ". "
            f"Details: [{md_name}](benchmarks/results/{md_name}).", ""]
   for run in result["runs"]:
     lines += [f"{run['model']}, {run['device']} {run['dtype']} (ours: {run['ours_storage']}; transformers: "
-              f"{run['transformers_storage']}):", "", run_table(run, peak["flop_per_s"]), "", goal_table(run), ""]
+              f"{run['transformers_storage']}):", "", run_table(run, peaks), "", goal_table(run), ""]
   if result.get("llama7b"):
     g = result["llama7b"]
     lines += [f"LLaMA-7B shape (random weights, int8 + LoRA, bf16, batch {g['batch']}x{g['length']}): "
