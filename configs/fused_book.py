@@ -13,4 +13,8 @@ def get_config() -> ConfigDict:
   # Book-Crossing items are rarely seen twice: hide most ids in pretraining so likes are read from context.
   c.fusion.encoder_dropout = 0.5
   c.fusion.pretrain.item_mask_rate = 0.8
+  # Book histories list liked then disliked books (no time order): learn likes from the set, not the order,
+  # and keep InfoNCE light (0.1 costs ~0.5 valid AUC; 0 and 0.02 are within noise: 69.65 / 69.51).
+  c.fusion.pretrain.shuffle_order = True
+  c.fusion.pretrain.cl_weight = 0.02
   return c

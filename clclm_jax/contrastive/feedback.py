@@ -38,6 +38,7 @@ class PretrainConfig:
   stride: int = 5
   cl_weight: float = 0.1  # InfoNCE between augmented views; 0 turns it off
   item_mask_rate: float = 0.0  # items shown as the mask id, so likes are also learned from context (sparse items)
+  shuffle_order: bool = False  # histories without time order (book: liked, then disliked): permute each epoch
   patience: int = 3  # epochs without a better validation AUC before stopping
   seed: int = 0
 
@@ -77,6 +78,15 @@ def windows(seqs: Sequences, window: int, stride: int) -> tuple[np.ndarray, np.n
       ids.append(joint.left_pad(item_ids[start:end], window))
       fb.append(joint.left_pad(codes[start:end], window))
   return np.stack(ids), np.stack(fb)
+
+
+def shuffled(seqs: Sequences, rng: np.random.Generator) -> Sequences:
+  """Each sequence in a fresh random order, so next-feedback reads a set of likes, not their arrangement."""
+  out = []
+  for item_ids, codes in seqs:
+    perm = rng.permutation(len(item_ids))
+    out.append((item_ids[perm], codes[perm]))
+  return out
 
 
 def feedback_loss(model: FusedRec, ids_bl: jax.Array, fb_bl: jax.Array, key: jax.Array | None,
@@ -151,6 +161,8 @@ def pretrain(model: FusedRec, seqs: Sequences, valid: Sequence[Interaction], cfg
   rng, key = np.random.default_rng(cfg.seed), jax.random.key(cfg.seed)
   best, best_params, history, t0, bad = -1.0, jax.tree.map(np.array, params), [], time.time(), 0
   for epoch in range(1, cfg.epochs + 1):
+    if cfg.shuffle_order:
+      ids, fb = windows(shuffled(seqs, rng), cfg.window, cfg.stride)
     order, losses = rng.permutation(len(ids)), []
     for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
       rows = order[i:i + cfg.batch_size]
