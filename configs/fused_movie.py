@@ -23,7 +23,7 @@ def fused_overrides(c: ConfigDict) -> ConfigDict:
         # next-feedback BCE + cl_weight x InfoNCE over augmented views; epochs=0 leaves it untrained.
         target_aware=True, answer_hint=True,  # first soft token: P(like) x E[Yes] + (1 - P(like)) x E[No]
         pretrain=ConfigDict(dict(epochs=12, batch_size=256, lr=1e-3, stride=5, cl_weight=0.1, patience=3,
-                                 item_mask_rate=0.0))))
+                                 item_mask_rate=0.0, shuffle_order=False))))
     # Two stages as in the seeds: text-only prompts, then prompts with the fused tokens.
     c.stage1 = ConfigDict(dict(steps=16, loss_weights=ConfigDict({"text_lm": 1.0})))
     c.stage2 = ConfigDict(dict(steps=16, loss_weights=ConfigDict(
