@@ -5,6 +5,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from clclm_jax.contrastive import recipe
 from clclm_jax.train import cli, loop, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
@@ -21,6 +22,12 @@ def main(argv):
   config = _CONFIG.value
   sharding.maybe_initialize_distributed(config)
   workdir = _WORKDIR.value or f"runs/{config.name}"
+  if "fusion" in config:
+    if _EXPORT_PEFT.value:
+      raise app.UsageError("--export_peft: a fused model is LoRA + encoder + projector; PEFT holds only the "
+                           "LoRA, which cannot score without them. Export a text-only config's run instead.")
+    print(json.dumps(recipe.evaluate_split(config, workdir, _SPLIT.value), indent=2))
+    return
   if _EXPORT_PEFT.value:
     print(f"PEFT adapter written to {loop.export_best_peft(config, workdir, _EXPORT_PEFT.value)}")
     return

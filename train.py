@@ -1,8 +1,13 @@
-"""Trains per `--config` (e.g. configs/book.py) in `--workdir` (default runs/<config name>), resuming there."""
+"""Trains per `--config` (e.g. configs/book.py) in `--workdir` (default runs/<config name>), resuming there.
+
+Configs with a `fusion` block (configs/fused_movie.py, fused_book.py) run the CLCLMRec recipe instead:
+encoder pretraining, text-only stage 1, fused stage 2, then valid and test AUC (contrastive/recipe.py).
+"""
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from clclm_jax.contrastive import recipe
 from clclm_jax.train import cli, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
@@ -14,7 +19,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
   config = _CONFIG.value
-  summary = loop.train(config, _WORKDIR.value or f"runs/{config.name}")
+  workdir = _WORKDIR.value or f"runs/{config.name}"
+  summary = recipe.train(config, workdir) if "fusion" in config else loop.train(config, workdir)
   print(loop.format_summary(summary))
 
 

@@ -30,11 +30,8 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from clclm_jax.contrastive import feedback, joint  # pylint: disable=wrong-import-position
-from clclm_jax.contrastive.fusion import FusedRec, FusionConfig  # pylint: disable=wrong-import-position
-from clclm_jax.data import augment, fewshot, tallrec, tokenize  # pylint: disable=wrong-import-position
-from clclm_jax.model import loading  # pylint: disable=wrong-import-position
-from clclm_jax.model.config import LoraConfig  # pylint: disable=wrong-import-position
+from clclm_jax.contrastive import feedback, recipe  # pylint: disable=wrong-import-position
+from clclm_jax.data import fewshot  # pylint: disable=wrong-import-position
 from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
 from configs import fused_book, fused_movie  # pylint: disable=wrong-import-position
 
@@ -77,43 +74,22 @@ def steps_of(config, args) -> tuple[int, int]:
 def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dict, emit) -> None:
   """Sets `meta[domain]` (what the rows are measured with), then emits the rows: zero-shot, then each cell."""
   config = CONFIGS[domain].get_config()
-  f, d = config.fusion, config.data
   s1, s2 = steps_of(config, args)
   t0 = time.time()
-  lora = LoraConfig(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                    targets=tuple(config.lora.targets))
-  llm, tokenizer = loading.load_model(config.model.source, dtype=config.model.dtype,
-                                      quantize=config.model.quantize, lora=lora, lora_seed=config.seed)
-  splits = tallrec.tallrec_splits(domain, seed=d.split_seed, book_valid_size=d.book_valid_size)
-  num_items = splits.catalogue.max_id
-  corr = augment.itemcf_iuf([np.asarray(x.history_ids) for x in splits.train], num_items, f.corr_top_k)
-  placeholder_id = tokenizer.convert_tokens_to_ids(f.placeholder)
-  fcfg = FusionConfig(num_items=num_items, placeholder_id=placeholder_id, num_soft_tokens=f.num_soft_tokens,
-                      source=f.source, projector_hidden=f.projector_hidden, encoder_hidden=f.encoder_hidden,
-                      encoder_layers=f.encoder_layers, encoder_heads=f.encoder_heads,
-                      encoder_dropout=f.encoder_dropout, max_len=f.history_len + 1, pooling=f.pooling,
-                      seq_temperature=f.seq_temperature, text_temperature=f.text_temperature,
-                      align_temperature=f.align_temperature, target_aware=f.target_aware,
-                      answer_hint=tokenize.answer_token_ids(tokenizer, d.template) if f.answer_hint else None)
-  model = FusedRec(llm, fcfg, item_corr=corr, rngs=nnx.Rngs(config.seed))
+  r = recipe.build(config)
+  model, splits, text, fused = r.model, r.splits, r.text, r.fused
+  fcfg = model.config
   scratch = jax.tree.map(np.array, nnx.state(model, nnx.Param))
   test = fewshot.fewshot(splits.test, args.test_size if args.test_size > 0 else None, args.test_seed)
-  encoder = None
-  if f.target_aware and f.pretrain.epochs > 0:
-    pcfg = feedback.PretrainConfig(**f.pretrain.to_dict(), window=f.history_len + 1, seed=config.seed)
-    encoder = feedback.pretrain(model, feedback.behaviour_sequences(domain, splits), splits.valid, pcfg, log)
-    encoder |= {"config": dataclasses.asdict(pcfg), "test_auc": feedback.encoder_auc(model, test)}
+  encoder = recipe.pretrain_encoder(r, log)
+  if encoder is not None:
+    encoder["test_auc"] = feedback.encoder_auc(model, test)
+    encoder["full_test_auc"] = feedback.encoder_auc(model, splits.test)  # no LLM: the whole test set is cheap
     log(f"{domain}: encoder pretrained on {encoder['items']} behaviour events in {encoder['seconds']:.0f}s; "
-        f"valid AUC {100 * encoder['best_valid_auc']:.2f}, test subset AUC {100 * encoder['test_auc']:.2f}")
+        f"valid AUC {100 * encoder['best_valid_auc']:.2f}, test subset AUC {100 * encoder['test_auc']:.2f}, "
+        f"full test AUC {100 * encoder['full_test_auc']:.2f}")
   initial = jax.tree.map(np.array, nnx.state(model, nnx.Param))
-  text = joint.PromptSpec(domain, f.placeholder, placeholder_id, 0, cutoff_len=d.cutoff_len,
-                          train_on_inputs=d.train_on_inputs, template=d.template, history_len=f.history_len,
-                          view_len=f.view_len)
-  fused = text.with_soft_tokens(f.num_soft_tokens)
-  yes_no = tokenize.answer_token_ids(tokenizer, d.template)
-  evals = {spec.num_soft_tokens: joint.eval_batches(test, splits.catalogue, tokenizer, spec,
-                                                    batch_size=args.eval_batch_size, pad_multiple=d.pad_multiple)
-           for spec in (text, fused)}
+  evals = {spec.num_soft_tokens: r.eval_batches(test, spec, args.eval_batch_size) for spec in (text, fused)}
   base = {"domain": domain, "test_size": len(test), "test_total": len(splits.test), "test_seed": args.test_seed,
           "batch_size": config.train.batch_size, "lr": config.optim.lr, "run": run}
   meta[domain] = {"test_size": len(test), "test_total": len(splits.test), "test_seed": args.test_seed,
@@ -121,8 +97,8 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
                   "fusion": dataclasses.asdict(fcfg) | {"item_corr": "itemcf_iuf(train pool)"},
                   "stage1_loss_weights": config.stage1.loss_weights.to_dict(),
                   "stage2_loss_weights": config.stage2.loss_weights.to_dict(), "optim": config.optim.to_dict(),
-                  "batch_size": config.train.batch_size, "train_on_inputs": d.train_on_inputs,
-                  "pad_multiple": d.pad_multiple,
+                  "batch_size": config.train.batch_size, "train_on_inputs": config.data.train_on_inputs,
+                  "pad_multiple": config.data.pad_multiple,
                   "encoder_pretraining": None if encoder is None else {k: v for k, v in encoder.items()
                                                                         if k != "epochs"}}
   log(f"{domain}: loaded in {time.time() - t0:.0f}s; test {len(test)} of {len(splits.test)}; "
@@ -130,13 +106,10 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
 
   def test_auc(spec) -> tuple[float, float]:
     t = time.time()
-    p, label = joint.score(model, evals[spec.num_soft_tokens], *yes_no)
-    return 100 * evaluate.auc(p, label), time.time() - t
+    return 100 * recipe.auc(r, evals[spec.num_soft_tokens]), time.time() - t
 
-  def train(spec, steps, weights, seed, pool, views=False) -> float:
-    batches = joint.train_batches(pool, splits.catalogue, tokenizer, spec, batch_size=config.train.batch_size,
-                                  seed=seed, views=views, pad_multiple=d.pad_multiple)
-    t = last = time.time()
+  def train(spec, steps, weights, seed, pool) -> float:
+    last = time.time()
 
     def show(i, m):
       nonlocal last
@@ -144,8 +117,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
           " ".join(f"{k}={v:.4f}" for k, v in m.items() if k.startswith("loss")))
       last = time.time()
 
-    joint.fit(model, batches, steps=steps, loss_weights=weights, optim=config.optim, seed=seed, log=show)
-    return time.time() - t
+    return recipe.fit_stage(r, spec, pool, steps, weights, seed, show)
 
   def record(row):
     emit(row)
@@ -181,7 +153,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
           nnx.update(model, nnx.State({k: scratch[k] for k in ("encoder", "feedback_head")}))
         model.config = dataclasses.replace(fcfg, answer_hint=None) if variant == "fused-hint" else fcfg
         weights = stage2_weights(config, variant)
-        train2_s = train(fused, s2, weights, seed, train_set, views=weights.get("text_cl", 0) > 0)
+        train2_s = train(fused, s2, weights, seed, train_set)
         auc, score_s = test_auc(fused)
         model.config = fcfg
         record({**cell, "variant": variant, "stage2_steps": s2, "loss_weights": weights, "auc": auc,

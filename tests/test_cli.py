@@ -1,4 +1,4 @@
-"""train.py then eval.py on configs/tiny.py: metrics files, summary, under a minute; bad overrides."""
+"""train.py then eval.py on configs/tiny.py (and tiny_fused.py): metrics files, summary, timing; bad overrides."""
 
 import json
 import pathlib
@@ -28,6 +28,21 @@ def test_tiny_train_then_eval_under_a_minute(tmp_path, data_root):
   assert "test AUC" in train.stdout and "valid AUC" in train.stdout
   assert list((tmp_path / "tensorboard").glob("events.*"))
   assert wall < 60, f"tiny train + eval took {wall:.0f}s"
+
+
+def test_tiny_fused_recipe_then_eval_scores_the_saved_model(tmp_path, data_root):
+  train = _run("train.py", "--config=configs/tiny_fused.py", f"--workdir={tmp_path}")
+  assert train.returncode == 0, train.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["steps"] == 4 and summary["shots"] == 16 and 0.0 <= summary["encoder_valid_auc"] <= 1.0
+  assert "encoder valid AUC" in train.stdout and "test AUC" in train.stdout
+  ev = _run("eval.py", "--config=configs/tiny_fused.py", f"--workdir={tmp_path}", "--split=test")
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  test = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
+  assert test["n"] == 16 and test["best_step"] == 4
+  assert abs(test["auc"] - summary["test_auc"]) < 1e-6  # the restored encoder, projector and LoRA score the same
+  r = _run("eval.py", "--config=configs/tiny_fused.py", f"--workdir={tmp_path}", "--export_peft=/tmp/x")
+  assert r.returncode != 0 and "encoder + projector" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_overrides_are_one_clear_line():

@@ -113,3 +113,12 @@ def test_answer_hint_is_the_first_soft_token():
   np.testing.assert_allclose(soft_bkd[:, 1:], model.projector(z_be)[:, 1:], rtol=1e-6)
   with pytest.raises(ValueError, match="answer_hint"):
     FusionConfig(num_items=NUM_ITEMS, placeholder_id=5, answer_hint=(11, 12))
+
+
+def test_shuffled_permutes_each_sequence_keeping_items_with_their_likes():
+  seqs = [(np.arange(10, 20, dtype=np.int32), np.where(np.arange(10) < 6, feedback.LIKED, feedback.DISLIKED)),
+          (np.array([3], np.int32), np.array([feedback.LIKED], np.int32))]
+  out = feedback.shuffled(seqs, np.random.default_rng(0))
+  assert not np.array_equal(out[0][0], seqs[0][0])  # liked-then-disliked order is gone
+  assert sorted(zip(out[0][0].tolist(), out[0][1].tolist())) == list(zip(seqs[0][0].tolist(), seqs[0][1].tolist()))
+  assert out[1][0].tolist() == [3] and out[1][1].tolist() == [feedback.LIKED]

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -264,7 +265,7 @@ def _yes_fns(graphdef: nnx.GraphDef, yes_id: int, no_id: int):
 
 
 def score(model: FusedRec, batches: Sequence[Batch], yes_id: int, no_id: int, *, share_prefix: bool = True,
-          min_prefix: int = 16) -> tuple[np.ndarray, np.ndarray]:
+          min_prefix: int = 16, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(P(Yes), label) for the real rows of `batches`, ordered by record index. As `evaluate.score`, the token
   prefix common to every prompt (up to the first placeholder) runs once when it has `min_prefix` tokens."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -278,7 +279,8 @@ def score(model: FusedRec, batches: Sequence[Batch], yes_id: int, no_id: int, *,
     batches = [evaluate.strip_prefix(b, prefix.size) for b in batches]
   keys = ("tokens", "positions", "attention_mask", "answer_index", "history_ids", "history_feedback", "target_ids")
   p, label, index = (np.concatenate(x) for x in zip(*[
-      (np.asarray(fn(params, rest, {k: b[k] for k in keys}, kv)), b["label"], b["index"]) for b in batches]))
+      (np.asarray(fn(params, rest, {k: b[k] for k in keys}, kv)), b["label"], b["index"])
+      for b in tqdm.tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None)]))
   order = np.argsort(np.where(index >= 0, index, np.iinfo(np.int32).max), kind="stable")[:int((index >= 0).sum())]
   return p[order], label[order]
 

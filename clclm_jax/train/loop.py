@@ -277,5 +277,7 @@ def format_summary(summary: dict) -> str:
   rows = [("best step", summary.get("best_step")), ("valid AUC", summary.get("valid_auc")),
           ("test AUC", summary.get("test_auc")), ("tokens/s (train)", summary.get("tokens_per_s")),
           ("wall time (s)", summary.get("wall_s"))]
+  if "encoder_valid_auc" in summary:  # fused runs (contrastive/recipe.py)
+    rows.insert(1, ("encoder valid AUC", summary["encoder_valid_auc"]))
   fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
   return "\n".join(f"{k:<18}{fmt(v):>12}" for k, v in rows)

@@ -1,0 +1,158 @@
+"""CLCLMRec from one config: encoder pretraining, stage 1 (text-only LoRA), stage 2 (fused soft tokens), AUC.
+
+`train.py` and `eval.py` run `train` and `evaluate_split` for configs with a `fusion` block
+(configs/fused_movie.py, fused_book.py); `benchmarks/fused_quality.py` runs the same pieces per few-shot
+cell and ablation.
+"""
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+from ml_collections import ConfigDict
+
+from clclm_jax.contrastive import feedback, joint
+from clclm_jax.contrastive.fusion import FusedRec, FusionConfig
+from clclm_jax.data import augment, fewshot, tallrec, tokenize
+from clclm_jax.data.records import Interaction
+from clclm_jax.train import checkpoint, evaluate, loop, state as state_lib
+
+
+@dataclasses.dataclass
+class Recipe:
+  """What every stage of a run shares: the fused model, its tokenizer, the data and both prompt layouts."""
+
+  config: ConfigDict
+  model: FusedRec
+  tokenizer: Any
+  splits: tallrec.TallrecSplits
+  text: joint.PromptSpec  # TALLRec prompts (stage 1, text-only scoring)
+  fused: joint.PromptSpec  # the same prompts with k soft-token placeholders (stage 2)
+
+  @property
+  def yes_no(self) -> tuple[int, int]:
+    return tokenize.answer_token_ids(self.tokenizer, self.config.data.template)
+
+  def eval_batches(self, xs: Sequence[Interaction], spec: joint.PromptSpec, batch_size: int | None = None):
+    return joint.eval_batches(xs, self.splits.catalogue, self.tokenizer, spec,
+                              batch_size=batch_size or self.config.train.eval_batch_size,
+                              pad_multiple=self.config.data.pad_multiple)
+
+
+def build(config: ConfigDict) -> Recipe:
+  """Loads the LLM (`loop.build_model`: int8 base + LoRA), the TALLRec splits and a fresh encoder/projector per `config.fusion`."""
+  f, d = config.fusion, config.data
+  llm, tokenizer = loop.build_model(config)
+  splits = tallrec.tallrec_splits(d.domain, seed=d.split_seed, book_valid_size=d.book_valid_size)
+  num_items = splits.catalogue.max_id
+  corr = augment.itemcf_iuf([np.asarray(x.history_ids) for x in splits.train], num_items, f.corr_top_k)
+  placeholder_id = tokenizer.convert_tokens_to_ids(f.placeholder)
+  fcfg = FusionConfig(num_items=num_items, placeholder_id=placeholder_id, num_soft_tokens=f.num_soft_tokens,
+                      source=f.source, projector_hidden=f.projector_hidden, encoder_hidden=f.encoder_hidden,
+                      encoder_layers=f.encoder_layers, encoder_heads=f.encoder_heads,
+                      encoder_dropout=f.encoder_dropout, max_len=f.history_len + 1, pooling=f.pooling,
+                      seq_temperature=f.seq_temperature, text_temperature=f.text_temperature,
+                      align_temperature=f.align_temperature, target_aware=f.target_aware,
+                      answer_hint=tokenize.answer_token_ids(tokenizer, d.template) if f.answer_hint else None)
+  model = FusedRec(llm, fcfg, item_corr=corr, rngs=nnx.Rngs(config.seed))
+  text = joint.PromptSpec(d.domain, f.placeholder, placeholder_id, 0, cutoff_len=d.cutoff_len,
+                          train_on_inputs=d.train_on_inputs, template=d.template, history_len=f.history_len,
+                          view_len=f.view_len)
+  return Recipe(config, model, tokenizer, splits, text, text.with_soft_tokens(f.num_soft_tokens))
+
+
+def pretrain_encoder(r: Recipe, log: Callable[[str], None] = print) -> dict | None:
+  """Next-feedback + InfoNCE pretraining of the target-aware encoder (`config.fusion.pretrain`); None if off."""
+  f = r.config.fusion
+  if not (f.target_aware and f.pretrain.epochs > 0):
+    return None
+  pcfg = feedback.PretrainConfig(**f.pretrain.to_dict(), window=f.history_len + 1, seed=r.config.seed)
+  seqs = feedback.behaviour_sequences(r.config.data.domain, r.splits)
+  return feedback.pretrain(r.model, seqs, r.splits.valid, pcfg, log) | {"config": dataclasses.asdict(pcfg)}
+
+
+def fit_stage(r: Recipe, spec: joint.PromptSpec, pool: Sequence[Interaction], steps: int,
+              loss_weights: Mapping[str, float], seed: int, log: Callable[[int, dict], None] | None = None) -> float:
+  """`steps` joint updates on `pool` with `spec`'s prompts (text views only when `text_cl` is on); seconds."""
+  t0 = time.time()
+  views = loss_weights.get("text_cl", 0) > 0
+  batches = joint.train_batches(pool, r.splits.catalogue, r.tokenizer, spec, batch_size=r.config.train.batch_size,
+                                seed=seed, views=views, pad_multiple=r.config.data.pad_multiple)
+  joint.fit(r.model, batches, steps=steps, loss_weights=loss_weights, optim=r.config.optim, seed=seed, log=log)
+  return time.time() - t0
+
+
+def auc(r: Recipe, batches: Sequence[dict], desc: str | None = None) -> float:
+  """AUC (0..1) of P(Yes) over the real rows of `batches`; a progress bar when `desc` is given."""
+  p, label = joint.score(r.model, batches, *r.yes_no, desc=desc)
+  return evaluate.auc(p, label)
+
+
+def _subset(xs: Sequence[Interaction], size: int, seed: int) -> list[Interaction]:
+  return fewshot.fewshot(xs, size if size > 0 else None, seed)
+
+
+def _bar_log(bar: tqdm.tqdm) -> Callable[[int, dict], None]:
+  def log(_, metrics: dict) -> None:
+    bar.set_postfix({k.removeprefix("loss/"): f"{v:.4f}" for k, v in metrics.items() if k.startswith("loss")})
+    bar.update(1)
+  return log
+
+
+def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], None] = print) -> dict:
+  """Pretrain, stage 1, stage 2 on `data.shots` examples; saves the params as the best checkpoint in
+  `workdir`, scores valid (and test unless `data.test_size == 0`); returns and writes the summary.
+  Stages are short (16 steps), so there is no resuming or early stopping: a rerun starts over."""
+  workdir, t0, d = pathlib.Path(workdir), time.time(), config.data
+  workdir.mkdir(parents=True, exist_ok=True)
+  r = build(config)
+  encoder = pretrain_encoder(r, log)
+  pool = _subset(r.splits.train, d.shots, d.fewshot_seed)
+  stages = [("stage1", r.text, config.stage1), ("stage2", r.fused, config.stage2)]
+  for name, spec, stage in stages:
+    with tqdm.tqdm(total=stage.steps, desc=name) as bar:
+      fit_stage(r, spec, pool, stage.steps, dict(stage.loss_weights), config.seed, _bar_log(bar))
+  steps = sum(stage.steps for _, _, stage in stages)
+  summary = {"stage": "fused", "steps": steps, "best_step": steps, "shots": len(pool),
+             "encoder_valid_auc": None if encoder is None else encoder["best_valid_auc"],
+             "valid_auc": auc(r, r.eval_batches(_subset(r.splits.valid, d.valid_size, d.fewshot_seed), r.fused),
+                          "valid")}
+  ckpts = checkpoint.Checkpoints(workdir)
+  try:
+    ckpts.save_best(steps, state_lib.split_model(r.model)[1], {"step": steps, "valid": {"auc": summary["valid_auc"]}})
+  finally:
+    ckpts.close()
+  if d.test_size != 0:
+    summary["test_auc"] = auc(r, r.eval_batches(_subset(r.splits.test, d.test_size, d.fewshot_seed), r.fused),
+                             "test")
+  summary["wall_s"] = time.time() - t0
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary
+
+
+def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str = "test") -> dict:
+  """AUC of the saved fused model on `split` (its configured subset); writes WORKDIR/eval/<split>_metrics.json."""
+  workdir, t0, d = pathlib.Path(workdir), time.time(), config.data
+  r = build(config)
+  ckpts = checkpoint.Checkpoints(workdir)
+  try:
+    params, meta = ckpts.restore_best(state_lib.split_model(r.model)[1])
+  finally:
+    ckpts.close()
+  nnx.update(r.model, params)
+  size = {"valid": d.valid_size, "test": d.test_size}[split]
+  xs = _subset(getattr(r.splits, split), size, d.fewshot_seed)
+  metrics = {"auc": auc(r, r.eval_batches(xs, r.fused), split), "n": len(xs), "best_step": meta["step"],
+             "wall_s": time.time() - t0}
+  if jax.process_index() == 0:
+    (workdir / "eval").mkdir(parents=True, exist_ok=True)
+    (workdir / "eval" / f"{split}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+  return metrics

@@ -1,0 +1,16 @@
+"""The CLCLMRec recipe on a tiny random Llama (SmolLM2 vocabulary) and a small slice of the book data."""
+
+from configs import fused_book
+
+
+def get_config():
+  c = fused_book.get_config()
+  c.name = "tiny_fused"
+  c.model.preset, c.model.tokenizer = "tiny", "smollm2"  # the placeholder token needs SmolLM2's vocabulary
+  c.lora.r, c.lora.alpha = 4, 8.0
+  c.data.shots, c.data.valid_size, c.data.test_size = 16, 16, 16
+  c.train.batch_size = c.train.micro_batch_size = 4
+  c.train.eval_batch_size = 8
+  c.fusion.pretrain.epochs = 1
+  c.stage1.steps = c.stage2.steps = 2
+  return c
