@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dropout, c.attn_dropout = 0.2, 0.2
   c.pooling = "last"
   c.batch_size, c.eval_batch_size = 256, 1024
-  c.lr = 1e-3
+  c.lr = 2e-3  # with sampled negatives 2e-3 reached valid NDCG@10 faster than 1e-3 in a 4-min probe
   c.ce_negatives = 1024  # next-item CE: 0 = full softmax over all items, else K shared sampled negatives
   c.ce_sampling = "popularity"  # or "uniform"; popularity gets the logQ correction
   c.num_epochs = 300
