@@ -185,6 +185,10 @@ def markdown(result: dict) -> str:
     lines.append(f"- {domain}: test subset {m['test_size']} of {m['test_total']} (fewshot seed {m['test_seed']}); "
                  f"batch {m['batch_size']}, lr {m['optim']['lr']}, answer-only LM loss; "
                  f"like-share heuristic on the same subset {m['like_share_auc']:.2f}")
+    enc = m.get("encoder_pretraining") or {}
+    if "full_test_auc" in enc:
+      lines.append(f"  - pretrained encoder alone (no LLM): valid {100 * enc['best_valid_auc']:.2f}, "
+                   f"whole test set {100 * enc['full_test_auc']:.2f}")
   lines += ["- steps `s1+s2`: stage-1 (text-only LoRA) steps + stage-2 (fused) steps; fused variants start from "
             "the text-only weights of the same cell; examples seen = steps x batch (so 256 shots with 8 steps "
             "sees 64 of them); minutes are wall clock on the shared machine, XLA compiles included",
