@@ -5,9 +5,12 @@ pretrains the encoder on behaviour sequences (contrastive/feedback.py), that enc
 no LLM). Per (domain, shots, seed): text-only LoRA (stage 1, TALLRec-style prompts); fused (stage 2 from
 the stage-1 weights: soft tokens + the config's joint losses); fused with one part removed
 (`fused-seq_cl`, `fused-text_cl`, `fused-pretrain`: encoder from scratch, `fused-hint`: no answer-hint
-token) or added (`fused+align_cl`). The full protocol is 2 domains x 16/64/256 shots x 3 seeds on the whole test sets;
-flags choose a slice, and the output says which. `--merge` keeps the rows of OUT/results.json that this
-run does not recompute (and reuses its zero-shot row for the same test subset); every row names its run.
+token, `fused-prompt_dropout`: no encoder dropout under the soft tokens in stage 2) or added (`fused+align_cl`,
+`fused+history_targets`: stage 2 also trains on 4 masked-item prompts per few-shot prompt, whose target
+is one of its history items).
+The full protocol is 2 domains x 16/64/256 shots x 3 seeds on the whole test sets; flags choose a slice,
+and the output says which. `--merge` keeps the rows of OUT/results.json that this run does not recompute
+(and reuses its zero-shot row for the same test subset); every row names its run.
 benchmarks/quality.py reads OUT/results.json for its zero-shot, LoRA and fused rows.
 
   python benchmarks/fused_quality.py --domains movie --shots 64 --seeds 0 --test_size 128 \
@@ -39,8 +42,9 @@ PUBLISHED_TALLREC = {"movie": {16: 67.24, 64: 67.48, 256: 71.98}, "book": {16: 5
 GOALS = {"movie": {16: 74, 64: 75, 256: 77}, "book": {16: 71, 64: 72, 256: 74}}
 CONFIGS = {"movie": fused_movie, "book": fused_book}
 VARIANTS = ("zero_shot", "encoder_only", "text_only", "fused", "fused-seq_cl", "fused-text_cl", "fused-pretrain",
-            "fused-hint", "fused+align_cl")
-NOT_LOSSES = ("fused-pretrain", "fused-hint")  # ablations of the model, not of a loss term
+            "fused-hint", "fused-prompt_dropout", "fused+align_cl", "fused+history_targets")
+NOT_LOSSES = ("fused-pretrain", "fused-hint", "fused-prompt_dropout", "fused+history_targets")  # not loss terms
+HISTORY_TARGETS = 4  # stage-2 masked-item prompts per prompt, for `fused+history_targets` when the config has none
 UNTRAINED = ("zero_shot", "encoder_only")  # scored once per domain: no shots, no seed
 
 
@@ -68,7 +72,9 @@ def row_key(r: dict) -> tuple:
 
 
 def steps_of(config, args) -> tuple[int, int]:
-  return args.stage1_steps or config.stage1.steps, args.stage2_steps or config.stage2.steps
+  """Stage step counts: the flags, or the config's where a flag is negative (0 skips stage 1)."""
+  pick = lambda flag, steps: steps if flag < 0 else flag  # noqa: E731
+  return pick(args.stage1_steps, config.stage1.steps), pick(args.stage2_steps, config.stage2.steps)
 
 
 def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dict, emit) -> None:
@@ -141,23 +147,27 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
       nnx.update(model, initial)
       cell = {**base, "shots": shots, "seed": seed, "stage1_steps": s1}
       train_set = fewshot.fewshot(splits.train, shots, seed)
+      if encoder is not None:  # how well the hint agrees with the labels the cell is taught on
+        cell["pool_encoder_auc"] = 100 * feedback.encoder_auc(model, train_set)
       train1_s = train(text, s1, dict(config.stage1.loss_weights), seed, train_set)
-      if "text_only" in args.variants:
+      if "text_only" in args.variants and s1 > 0:
         auc, score_s = test_auc(text)
         record({**cell, "variant": "text_only", "stage2_steps": 0, "auc": auc, "train_s": train1_s,
                 "score_s": score_s})
       stage1 = jax.tree.map(np.array, nnx.state(model, nnx.Param))
       for variant in [v for v in args.variants if v.startswith("fused")]:
         nnx.update(model, stage1)
+        extra = config.stage2.history_targets or (HISTORY_TARGETS if variant == "fused+history_targets" else 0)
         if variant == "fused-pretrain":
           nnx.update(model, nnx.State({k: scratch[k] for k in ("encoder", "feedback_head")}))
-        model.config = dataclasses.replace(fcfg, answer_hint=None) if variant == "fused-hint" else fcfg
+        model.config = {"fused-hint": dataclasses.replace(fcfg, answer_hint=None),
+                        "fused-prompt_dropout": dataclasses.replace(fcfg, prompt_dropout=False)}.get(variant, fcfg)
         weights = stage2_weights(config, variant)
-        train2_s = train(fused, s2, weights, seed, train_set)
+        train2_s = train(fused, s2, weights, seed, recipe.with_history_targets(train_set, extra, seed))
         auc, score_s = test_auc(fused)
         model.config = fcfg
-        record({**cell, "variant": variant, "stage2_steps": s2, "loss_weights": weights, "auc": auc,
-                "train_s": train1_s + train2_s, "score_s": score_s})
+        record({**cell, "variant": variant, "stage2_steps": s2, "loss_weights": weights, "history_targets": extra,
+                "auc": auc, "train_s": train1_s + train2_s, "score_s": score_s})
 
 
 def merge_rows(previous: list[dict], new: list[dict]) -> list[dict]:
@@ -195,8 +205,10 @@ def markdown(result: dict) -> str:
             "- runs (the `run` column):"]
   lines += [f"  {i}. `{run['command']}` ({run['wall_s'] / 60:.1f} min, load {run['loadavg_before'][0]:.1f})"
             for i, run in enumerate(runs)]
-  lines += ["", "| domain | shots | variant | steps | AUC x100 | seeds | train + score min per seed | run | "
-            "TALLRec 7B | goal |", "|" + " --- |" * 10]
+  lines += ["- `pool enc.`: the pretrained encoder's AUC on the cell's few-shot training prompts (how far the hint "
+            "agrees with the labels stage 2 learns from), mean over seeds", "",
+            "| domain | shots | variant | steps | AUC x100 | seeds | pool enc. | train + score min per seed | run | "
+            "TALLRec 7B | goal |", "|" + " --- |" * 11]
   groups: dict[tuple, list] = {}
   for r in rows:
     groups.setdefault((r["domain"], r["shots"], r["variant"], r["stage1_steps"], r["stage2_steps"],
@@ -209,8 +221,10 @@ def markdown(result: dict) -> str:
     domain, shots, variant = key[:3]
     minutes = statistics.mean(r["train_s"] + r["score_s"] for r in rs) / 60
     goal = GOALS[domain].get(shots, "") if variant == "fused" else ""
+    pool = [r["pool_encoder_auc"] for r in rs if "pool_encoder_auc" in r]
+    pool = f"{statistics.mean(pool):.1f}" if len(pool) == len(rs) else ""
     lines.append(f"| {domain} | {shots or '-'} | {variant} | {key[3]}+{key[4]} | {statistics.mean(aucs):.2f}{spread} | "
-                 f"{','.join(str(r['seed']) for r in rs if r['seed'] is not None) or '-'} | {minutes:.1f} | "
+                 f"{','.join(str(r['seed']) for r in rs if r['seed'] is not None) or '-'} | {pool} | {minutes:.1f} | "
                  f"{','.join(sorted({str(r['run']) for r in rs}))} | {PUBLISHED_TALLREC[domain].get(shots, '')} | "
                  f"{goal} |")
   return "\n".join(lines) + "\n"
@@ -225,8 +239,9 @@ def parse_args(argv: list[str] | None):
   parser.add_argument("--variants", type=split(str), default=list(VARIANTS))
   parser.add_argument("--test_size", type=int, default=0, help="deterministic test subsample; <= 0: all")
   parser.add_argument("--test_seed", type=int, default=0)
-  parser.add_argument("--stage1_steps", type=int, default=0, help="0: the config's")
-  parser.add_argument("--stage2_steps", type=int, default=0, help="0: the config's")
+  parser.add_argument("--stage1_steps", type=int, default=-1,
+                      help="< 0: the config's; 0: no stage 1 (fused variants start from the zero-shot LLM)")
+  parser.add_argument("--stage2_steps", type=int, default=-1, help="< 0: the config's")
   parser.add_argument("--eval_batch_size", type=int, default=16)
   parser.add_argument("--out", default="benchmarks/results/fused_quality")
   parser.add_argument("--merge", action="store_true", help="keep OUT/results.json rows this run does not redo")

@@ -33,7 +33,9 @@ NAMES = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "his
          "lora": "ours, TALLRec-style LoRA", "fused": "ours, fused (CLCLMRec)",
          "fused-seq_cl": "ours, fused - seq_cl", "fused-text_cl": "ours, fused - text_cl",
          "fused-pretrain": "ours, fused - encoder pretraining", "fused-hint": "ours, fused - answer hint",
-         "fused+align_cl": "ours, fused + align_cl"}
+         "fused-prompt_dropout": "ours, fused - encoder dropout under the soft tokens",
+         "fused+align_cl": "ours, fused + align_cl", "fused+history_targets": "ours, fused + history targets"}
+ABLATION_MARKERS = "v^x*hPXp"  # one per fused ablation, in NAMES order
 FUSED_DEFAULT = ROOT / "benchmarks" / "results" / "fused_quality" / "results.json"
 
 
@@ -176,10 +178,10 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
       for i, (label, pts) in enumerate(_by_shots(rows, method).items()):
         ax.axhline(pts[0][1], ls=styles[i % len(styles)], color=color,
                    label=f"{NAMES[method].split(', ')[-1]}, {label}")
-    for method, marker, color in (("lora", "s-", "tab:blue"), ("fused", "D-", "tab:red"),
-                                  ("fused-seq_cl", "v", "tab:purple"), ("fused-text_cl", "^", "tab:brown"),
-                                  ("fused-pretrain", "x", "tab:cyan"), ("fused-hint", "*", "black"),
-                                  ("fused+align_cl", "P", "tab:pink")):
+    ablations = [m for m in NAMES if m.startswith(("fused-", "fused+"))]
+    styles = [("lora", "s-", "tab:blue"), ("fused", "D-", "tab:red")] + [
+        (m, ABLATION_MARKERS[i], f"C{(i + 4) % 10}") for i, m in enumerate(ablations)]
+    for method, marker, color in styles:
       for label, pts in _by_shots(rows, method).items():
         shots, mean, std = zip(*pts)
         ax.errorbar(shots, mean, yerr=std if any(std) else None, fmt=marker, color=color, capsize=3,

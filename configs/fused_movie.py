@@ -22,11 +22,14 @@ def fused_overrides(c: ConfigDict) -> ConfigDict:
         # The encoder reads the target item and is pretrained on behaviour sequences (contrastive/feedback.py):
         # next-feedback BCE + cl_weight x InfoNCE over augmented views; epochs=0 leaves it untrained.
         target_aware=True, answer_hint=True,  # first soft token: P(like) x E[Yes] + (1 - P(like)) x E[No]
+        prompt_dropout=True,  # encoder dropout also when it fills the soft tokens in training
         pretrain=ConfigDict(dict(epochs=12, batch_size=256, lr=1e-3, stride=5, cl_weight=0.1, patience=3,
                                  item_mask_rate=0.0, shuffle_order=False))))
     # Two stages as in the seeds: text-only prompts, then prompts with the fused tokens.
-    c.stage1 = ConfigDict(dict(steps=16, loss_weights=ConfigDict({"text_lm": 1.0})))
-    c.stage2 = ConfigDict(dict(steps=16, loss_weights=ConfigDict(
+    # history_targets: masked-item prompts per few-shot prompt, a history item as the target and its like
+    # as the label (data/fewshot.py; the auxiliary-task idea); 0: off.
+    c.stage1 = ConfigDict(dict(steps=16, history_targets=0, loss_weights=ConfigDict({"text_lm": 1.0})))
+    c.stage2 = ConfigDict(dict(steps=16, history_targets=0, loss_weights=ConfigDict(
         {"fused_lm": 1.0, "seq_cl": 0.1, "text_cl": 0.1, "align_cl": 0.0})))  # weight 0: the term is off
   return c
 

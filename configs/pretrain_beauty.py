@@ -10,7 +10,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_len = 50
   c.buckets = (4, 6, 8, 12, 16, 24, 50)  # padded widths (fewer wasted positions, one compile each); last = max_len
   c.hidden, c.num_layers, c.num_heads = 64, 2, 2
-  c.dropout, c.attn_dropout = 0.2, 0.2
+  c.dropout, c.attn_dropout = 0.5, 0.5  # 0.2/0.2 overfit after ~14 epochs (HR@10 0.0590 vs 0.0683)
   c.pooling = "last"
   c.batch_size, c.eval_batch_size = 256, 1024
   c.lr = 2e-3  # with sampled negatives 2e-3 reached valid NDCG@10 faster than 1e-3 in a 4-min probe

@@ -45,6 +45,20 @@ def test_fewshot_deterministic_and_nested():
     fewshot.fewshot(pool, 101, seed=0)
 
 
+def test_history_targets_relabel_history_items_only():
+  xs = _interactions(30)
+  extra = fewshot.history_targets(xs, 3, seed=0)
+  assert extra == fewshot.history_targets(xs, 3, seed=0)
+  assert len(extra) == sum(min(3, len(x.history_ids)) for x in xs if len(x.history_ids) >= 2)
+  for y in extra:
+    x = next(x for x in xs if x.user == y.user)
+    j = next(j for j in range(len(x.history_ids))  # the held-out position: the rest matches in order
+             if x.history_ids[:j] + x.history_ids[j + 1:] == y.history_ids
+             and x.history_likes[:j] + x.history_likes[j + 1:] == y.history_likes)
+    assert (y.target_id, y.label) == (x.history_ids[j], int(x.history_likes[j]))
+    assert y.target_id != x.target_id or x.target_id in x.history_ids  # never the prompt's own target
+
+
 def test_batch_layout(examples):
   b = next(iter(pipeline.train_dataset(examples, batch_size=8, seed=0, shard_index=0, shard_count=1)))
   t = b["tokens"].shape[1]

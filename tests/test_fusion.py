@@ -43,9 +43,9 @@ def _spec(k: int = K) -> joint.PromptSpec:
   return joint.PromptSpec("movie", PH, PH_ID, num_soft_tokens=k, cutoff_len=1024, history_len=6, view_len=64)
 
 
-def _model(dropout: float = 0.0) -> FusedRec:
+def _model(dropout: float = 0.0, encoder_dropout: float = 0.0, prompt_dropout: bool = True) -> FusedRec:
   cfg = FusionConfig(num_items=20, placeholder_id=PH_ID, num_soft_tokens=K, encoder_hidden=16,
-                     projector_hidden=32, encoder_dropout=0.0, max_len=6)
+                     projector_hidden=32, encoder_dropout=encoder_dropout, max_len=6, prompt_dropout=prompt_dropout)
   return FusedRec(train_helpers.tiny_model(dropout=dropout), cfg, rngs=nnx.Rngs(3))
 
 
@@ -90,6 +90,17 @@ def test_text_only_path_is_the_llm():
                              rtol=1e-5, atol=1e-5)
   after_bt = ~before_bt & (b["attention_mask"] > 0)
   assert np.abs(np.asarray(fused)[after_bt] - np.asarray(zeroed)[after_bt]).max() > 1e-3
+
+
+@pytest.mark.parametrize("prompt_dropout", [True, False])
+def test_prompt_dropout_switches_encoder_dropout_under_the_soft_tokens(prompt_dropout):
+  model, b = _model(encoder_dropout=0.5, prompt_dropout=prompt_dropout), _batch()
+  args, hist = (b["tokens"], b["positions"], b["attention_mask"]), dict(history_ids_bl=b["history_ids"],
+                                                                     feedback_bl=b["history_feedback"])
+  h1, h2 = (model.hidden_states(*args, **hist, dropout_key=jax.random.key(i)) for i in (1, 2))
+  assert (np.abs(np.asarray(h1 - h2)).max() > 1e-4) == prompt_dropout  # the tiny LLM itself has no dropout
+  if not prompt_dropout:
+    np.testing.assert_allclose(h1, model.hidden_states(*args, **hist), rtol=1e-5, atol=1e-5)
 
 
 def _zeroed_embeds(model: FusedRec, b) -> jax.Array:

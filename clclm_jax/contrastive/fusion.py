@@ -48,6 +48,9 @@ class FusionConfig:
   # (yes_id, no_id): the first soft token is p * E[yes] + (1 - p) * E[no], p = the feedback head's
   # P(like target); a hint in the LLM's own answer vocabulary, readable before the projector has learned.
   answer_hint: tuple[int, int] | None = None
+  # False: the encoder runs without dropout when it fills the prompt's soft tokens in training, so the
+  # LLM learns from the hint it will see at test time (seq_cl keeps its dropout either way).
+  prompt_dropout: bool = True
 
   def __post_init__(self):
     if self.source not in ("user", "items"):
@@ -184,6 +187,7 @@ class FusedRec(nnx.Module):
     if feedback_bl is None:
       feedback_bl = jnp.zeros_like(history_ids_bl)
     enc_key, llm_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    enc_key = enc_key if self.config.prompt_dropout else None
     x_btd = self.inputs_embeds(tokens_bt, history_ids_bl, feedback_bl, target_ids_b, dropout_key=enc_key)
     return self.llm.hidden_states(None, positions_bt, attention_mask_bt, inputs_embeds_btd=x_btd,
                                   dropout_key=llm_key, prefix_kv=prefix_kv)

@@ -60,6 +60,7 @@ def build(config: ConfigDict) -> Recipe:
                       encoder_dropout=f.encoder_dropout, max_len=f.history_len + 1, pooling=f.pooling,
                       seq_temperature=f.seq_temperature, text_temperature=f.text_temperature,
                       align_temperature=f.align_temperature, target_aware=f.target_aware,
+                      prompt_dropout=f.prompt_dropout,
                       answer_hint=tokenize.answer_token_ids(tokenizer, d.template) if f.answer_hint else None)
   model = FusedRec(llm, fcfg, item_corr=corr, rngs=nnx.Rngs(config.seed))
   text = joint.PromptSpec(d.domain, f.placeholder, placeholder_id, 0, cutoff_len=d.cutoff_len,
@@ -87,6 +88,12 @@ def fit_stage(r: Recipe, spec: joint.PromptSpec, pool: Sequence[Interaction], st
                                 seed=seed, views=views, pad_multiple=r.config.data.pad_multiple)
   joint.fit(r.model, batches, steps=steps, loss_weights=loss_weights, optim=r.config.optim, seed=seed, log=log)
   return time.time() - t0
+
+
+def with_history_targets(pool: Sequence[Interaction], history_targets: int, seed: int) -> list[Interaction]:
+  """The few-shot pool plus `history_targets` masked-item prompts per prompt, made from its own history
+  (`fewshot.history_targets`; 0: none)."""
+  return list(pool) + (fewshot.history_targets(pool, history_targets, seed) if history_targets > 0 else [])
 
 
 def auc(r: Recipe, batches: Sequence[dict], desc: str | None = None) -> float:
@@ -118,7 +125,8 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
   stages = [("stage1", r.text, config.stage1), ("stage2", r.fused, config.stage2)]
   for name, spec, stage in stages:
     with tqdm.tqdm(total=stage.steps, desc=name) as bar:
-      fit_stage(r, spec, pool, stage.steps, dict(stage.loss_weights), config.seed, _bar_log(bar))
+      fit_stage(r, spec, with_history_targets(pool, stage.history_targets, config.seed), stage.steps,
+                dict(stage.loss_weights), config.seed, _bar_log(bar))
   steps = sum(stage.steps for _, _, stage in stages)
   summary = {"stage": "fused", "steps": steps, "best_step": steps, "shots": len(pool),
              "encoder_valid_auc": None if encoder is None else encoder["best_valid_auc"],

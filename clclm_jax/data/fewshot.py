@@ -5,10 +5,13 @@ instead, so the chosen examples differ from TALLRec's for the same seed (same di
 deterministic per seed here). Smaller n with the same seed are prefixes of larger ones.
 """
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TypeVar
 
 import numpy as np
+
+from clclm_jax.data.records import Interaction
 
 T = TypeVar("T")
 SHOTS = (16, 64, 256, None)  # None: the whole pool.
@@ -20,3 +23,20 @@ def fewshot(pool: Sequence[T], n: int | None, seed: int) -> list[T]:
     raise ValueError(f"n={n} must be in [1, {len(pool)}] (the pool size), or None for all")
   order = np.random.default_rng(seed).permutation(len(pool))
   return [pool[i] for i in order[:n]]
+
+
+def history_targets(xs: Sequence[Interaction], per_example: int, seed: int) -> list[Interaction]:
+  """Up to `per_example` extra labelled examples per interaction from its own history: a history item
+  becomes the target, its like the label, the other items (order kept) the history. They hold nothing
+  the few-shot prompts do not already show, and more labels make the fused model's hint trustworthy."""
+  rng, out = np.random.default_rng(seed), []
+  for x in xs:
+    n = len(x.history_ids)
+    if n < 2:
+      continue
+    for j in sorted(rng.choice(n, min(per_example, n), replace=False)):
+      keep = [i for i in range(n) if i != j]
+      out.append(dataclasses.replace(x, history_ids=tuple(x.history_ids[i] for i in keep),
+                                     history_likes=tuple(x.history_likes[i] for i in keep),
+                                     target_id=x.history_ids[j], label=int(x.history_likes[j])))
+  return out
