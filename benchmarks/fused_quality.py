@@ -163,7 +163,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         model.config = {"fused-hint": dataclasses.replace(fcfg, answer_hint=None),
                         "fused-prompt_dropout": dataclasses.replace(fcfg, prompt_dropout=False)}.get(variant, fcfg)
         weights = stage2_weights(config, variant)
-        train2_s = train(fused, s2, weights, seed, recipe.with_history_targets(train_set, extra, seed))
+        train2_s = train(fused, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed))
         auc, score_s = test_auc(fused)
         model.config = fcfg
         record({**cell, "variant": variant, "stage2_steps": s2, "loss_weights": weights, "history_targets": extra,

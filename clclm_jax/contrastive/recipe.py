@@ -90,12 +90,6 @@ def fit_stage(r: Recipe, spec: joint.PromptSpec, pool: Sequence[Interaction], st
   return time.time() - t0
 
 
-def with_history_targets(pool: Sequence[Interaction], history_targets: int, seed: int) -> list[Interaction]:
-  """The few-shot pool plus `history_targets` masked-item prompts per prompt, made from its own history
-  (`fewshot.history_targets`; 0: none)."""
-  return list(pool) + (fewshot.history_targets(pool, history_targets, seed) if history_targets > 0 else [])
-
-
 def auc(r: Recipe, batches: Sequence[dict], desc: str | None = None) -> float:
   """AUC (0..1) of P(Yes) over the real rows of `batches`; a progress bar when `desc` is given."""
   p, label = joint.score(r.model, batches, *r.yes_no, desc=desc)
@@ -125,7 +119,7 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
   stages = [("stage1", r.text, config.stage1), ("stage2", r.fused, config.stage2)]
   for name, spec, stage in stages:
     with tqdm.tqdm(total=stage.steps, desc=name) as bar:
-      fit_stage(r, spec, with_history_targets(pool, stage.history_targets, config.seed), stage.steps,
+      fit_stage(r, spec, pool + fewshot.history_targets(pool, stage.history_targets, config.seed), stage.steps,
                 dict(stage.loss_weights), config.seed, _bar_log(bar))
   steps = sum(stage.steps for _, _, stage in stages)
   summary = {"stage": "fused", "steps": steps, "best_step": steps, "shots": len(pool),

@@ -26,9 +26,11 @@ def fewshot(pool: Sequence[T], n: int | None, seed: int) -> list[T]:
 
 
 def history_targets(xs: Sequence[Interaction], per_example: int, seed: int) -> list[Interaction]:
-  """Up to `per_example` extra labelled examples per interaction from its own history: a history item
-  becomes the target, its like the label, the other items (order kept) the history. They hold nothing
-  the few-shot prompts do not already show, and more labels make the fused model's hint trustworthy."""
+  """Up to `per_example` masked-item prompts per interaction (none when it is <= 0): a history item becomes
+  the target, its like the label, the other items (order kept) the history. They hold nothing the
+  few-shot prompts do not already show (the auxiliary-task idea; on book 16-shot they did not help)."""
+  if per_example <= 0:
+    return []
   rng, out = np.random.default_rng(seed), []
   for x in xs:
     n = len(x.history_ids)
