@@ -7,7 +7,7 @@ the stage-1 weights: soft tokens + the config's joint losses); fused with one pa
 (`fused-seq_cl`, `fused-text_cl`, `fused-pretrain`: encoder from scratch, `fused-hint`: no answer-hint
 token, `fused-prompt_dropout`: no encoder dropout under the soft tokens in stage 2) or added (`fused+align_cl`,
 `fused+history_targets`: stage 2 also trains on 4 masked-item prompts per few-shot prompt, whose target
-is one of its history items).
+is one of its history items); the `FUSED` table below says what each changes.
 The full protocol is 2 domains x 16/64/256 shots x 3 seeds on the whole test sets; flags choose a slice,
 and the output says which. `--merge` keeps the rows of OUT/results.json that this run does not recompute
 (and reuses its zero-shot row for the same test subset); every row names its run.
@@ -25,6 +25,7 @@ import shlex
 import statistics
 import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -41,22 +42,30 @@ from configs import fused_book, fused_movie  # pylint: disable=wrong-import-posi
 PUBLISHED_TALLREC = {"movie": {16: 67.24, 64: 67.48, 256: 71.98}, "book": {16: 56.36, 64: 60.39, 256: 64.38}}
 GOALS = {"movie": {16: 74, 64: 75, 256: 77}, "book": {16: 71, 64: 72, 256: 74}}
 CONFIGS = {"movie": fused_movie, "book": fused_book}
-VARIANTS = ("zero_shot", "encoder_only", "text_only", "fused", "fused-seq_cl", "fused-text_cl", "fused-pretrain",
-            "fused-hint", "fused-prompt_dropout", "fused+align_cl", "fused+history_targets")
-NOT_LOSSES = ("fused-pretrain", "fused-hint", "fused-prompt_dropout", "fused+history_targets")  # not loss terms
-HISTORY_TARGETS = 4  # stage-2 masked-item prompts per prompt, for `fused+history_targets` when the config has none
+
+@dataclasses.dataclass(frozen=True)
+class Ablation:
+  """What a fused variant changes from the config's stage 2: loss weights, FusionConfig fields, the
+  encoder's pretraining, extra masked-item prompts per few-shot prompt."""
+
+  loss_weights: tuple[tuple[str, float], ...] = ()
+  fusion: tuple[tuple[str, Any], ...] = ()
+  scratch_encoder: bool = False
+  history_targets: int = 0
+
+
+FUSED = {
+    "fused": Ablation(),
+    "fused-seq_cl": Ablation(loss_weights=(("seq_cl", 0.0),)),
+    "fused-text_cl": Ablation(loss_weights=(("text_cl", 0.0),)),
+    "fused-pretrain": Ablation(scratch_encoder=True),
+    "fused-hint": Ablation(fusion=(("answer_hint", None),)),
+    "fused-prompt_dropout": Ablation(fusion=(("prompt_dropout", False),)),
+    "fused+align_cl": Ablation(loss_weights=(("align_cl", 0.1),)),
+    "fused+history_targets": Ablation(history_targets=4),
+}
 UNTRAINED = ("zero_shot", "encoder_only")  # scored once per domain: no shots, no seed
-
-
-def stage2_weights(config, variant: str) -> dict[str, float]:
-  weights = dict(config.stage2.loss_weights)
-  if variant in NOT_LOSSES:
-    return weights
-  if "-" in variant:
-    weights[variant.split("-", 1)[1]] = 0.0
-  if "+" in variant:
-    weights[variant.split("+", 1)[1]] = 0.1
-  return weights
+VARIANTS = UNTRAINED + ("text_only",) + tuple(FUSED)
 
 
 def like_share_auc(xs) -> float:
@@ -155,14 +164,14 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         record({**cell, "variant": "text_only", "stage2_steps": 0, "auc": auc, "train_s": train1_s,
                 "score_s": score_s})
       stage1 = jax.tree.map(np.array, nnx.state(model, nnx.Param))
-      for variant in [v for v in args.variants if v.startswith("fused")]:
+      for variant in [v for v in args.variants if v in FUSED]:
+        ablation = FUSED[variant]
         nnx.update(model, stage1)
-        extra = config.stage2.history_targets or (HISTORY_TARGETS if variant == "fused+history_targets" else 0)
-        if variant == "fused-pretrain":
+        if ablation.scratch_encoder:
           nnx.update(model, nnx.State({k: scratch[k] for k in ("encoder", "feedback_head")}))
-        model.config = {"fused-hint": dataclasses.replace(fcfg, answer_hint=None),
-                        "fused-prompt_dropout": dataclasses.replace(fcfg, prompt_dropout=False)}.get(variant, fcfg)
-        weights = stage2_weights(config, variant)
+        model.config = dataclasses.replace(fcfg, **dict(ablation.fusion))
+        weights = dict(config.stage2.loss_weights) | dict(ablation.loss_weights)
+        extra = config.stage2.history_targets or ablation.history_targets
         train2_s = train(fused, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed))
         auc, score_s = test_auc(fused)
         model.config = fcfg

@@ -1,5 +1,6 @@
 """Benchmark plumbing: timing helpers, FLOP counts, throughput on the tiny model, quality tables, README markers."""
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -16,6 +17,7 @@ import quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 import readme_results  # pylint: disable=g-import-not-at-top,wrong-import-position
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from clclm_jax.contrastive.fusion import FusionConfig  # pylint: disable=wrong-import-position
 from clclm_jax.model.config import LoraConfig, presets  # pylint: disable=wrong-import-position
 from clclm_jax.model.llama import Llama  # pylint: disable=wrong-import-position
 from clclm_jax.model.lora import add_lora  # pylint: disable=wrong-import-position
@@ -103,7 +105,15 @@ def test_fused_quality_merge_and_markdown(tmp_path):
   assert "| movie | 16 | fused | 2+2 | 71.00 ± 1.41 | 0,1 |" in text
   assert "| movie | - | zero_shot | 0+0 | 50.00 | - |" in text
   assert "`python benchmarks/fused_quality.py --seeds 1`" in text
-  assert fused_quality.stage2_weights(fused_quality.CONFIGS["movie"].get_config(), "fused-seq_cl")["seq_cl"] == 0.0
+
+
+def test_fused_ablations_name_real_loss_terms_and_fusion_fields():
+  weights = fused_quality.CONFIGS["movie"].get_config().stage2.loss_weights
+  fields = {f.name for f in dataclasses.fields(FusionConfig)}
+  for name, ablation in fused_quality.FUSED.items():
+    assert {k for k, _ in ablation.loss_weights} <= set(weights), name
+    assert {k for k, _ in ablation.fusion} <= fields, name
+  assert dict(fused_quality.FUSED["fused-seq_cl"].loss_weights) == {"seq_cl": 0.0}
 
 
 def test_compilation_cache_goes_to_clclm_cache(tmp_path, monkeypatch):

@@ -1,0 +1,46 @@
+"""What a short text-only LoRA stage learns: AUC, mean P(Yes) per label, before and after, on the few-shot
+pool it trains on and on the test subset fused_quality.py scores (the label prior vs a ranking).
+
+  python benchmarks/probe_text_only.py --domain movie --shots 16 --seed 0 --steps 8
+"""
+
+import argparse
+
+import numpy as np
+
+from clclm_jax.contrastive import joint, recipe
+from clclm_jax.data import fewshot
+from clclm_jax.train import evaluate
+from configs import fused_book, fused_movie
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--domain", default="movie", choices=["movie", "book"])
+  parser.add_argument("--shots", type=int, default=16)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--steps", type=int, default=8)
+  parser.add_argument("--lr", type=float, default=-1, help="< 0: the config's")
+  parser.add_argument("--test_size", type=int, default=128)
+  args = parser.parse_args()
+  config = {"movie": fused_movie, "book": fused_book}[args.domain].get_config()
+  config.fusion.pretrain.epochs = 0  # text-only prompts never read the encoder
+  if args.lr > 0:
+    config.optim.lr = args.lr
+  r = recipe.build(config)
+  sets = {"pool": fewshot.fewshot(r.splits.train, args.shots, args.seed),
+          "test": fewshot.fewshot(r.splits.test, args.test_size, 0)}
+
+  def report(when: str) -> None:
+    for name, xs in sets.items():
+      p, y = joint.score(r.model, r.eval_batches(xs, r.text, 16), *r.yes_no)
+      print(f"{when:>12} {name}: AUC {100 * evaluate.auc(p, y):6.2f}  mean P(Yes) | Yes {p[y == 1].mean():.3f}"
+            f"  | No {p[y == 0].mean():.3f}  (share of Yes labels {y.mean():.2f}, n {len(y)})", flush=True)
+
+  report("zero-shot")
+  recipe.fit_stage(r, r.text, sets["pool"], args.steps, dict(config.stage1.loss_weights), args.seed)
+  report(f"{args.steps} steps")
+
+
+if __name__ == "__main__":
+  main()
