@@ -34,7 +34,8 @@ NAMES = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "his
          "fused-seq_cl": "ours, fused - seq_cl", "fused-text_cl": "ours, fused - text_cl",
          "fused-pretrain": "ours, fused - encoder pretraining", "fused-hint": "ours, fused - answer hint",
          "fused-prompt_dropout": "ours, fused - encoder dropout under the soft tokens",
-         "fused+align_cl": "ours, fused + align_cl", "fused+history_targets": "ours, fused + history targets"}
+         "fused+align_cl": "ours, fused + align_cl", "fused+history_targets": "ours, fused + history targets",
+         "fused+sharp_hint": "ours, fused + hint from 3 x the encoder's logit"}
 ABLATION_MARKERS = "v^x*hPXp"  # one per fused ablation, in NAMES order
 FUSED_DEFAULT = ROOT / "benchmarks" / "results" / "fused_quality" / "results.json"
 
@@ -153,7 +154,7 @@ def _by_shots(rows: list[dict[str, Any]], method: str) -> dict[str, list[tuple]]
   groups: dict[tuple, list] = {}
   for r in rows:
     if r["method"] == method:
-      steps = f", {r['steps']} steps" if r.get("steps") not in (None, "0+0") else ""
+      steps = f", {r['steps']} steps" if r.get("steps") and method not in ("zero_shot", "encoder_only") else ""
       groups.setdefault((test_label(r) + steps, r["shots"]), []).append(100 * r["auc"])
   out: dict[str, list[tuple]] = {}
   for (label, shots), aucs in sorted(groups.items()):
@@ -179,12 +180,15 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
         ax.axhline(pts[0][1], ls=styles[i % len(styles)], color=color,
                    label=f"{NAMES[method].split(', ')[-1]}, {label}")
     ablations = [m for m in NAMES if m.startswith(("fused-", "fused+"))]
-    styles = [("lora", "s-", "tab:blue"), ("fused", "D-", "tab:red")] + [
+    styles = [("lora", "s", "tab:blue"), ("fused", "D", "tab:red")] + [
         (m, ABLATION_MARKERS[i], f"C{(i + 4) % 10}") for i, m in enumerate(ablations)]
     for method, marker, color in styles:
-      for label, pts in _by_shots(rows, method).items():
+      curves = _by_shots(rows, method)
+      main = max(curves, key=lambda k: len(curves[k]), default=None)  # the most shots: filled and solid
+      for label, pts in curves.items():
         shots, mean, std = zip(*pts)
         ax.errorbar(shots, mean, yerr=std if any(std) else None, fmt=marker, color=color, capsize=3,
+                    ls="-" if label == main else ":", mfc=color if label == main else "none",
                     label=f"{NAMES[method]}, {label}")
     ax.set_xscale("log", base=2)
     ax.set_xticks([16, 64, 256], ["16", "64", "256"])

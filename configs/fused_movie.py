@@ -22,6 +22,7 @@ def fused_overrides(c: ConfigDict) -> ConfigDict:
         # The encoder reads the target item and is pretrained on behaviour sequences (contrastive/feedback.py):
         # next-feedback BCE + cl_weight x InfoNCE over augmented views; epochs=0 leaves it untrained.
         target_aware=True, answer_hint=True,  # first soft token: P(like) x E[Yes] + (1 - P(like)) x E[No]
+        hint_scale=1.0,  # P(like) = sigmoid(hint_scale x the feedback head's logit)
         prompt_dropout=True,  # encoder dropout also when it fills the soft tokens in training
         pretrain=ConfigDict(dict(epochs=12, batch_size=256, lr=1e-3, stride=5, cl_weight=0.1, patience=3,
                                  item_mask_rate=0.0, shuffle_order=False))))

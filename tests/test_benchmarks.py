@@ -159,3 +159,8 @@ def test_readme_results_only_touches_the_marked_section(tmp_path):
   readme.write_text(first + "\nAfter.\n")
   readme_results.main(["--results", str(results), "--readme", str(readme)])
   assert readme.read_text() == first + "\nAfter.\n"
+
+
+def test_quality_names_and_marks_every_fused_quality_variant():
+  assert {"lora" if v == "text_only" else v for v in fused_quality.VARIANTS} <= set(quality.NAMES)
+  assert len(quality.ABLATION_MARKERS) >= sum(m.startswith(("fused-", "fused+")) for m in quality.NAMES)

@@ -100,14 +100,15 @@ def test_book_sequences_are_prompt_histories_without_targets():
   np.testing.assert_array_equal(fb, [[0, 1, 2], [0, 0, 2]])
 
 
-def test_answer_hint_is_the_first_soft_token():
+@pytest.mark.parametrize("hint_scale", [1.0, 3.0])
+def test_answer_hint_is_the_first_soft_token(hint_scale):
   cfg = FusionConfig(num_items=NUM_ITEMS, placeholder_id=5, num_soft_tokens=3, encoder_hidden=16, projector_hidden=16,
-                     encoder_dropout=0.0, max_len=7, target_aware=True, answer_hint=(11, 12))
+                     encoder_dropout=0.0, max_len=7, target_aware=True, answer_hint=(11, 12), hint_scale=hint_scale)
   model = FusedRec(train_helpers.tiny_model(), cfg, rngs=nnx.Rngs(0))
   ids, fb, target = jnp.array([[0, 3, 4], [6, 7, 8]]), jnp.array([[0, 1, 2], [2, 2, 1]]), jnp.array([9, 10])
   soft_bkd = model.soft_tokens(ids, fb, target)
   z_be, _ = model.encode_history(ids, fb, target)
-  p_b = jax.nn.sigmoid(model.like_logit(z_be))
+  p_b = jax.nn.sigmoid(hint_scale * model.like_logit(z_be))
   table_vd = model.llm.embed(jnp.array([11, 12]))
   np.testing.assert_allclose(soft_bkd[:, 0], p_b[:, None] * table_vd[0] + (1 - p_b[:, None]) * table_vd[1], rtol=1e-5)
   np.testing.assert_allclose(soft_bkd[:, 1:], model.projector(z_be)[:, 1:], rtol=1e-6)

@@ -48,6 +48,8 @@ class FusionConfig:
   # (yes_id, no_id): the first soft token is p * E[yes] + (1 - p) * E[no], p = the feedback head's
   # P(like target); a hint in the LLM's own answer vocabulary, readable before the projector has learned.
   answer_hint: tuple[int, int] | None = None
+  # p = sigmoid(hint_scale x like logit): > 1 spreads a weak encoder's P(like) over more of the Yes..No line.
+  hint_scale: float = 1.0
   # False: the encoder runs without dropout when it fills the prompt's soft tokens in training, so the
   # LLM learns from the hint it will see at test time (seq_cl keeps its dropout either way).
   prompt_dropout: bool = True
@@ -157,7 +159,7 @@ class FusedRec(nnx.Module):
     if self.config.source == "user":
       soft_bkd = self.projector(z_be)
       if self.config.answer_hint is not None:
-        p_b11 = jax.nn.sigmoid(self.like_logit(z_be))[:, None, None]
+        p_b11 = jax.nn.sigmoid(self.config.hint_scale * self.like_logit(z_be))[:, None, None]
         yes_d, no_d = self.llm.embed(jnp.asarray(self.config.answer_hint)).astype(soft_bkd.dtype)
         soft_bkd = soft_bkd.at[:, :1].set(p_b11 * yes_d + (1 - p_b11) * no_d)
       return soft_bkd

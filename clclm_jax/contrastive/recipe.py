@@ -60,7 +60,7 @@ def build(config: ConfigDict) -> Recipe:
                       encoder_dropout=f.encoder_dropout, max_len=f.history_len + 1, pooling=f.pooling,
                       seq_temperature=f.seq_temperature, text_temperature=f.text_temperature,
                       align_temperature=f.align_temperature, target_aware=f.target_aware,
-                      prompt_dropout=f.prompt_dropout,
+                      prompt_dropout=f.prompt_dropout, hint_scale=f.hint_scale,
                       answer_hint=tokenize.answer_token_ids(tokenizer, d.template) if f.answer_hint else None)
   model = FusedRec(llm, fcfg, item_corr=corr, rngs=nnx.Rngs(config.seed))
   text = joint.PromptSpec(d.domain, f.placeholder, placeholder_id, 0, cutoff_len=d.cutoff_len,
