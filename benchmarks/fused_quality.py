@@ -49,25 +49,30 @@ class Ablation:
   """What a fused variant changes from the config's stage 2: loss weights, FusionConfig fields, the
   encoder's pretraining, extra masked-item prompts per few-shot prompt."""
 
-  loss_weights: tuple[tuple[str, float], ...] = ()
-  fusion: tuple[tuple[str, Any], ...] = ()
+  loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+  fusion: dict[str, Any] = dataclasses.field(default_factory=dict)
   scratch_encoder: bool = False
   history_targets: int = 0
 
 
 FUSED = {
     "fused": Ablation(),
-    "fused-seq_cl": Ablation(loss_weights=(("seq_cl", 0.0),)),
-    "fused-text_cl": Ablation(loss_weights=(("text_cl", 0.0),)),
+    "fused-seq_cl": Ablation(loss_weights={"seq_cl": 0.0}),
+    "fused-text_cl": Ablation(loss_weights={"text_cl": 0.0}),
     "fused-pretrain": Ablation(scratch_encoder=True),
-    "fused-hint": Ablation(fusion=(("answer_hint", None),)),
-    "fused-prompt_dropout": Ablation(fusion=(("prompt_dropout", False),)),
-    "fused+align_cl": Ablation(loss_weights=(("align_cl", 0.1),)),
-    "fused+sharp_hint": Ablation(fusion=(("hint_scale", 3.0),)),
+    "fused-hint": Ablation(fusion={"answer_hint": None}),
+    "fused-prompt_dropout": Ablation(fusion={"prompt_dropout": False}),
+    "fused+align_cl": Ablation(loss_weights={"align_cl": 0.1}),
+    "fused+sharp_hint": Ablation(fusion={"hint_scale": 3.0}),
     "fused+history_targets": Ablation(history_targets=4),
 }
 UNTRAINED = ("zero_shot", "encoder_only")  # scored once per domain: no shots, no seed
 VARIANTS = UNTRAINED + ("text_only",) + tuple(FUSED)
+
+
+def test_subset(splits, size: int, seed: int = 0) -> list:
+  """The test prompts every cell is scored on: `size` drawn by a seeded shuffle, or all when size <= 0."""
+  return fewshot.fewshot(splits.test, size if size > 0 else None, seed)
 
 
 def like_share_auc(xs) -> float:
@@ -97,7 +102,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
   model, splits, text, fused = r.model, r.splits, r.text, r.fused
   fcfg = model.config
   scratch = jax.tree.map(np.array, nnx.state(model, nnx.Param))
-  test = fewshot.fewshot(splits.test, args.test_size if args.test_size > 0 else None, args.test_seed)
+  test = test_subset(splits, args.test_size, args.test_seed)
   encoder = recipe.pretrain_encoder(r, log)
   if encoder is not None:
     encoder["test_auc"] = feedback.encoder_auc(model, test)
@@ -171,8 +176,8 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         nnx.update(model, stage1)
         if ablation.scratch_encoder:
           nnx.update(model, nnx.State({k: scratch[k] for k in ("encoder", "feedback_head")}))
-        model.config = dataclasses.replace(fcfg, **dict(ablation.fusion))
-        weights = dict(config.stage2.loss_weights) | dict(ablation.loss_weights)
+        model.config = dataclasses.replace(fcfg, **ablation.fusion)
+        weights = dict(config.stage2.loss_weights) | ablation.loss_weights
         extra = config.stage2.history_targets or ablation.history_targets
         train2_s = train(fused, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed))
         auc, score_s = test_auc(fused)

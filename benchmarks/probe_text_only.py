@@ -5,13 +5,13 @@ pool it trains on and on the test subset fused_quality.py scores (the label prio
 """
 
 import argparse
+import time
 
-import numpy as np
+from fused_quality import CONFIGS, test_subset
 
 from clclm_jax.contrastive import joint, recipe
 from clclm_jax.data import fewshot
 from clclm_jax.train import evaluate
-from configs import fused_book, fused_movie
 
 
 def main() -> None:
@@ -23,22 +23,28 @@ def main() -> None:
   parser.add_argument("--lr", type=float, default=-1, help="< 0: the config's")
   parser.add_argument("--test_size", type=int, default=128)
   args = parser.parse_args()
-  config = {"movie": fused_movie, "book": fused_book}[args.domain].get_config()
+  config = CONFIGS[args.domain].get_config()
   config.fusion.pretrain.epochs = 0  # text-only prompts never read the encoder
   if args.lr > 0:
     config.optim.lr = args.lr
   r = recipe.build(config)
   sets = {"pool": fewshot.fewshot(r.splits.train, args.shots, args.seed),
-          "test": fewshot.fewshot(r.splits.test, args.test_size, 0)}
+          "test": test_subset(r.splits, args.test_size)}
 
   def report(when: str) -> None:
     for name, xs in sets.items():
-      p, y = joint.score(r.model, r.eval_batches(xs, r.text, 16), *r.yes_no)
+      p, y = joint.score(r.model, r.eval_batches(xs, r.text, 16), *r.yes_no, desc=f"{when} {name}")
       print(f"{when:>12} {name}: AUC {100 * evaluate.auc(p, y):6.2f}  mean P(Yes) | Yes {p[y == 1].mean():.3f}"
             f"  | No {p[y == 0].mean():.3f}  (share of Yes labels {y.mean():.2f}, n {len(y)})", flush=True)
 
   report("zero-shot")
-  recipe.fit_stage(r, r.text, sets["pool"], args.steps, dict(config.stage1.loss_weights), args.seed)
+  t0 = time.time()
+
+  def show(i, m):
+    eta = (time.time() - t0) / i * (args.steps - i)
+    print(f"  step {i}/{args.steps} loss {m['loss']:.4f} (ETA {eta:.0f}s)", flush=True)
+
+  recipe.fit_stage(r, r.text, sets["pool"], args.steps, dict(config.stage1.loss_weights), args.seed, show)
   report(f"{args.steps} steps")
 
 
