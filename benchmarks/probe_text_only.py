@@ -1,5 +1,6 @@
 """What a short text-only LoRA stage learns: AUC, mean P(Yes) per label, before and after, on the few-shot
-pool it trains on and on the test subset fused_quality.py scores (the label prior vs a ranking).
+pool it trains on and on the test subset fused_quality.py scores (the label prior vs a ranking), and
+which prompt features P(Yes) follows (rank correlation with prompt length, liked and disliked counts).
 
   python benchmarks/probe_text_only.py --domain movie --shots 16 --seed 0 --steps 8
 """
@@ -7,11 +8,31 @@ pool it trains on and on the test subset fused_quality.py scores (the label prio
 import argparse
 import time
 
+import numpy as np
+
 from fused_quality import CONFIGS, test_subset
 
 from clclm_jax.contrastive import joint, recipe
+from clclm_jax.data import prompts
 from clclm_jax.data import fewshot
 from clclm_jax.train import evaluate
+
+
+def prompt_features(xs, r) -> dict[str, np.ndarray]:
+  """Per prompt: its token count, liked and disliked history items, and the liked share."""
+  tokens = [len(r.tokenizer.encode(prompts.render_tallrec(x, r.splits.catalogue, r.config.data.domain))) for x in xs]
+  likes = np.array([sum(x.history_likes) for x in xs], float)
+  n = np.array([len(x.history_likes) for x in xs], float)
+  return {"tokens": np.array(tokens, float), "likes": likes, "dislikes": n - likes,
+          "like share": likes / np.maximum(n, 1)}
+
+
+def rank_corr(a: np.ndarray, b: np.ndarray) -> float:
+  """Spearman's rho (average ranks for ties)."""
+  def ranks(v):
+    _, inv, counts = np.unique(v, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2)[inv]
+  return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def main() -> None:
@@ -31,11 +52,18 @@ def main() -> None:
   sets = {"pool": fewshot.fewshot(r.splits.train, args.shots, args.seed),
           "test": test_subset(r.splits, args.test_size)}
 
+  features = {name: prompt_features(xs, r) for name, xs in sets.items()}
+  for name, f in features.items():
+    y = np.array([x.label for x in sets[name]])
+    print(f"{name} feature AUCs against the label: " + ", ".join(f"{k} {100 * evaluate.auc(v, y):.1f}"
+                                                                 for k, v in f.items()))
+
   def report(when: str) -> None:
     for name, xs in sets.items():
       p, y = joint.score(r.model, r.eval_batches(xs, r.text, 16), *r.yes_no, desc=f"{when} {name}")
       print(f"{when:>12} {name}: AUC {100 * evaluate.auc(p, y):6.2f}  mean P(Yes) | Yes {p[y == 1].mean():.3f}"
-            f"  | No {p[y == 0].mean():.3f}  (share of Yes labels {y.mean():.2f}, n {len(y)})", flush=True)
+            f"  | No {p[y == 0].mean():.3f}  (share of Yes labels {y.mean():.2f}, n {len(y)}); rank corr with "
+            + ", ".join(f"{k} {rank_corr(p, v):+.2f}" for k, v in features[name].items()), flush=True)
 
   report("zero-shot")
   t0 = time.time()

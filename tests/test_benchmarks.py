@@ -13,6 +13,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fused_quality  # pylint: disable=g-import-not-at-top,wrong-import-position
+import probe_text_only  # pylint: disable=g-import-not-at-top,wrong-import-position
 import quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 import readme_results  # pylint: disable=g-import-not-at-top,wrong-import-position
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -164,3 +165,11 @@ def test_readme_results_only_touches_the_marked_section(tmp_path):
 def test_quality_names_and_marks_every_fused_quality_variant():
   assert {"lora" if v == "text_only" else v for v in fused_quality.VARIANTS} <= set(quality.NAMES)
   assert len(quality.ABLATION_MARKERS) >= sum(m.startswith(("fused-", "fused+")) for m in quality.NAMES)
+
+
+def test_rank_corr_is_spearman_with_average_ranks_for_ties():
+  a, b = np.array([1, 2, 2, 5, 3.]), np.array([3, 1, 4, 4, 9.])
+  ra, rb = np.array([1, 2.5, 2.5, 5, 4]), np.array([2, 1, 3.5, 3.5, 5])  # ranks by hand
+  assert probe_text_only.rank_corr(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1])
+  assert probe_text_only.rank_corr(a, a ** 3) == pytest.approx(1.0)
+  assert probe_text_only.rank_corr(a, -a) == pytest.approx(-1.0)
