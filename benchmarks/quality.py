@@ -196,7 +196,7 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
     ax.set_ylabel("test AUC x100")
     ax.set_title(domain)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
