@@ -13,8 +13,7 @@ import numpy as np
 from fused_quality import CONFIGS, test_subset
 
 from clclm_jax.contrastive import joint, recipe
-from clclm_jax.data import prompts
-from clclm_jax.data import fewshot
+from clclm_jax.data import fewshot, prompts
 from clclm_jax.train import evaluate
 
 
