@@ -27,11 +27,14 @@ def prompt_features(xs, r) -> dict[str, np.ndarray]:
 
 
 def rank_corr(a: np.ndarray, b: np.ndarray) -> float:
-  """Spearman's rho (average ranks for ties)."""
+  """Spearman's rho (average ranks for ties); nan when either side is constant (rho is undefined)."""
   def ranks(v):
     _, inv, counts = np.unique(v, return_inverse=True, return_counts=True)
     return (np.cumsum(counts) - (counts - 1) / 2)[inv]
-  return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+  ra, rb = ranks(a), ranks(b)
+  if ra.std() == 0 or rb.std() == 0:
+    return float("nan")
+  return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def main() -> None:

@@ -150,7 +150,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def _by_shots(rows: list[dict[str, Any]], method: str) -> dict[str, list[tuple]]:
-  """{test label: [(shots, mean AUC x100, std)]} for one method."""
+  """{test label: [(shots, mean AUC x100, std, seeds)]} for one method."""
   groups: dict[tuple, list] = {}
   for r in rows:
     if r["method"] == method:
@@ -158,7 +158,8 @@ def _by_shots(rows: list[dict[str, Any]], method: str) -> dict[str, list[tuple]]
       groups.setdefault((test_label(r) + steps, r["shots"]), []).append(100 * r["auc"])
   out: dict[str, list[tuple]] = {}
   for (label, shots), aucs in sorted(groups.items()):
-    out.setdefault(label, []).append((shots, statistics.mean(aucs), statistics.stdev(aucs) if len(aucs) > 1 else 0))
+    out.setdefault(label, []).append((shots, statistics.mean(aucs), statistics.stdev(aucs) if len(aucs) > 1 else 0,
+                                      len(aucs)))
   return out
 
 
@@ -184,9 +185,10 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
         (m, ABLATION_MARKERS[i], f"C{(i + 4) % 10}") for i, m in enumerate(ablations)]
     for method, marker, color in styles:
       curves = _by_shots(rows, method)
-      main = max(curves, key=lambda k: len(curves[k]), default=None)  # the most shots: filled and solid
+      # The curve with the most shot counts, then the most seeds, is drawn filled and solid.
+      main = max(curves, key=lambda k: (len(curves[k]), sum(p[3] for p in curves[k])), default=None)
       for label, pts in curves.items():
-        shots, mean, std = zip(*pts)
+        shots, mean, std, _ = zip(*pts)
         ax.errorbar(shots, mean, yerr=std if any(std) else None, fmt=marker, color=color, capsize=3,
                     ls="-" if label == main else ":", mfc=color if label == main else "none",
                     label=f"{NAMES[method]}, {label}")

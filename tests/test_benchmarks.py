@@ -4,6 +4,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -173,3 +174,6 @@ def test_rank_corr_is_spearman_with_average_ranks_for_ties():
   assert probe_text_only.rank_corr(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1])
   assert probe_text_only.rank_corr(a, a ** 3) == pytest.approx(1.0)
   assert probe_text_only.rank_corr(a, -a) == pytest.approx(-1.0)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert np.isnan(probe_text_only.rank_corr(a, np.full(5, 7.0)))

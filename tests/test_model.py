@@ -98,6 +98,23 @@ def test_api_pieces_agree(tiny):
   np.testing.assert_allclose(model(None, inputs_embeds_btd=model.embed(tokens)), model(tokens), atol=1e-6)
 
 
+def test_rows_b_runs_one_query_in_the_last_layer_and_matches_the_full_forward(tiny):
+  _, model, _ = tiny
+  tokens = jnp.asarray(TOKENS)
+  mask = jnp.asarray(np.arange(11)[None] < np.array([[11], [7], [9]]), jnp.int32)
+  rows = jnp.array([10, 6, 5])
+  full = model.hidden_states(tokens, attention_mask_bt=mask)
+  picked = model.hidden_states(tokens, attention_mask_bt=mask, rows_b=rows)
+  assert picked.shape == (3, model.config.hidden_size)
+  np.testing.assert_allclose(picked, full[jnp.arange(3), rows], atol=1e-5)
+  cache = model.prefix_cache(tokens[0, :4])
+  rest, rest_mask = jnp.broadcast_to(tokens[0, 4:], (3, 7)), mask[:, 4:]
+  full_p = model.hidden_states(rest, attention_mask_bt=rest_mask, prefix_kv=cache)
+  picked_p = model.hidden_states(rest, attention_mask_bt=rest_mask, prefix_kv=cache, rows_b=rows - 4)
+  np.testing.assert_allclose(picked_p, full_p[jnp.arange(3), rows - 4], atol=1e-5)
+  np.testing.assert_allclose(picked_p[0], full[0, 10], atol=1e-5)
+
+
 def test_bfloat16_close_to_float32(tiny):
   _, model32, path = tiny
   model16, _ = load_model(path, dtype="bfloat16")

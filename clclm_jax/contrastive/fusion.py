@@ -180,19 +180,19 @@ class FusedRec(nnx.Module):
     return place_soft_tokens(self.llm.embed(tokens_bt), tokens_bt, soft_bkd, self.config.placeholder_id)
 
   def hidden_states(self, tokens_bt, positions_bt=None, attention_mask_bt=None, *, history_ids_bl=None,
-                    feedback_bl=None, target_ids_b=None, dropout_key=None, prefix_kv=None) -> jax.Array:
+                    feedback_bl=None, target_ids_b=None, dropout_key=None, prefix_kv=None, rows_b=None) -> jax.Array:
     """The LLM's final hidden states; soft tokens fill the placeholders when a history is given.
-    `prefix_kv` is a cached shared prefix (`Llama.prefix_cache`) that the rows continue."""
+    `prefix_kv` and `rows_b` are as in `Llama.hidden_states` (cached shared prefix; only those positions)."""
     if history_ids_bl is None:
       return self.llm.hidden_states(tokens_bt, positions_bt, attention_mask_bt, dropout_key=dropout_key,
-                                    prefix_kv=prefix_kv)
+                                    prefix_kv=prefix_kv, rows_b=rows_b)
     if feedback_bl is None:
       feedback_bl = jnp.zeros_like(history_ids_bl)
     enc_key, llm_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     enc_key = enc_key if self.config.prompt_dropout else None
     x_btd = self.inputs_embeds(tokens_bt, history_ids_bl, feedback_bl, target_ids_b, dropout_key=enc_key)
     return self.llm.hidden_states(None, positions_bt, attention_mask_bt, inputs_embeds_btd=x_btd,
-                                  dropout_key=llm_key, prefix_kv=prefix_kv)
+                                  dropout_key=llm_key, prefix_kv=prefix_kv, rows_b=rows_b)
 
   def lm_logits(self, h_xd: jax.Array) -> jax.Array:
     return self.llm.lm_logits(h_xd)

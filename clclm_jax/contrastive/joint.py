@@ -249,10 +249,9 @@ def yes_probability(model: FusedRec, batch: Mapping[str, jax.Array], yes_id: int
                     prefix_kv=None) -> jax.Array:
   """P(Yes) from the (Yes, No) logits at `answer_index`, soft tokens placed when the prompt has slots;
   with `prefix_kv` the batch holds only the tokens after the cached shared prefix."""
-  h_btd = model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"],
-                              history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"],
-                              target_ids_b=batch["target_ids"], prefix_kv=prefix_kv)
-  h_bd = jnp.take_along_axis(h_btd, batch["answer_index"][:, None, None], axis=1)[:, 0]
+  h_bd = model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"],
+                             history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"],
+                             target_ids_b=batch["target_ids"], prefix_kv=prefix_kv, rows_b=batch["answer_index"])
   logits_b2 = model.lm_logits(h_bd)[:, jnp.array([yes_id, no_id])]
   return jax.nn.softmax(logits_b2, axis=-1)[:, 0]
 

@@ -135,6 +135,12 @@ def rope_tables(positions_bt: jax.Array, head_dim: int, theta: float):
   return jnp.cos(angles), jnp.sin(angles)
 
 
+def take_rows(x_bt_: jax.Array, rows_b: jax.Array) -> jax.Array:
+  """`x[i, rows_b[i]]` kept as a length-1 time axis: `[b, t, ...]` -> `[b, 1, ...]`."""
+  index = rows_b.reshape(-1, *([1] * (x_bt_.ndim - 1)))
+  return jnp.take_along_axis(x_bt_, index, axis=1)
+
+
 def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
   x = x_bthd.astype(jnp.float32)
   half = x.shape[-1] // 2
@@ -156,25 +162,30 @@ class Attention(nnx.Module):
     self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
     self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), **kw)
 
-  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, keys, prefix_kv=None):
-    """Returns (output, (k, v)); `prefix_kv` = roped (k, v) `[1, p, kv_heads, d]` attended before x."""
+  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, keys, prefix_kv=None, rows_b=None):
+    """Returns (output, (k, v)); `prefix_kv` = roped (k, v) `[1, p, kv_heads, d]` attended before x.
+    With `rows_b`, only the query at position `rows_b[i]` of row i runs: the output is `[b, 1, d]`."""
     b, t, _ = x_btd.shape
     k_heads, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
-    q_bthd = self.q_proj(x_btd, keys[0]).reshape(b, t, self.num_heads, self.head_dim)
+    xq_btd, cos_q, sin_q = x_btd, cos_btd, sin_btd
+    if rows_b is not None:
+      xq_btd, cos_q, sin_q, allowed_bts = (take_rows(a, rows_b) for a in (x_btd, cos_btd, sin_btd, allowed_bts))
+    tq = xq_btd.shape[1]
+    q_bthd = self.q_proj(xq_btd, keys[0]).reshape(b, tq, self.num_heads, self.head_dim)
     k_btkd = self.k_proj(x_btd, keys[1]).reshape(b, t, k_heads, self.head_dim)
     v_btkd = self.v_proj(x_btd, keys[2]).reshape(b, t, k_heads, self.head_dim)
-    q_bthd = apply_rope(q_bthd, cos_btd, sin_btd)
+    q_bthd = apply_rope(q_bthd, cos_q, sin_q)
     k_btkd = apply_rope(k_btkd, cos_btd, sin_btd)
     kv = (k_btkd, v_btkd)
     if prefix_kv is not None:
       k_btkd, v_btkd = (jnp.concatenate([jnp.broadcast_to(p, (b, *p.shape[1:])).astype(x.dtype), x], axis=1)
                         for p, x in zip(prefix_kv, kv))
-    q_btkgd = q_bthd.reshape(b, t, k_heads, groups, self.head_dim) * self.head_dim**-0.5
+    q_btkgd = q_bthd.reshape(b, tq, k_heads, groups, self.head_dim) * self.head_dim**-0.5
     scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_btkd, preferred_element_type=jnp.float32)
     scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_btkd.dtype)
     out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_btkd, preferred_element_type=jnp.float32).astype(v_btkd.dtype)
-    return self.o_proj(out_btkgd.reshape(b, t, -1), keys[3]), kv
+    return self.o_proj(out_btkgd.reshape(b, tq, -1), keys[3]), kv
 
 
 class MLP(nnx.Module):
@@ -201,12 +212,12 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     self.mlp = MLP(cfg, dtype=dtype, quantize=quantize, rngs=rngs)
 
-  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, dropout_key=None, prefix_kv=None):
-    """Returns (output, this layer's roped (k, v) of x)."""
+  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, dropout_key=None, prefix_kv=None, rows_b=None):
+    """Returns (output, this layer's roped (k, v) of x); with `rows_b` the output is those rows `[b, 1, d]`."""
     keys = [None] * 7 if dropout_key is None else list(jax.random.split(dropout_key, 7))
     attn_btd, kv = self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, allowed_bts, keys[:4],
-                                  prefix_kv)
-    x_btd = x_btd + attn_btd
+                                  prefix_kv, rows_b)
+    x_btd = (x_btd if rows_b is None else take_rows(x_btd, rows_b)) + attn_btd
     return x_btd + self.mlp(self.post_attention_layernorm(x_btd), keys[4:]), kv
 
 
@@ -261,20 +272,22 @@ class Llama(nnx.Module):
     return self.embed_tokens(tokens_bt)
 
   def hidden_states(self, tokens_bt=None, positions_bt=None, attention_mask_bt=None, *,
-                    inputs_embeds_btd=None, dropout_key=None, prefix_kv=None) -> jax.Array:
+                    inputs_embeds_btd=None, dropout_key=None, prefix_kv=None, rows_b=None) -> jax.Array:
     """Final-normed hidden states `[b, t, d]` in the compute dtype.
 
     `prefix_kv` (from `prefix_cache`) is a shared prompt prefix every row continues: rows then hold
-    only the rest of their tokens, and default positions start after the prefix.
+    only the rest of their tokens, and default positions start after the prefix. With `rows_b`, only
+    position `rows_b[i]` of row i is returned (`[b, d]`), and the last layer runs no other query.
     """
     return self._forward(tokens_bt, positions_bt, attention_mask_bt, inputs_embeds_btd, dropout_key,
-                         prefix_kv)[0]
+                         prefix_kv, rows_b)[0]
 
   def prefix_cache(self, prefix_tokens_p: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
     """Per-layer roped (k, v) `[1, p, kv_heads, head_dim]` of a token prefix, for `hidden_states`."""
     return self._forward(prefix_tokens_p[None], None, None, None, None, None)[1]
 
-  def _forward(self, tokens_bt, positions_bt, attention_mask_bt, inputs_embeds_btd, dropout_key, prefix_kv):
+  def _forward(self, tokens_bt, positions_bt, attention_mask_bt, inputs_embeds_btd, dropout_key, prefix_kv,
+               rows_b=None):
     x_btd = self.embed(tokens_bt) if inputs_embeds_btd is None else inputs_embeds_btd
     x_btd = x_btd.astype(self.dtype)
     b, t = x_btd.shape[:2]
@@ -290,9 +303,11 @@ class Llama(nnx.Module):
     kvs = []
     for i, layer in enumerate(self.layers):
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      x_btd, kv = layer(x_btd, cos_btd, sin_btd, allowed_bts, key, None if prefix_kv is None else prefix_kv[i])
+      last_rows = rows_b if i == len(self.layers) - 1 else None
+      x_btd, kv = layer(x_btd, cos_btd, sin_btd, allowed_bts, key, None if prefix_kv is None else prefix_kv[i],
+                        last_rows)
       kvs.append(kv)
-    return self.norm(x_btd), kvs
+    return self.norm(x_btd if rows_b is None else x_btd[:, 0]), kvs
 
   def lm_logits(self, h_xd: jax.Array) -> jax.Array:
     """float32 logits from hidden states of any leading shape."""

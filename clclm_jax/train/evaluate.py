@@ -37,9 +37,8 @@ def yes_probability(model: nnx.Module, batch: dict[str, jax.Array], yes_id: int,
 
   With `prefix_kv` (the cached shared prefix), the batch holds only the tokens after the prefix.
   """
-  h_btd = model.hidden_states(batch["tokens"], batch.get("positions"), attention_mask(batch),
-                              prefix_kv=prefix_kv)
-  h_bd = jnp.take_along_axis(h_btd, batch["answer_index"][:, None, None], axis=1)[:, 0]
+  h_bd = model.hidden_states(batch["tokens"], batch.get("positions"), attention_mask(batch),
+                            prefix_kv=prefix_kv, rows_b=batch["answer_index"])
   logits_b2 = model.lm_logits(h_bd)[:, jnp.array([yes_id, no_id])]
   return jax.nn.softmax(logits_b2, axis=-1)[:, 0]
 
