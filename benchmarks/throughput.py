@@ -398,7 +398,7 @@ def markdown(result: dict[str, Any]) -> str:
               f"batch to a multiple of {sc.get('pad_multiple_ours', 64)} tokens; tokens run incl. padding: "
               f"ours {sc['padded_tokens_ours']}, transformers {sc['padded_tokens_transformers']}; ours runs the "
               f"{sc.get('shared_prefix_tokens', 0)}-token instruction prefix common to all prompts once per "
-              "scoring pass and reuses its keys/values.", ""]
+              "scoring pass and reuses its keys/values, and its last layer runs the answer position's query only.", ""]
   if result.get("llama7b"):
     g = result["llama7b"]
     lines += ["## LLaMA-7B shape, random weights, int8 + LoRA, bfloat16", "",
