@@ -34,7 +34,9 @@ def loss_text(cfg, num_items: int) -> str:
     how = cfg.get("ce_sampling", "uniform")
     ce = (f"sampled-softmax next-item CE: each target against {k} {how}-sampled negatives shared by the step "
           f"(of {num_items} items{', logQ-corrected' if how != 'uniform' else ''})")
-  return f"Loss: {ce}, + {cfg.cl_weight} x InfoNCE (CoSeRec augmentations), at every real position."
+  extra = (f", + {cfg.dropout_cl_weight} x InfoNCE between two dropout passes of each sequence (DuoRec)"
+           if cfg.get("dropout_cl_weight", 0.0) else "")
+  return f"Loss: {ce} at every real position, + {cfg.cl_weight} x InfoNCE (CoSeRec augmentations){extra}."
 
 
 def markdown(cfg, summary) -> str:

@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.time_budget_min = 21.0  # training loop only; compiles and the final valid/test pass come on top
   c.cl_weight = 0.1  # lambda
   c.temperature = 1.0  # tau (CoSeRec)
+  c.dropout_cl_weight = 0.0  # > 0: also InfoNCE between two dropout passes of each sequence (DuoRec)
   c.similarity = "dot"
   c.exclude_history = False  # CL4SRec/CoSeRec code ranks history items too
   c.augment = ml_collections.ConfigDict(dict(

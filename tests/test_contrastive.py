@@ -233,10 +233,11 @@ def _tiny_data():
   return sequences.SequenceData("tiny", seqs, 20)
 
 
-@pytest.mark.parametrize("negatives,sampling", [(0, "uniform"), (8, "uniform"), (8, "popularity")])
-def test_train_step_is_pure_jitted_and_learns(negatives, sampling):
+@pytest.mark.parametrize("negatives,sampling,dropout_cl", [(0, "uniform", 0.0), (8, "uniform", 0.0),
+                                                        (8, "popularity", 0.0), (0, "uniform", 0.1)])
+def test_train_step_is_pure_jitted_and_learns(negatives, sampling, dropout_cl):
   cfg, data = _tiny_config(), _tiny_data()
-  cfg.ce_negatives, cfg.ce_sampling = negatives, sampling
+  cfg.ce_negatives, cfg.ce_sampling, cfg.dropout_cl_weight = negatives, sampling, dropout_cl
   tx = optax.adam(cfg.lr)
   graphdef, state = pretrain.init_state(pretrain.build_model(cfg, data.vocab_size), tx, 0)
   corr = jnp.zeros((data.vocab_size, 1), jnp.int32) + jnp.arange(data.vocab_size)[:, None]
@@ -246,9 +247,10 @@ def test_train_step_is_pure_jitted_and_learns(negatives, sampling):
   for _ in range(30):
     state, aux = step(state, batch)
     first = first if first is not None else float(aux["ce"])
-  assert int(state["step"]) == 30 and set(aux) == {"loss", "ce", "cl", "targets"}
+  assert int(state["step"]) == 30 and set(aux) == {"loss", "ce", "cl", "cl_dropout", "targets"}
   assert float(aux["ce"]) < 0.5 * first
-  np.testing.assert_allclose(aux["loss"], aux["ce"] + 0.1 * aux["cl"], rtol=1e-6)
+  assert (float(aux["cl_dropout"]) > 0) == (dropout_cl > 0)
+  np.testing.assert_allclose(aux["loss"], aux["ce"] + 0.1 * aux["cl"] + dropout_cl * aux["cl_dropout"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("negatives", [0, 8])

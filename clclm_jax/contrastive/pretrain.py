@@ -62,19 +62,24 @@ def next_item_loss(h_bld, table_vd, targets_bl, key, *, cfg, log_q_v):
 
 
 def loss_fn(params, rest, batch, key, *, graphdef, corr_vk, cfg, aug, log_q_v=None):
-  """CE over next items of the batch plus cl_weight * InfoNCE between two augmented views."""
+  """CE over next items + cl_weight * InfoNCE between two augmented views (+ dropout_cl_weight *
+  InfoNCE between two dropout passes of the unaugmented sequence, DuoRec's model-level views)."""
   model = nnx.merge(graphdef, params, rest)
   aug_key, drop_key, neg_key = jax.random.split(key, 3)
   items_bl = batch["items"]
   b = items_bl.shape[0]
   v1_bl, _, v2_bl, _ = augment.two_views_batch(aug_key, items_bl, batch["lengths"], corr_vk, **aug)
-  all_bl = jnp.concatenate([items_bl, v1_bl, v2_bl])  # one encoder pass for the sequence and both views
+  dropout_views = cfg.get("dropout_cl_weight", 0.0) > 0
+  # One encoder pass for the sequence, both views and, with dropout views, the sequence again.
+  all_bl = jnp.concatenate([items_bl, v1_bl, v2_bl] + [items_bl] * dropout_views)
   h_bld = model(all_bl, dropout_key=drop_key)
   ce, count = next_item_loss(h_bld[:b], model.item_table(), batch["targets"], neg_key, cfg=cfg, log_q_v=log_q_v)
-  z_nd = pool(h_bld[b:], all_bl[b:] > 0, cfg.pooling)
-  cl = losses.info_nce(z_nd[:b], z_nd[b:], temperature=cfg.temperature, similarity=cfg.similarity)
-  loss = ce + cfg.cl_weight * cl
-  return loss, {"loss": loss, "ce": ce, "cl": cl, "targets": count}
+  z_nd = pool(h_bld, all_bl > 0, cfg.pooling)
+  nce = functools.partial(losses.info_nce, temperature=cfg.temperature, similarity=cfg.similarity)
+  cl = nce(z_nd[b:2 * b], z_nd[2 * b:3 * b])
+  cl_dropout = nce(z_nd[:b], z_nd[3 * b:]) if dropout_views else jnp.zeros(())
+  loss = ce + cfg.cl_weight * cl + cfg.get("dropout_cl_weight", 0.0) * cl_dropout
+  return loss, {"loss": loss, "ce": ce, "cl": cl, "cl_dropout": cl_dropout, "targets": count}
 
 
 def train_step(state: State, batch: dict[str, jax.Array], *, graphdef, tx, corr_vk, cfg, aug,
@@ -142,7 +147,7 @@ def train(cfg: ml_collections.ConfigDict, data: sequences.SequenceData) -> dict[
     sums = jax.device_get(sums)
     epoch_times.append(time.time() - t0)
     record = {"epoch": epoch, "seconds": epoch_times[-1],
-              **{k: float(np.mean([s[k] for s in sums])) for k in ("loss", "ce", "cl")}}
+              **{k: float(np.mean([s[k] for s in sums])) for k in ("loss", "ce", "cl", "cl_dropout")}}
     if epoch % cfg.eval_every == 0:
       valid = evaluate(rank_fn, state, data, "valid", cfg)
       record.update({f"valid/{k}": v for k, v in valid.items()})
