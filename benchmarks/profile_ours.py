@@ -122,8 +122,9 @@ def markdown(r: dict[str, Any]) -> str:
   lines = ["# Where clclm-jax's time goes (one traced step, XLA kernels)", "",
            f"Machine: {common.machine_line(r['machine'])}; load average before / after {r['loadavg_before']} / "
            f"{r['loadavg_after']}; compute {r['dtype']}, int8 base, LoRA r=8 on q, v. Command: "
-           f"`python benchmarks/profile_ours.py --out=benchmarks/results --dtype {r['dtype']}`. Milliseconds are summed over kernels, "
-           "which run in parallel on the cores, so they can exceed wall time; the shares are what to read.", ""]
+           f"`python benchmarks/profile_ours.py --out=benchmarks/results --dtype {r['dtype']}`. Milliseconds are "
+           "summed over kernels, which run in parallel on the cores, so they can exceed wall time; the shares "
+           "are what to read.", ""]
   for task, what in (("train", "LoRA train step, 4x256 tokens"), ("score", "Yes/No scoring of movie prompts (after the shared prefix)")):
     d = r[task]
     share = {k: 100 * v / d["kernel_ms"] for k, v in d["by_kind_ms"].items()}

@@ -409,7 +409,7 @@ def markdown(result: dict[str, Any]) -> str:
   lines.append(FLOPS_NOTE)
   if any(not run[t]["met"] for run in result["runs"] for t in ("train", "score")):
     lines += ["", "A goal is missed: where our time goes is in [profile_cpu.md](profile_cpu.md) "
-              "(`python benchmarks/profile_ours.py`)."]
+              "(`python benchmarks/profile_ours.py --dtype bfloat16`, our faster path)."]
   return "\n".join(lines) + "\n"
 
 

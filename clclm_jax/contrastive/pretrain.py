@@ -69,16 +69,16 @@ def loss_fn(params, rest, batch, key, *, graphdef, corr_vk, cfg, aug, log_q_v=No
   items_bl = batch["items"]
   b = items_bl.shape[0]
   v1_bl, _, v2_bl, _ = augment.two_views_batch(aug_key, items_bl, batch["lengths"], corr_vk, **aug)
-  dropout_views = cfg.get("dropout_cl_weight", 0.0) > 0
+  dropout_weight = cfg.get("dropout_cl_weight", 0.0)
   # One encoder pass for the sequence, both views and, with dropout views, the sequence again.
-  all_bl = jnp.concatenate([items_bl, v1_bl, v2_bl] + [items_bl] * dropout_views)
+  all_bl = jnp.concatenate([items_bl, v1_bl, v2_bl] + [items_bl] * (dropout_weight > 0))
   h_bld = model(all_bl, dropout_key=drop_key)
   ce, count = next_item_loss(h_bld[:b], model.item_table(), batch["targets"], neg_key, cfg=cfg, log_q_v=log_q_v)
   z_nd = pool(h_bld, all_bl > 0, cfg.pooling)
   nce = functools.partial(losses.info_nce, temperature=cfg.temperature, similarity=cfg.similarity)
   cl = nce(z_nd[b:2 * b], z_nd[2 * b:3 * b])
-  cl_dropout = nce(z_nd[:b], z_nd[3 * b:]) if dropout_views else jnp.zeros(())
-  loss = ce + cfg.cl_weight * cl + cfg.get("dropout_cl_weight", 0.0) * cl_dropout
+  cl_dropout = nce(z_nd[:b], z_nd[3 * b:]) if dropout_weight > 0 else jnp.zeros(())
+  loss = ce + cfg.cl_weight * cl + dropout_weight * cl_dropout
   return loss, {"loss": loss, "ce": ce, "cl": cl, "cl_dropout": cl_dropout, "targets": count}
 
 

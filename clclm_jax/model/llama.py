@@ -135,10 +135,10 @@ def rope_tables(positions_bt: jax.Array, head_dim: int, theta: float):
   return jnp.cos(angles), jnp.sin(angles)
 
 
-def take_rows(x_bt_: jax.Array, rows_b: jax.Array) -> jax.Array:
+def take_rows(x_bt: jax.Array, rows_b: jax.Array) -> jax.Array:
   """`x[i, rows_b[i]]` kept as a length-1 time axis: `[b, t, ...]` -> `[b, 1, ...]`."""
-  index = rows_b.reshape(-1, *([1] * (x_bt_.ndim - 1)))
-  return jnp.take_along_axis(x_bt_, index, axis=1)
+  index = rows_b.reshape(-1, *([1] * (x_bt.ndim - 1)))
+  return jnp.take_along_axis(x_bt, index, axis=1)
 
 
 def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
