@@ -94,7 +94,7 @@ def steps_of(config, args) -> tuple[int, int]:
 
 
 def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dict, emit) -> None:
-  """Sets `meta[domain]` (what the rows are measured with), then emits the rows: zero-shot, then each cell."""
+  """Sets this domain's and test set's `meta` (what the rows are measured with), then emits the rows."""
   config = CONFIGS[domain].get_config()
   s1, s2 = steps_of(config, args)
   t0 = time.time()
@@ -114,7 +114,8 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
   evals = {spec.num_soft_tokens: r.eval_batches(test, spec, args.eval_batch_size) for spec in (text, fused)}
   base = {"domain": domain, "test_size": len(test), "test_total": len(splits.test), "test_seed": args.test_seed,
           "batch_size": config.train.batch_size, "lr": config.optim.lr, "run": run}
-  meta[domain] = {"test_size": len(test), "test_total": len(splits.test), "test_seed": args.test_seed,
+  meta[meta_key(domain, len(test), len(splits.test))] = {
+                  "test_size": len(test), "test_total": len(splits.test), "test_seed": args.test_seed,
                   "like_share_auc": 100 * like_share_auc(test),
                   "fusion": dataclasses.asdict(fcfg) | {"item_corr": "itemcf_iuf(train pool)"},
                   "stage1_loss_weights": config.stage1.loss_weights.to_dict(),
@@ -196,6 +197,11 @@ def command(argv: list[str]) -> str:
   return "python benchmarks/fused_quality.py " + shlex.join(argv)
 
 
+def meta_key(domain: str, test_size: int, test_total: int) -> str:
+  """Subset runs and whole-test-set runs of a domain keep separate metadata (their like-share AUCs differ)."""
+  return domain if test_size < test_total else f"{domain}, whole test set"
+
+
 def markdown(result: dict) -> str:
   rows, runs = result["rows"], result["runs"]
   domains = sorted({r["domain"] for r in rows}, key=["movie", "book"].index)
@@ -206,11 +212,11 @@ def markdown(result: dict) -> str:
            f"Machine: {common.machine_line(result['machine'])}.", "",
            "**Full protocol.**" if full else
            "**A slice, not the full protocol** (2 domains x 16/64/256 shots x 3 seeds, whole test sets).", ""]
-  for domain in domains:
-    m = result["meta"][domain]
-    lines.append(f"- {domain}: test subset {m['test_size']} of {m['test_total']} (fewshot seed {m['test_seed']}); "
-                 f"batch {m['batch_size']}, lr {m['optim']['lr']}, answer-only LM loss; "
-                 f"like-share heuristic on the same subset {m['like_share_auc']:.2f}")
+  for key, m in result["meta"].items():
+    subset = (f"test subset {m['test_size']} of {m['test_total']} (fewshot seed {m['test_seed']})"
+              if m["test_size"] < m["test_total"] else f"all {m['test_total']} test prompts")
+    lines.append(f"- {key}: {subset}; batch {m['batch_size']}, lr {m['optim']['lr']}, answer-only LM loss; "
+                 f"like-share heuristic on the same prompts {m['like_share_auc']:.2f}")
     enc = m.get("encoder_pretraining") or {}
     if "full_test_auc" in enc:
       lines.append(f"  - pretrained encoder alone (no LLM): valid {100 * enc['best_valid_auc']:.2f}, "
@@ -223,13 +229,13 @@ def markdown(result: dict) -> str:
             for i, run in enumerate(runs)]
   lines += ["- `pool enc.`: the pretrained encoder's AUC on the cell's few-shot training prompts (how far the hint "
             "agrees with the labels stage 2 learns from), mean over seeds", "",
-            "| domain | shots | variant | steps | AUC x100 | seeds | pool enc. | train + score min per seed | run | "
-            "TALLRec 7B | goal |", "|" + " --- |" * 11]
+            "| domain | test | shots | variant | steps | AUC x100 | seeds | pool enc. | train + score min per seed | "
+            "run | TALLRec 7B | goal |", "|" + " --- |" * 12]
   groups: dict[tuple, list] = {}
   for r in rows:
     groups.setdefault((r["domain"], r["shots"], r["variant"], r["stage1_steps"], r["stage2_steps"],
                        r["test_size"]), []).append(r)
-  order = lambda k: (domains.index(k[0]), k[1], VARIANTS.index(k[2]), k[3], k[4])  # noqa: E731
+  order = lambda k: (domains.index(k[0]), k[1], VARIANTS.index(k[2]), k[3], k[4], k[5])  # noqa: E731
   for key in sorted(groups, key=order):
     rs = groups[key]
     aucs = [r["auc"] for r in rs]
@@ -239,7 +245,9 @@ def markdown(result: dict) -> str:
     goal = GOALS[domain].get(shots, "") if variant == "fused" else ""
     pool = [r["pool_encoder_auc"] for r in rs if "pool_encoder_auc" in r]
     pool = f"{statistics.mean(pool):.1f}" if len(pool) == len(rs) else ""
-    lines.append(f"| {domain} | {shots or '-'} | {variant} | {key[3]}+{key[4]} | {statistics.mean(aucs):.2f}{spread} | "
+    test = "all" if rs[0]["test_size"] == rs[0]["test_total"] else f"{rs[0]['test_size']}/{rs[0]['test_total']}"
+    lines.append(f"| {domain} | {test} | {shots or '-'} | {variant} | {key[3]}+{key[4]} | "
+                 f"{statistics.mean(aucs):.2f}{spread} | "
                  f"{','.join(str(r['seed']) for r in rs if r['seed'] is not None) or '-'} | {pool} | {minutes:.1f} | "
                  f"{','.join(sorted({str(r['run']) for r in rs}))} | {PUBLISHED_TALLREC[domain].get(shots, '')} | "
                  f"{goal} |")

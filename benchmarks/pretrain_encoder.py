@@ -36,6 +36,9 @@ def loss_text(cfg, num_items: int) -> str:
           f"(of {num_items} items{', logQ-corrected' if how != 'uniform' else ''})")
   extra = (f", + {cfg.dropout_cl_weight} x InfoNCE between two dropout passes of each sequence (DuoRec)"
            if cfg.get("dropout_cl_weight", 0.0) else "")
+  if cfg.get("same_target_cl_weight", 0.0):
+    extra += (f", + {cfg.same_target_cl_weight} x InfoNCE between each sequence and another user's training "
+              "prefix that precedes the same next item (DuoRec's supervised positives)")
   return f"Loss: {ce} at every real position, + {cfg.cl_weight} x InfoNCE (CoSeRec augmentations){extra}."
 
 

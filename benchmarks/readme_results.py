@@ -20,7 +20,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def throughput_section(result: dict, md_name: str) -> list[str]:
-  from throughput import FLOPS_NOTE, goal_table, run_table  # pylint: disable=g-import-not-at-top
+  from throughput import FLOPS_NOTE, goal_table, missed_goal_note, run_table  # pylint: disable=g-import-not-at-top
   peak = result["matmul_peak"]
   peaks = {p["dtype"]: p["flop_per_s"] for p in [peak] + result.get("more_peaks", [])}
   lines = [f"### Speed: clclm-jax vs transformers + PEFT ({result['tag']})", "",
@@ -39,11 +39,7 @@ def throughput_section(result: dict, md_name: str) -> list[str]:
     lines += [f"LLaMA-7B shape (random weights, int8 + LoRA, bf16, batch {g['batch']}x{g['length']}): "
               f"{g['tokens_per_s']:.0f} tokens/s, MFU {100 * g['mfu_vs_measured_peak']:.1f}%, "
               f"peak memory {(g['peak_bytes_in_use'] or 0) / 2**30:.1f} GiB.", ""]
-  lines.append(FLOPS_NOTE)
-  if any(not run[t]["met"] for run in result["runs"] for t in ("train", "score")):
-    lines.append("A goal is missed; where our time goes: [profile_cpu.md](benchmarks/results/profile_cpu.md) "
-                 "(`python benchmarks/profile_ours.py --dtype bfloat16`, our faster path).")
-  return lines + [""]
+  return lines + [FLOPS_NOTE] + missed_goal_note(result, "benchmarks/results/profile_cpu.md") + [""]
 
 
 def quality_section(result: dict) -> list[str]:

@@ -102,10 +102,15 @@ def test_fused_quality_merge_and_markdown(tmp_path):
   merged = fused_quality.merge_rows(result["rows"], [redo])
   assert len(merged) == len(result["rows"]) and merged[-1]["auc"] == 1.0
   assert [r["auc"] for r in merged].count(60.0) == 0  # the re-measured row replaced, not duplicated
+  whole = {**result["rows"][2], "test_size": 1000, "auc": 75.0}
+  result["rows"].append(whole)
+  result["meta"][fused_quality.meta_key("movie", 1000, 1000)] = {**result["meta"]["movie"], "test_size": 1000}
   text = fused_quality.markdown(result)
-  assert "A slice, not the full protocol" in text and "test subset 16 of 1000" in text
-  assert "| movie | 16 | fused | 2+2 | 71.00 ± 1.41 | 0,1 |" in text
-  assert "| movie | - | zero_shot | 0+0 | 50.00 | - |" in text
+  assert "A slice, not the full protocol" in text and "- movie: test subset 16 of 1000" in text
+  assert "- movie, whole test set: all 1000 test prompts" in text
+  assert "| movie | 16/1000 | 16 | fused | 2+2 | 71.00 ± 1.41 | 0,1 |" in text
+  assert "| movie | all | 16 | fused | 2+2 | 75.00 | 0 |" in text
+  assert "| movie | 16/1000 | - | zero_shot | 0+0 | 50.00 | - |" in text
   assert "`python benchmarks/fused_quality.py --seeds 1`" in text
 
 

@@ -233,24 +233,28 @@ def _tiny_data():
   return sequences.SequenceData("tiny", seqs, 20)
 
 
-@pytest.mark.parametrize("negatives,sampling,dropout_cl", [(0, "uniform", 0.0), (8, "uniform", 0.0),
-                                                        (8, "popularity", 0.0), (0, "uniform", 0.1)])
-def test_train_step_is_pure_jitted_and_learns(negatives, sampling, dropout_cl):
+@pytest.mark.parametrize("negatives,sampling,dropout_cl,same_cl", [
+    (0, "uniform", 0.0, 0.0), (8, "uniform", 0.0, 0.0), (8, "popularity", 0.0, 0.0), (0, "uniform", 0.1, 0.0),
+    (0, "uniform", 0.1, 0.1)])
+def test_train_step_is_pure_jitted_and_learns(negatives, sampling, dropout_cl, same_cl):
   cfg, data = _tiny_config(), _tiny_data()
   cfg.ce_negatives, cfg.ce_sampling, cfg.dropout_cl_weight = negatives, sampling, dropout_cl
+  cfg.same_target_cl_weight = same_cl
   tx = optax.adam(cfg.lr)
   graphdef, state = pretrain.init_state(pretrain.build_model(cfg, data.vocab_size), tx, 0)
   corr = jnp.zeros((data.vocab_size, 1), jnp.int32) + jnp.arange(data.vocab_size)[:, None]
   step = pretrain.make_train_step(graphdef, tx, corr, cfg, data.mask_id, pretrain.item_counts(data))
-  batch = next(sequences.train_batches(data, 16, np.random.default_rng(0), buckets=(8,)))
+  same = sequences.same_target_index(data) if same_cl else None
+  batch = next(sequences.train_batches(data, 16, np.random.default_rng(0), buckets=(8,), same_target=same))
   first = None
-  for _ in range(30):
+  for _ in range(40):
     state, aux = step(state, batch)
     first = first if first is not None else float(aux["ce"])
-  assert int(state["step"]) == 30 and set(aux) == {"loss", "ce", "cl", "cl_dropout", "targets"}
+  assert int(state["step"]) == 40 and set(aux) == {"loss", "ce", "cl", "cl_dropout", "cl_same", "targets"}
   assert float(aux["ce"]) < 0.5 * first
-  assert (float(aux["cl_dropout"]) > 0) == (dropout_cl > 0)
-  np.testing.assert_allclose(aux["loss"], aux["ce"] + 0.1 * aux["cl"] + dropout_cl * aux["cl_dropout"], rtol=1e-6)
+  assert (float(aux["cl_dropout"]) > 0) == (dropout_cl > 0) and (float(aux["cl_same"]) > 0) == (same_cl > 0)
+  np.testing.assert_allclose(aux["loss"], aux["ce"] + 0.1 * aux["cl"] + dropout_cl * aux["cl_dropout"]
+                             + same_cl * aux["cl_same"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("negatives", [0, 8])

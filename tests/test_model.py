@@ -10,7 +10,7 @@ from flax import nnx
 
 from clclm_jax.model import config as config_lib
 from clclm_jax.model.errors import ModelError
-from clclm_jax.model.llama import Frozen, Llama, QInt8, QScale, frozen_matmul
+from clclm_jax.model.llama import Frozen, Llama, QInt8, QScale, dropout, frozen_matmul
 from clclm_jax.model.loading import load_model
 from clclm_jax.model.lora import add_lora, merge_lora
 from clclm_jax.model import quant
@@ -158,6 +158,19 @@ def test_lora_zero_b_is_base_and_merge_is_exact(tiny):
   assert np.abs(adapted - np.asarray(base(tokens))).max() > 1e-3
   dropped = np.asarray(model(tokens, dropout_key=jax.random.key(2)))
   assert np.abs(dropped - adapted).max() > 1e-4
+
+
+def test_dropout_drops_at_the_rate_scales_kept_values_and_is_fixed_by_the_key():
+  x = jnp.ones((4, 64, 577), jnp.float32)  # odd width: the last half-draw is cut
+  y = np.asarray(dropout(jax.random.key(0), x, 0.05))
+  kept = 1 - 3277 / 65536  # the rate rounded to 16 bits
+  tol = 4 * np.sqrt(0.05 * 0.95 / y[..., :289].size)
+  for part in (y[..., :289], y[..., 289:]):  # low and high halves of the 32-bit draws
+    assert abs((part == 0).mean() - 0.05) < tol
+  np.testing.assert_allclose(y[y != 0], 1 / kept, rtol=1e-6)
+  np.testing.assert_array_equal(y, np.asarray(dropout(jax.random.key(0), x, 0.05)))
+  assert (y != np.asarray(dropout(jax.random.key(1), x, 0.05))).any()
+  assert dropout(jax.random.key(0), x.astype(jnp.bfloat16), 0.05).dtype == jnp.bfloat16
 
 
 def test_merge_lora_equals_unmerged():

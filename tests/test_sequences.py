@@ -69,6 +69,24 @@ def test_train_batches_cover_users_with_aligned_targets():
     assert (items[:, 1:][real[:, 1:]] == targets[:, :-1][real[:, 1:]]).all()  # shifted by one
 
 
+def test_same_target_views_are_other_prefixes_before_the_same_item():
+  data = _data([1, 2, 3, 4, 8, 9], [5, 2, 3, 8, 9], [6, 7, 3, 4, 8, 9], [7, 4, 5, 9], [1, 6, 8, 9])
+  index = sequences.same_target_index(data)
+  train = sequences.train_sequences(data)  # [1 2 3 4] [5 2 3] [6 7 3 4] [7 4] [1 6]
+  rng = np.random.default_rng(0)
+  seen = {u: set() for u in range(5)}
+  for _ in range(50):
+    for u, view in zip(range(5), sequences.same_target_views(index, data, np.arange(5), rng)):
+      seen[u].add(tuple(view.tolist()))
+  # user 0's input [1 2 3] precedes 4: user 2's [6 7 3] and user 3's [7] do too.
+  assert seen[0] == {(6, 7, 3), (7,)}
+  assert seen[1] == {(1, 2), (6, 7)}  # [5 2] precedes 3, as do user 0's [1 2] and user 2's [6 7]
+  assert seen[3] == {(1, 2, 3), (6, 7, 3)}
+  assert seen[4] == {(1,)}  # no other prefix precedes 6: the user's own input
+  batch = next(sequences.train_batches(data, 4, rng, buckets=(2, 4), same_target=index))
+  assert batch["same_target"].shape == batch["items"].shape
+
+
 def test_beauty_real_statistics(data_root):
   data = sequences.load_beauty(data_root / "amazon-beauty-5core" / "sequential_data.txt")
   assert (len(data.sequences), data.num_items) == (22363, 12101)

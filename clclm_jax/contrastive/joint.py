@@ -252,8 +252,7 @@ def yes_probability(model: FusedRec, batch: Mapping[str, jax.Array], yes_id: int
   h_bd = model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"],
                              history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"],
                              target_ids_b=batch["target_ids"], prefix_kv=prefix_kv, rows_b=batch["answer_index"])
-  logits_b2 = model.lm_logits(h_bd)[:, jnp.array([yes_id, no_id])]
-  return jax.nn.softmax(logits_b2, axis=-1)[:, 0]
+  return evaluate.yes_share(model, h_bd, yes_id, no_id)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,8 +1,9 @@
 """Full-ranking HR@k and NDCG@k for next-item prediction (leave-one-out).
 
 Protocol: every item id is scored (padding 0 and the mask id excluded); items already in the
-user's history stay in the ranking unless `exclude_history` is set (as in the CL4SRec/CoSeRec
-public code). Rank = number of items scored strictly higher than the target.
+user's history stay in the ranking, as in FEARec's RecBole evaluation (the source of the Beauty
+reference numbers), unless `exclude_history` is set (CoSeRec's own code zeroes their scores).
+Rank = number of items scored strictly higher than the target.
 """
 
 import jax

@@ -62,24 +62,27 @@ def next_item_loss(h_bld, table_vd, targets_bl, key, *, cfg, log_q_v):
 
 
 def loss_fn(params, rest, batch, key, *, graphdef, corr_vk, cfg, aug, log_q_v=None):
-  """CE over next items + cl_weight * InfoNCE between two augmented views (+ dropout_cl_weight *
-  InfoNCE between two dropout passes of the unaugmented sequence, DuoRec's model-level views)."""
+  """CE over next items + cl_weight * InfoNCE between two augmented views, plus DuoRec's views:
+  dropout_cl_weight * InfoNCE between two dropout passes of the unaugmented sequence, and
+  same_target_cl_weight * InfoNCE between the sequence and `batch["same_target"]` (supervised positives)."""
   model = nnx.merge(graphdef, params, rest)
   aug_key, drop_key, neg_key = jax.random.split(key, 3)
   items_bl = batch["items"]
   b = items_bl.shape[0]
   v1_bl, _, v2_bl, _ = augment.two_views_batch(aug_key, items_bl, batch["lengths"], corr_vk, **aug)
-  dropout_weight = cfg.get("dropout_cl_weight", 0.0)
-  # One encoder pass for the sequence, both views and, with dropout views, the sequence again.
-  all_bl = jnp.concatenate([items_bl, v1_bl, v2_bl] + [items_bl] * (dropout_weight > 0))
+  dropout_weight, same_weight = cfg.get("dropout_cl_weight", 0.0), cfg.get("same_target_cl_weight", 0.0)
+  extra = [items_bl] * (dropout_weight > 0) + ([batch["same_target"]] if same_weight > 0 else [])
+  # One encoder pass for the sequence, both views and the optional DuoRec views.
+  all_bl = jnp.concatenate([items_bl, v1_bl, v2_bl] + extra)
   h_bld = model(all_bl, dropout_key=drop_key)
   ce, count = next_item_loss(h_bld[:b], model.item_table(), batch["targets"], neg_key, cfg=cfg, log_q_v=log_q_v)
   z_nd = pool(h_bld, all_bl > 0, cfg.pooling)
   nce = functools.partial(losses.info_nce, temperature=cfg.temperature, similarity=cfg.similarity)
   cl = nce(z_nd[b:2 * b], z_nd[2 * b:3 * b])
-  cl_dropout = nce(z_nd[:b], z_nd[3 * b:]) if dropout_weight > 0 else jnp.zeros(())
-  loss = ce + cfg.cl_weight * cl + dropout_weight * cl_dropout
-  return loss, {"loss": loss, "ce": ce, "cl": cl, "cl_dropout": cl_dropout, "targets": count}
+  cl_dropout = nce(z_nd[:b], z_nd[3 * b:4 * b]) if dropout_weight > 0 else jnp.zeros(())
+  cl_same = nce(z_nd[:b], z_nd[-b:]) if same_weight > 0 else jnp.zeros(())
+  loss = ce + cfg.cl_weight * cl + dropout_weight * cl_dropout + same_weight * cl_same
+  return loss, {"loss": loss, "ce": ce, "cl": cl, "cl_dropout": cl_dropout, "cl_same": cl_same, "targets": count}
 
 
 def train_step(state: State, batch: dict[str, jax.Array], *, graphdef, tx, corr_vk, cfg, aug,
@@ -133,6 +136,7 @@ def train(cfg: ml_collections.ConfigDict, data: sequences.SequenceData) -> dict[
   graphdef, state = init_state(model, tx, cfg.seed)
   corr_vk = jnp.asarray(augment.itemcf_iuf(sequences.train_sequences(data), data.num_items, cfg.augment.corr_top_k))
   step_fn = make_train_step(graphdef, tx, corr_vk, cfg, data.mask_id, item_counts(data))
+  same_target = sequences.same_target_index(data) if cfg.get("same_target_cl_weight", 0.0) else None
   rank_fn = make_rank_fn(graphdef, cfg)
   rng = np.random.default_rng(cfg.seed)
   best_ndcg, best_epoch, best_params, epoch_times, history = -1.0, -1, None, [], []
@@ -141,13 +145,14 @@ def train(cfg: ml_collections.ConfigDict, data: sequences.SequenceData) -> dict[
   for epoch in bar:
     t0 = time.time()
     sums = []
-    for batch in sequences.train_batches(data, cfg.batch_size, rng, buckets=tuple(cfg.buckets)):
+    for batch in sequences.train_batches(data, cfg.batch_size, rng, buckets=tuple(cfg.buckets),
+                                         same_target=same_target):
       state, aux = step_fn(state, batch)
       sums.append(aux)
     sums = jax.device_get(sums)
     epoch_times.append(time.time() - t0)
     record = {"epoch": epoch, "seconds": epoch_times[-1],
-              **{k: float(np.mean([s[k] for s in sums])) for k in ("loss", "ce", "cl", "cl_dropout")}}
+              **{k: float(np.mean([s[k] for s in sums])) for k in ("loss", "ce", "cl", "cl_dropout", "cl_same")}}
     if epoch % cfg.eval_every == 0:
       valid = evaluate(rank_fn, state, data, "valid", cfg)
       record.update({f"valid/{k}": v for k, v in valid.items()})

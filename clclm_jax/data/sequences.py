@@ -121,13 +121,57 @@ def bucket_width(length: int, buckets: tuple[int, ...]) -> int:
   return next((b for b in buckets if length <= b), buckets[-1])
 
 
+@dataclasses.dataclass(frozen=True)
+class SameTargetIndex:
+  """Every training prefix `train_sequences[user][:pos]` (pos >= 1), grouped by its next item."""
+
+  user: np.ndarray  # [P] prefix owner, sorted by next item
+  pos: np.ndarray  # [P] prefix length
+  start: np.ndarray  # [vocab + 1] prefixes with next item i are rows start[i]:start[i + 1]
+  anchor: np.ndarray  # [users] row of each user's own last training prefix
+
+
+def same_target_index(data: SequenceData) -> SameTargetIndex:
+  """Index for DuoRec's supervised positives: other prefixes that precede the same next item."""
+  seqs = train_sequences(data)
+  user = np.concatenate([np.full(len(s) - 1, u, np.int32) for u, s in enumerate(seqs)])
+  pos = np.concatenate([np.arange(1, len(s), dtype=np.int32) for s in seqs])
+  nxt = np.concatenate([s[1:] for s in seqs])
+  order = np.argsort(nxt, kind="stable")
+  start = np.searchsorted(nxt[order], np.arange(data.vocab_size + 1)).astype(np.int64)
+  ends = np.cumsum([len(s) - 1 for s in seqs]) - 1  # each user's last prefix, before sorting
+  anchor = np.empty(len(order), np.int64)
+  anchor[order] = np.arange(len(order))
+  return SameTargetIndex(user[order], pos[order], start, anchor[ends])
+
+
+def same_target_views(index: SameTargetIndex, data: SequenceData, users: np.ndarray,
+                      rng: np.random.Generator) -> list[np.ndarray]:
+  """For each user, a random other training prefix with the same next item (its own input if none)."""
+  seqs = data.sequences  # training prefixes end at least three items before a sequence's end
+  views = []
+  for u in users:
+    target = seqs[u][-3]
+    lo, n = index.start[target], index.start[target + 1] - index.start[target]
+    if n <= 1:
+      views.append(seqs[u][:-3])
+      continue
+    pick = lo + rng.integers(n - 1)
+    pick += pick >= index.anchor[u]  # skip the anchor itself
+    views.append(seqs[index.user[pick]][:index.pos[pick]])
+  return views
+
+
 def train_batches(data: SequenceData, batch_size: int, rng: np.random.Generator, *,
-                  buckets: tuple[int, ...] = (4, 8, 16, 50), group: int = 32):
+                  buckets: tuple[int, ...] = (4, 8, 16, 50), group: int = 32,
+                  same_target: SameTargetIndex | None = None):
   """One epoch of right-padded next-item batches {items, targets, lengths}, remainder dropped.
 
   Users are shuffled, sorted by length within chunks of `group` batches and padded to the
   smallest bucket width, so short sequences do not pay for max_len (positions are counted from
-  the last item, so the width does not change the model's output).
+  the last item, so the width does not change the model's output). With `same_target`, the batch
+  also holds `same_target` [B, width]: another prefix ending before the same next item as each
+  user's input (kept to its last `width` items).
   """
   inputs, targets = split(data, "train")
   order = rng.permutation(len(inputs))
@@ -142,7 +186,10 @@ def train_batches(data: SequenceData, batch_size: int, rng: np.random.Generator,
     width = bucket_width(max(len(inputs[u]) for u in users), buckets)
     items, lengths = pad([inputs[u] for u in users], width)
     tgt, _ = pad([targets[u] for u in users], width)
-    yield {"items": items, "targets": tgt, "lengths": lengths}
+    batch = {"items": items, "targets": tgt, "lengths": lengths}
+    if same_target is not None:
+      batch["same_target"] = pad(same_target_views(same_target, data, users, rng), width)[0]
+    yield batch
 
 
 def eval_batches(data: SequenceData, part: str, batch_size: int, *, buckets: tuple[int, ...] = (4, 8, 16, 50)):

@@ -57,6 +57,17 @@ def _low_precision_bwd(w_io, ct):
 _low_precision_matmul.defvjp(_low_precision_fwd, _low_precision_bwd)
 
 
+def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout with a mask from 16-bit halves of 32-bit draws: half the draws of `jax.random.bernoulli`
+  and no float uniforms (2.0 against 5.0 ms a [4, 256, 576] mask on CPU); the rate is rounded to k / 2**16."""
+  d = x.shape[-1]
+  bits = jax.random.bits(key, (*x.shape[:-1], (d + 1) // 2), jnp.uint32)
+  halves = jnp.concatenate([bits & 0xFFFF, bits >> 16], axis=-1)[..., :d]
+  threshold = round(rate * 65536)
+  keep = halves >= threshold
+  return jnp.where(keep, x * (65536 / (65536 - threshold)), 0).astype(x.dtype)
+
+
 class Linear(nnx.Module):
   """Bias-free projection `x @ W` with a frozen float or int8 `W [in, out]` and optional LoRA."""
 
@@ -102,16 +113,14 @@ class Linear(nnx.Module):
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None, out_dtype=None) -> jax.Array:
     out_dtype = out_dtype or self.dtype
     # Accumulating in float32 is also the fast path on CPU: XLA's bf16 x bf16 -> bf16 dot runs at half the
-    # speed of bf16 x bf16 -> f32.
-    y = frozen_matmul(x, self.weight(self.dtype)).astype(out_dtype)
+    # speed of bf16 x bf16 -> f32. The LoRA update is added in float32, then one cast.
+    y = frozen_matmul(x, self.weight(self.dtype))
     if self.lora_a is not None:
       if dropout_key is not None and self.lora_dropout > 0:
-        keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
+        x = dropout(dropout_key, x, self.lora_dropout)
       h = jnp.matmul(x, self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
-      y = y + jnp.matmul(h, self.lora_b[...].astype(self.dtype), preferred_element_type=jnp.float32).astype(
-          out_dtype) * self.lora_scaling
-    return y
+      y = y + jnp.matmul(h, self.lora_b[...].astype(self.dtype), preferred_element_type=jnp.float32) * self.lora_scaling
+    return y.astype(out_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -199,8 +208,9 @@ class MLP(nnx.Module):
     self.down_proj = Linear(f, d, ("mlp", "embed"), **kw)
 
   def __call__(self, x_btd, keys):
-    h = jax.nn.silu(self.gate_proj(x_btd, keys[0])) * self.up_proj(x_btd, keys[1])
-    return self.down_proj(h, keys[2])
+    """gate and up stay float32 into one fused silu-multiply-cast (13% faster than bf16 outputs on CPU)."""
+    gate, up = (p(x_btd, k, out_dtype=jnp.float32) for p, k in ((self.gate_proj, keys[0]), (self.up_proj, keys[1])))
+    return self.down_proj((jax.nn.silu(gate) * up).astype(x_btd.dtype), keys[2])
 
 
 class DecoderLayer(nnx.Module):

@@ -39,6 +39,11 @@ def yes_probability(model: nnx.Module, batch: dict[str, jax.Array], yes_id: int,
   """
   h_bd = model.hidden_states(batch["tokens"], batch.get("positions"), attention_mask(batch),
                             prefix_kv=prefix_kv, rows_b=batch["answer_index"])
+  return yes_share(model, h_bd, yes_id, no_id)
+
+
+def yes_share(model: nnx.Module, h_bd: jax.Array, yes_id: int, no_id: int) -> jax.Array:
+  """P(Yes) = softmax over the (Yes, No) logits of the answer rows' hidden states `[b, d]`."""
   logits_b2 = model.lm_logits(h_bd)[:, jnp.array([yes_id, no_id])]
   return jax.nn.softmax(logits_b2, axis=-1)[:, 0]
 
