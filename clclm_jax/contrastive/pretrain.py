@@ -71,7 +71,7 @@ def loss_fn(params, rest, batch, key, *, graphdef, corr_vk, cfg, aug, log_q_v=No
   b = items_bl.shape[0]
   v1_bl, _, v2_bl, _ = augment.two_views_batch(aug_key, items_bl, batch["lengths"], corr_vk, **aug)
   dropout_weight, same_weight = cfg.get("dropout_cl_weight", 0.0), cfg.get("same_target_cl_weight", 0.0)
-  extra = [items_bl] * (dropout_weight > 0) + ([batch["same_target"]] if same_weight > 0 else [])
+  extra = ([items_bl] if dropout_weight > 0 else []) + ([batch["same_target"]] if same_weight > 0 else [])
   # One encoder pass for the sequence, both views and the optional DuoRec views.
   all_bl = jnp.concatenate([items_bl, v1_bl, v2_bl] + extra)
   h_bld = model(all_bl, dropout_key=drop_key)
