@@ -40,8 +40,6 @@ from clclm_jax.data import fewshot  # pylint: disable=wrong-import-position
 from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
 from configs import fused_book, fused_movie  # pylint: disable=wrong-import-position
 
-PUBLISHED_TALLREC = {"movie": {16: 67.24, 64: 67.48, 256: 71.98}, "book": {16: 56.36, 64: 60.39, 256: 64.38}}
-GOALS = {"movie": {16: 74, 64: 75, 256: 77}, "book": {16: 71, 64: 72, 256: 74}}
 CONFIGS = {"movie": fused_movie, "book": fused_book}
 
 @dataclasses.dataclass(frozen=True)
@@ -242,14 +240,14 @@ def markdown(result: dict) -> str:
     spread = f" ± {statistics.stdev(aucs):.2f}" if len(aucs) > 1 else ""
     domain, shots, variant = key[:3]
     minutes = statistics.mean(r["train_s"] + r["score_s"] for r in rs) / 60
-    goal = GOALS[domain].get(shots, "") if variant == "fused" else ""
+    goal = common.FUSED_GOALS[domain].get(shots, "") if variant == "fused" else ""
     pool = [r["pool_encoder_auc"] for r in rs if "pool_encoder_auc" in r]
     pool = f"{statistics.mean(pool):.1f}" if len(pool) == len(rs) else ""
     test = "all" if rs[0]["test_size"] == rs[0]["test_total"] else f"{rs[0]['test_size']}/{rs[0]['test_total']}"
     lines.append(f"| {domain} | {test} | {shots or '-'} | {variant} | {key[3]}+{key[4]} | "
                  f"{statistics.mean(aucs):.2f}{spread} | "
                  f"{','.join(str(r['seed']) for r in rs if r['seed'] is not None) or '-'} | {pool} | {minutes:.1f} | "
-                 f"{','.join(sorted({str(r['run']) for r in rs}))} | {PUBLISHED_TALLREC[domain].get(shots, '')} | "
+                 f"{','.join(sorted({str(r['run']) for r in rs}))} | {common.TALLREC_PUBLISHED[domain].get(shots, '')} | "
                  f"{goal} |")
   return "\n".join(lines) + "\n"
 

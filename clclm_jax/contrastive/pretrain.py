@@ -152,7 +152,7 @@ def train(cfg: ml_collections.ConfigDict, data: sequences.SequenceData) -> dict[
     sums = jax.device_get(sums)
     epoch_times.append(time.time() - t0)
     record = {"epoch": epoch, "seconds": epoch_times[-1],
-              **{k: float(np.mean([s[k] for s in sums])) for k in ("loss", "ce", "cl", "cl_dropout", "cl_same")}}
+              **{k: float(np.mean([s[k] for s in sums])) for k in sums[0] if k != "targets"}}
     if epoch % cfg.eval_every == 0:
       valid = evaluate(rank_fn, state, data, "valid", cfg)
       record.update({f"valid/{k}": v for k, v in valid.items()})
