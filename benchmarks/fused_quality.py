@@ -247,7 +247,8 @@ def markdown(result: dict) -> str:
     lines.append(f"| {domain} | {test} | {shots or '-'} | {variant} | {key[3]}+{key[4]} | "
                  f"{statistics.mean(aucs):.2f}{spread} | "
                  f"{','.join(str(r['seed']) for r in rs if r['seed'] is not None) or '-'} | {pool} | {minutes:.1f} | "
-                 f"{','.join(sorted({str(r['run']) for r in rs}))} | {common.TALLREC_PUBLISHED[domain].get(shots, '')} | "
+                 f"{','.join(sorted({str(r['run']) for r in rs}))} | "
+                 f"{common.TALLREC_PUBLISHED[domain].get(shots, '')} | "
                  f"{goal} |")
   return "\n".join(lines) + "\n"
 
