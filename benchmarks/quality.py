@@ -207,8 +207,9 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
         (m, ABLATION_MARKERS[i], f"C{(i + 4) % 10}") for i, m in enumerate(ablations)]
     for method, marker, color in styles:
       curves = _by_shots(rows, method)
-      # The curve with the most shot counts, then the most seeds, is drawn filled and solid.
-      main = max(curves, key=lambda k: (len(curves[k]), sum(p[3] for p in curves[k])), default=None)
+      # Filled and solid: a whole-test-set curve before subset ones, then the most shot counts, then seeds.
+      main = max(curves, key=lambda k: (k.startswith("full"), len(curves[k]), sum(p[3] for p in curves[k])),
+                 default=None)
       for label, pts in curves.items():
         shots, mean, std, _ = zip(*pts)
         ax.errorbar(shots, mean, yerr=std if any(std) else None, fmt=marker, color=color, capsize=3,
