@@ -20,6 +20,11 @@ FUSED_GOALS = {"movie": {16: 74, 64: 75, 256: 77}, "book": {16: 71, 64: 72, 256:
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft", "numpy")
 
 
+def mean_std(values: list[float]) -> str:
+  """'mean ± std' over seeds, 2 decimals (the mean alone for one seed)."""
+  return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
 def loadavg() -> list[float]:
   """1/5/15-minute load averages (other processes sharing the cores skew timings)."""
   try:

@@ -237,7 +237,6 @@ def markdown(result: dict) -> str:
   for key in sorted(groups, key=order):
     rs = groups[key]
     aucs = [r["auc"] for r in rs]
-    spread = f" ± {statistics.stdev(aucs):.2f}" if len(aucs) > 1 else ""
     domain, shots, variant = key[:3]
     minutes = statistics.mean(r["train_s"] + r["score_s"] for r in rs) / 60
     goal = common.FUSED_GOALS[domain].get(shots, "") if variant == "fused" else ""
@@ -245,7 +244,7 @@ def markdown(result: dict) -> str:
     pool = f"{statistics.mean(pool):.1f}" if len(pool) == len(rs) else ""
     test = "all" if rs[0]["test_size"] == rs[0]["test_total"] else f"{rs[0]['test_size']}/{rs[0]['test_total']}"
     lines.append(f"| {domain} | {test} | {shots or '-'} | {variant} | {key[3]}+{key[4]} | "
-                 f"{statistics.mean(aucs):.2f}{spread} | "
+                 f"{common.mean_std(aucs)} | "
                  f"{','.join(str(r['seed']) for r in rs if r['seed'] is not None) or '-'} | {pool} | {minutes:.1f} | "
                  f"{','.join(sorted({str(r['run']) for r in rs}))} | "
                  f"{common.TALLREC_PUBLISHED[domain].get(shots, '')} | "

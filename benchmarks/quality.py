@@ -110,7 +110,6 @@ def auc_table(rows_in: list[dict[str, Any]]) -> str:
   for key in sorted(groups, key=lambda k: (k[0], order[k[1]], k[2], k[3], k[4] or 0)):
     rs = groups[key]
     aucs = [100 * r["auc"] for r in rs]
-    spread = f" ± {statistics.stdev(aucs):.2f}" if len(aucs) > 1 else ""
     seeds = ",".join(str(r["seed"]) for r in rs if r["seed"] is not None) or "-"
     notes = ""
     if "run" in rs[0]:
@@ -118,7 +117,7 @@ def auc_table(rows_in: list[dict[str, Any]]) -> str:
       runs = ",".join(sorted({str(r["run"]) for r in rs}))
       notes = f"{minutes:.1f} min per seed (train + score), fused_quality run {runs}"
     rows.append([key[0], NAMES[key[1]], key[2] or "-", key[3] or "-", seeds, test_label(rs[0]),
-                 f"{statistics.mean(aucs):.2f}{spread}", notes])
+                 common.mean_std(aucs), notes])
   return common.markdown_table(["domain", "method", "shots", "steps", "seeds", "test set", "AUC x100", "notes"],
                                rows)
 
@@ -139,7 +138,7 @@ def goal_table(rows_in: list[dict[str, Any]]) -> str:
         aucs = [100 * r["auc"] for r in groups[key]]
         gap = statistics.mean(aucs) - goal
         rows.append([domain, shots, goal, common.TALLREC_PUBLISHED[domain][shots], test_label(groups[key][0]),
-                     key[4], f"{statistics.mean(aucs):.2f} ± {statistics.stdev(aucs):.2f}",
+                     key[4], common.mean_std(aucs),
                      f"{gap:+.2f} ({'met' if gap >= 0 else 'missed'})"])
   return common.markdown_table(["domain", "shots", "goal", "TALLRec 7B", "test set", "steps", "fused, mean of seeds",
                                 "vs goal"], rows)
