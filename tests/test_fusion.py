@@ -43,9 +43,10 @@ def _spec(k: int = K) -> joint.PromptSpec:
   return joint.PromptSpec("movie", PH, PH_ID, num_soft_tokens=k, cutoff_len=1024, history_len=6, view_len=64)
 
 
-def _model(dropout: float = 0.0, encoder_dropout: float = 0.0, prompt_dropout: bool = True) -> FusedRec:
+def _model(dropout: float = 0.0, encoder_dropout: float = 0.0, prompt_dropout: bool = True, **fusion) -> FusedRec:
   cfg = FusionConfig(num_items=20, placeholder_id=PH_ID, num_soft_tokens=K, encoder_hidden=16,
-                     projector_hidden=32, encoder_dropout=encoder_dropout, max_len=6, prompt_dropout=prompt_dropout)
+                     projector_hidden=32, encoder_dropout=encoder_dropout, max_len=7, prompt_dropout=prompt_dropout,
+                     **fusion)
   return FusedRec(train_helpers.tiny_model(dropout=dropout), cfg, rngs=nnx.Rngs(3))
 
 
@@ -158,6 +159,33 @@ def test_losses_finite_and_switching_off_removes_term():
     np.testing.assert_allclose(m["loss"], m["loss/fused_lm"] + 0.1 * (m["loss/seq_cl"] + m["loss/align_cl"]),
                                rtol=1e-5)
   assert not np.array_equal(np.asarray(model.projector.up_proj.kernel[...]), before)
+
+
+def test_hint_kd_is_the_answer_cross_entropy_against_the_fixed_encoder_hint():
+  yes_no = (7 + ord("Y"), 7 + ord("N"))
+  model = _model(encoder_dropout=0.3, target_aware=True, answer_hint=yes_no, hint_scale=2.0)
+  for _, lin in model.llm.projections():
+    if lin.lora_b is not None:
+      lin.lora_b.set_value(jnp.full(lin.lora_b.shape, 0.01))
+  b = _batch(views=False)
+  p_yes = np.asarray(joint.yes_probability(model, b, *yes_no))
+  z, _ = model.encode_history(b["history_ids"], b["history_feedback"], b["target_ids"])
+  hint = 1 / (1 + np.exp(-2.0 * np.asarray(model.like_logit(z), np.float64)))
+  want = -np.mean(hint * np.log(p_yes) + (1 - hint) * np.log(1 - p_yes))
+  np.testing.assert_allclose(joint.hint_kd_loss(model, b, None), want, rtol=1e-5)
+  norms, _ = _grads(model, b, ("hint_kd",))
+  assert {k for k, v in norms.items() if v > 0} == {"lora_b", "projector", "encoder", "feedback"}
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def fixed_target(p):  # the hint as a constant: the encoder gets gradient only through the prompt's soft tokens
+    q = joint.yes_probability(nnx.merge(graphdef, p, rest), b, *yes_no)
+    return -jnp.mean(hint * jnp.log(q) + (1 - hint) * jnp.log(1 - q))
+
+  got = jax.grad(lambda p: joint.hint_kd_loss(nnx.merge(graphdef, p, rest), b, None))(params)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(jax.grad(fixed_target)(params))):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+  with pytest.raises(ValueError, match="answer_hint"):
+    joint.hint_kd_loss(_model(), b, None)
 
 
 def test_target_ce_equals_the_full_logits_ce():

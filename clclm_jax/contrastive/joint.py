@@ -5,7 +5,8 @@ Losses, each weighted by `config.loss_weights[name]` and off when absent:
   `fused_lm`  the same on the fused prompt (soft tokens at the placeholders);
   `seq_cl`    InfoNCE between two augmented views (data/augment.py) of the history through the encoder;
   `text_cl`   InfoNCE between the LLM's mean-pooled states of two text views (data/textviews.py);
-  `align_cl`  CALRec-style InfoNCE between the LLM's pooled history span and the encoder's user state.
+  `align_cl`  CALRec-style InfoNCE between the LLM's pooled history span and the encoder's user state;
+  `hint_kd`   cross-entropy of the fused prompt's (Yes, No) answer against the encoder's P(like) (distillation).
 Stage 1 trains `text_lm` on text-only prompts; stage 2 the others on fused prompts.
 """
 
@@ -241,6 +242,22 @@ def align_cl_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Arra
   v_be = model.align_proj(_masked_mean(h_btd, batch["history_mask"]))
   z_be, _ = model.encode_history(batch["history_ids"], batch["history_feedback"], dropout_key=enc_key)
   return losses.info_nce(v_be, z_be, temperature=model.config.align_temperature, similarity="cosine")
+
+
+@register_loss("hint_kd")
+def hint_kd_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
+  """Cross-entropy of the fused prompt's softmax over the (Yes, No) logits against the encoder's P(like)
+  (the answer hint's p, held fixed and without dropout): distils the encoder's ranking into the answer."""
+  c = model.config
+  if c.answer_hint is None:
+    raise ValueError("the hint_kd loss needs FusionConfig.answer_hint (the (Yes, No) token ids)")
+  h_bd = model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"],
+                             history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"],
+                             target_ids_b=batch["target_ids"], dropout_key=key, rows_b=batch["answer_index"])
+  logp_b2 = jax.nn.log_softmax(model.lm_logits(h_bd)[:, jnp.asarray(c.answer_hint)].astype(jnp.float32), axis=-1)
+  z_be, _ = model.encode_history(batch["history_ids"], batch["history_feedback"], batch["target_ids"])
+  p_b = jax.lax.stop_gradient(jax.nn.sigmoid(c.hint_scale * model.like_logit(z_be)))
+  return -jnp.mean(p_b * logp_b2[:, 0] + (1 - p_b) * logp_b2[:, 1])
 
 
 # --- Scoring and training --------------------------------------------------------------------------
