@@ -6,7 +6,7 @@ no LLM). Per (domain, shots, seed): text-only LoRA (stage 1, TALLRec-style promp
 the stage-1 weights: soft tokens + the config's joint losses); fused with one part removed
 (`fused-seq_cl`, `fused-text_cl`, `fused-pretrain`: encoder from scratch, `fused-hint`: no answer-hint
 token, `fused-prompt_dropout`: no encoder dropout under the soft tokens in stage 2) or added (`fused+align_cl`,
-`fused+sharp_hint`: the hint's P(like) from 3 x the encoder's logit,
+`fused+sharp_hint`: the hint's P(like) from `common.SHARP_HINT_SCALE` (3) x the encoder's logit,
 `fused+history_targets`: stage 2 also trains on 4 masked-item prompts per few-shot prompt, whose target
 is one of its history items, `fused+hint_kd`: stage 2 also distils the encoder's P(like) into the answer);
 the `FUSED` table below says what each changes.
@@ -62,7 +62,7 @@ FUSED = {
     "fused-hint": Ablation(fusion={"answer_hint": None}),
     "fused-prompt_dropout": Ablation(fusion={"prompt_dropout": False}),
     "fused+align_cl": Ablation(loss_weights={"align_cl": 0.1}),
-    "fused+sharp_hint": Ablation(fusion={"hint_scale": 3.0}),
+    "fused+sharp_hint": Ablation(fusion={"hint_scale": common.SHARP_HINT_SCALE}),
     "fused+history_targets": Ablation(history_targets=4),
     "fused+hint_kd": Ablation(loss_weights={"hint_kd": 1.0}),
 }

@@ -33,7 +33,7 @@ NAMES = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "his
          "fused-pretrain": "ours, fused - encoder pretraining", "fused-hint": "ours, fused - answer hint",
          "fused-prompt_dropout": "ours, fused - encoder dropout under the soft tokens",
          "fused+align_cl": "ours, fused + align_cl", "fused+history_targets": "ours, fused + history targets",
-         "fused+sharp_hint": "ours, fused + hint from 3 x the encoder's logit",
+         "fused+sharp_hint": f"ours, fused + hint from {common.SHARP_HINT_SCALE:g} x the encoder's logit",
          "fused+hint_kd": "ours, fused + hint distillation (hint_kd)"}
 ABLATION_MARKERS = "v^x*hPXpD"  # one per fused ablation, in NAMES order
 FUSED_DEFAULT = ROOT / "benchmarks" / "results" / "fused_quality" / "results.json"
