@@ -31,7 +31,7 @@ def fused_overrides(c: ConfigDict) -> ConfigDict:
     # as the label (data/fewshot.py; the auxiliary-task idea); 0: off.
     c.stage1 = ConfigDict(dict(steps=16, history_targets=0, loss_weights=ConfigDict({"text_lm": 1.0})))
     c.stage2 = ConfigDict(dict(steps=16, history_targets=0, loss_weights=ConfigDict(
-        {"fused_lm": 1.0, "seq_cl": 0.1, "text_cl": 0.1, "align_cl": 0.0})))  # weight 0: the term is off
+        {"fused_lm": 1.0, "seq_cl": 0.1, "text_cl": 0.1, "align_cl": 0.0, "hint_kd": 0.0})))  # weight 0: off
   return c
 
 
