@@ -226,7 +226,7 @@ def markdown(result: dict) -> str:
             "sees 64 of them); minutes are wall clock on the shared machine, XLA compiles included",
             "- runs (the `run` column):"]
   lines += [f"  {i}. `{run['command']}` ({run['wall_s'] / 60:.1f} min, load {run['loadavg_before'][0]:.1f})"
-            for i, run in enumerate(runs)]
+            + (f", stopped early by {run['stopped']}" if "stopped" in run else "") for i, run in enumerate(runs)]
   lines += ["- `pool enc.`: the pretrained encoder's AUC on the cell's few-shot training prompts (how far the hint "
             "agrees with the labels stage 2 learns from), mean over seeds", "",
             "| domain | test | shots | variant | steps | AUC x100 | seeds | pool enc. | train + score min per seed | "
@@ -295,9 +295,9 @@ def main(argv: list[str] | None = None) -> dict:
   log(f"run {run}: {command(argv)} (XLA cache {cache})")
   rows, meta, t0, load = [], dict(previous["meta"]), time.time(), common.loadavg()
 
-  def save() -> dict:
+  def save(stopped: str | None = None) -> dict:
     runs = previous["runs"] + [{"command": command(argv), "wall_s": time.time() - t0, "loadavg_before": load,
-                                "loadavg_after": common.loadavg()}]
+                                "loadavg_after": common.loadavg()} | ({"stopped": stopped} if stopped else {})]
     result = {"machine": common.machine(), "runs": runs, "meta": meta, "rows": merge_rows(previous["rows"], rows)}
     common.write_json(out / "results.json", result)
     common.write_text(out / "results.md", markdown(result))
@@ -307,8 +307,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append(row)
     save()
 
-  for domain in args.domains:
-    run_domain(domain, args, log, previous["rows"], run, meta, emit)
+  try:
+    for domain in args.domains:
+      run_domain(domain, args, log, previous["rows"], run, meta, emit)
+  except BaseException as e:  # the rows measured so far stay, and the run says why it has no more
+    stopped = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:200]
+    log(f"run {run} stopped: {stopped}")
+    save(stopped)
+    raise
   result = save()
   print(markdown(result))
   return result

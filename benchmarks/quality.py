@@ -82,7 +82,8 @@ def fused_rows(fused: dict[str, Any], domains: list[str]) -> list[dict[str, Any]
                  "subset": subset, "subset_seed": r["test_seed"] if subset else None, "auc": r["auc"] / 100,
                  "steps": f"{r['stage1_steps']}+{r['stage2_steps']}", "batch_size": r["batch_size"],
                  "train_s": r["train_s"], "score_s": r["score_s"], "run": r["run"],
-                 "command": fused["runs"][r["run"]]["command"]})
+                 "command": fused["runs"][r["run"]]["command"]}
+                | {k: v for k, v in fused["runs"][r["run"]].items() if k == "stopped"})
   return rows
 
 
@@ -147,8 +148,8 @@ def goal_table(rows_in: list[dict[str, Any]]) -> str:
 
 def sources(result: dict[str, Any]) -> list[str]:
   """The commands behind the model rows, by fused_quality run number."""
-  runs = sorted({(r["run"], r["command"]) for r in result["rows"] if "run" in r})
-  return [f"- fused_quality run {i}: `{cmd}`" for i, cmd in runs]
+  runs = sorted({(r["run"], r["command"], r.get("stopped", "")) for r in result["rows"] if "run" in r})
+  return [f"- fused_quality run {i}: `{cmd}`" + (f" (stopped early by {why})" if why else "") for i, cmd, why in runs]
 
 
 def markdown(result: dict[str, Any]) -> str:

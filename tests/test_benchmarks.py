@@ -105,13 +105,31 @@ def test_fused_quality_merge_and_markdown(tmp_path):
   whole = {**result["rows"][2], "test_size": 1000, "auc": 75.0}
   result["rows"].append(whole)
   result["meta"][fused_quality.meta_key("movie", 1000, 1000)] = {**result["meta"]["movie"], "test_size": 1000}
+  result["runs"][0]["stopped"] = "MemoryError: out of memory"
   text = fused_quality.markdown(result)
+  assert "--seeds 0` (1.0 min, load 1.0), stopped early by MemoryError: out of memory" in text
   assert "A slice, not the full protocol" in text and "- movie: test subset 16 of 1000" in text
   assert "- movie, whole test set: all 1000 test prompts" in text
   assert "| movie | 16/1000 | 16 | fused | 2+2 | 71.00 ± 1.41 | 0,1 |" in text
   assert "| movie | all | 16 | fused | 2+2 | 75.00 | 0 |" in text
   assert "| movie | 16/1000 | - | zero_shot | 0+0 | 50.00 | - |" in text
   assert "`python benchmarks/fused_quality.py --seeds 1`" in text
+
+
+def test_fused_quality_keeps_rows_and_says_why_a_run_stopped(tmp_path, monkeypatch):
+  def run_domain(domain, args, log, previous, run, meta, emit):
+    emit({"domain": domain, "variant": "zero_shot", "shots": 0, "seed": None, "test_size": 16, "test_seed": 0,
+          "stage1_steps": 0, "stage2_steps": 0, "auc": 55.0})
+    raise MemoryError("Out of memory allocating 27395597440 bytes.\nmore")
+
+  monkeypatch.setattr(fused_quality, "run_domain", run_domain)
+  monkeypatch.setattr(fused_quality, "markdown", lambda result: "")
+  with pytest.raises(MemoryError):
+    fused_quality.main(["--domains", "movie", "--out", str(tmp_path)])
+  result = json.loads((tmp_path / "results.json").read_text())
+  assert [r["auc"] for r in result["rows"]] == [55.0]
+  assert result["runs"][-1]["stopped"] == "MemoryError: Out of memory allocating 27395597440 bytes."
+  assert "run 0 stopped: MemoryError" in (tmp_path / "log.txt").read_text()
 
 
 def test_fused_ablations_name_real_loss_terms_and_fusion_fields():
@@ -138,6 +156,9 @@ def test_compilation_cache_goes_to_clclm_cache(tmp_path, monkeypatch):
 def test_quality_reads_the_fused_results(tmp_path, data_root):
   del data_root
   fused = _fused_results(tmp_path)
+  data = json.loads(fused.read_text())
+  data["runs"][1]["stopped"] = "MemoryError: out of memory"
+  fused.write_text(json.dumps(data))
   result = quality.main(["--out", str(tmp_path), "--fused", str(fused), "--domains", "movie"])
   rows = {(r["method"], r["test_n"], r["seed"]): r for r in result["rows"]}
   assert rows[("heuristic", 1000, None)]["auc"] == pytest.approx(0.726, abs=5e-4)  # methods.md: 72.6 on movie.
@@ -148,7 +169,8 @@ def test_quality_reads_the_fused_results(tmp_path, data_root):
   assert rows[("zero_shot", 16, None)]["shots"] == 0
   assert len([r for r in result["rows"] if r["method"] == "tallrec_published"]) == 3
   text = (tmp_path / "quality.md").read_text()
-  assert "SUBSET 16/1000" in text and "`python benchmarks/fused_quality.py --seeds 1`" in text
+  assert "SUBSET 16/1000" in text and "`python benchmarks/fused_quality.py --seeds 0`\n" in text
+  assert "`python benchmarks/fused_quality.py --seeds 1` (stopped early by MemoryError: out of memory)" in text
   assert "| movie | ours, fused (CLCLMRec) | 16 | 2+2 | 0,1 | SUBSET 16/1000 (seed 0) | 71.00 ± 1.41 |" in text
   assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
 

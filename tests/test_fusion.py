@@ -44,6 +44,7 @@ def _spec(k: int = K) -> joint.PromptSpec:
 
 
 def _model(dropout: float = 0.0, encoder_dropout: float = 0.0, prompt_dropout: bool = True, **fusion) -> FusedRec:
+  """max_len 7: a history of 6 and, for target-aware encoders, the target."""
   cfg = FusionConfig(num_items=20, placeholder_id=PH_ID, num_soft_tokens=K, encoder_hidden=16,
                      projector_hidden=32, encoder_dropout=encoder_dropout, max_len=7, prompt_dropout=prompt_dropout,
                      **fusion)
