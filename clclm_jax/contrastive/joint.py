@@ -198,12 +198,17 @@ def text_lm_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array
   return _target_ce(model, h_btd, batch)
 
 
+def fused_hidden(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array | None = None, **kw) -> jax.Array:
+  """`model.hidden_states` of the batch's fused prompt (soft tokens from its history, likes and target)."""
+  return model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"],
+                             history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"],
+                             target_ids_b=batch["target_ids"], dropout_key=key, **kw)
+
+
 @register_loss("fused_lm")
 def fused_lm_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
   """Next-token CE of the fused prompt (placeholders hold the soft tokens)."""
-  h_btd = model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"],
-                              history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"],
-                              target_ids_b=batch["target_ids"], dropout_key=key)
+  h_btd = fused_hidden(model, batch, key)
   return _target_ce(model, h_btd, batch)
 
 
@@ -251,9 +256,7 @@ def hint_kd_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array
   c = model.config
   if c.answer_hint is None:
     raise ValueError("the hint_kd loss needs FusionConfig.answer_hint (the (Yes, No) token ids)")
-  h_bd = model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"],
-                             history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"],
-                             target_ids_b=batch["target_ids"], dropout_key=key, rows_b=batch["answer_index"])
+  h_bd = fused_hidden(model, batch, key, rows_b=batch["answer_index"])
   logp_b2 = jax.nn.log_softmax(model.lm_logits(h_bd)[:, jnp.asarray(c.answer_hint)].astype(jnp.float32), axis=-1)
   z_be, _ = model.encode_history(batch["history_ids"], batch["history_feedback"], batch["target_ids"])
   p_b = jax.lax.stop_gradient(jax.nn.sigmoid(c.hint_scale * model.like_logit(z_be)))
@@ -266,9 +269,7 @@ def yes_probability(model: FusedRec, batch: Mapping[str, jax.Array], yes_id: int
                     prefix_kv=None) -> jax.Array:
   """P(Yes) from the (Yes, No) logits at `answer_index`, soft tokens placed when the prompt has slots;
   with `prefix_kv` the batch holds only the tokens after the cached shared prefix."""
-  h_bd = model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"],
-                             history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"],
-                             target_ids_b=batch["target_ids"], prefix_kv=prefix_kv, rows_b=batch["answer_index"])
+  h_bd = fused_hidden(model, batch, prefix_kv=prefix_kv, rows_b=batch["answer_index"])
   return evaluate.yes_share(model, h_bd, yes_id, no_id)
 
 
