@@ -116,7 +116,7 @@ def _grads(model: FusedRec, b, names):
 
   def total(p):
     m = nnx.merge(graphdef, p, frozen)
-    return sum(step_lib.LOSSES[n](m, b, jax.random.key(i)) for i, n in enumerate(names))
+    return sum(step_lib.loss_terms(m, b, jax.random.key(0), names).values())
 
   norms = {"lora_b": 0.0, "projector": 0.0, "encoder": 0.0, "align": 0.0, "feedback": 0.0}
   for path, g in jax.tree_util.tree_leaves_with_path(jax.grad(total)(params)):
@@ -162,6 +162,10 @@ def test_losses_finite_and_switching_off_removes_term():
   assert not np.array_equal(np.asarray(model.projector.up_proj.kernel[...]), before)
 
 
+def _hint_kd(model: FusedRec, b) -> jax.Array:
+  return step_lib.loss_terms(model, b, None, ["hint_kd"])["hint_kd"]
+
+
 def test_hint_kd_is_the_answer_cross_entropy_against_the_fixed_encoder_hint():
   yes_no = (7 + ord("Y"), 7 + ord("N"))
   model = _model(encoder_dropout=0.3, target_aware=True, answer_hint=yes_no, hint_scale=2.0)
@@ -173,7 +177,7 @@ def test_hint_kd_is_the_answer_cross_entropy_against_the_fixed_encoder_hint():
   z, _ = model.encode_history(b["history_ids"], b["history_feedback"], b["target_ids"])
   hint = 1 / (1 + np.exp(-2.0 * np.asarray(model.like_logit(z), np.float64)))
   want = -np.mean(hint * np.log(p_yes) + (1 - hint) * np.log(1 - p_yes))
-  np.testing.assert_allclose(joint.hint_kd_loss(model, b, None), want, rtol=1e-5)
+  np.testing.assert_allclose(_hint_kd(model, b), want, rtol=1e-5)
   norms, _ = _grads(model, b, ("hint_kd",))
   assert {k for k, v in norms.items() if v > 0} == {"lora_b", "projector", "encoder", "feedback"}
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -182,11 +186,24 @@ def test_hint_kd_is_the_answer_cross_entropy_against_the_fixed_encoder_hint():
     q = joint.yes_probability(nnx.merge(graphdef, p, rest), b, *yes_no)
     return -jnp.mean(hint * jnp.log(q) + (1 - hint) * jnp.log(1 - q))
 
-  got = jax.grad(lambda p: joint.hint_kd_loss(nnx.merge(graphdef, p, rest), b, None))(params)
+  got = jax.grad(lambda p: _hint_kd(nnx.merge(graphdef, p, rest), b))(params)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(jax.grad(fixed_target)(params))):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
   with pytest.raises(ValueError, match="answer_hint"):
-    joint.hint_kd_loss(_model(), b, None)
+    _hint_kd(_model(), b)
+
+
+def test_fused_lm_and_hint_kd_share_one_forward(monkeypatch):
+  model = _model(dropout=0.1, encoder_dropout=0.3, answer_hint=(7 + ord("Y"), 7 + ord("N")), target_aware=True)
+  b, key = _batch(views=False), jax.random.key(3)
+  alone = {n: step_lib.loss_terms(model, b, key, [n])[n] for n in ("fused_lm", "hint_kd")}
+  calls = []
+  forward = joint.fused_hidden
+  monkeypatch.setattr(joint, "fused_hidden", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+  both = step_lib.loss_terms(model, b, key, ["hint_kd", "fused_lm", "seq_cl"])
+  assert len(calls) == 1 and set(both) == {"fused_lm", "hint_kd", "seq_cl"}
+  for n, v in alone.items():  # same dropout draw: the pair takes the key of its first name, as each alone
+    np.testing.assert_allclose(both[n], v, rtol=1e-6)
 
 
 def test_target_ce_equals_the_full_logits_ce():
@@ -204,7 +221,7 @@ def test_target_ce_equals_the_full_logits_ce():
                      history_ids_bl=fused["history_ids"], feedback_bl=fused["history_feedback"])
   ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], fused["tokens"][:, 1:])
   w_bt = fused["loss_mask"][:, 1:]
-  np.testing.assert_allclose(step_lib.LOSSES["fused_lm"](model, fused, key), (ce_bt * w_bt).sum() / w_bt.sum(),
+  np.testing.assert_allclose(step_lib.loss_terms(model, fused, key, ["fused_lm"])["fused_lm"], (ce_bt * w_bt).sum() / w_bt.sum(),
                              rtol=1e-5)
 
 

@@ -29,6 +29,7 @@ from clclm_jax.contrastive.fusion import FEEDBACK_BITS, FusedRec
 from clclm_jax.data import augment, pipeline, prompts, textviews, tokenize
 from clclm_jax.data.errors import DataError
 from clclm_jax.data.records import Catalogue, Interaction
+from clclm_jax.model.llama import take_rows
 from clclm_jax.train import evaluate, sharding, state as state_lib, step as step_lib
 from clclm_jax.train.step import register_loss
 
@@ -205,11 +206,24 @@ def fused_hidden(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array
                              target_ids_b=batch["target_ids"], dropout_key=key, **kw)
 
 
-@register_loss("fused_lm")
-def fused_lm_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
-  """Next-token CE of the fused prompt (placeholders hold the soft tokens)."""
+@register_loss("fused_lm", "hint_kd")
+def fused_losses(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array,
+                 names: Sequence[str]) -> dict[str, jax.Array]:
+  """The fused prompt's terms from one forward: `fused_lm` (its next-token CE) and `hint_kd` (CE of its
+  softmax over the (Yes, No) logits against the encoder's P(like), the answer hint's p held fixed and
+  without dropout: distils the encoder's ranking into the answer)."""
+  c = model.config
+  if "hint_kd" in names and c.answer_hint is None:
+    raise ValueError("the hint_kd loss needs FusionConfig.answer_hint (the (Yes, No) token ids)")
   h_btd = fused_hidden(model, batch, key)
-  return _target_ce(model, h_btd, batch)
+  terms = {"fused_lm": _target_ce(model, h_btd, batch)} if "fused_lm" in names else {}
+  if "hint_kd" in names:
+    h_bd = take_rows(h_btd, batch["answer_index"])[:, 0]
+    logp_b2 = jax.nn.log_softmax(model.lm_logits(h_bd)[:, jnp.asarray(c.answer_hint)].astype(jnp.float32), -1)
+    z_be, _ = model.encode_history(batch["history_ids"], batch["history_feedback"], batch["target_ids"])
+    p_b = jax.lax.stop_gradient(jax.nn.sigmoid(c.hint_scale * model.like_logit(z_be)))
+    terms["hint_kd"] = -jnp.mean(p_b * logp_b2[:, 0] + (1 - p_b) * logp_b2[:, 1])
+  return terms
 
 
 @register_loss("seq_cl")
@@ -247,20 +261,6 @@ def align_cl_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Arra
   v_be = model.align_proj(_masked_mean(h_btd, batch["history_mask"]))
   z_be, _ = model.encode_history(batch["history_ids"], batch["history_feedback"], dropout_key=enc_key)
   return losses.info_nce(v_be, z_be, temperature=model.config.align_temperature, similarity="cosine")
-
-
-@register_loss("hint_kd")
-def hint_kd_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
-  """Cross-entropy of the fused prompt's softmax over the (Yes, No) logits against the encoder's P(like)
-  (the answer hint's p, held fixed and without dropout): distils the encoder's ranking into the answer."""
-  c = model.config
-  if c.answer_hint is None:
-    raise ValueError("the hint_kd loss needs FusionConfig.answer_hint (the (Yes, No) token ids)")
-  h_bd = fused_hidden(model, batch, key, rows_b=batch["answer_index"])
-  logp_b2 = jax.nn.log_softmax(model.lm_logits(h_bd)[:, jnp.asarray(c.answer_hint)].astype(jnp.float32), axis=-1)
-  z_be, _ = model.encode_history(batch["history_ids"], batch["history_feedback"], batch["target_ids"])
-  p_b = jax.lax.stop_gradient(jax.nn.sigmoid(c.hint_scale * model.like_logit(z_be)))
-  return -jnp.mean(p_b * logp_b2[:, 0] + (1 - p_b) * logp_b2[:, 1])
 
 
 # --- Scoring and training --------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A pure train step over the trainable state; losses are looked up by name in a small registry."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import functools
 
 import jax
@@ -12,18 +12,36 @@ from jax.sharding import Mesh
 from clclm_jax.train import sharding
 from clclm_jax.train.state import TrainState
 
-LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], jax.Array]
+LossFn = Callable[..., jax.Array | dict[str, jax.Array]]
 LOSSES: dict[str, LossFn] = {}
+SHARED: dict[str, tuple[str, ...]] = {}  # name -> every name its function computes
 
 
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-  """Adds `fn(model, batch, key) -> scalar` to the registry under `name`."""
+def register_loss(*names: str) -> Callable[[LossFn], LossFn]:
+  """Adds `fn(model, batch, key) -> scalar` to the registry under one name; under several names,
+  `fn(model, batch, key, names) -> {name: scalar}` computes the asked terms together (one shared forward)."""
   def add(fn: LossFn) -> LossFn:
-    if name in LOSSES:
-      raise ValueError(f"loss {name!r} is already registered")
-    LOSSES[name] = fn
+    for name in names:
+      if name in LOSSES:
+        raise ValueError(f"loss {name!r} is already registered")
+      LOSSES[name], SHARED[name] = fn, names
     return fn
   return add
+
+
+def loss_terms(model: nnx.Module, batch: Mapping[str, jax.Array], key: jax.Array,
+               names: Sequence[str]) -> dict[str, jax.Array]:
+  """{name: loss} for `names` (no dropout when `key` is None); a function registered under several runs once."""
+  names, terms = sorted(names), {}
+  for i, name in enumerate(names):
+    if name in terms:
+      continue
+    fn, k = LOSSES[name], None if key is None else jax.random.fold_in(key, i)
+    if len(SHARED[name]) == 1:
+      terms[name] = fn(model, batch, k)
+    else:
+      terms.update(fn(model, batch, k, tuple(n for n in names if n in SHARED[name])))
+  return terms
 
 
 def attention_mask(batch: Mapping[str, jax.Array]) -> jax.Array | None:
@@ -43,8 +61,7 @@ def lm_loss(model: nnx.Module, batch: Mapping[str, jax.Array], key: jax.Array) -
 
 def _loss_terms(params, frozen, micro, key, *, graphdef, loss_weights):
   model = nnx.merge(graphdef, params, frozen)
-  terms = {name: LOSSES[name](model, micro, jax.random.fold_in(key, i))
-           for i, name in enumerate(sorted(loss_weights))}
+  terms = loss_terms(model, micro, key, list(loss_weights))
   total = sum(loss_weights[name] * terms[name] for name in terms)
   return total, terms
 
