@@ -169,7 +169,8 @@ def markdown(result: dict[str, Any]) -> str:
               *sources(result), ""]
   lines += [f"Heuristic rows and these tables: `python benchmarks/quality.py` on "
             f"{common.machine_line(result['machine'])}.", "",
-            "Goals (`fused` and its `fused+...` additions, each with 3 or more seeds):", "", goal_table(result["rows"]), "",
+            "Goals (`fused` and its `fused+...` additions, each with 3 or more seeds):", "",
+            goal_table(result["rows"]), "",
             "All rows:", "", auc_table(result["rows"]), ""]
   return "\n".join(lines) + "\n"
 

@@ -51,7 +51,8 @@ def quality_section(result: dict) -> list[str]:
            "SUBSET rows score a seeded subset of the test set (the CPU cannot run the whole grid); "
            "they are not directly comparable with full-test rows. Details: "
            "[quality.md](benchmarks/results/quality.md).", "", "Issue 5's goals against every fused setting "
-           "(`fused` and its `fused+...` additions) run with 3 or more seeds:", "", goal_table(result["rows"]), "", "All rows:", "", auc_table(result["rows"]), ""]
+           "(`fused` and its `fused+...` additions) run with 3 or more seeds:", "", goal_table(result["rows"]), "",
+           "All rows:", "", auc_table(result["rows"]), ""]
   if sources(result):
     lines += sources(result) + [""]
   if (HERE / "results" / "quality.png").exists():

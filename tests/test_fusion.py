@@ -221,8 +221,8 @@ def test_target_ce_equals_the_full_logits_ce():
                      history_ids_bl=fused["history_ids"], feedback_bl=fused["history_feedback"])
   ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], fused["tokens"][:, 1:])
   w_bt = fused["loss_mask"][:, 1:]
-  np.testing.assert_allclose(step_lib.loss_terms(model, fused, key, ["fused_lm"])["fused_lm"], (ce_bt * w_bt).sum() / w_bt.sum(),
-                             rtol=1e-5)
+  got = step_lib.loss_terms(model, fused, key, ["fused_lm"])["fused_lm"]
+  np.testing.assert_allclose(got, (ce_bt * w_bt).sum() / w_bt.sum(), rtol=1e-5)
 
 
 def test_score_and_fit_reuse_their_compiled_functions():
