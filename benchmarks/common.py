@@ -26,6 +26,11 @@ def mean_std(values: list[float]) -> str:
   return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
+def stopped_note(why: str) -> str:
+  """How a fused_quality run that stopped before its end is described in every table that lists it."""
+  return f"stopped early by {why}"
+
+
 def loadavg() -> list[float]:
   """1/5/15-minute load averages (other processes sharing the cores skew timings)."""
   try:

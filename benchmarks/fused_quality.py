@@ -226,7 +226,7 @@ def markdown(result: dict) -> str:
             "sees 64 of them); minutes are wall clock on the shared machine, XLA compiles included",
             "- runs (the `run` column):"]
   lines += [f"  {i}. `{run['command']}` ({run['wall_s'] / 60:.1f} min, load {run['loadavg_before'][0]:.1f})"
-            + (f", stopped early by {run['stopped']}" if "stopped" in run else "") for i, run in enumerate(runs)]
+            + (f", {common.stopped_note(run['stopped'])}" if "stopped" in run else "") for i, run in enumerate(runs)]
   lines += ["- `pool enc.`: the pretrained encoder's AUC on the cell's few-shot training prompts (how far the hint "
             "agrees with the labels stage 2 learns from), mean over seeds", "",
             "| domain | test | shots | variant | steps | AUC x100 | seeds | pool enc. | train + score min per seed | "

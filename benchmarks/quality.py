@@ -151,7 +151,8 @@ def goal_table(rows_in: list[dict[str, Any]]) -> str:
 def sources(result: dict[str, Any]) -> list[str]:
   """The commands behind the model rows, by fused_quality run number."""
   runs = sorted({(r["run"], r["command"], r.get("stopped", "")) for r in result["rows"] if "run" in r})
-  return [f"- fused_quality run {i}: `{cmd}`" + (f" (stopped early by {why})" if why else "") for i, cmd, why in runs]
+  return [f"- fused_quality run {i}: `{cmd}`" + (f" ({common.stopped_note(why)})" if why else "")
+          for i, cmd, why in runs]
 
 
 def markdown(result: dict[str, Any]) -> str:
