@@ -31,6 +31,16 @@ def stopped_note(why: str) -> str:
   return f"stopped early by {why}"
 
 
+def encoder_test_rows(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, float]]]:
+  """(label, test metrics) for a pretraining summary: its own protocol, then the other one if measured."""
+  rows = [("ours, measured", summary["test"])]
+  if "test_history_excluded" in summary:
+    rows.append(("ours, history items excluded as in CoSeRec's code", summary["test_history_excluded"]))
+  if "test_history_kept" in summary:
+    rows.append(("ours, history items kept as in RecBole", summary["test_history_kept"]))
+  return rows
+
+
 def loadavg() -> list[float]:
   """1/5/15-minute load averages (other processes sharing the cores skew timings)."""
   try:

@@ -72,8 +72,9 @@ def pretrain_section(paths: list[pathlib.Path]) -> list[str]:
     r = json.loads(path.read_text())
     cmd = f"`{r['command']}`" if "command" in r else "not recorded (an older run)"
     details = f"[{path.with_suffix('.md').name}](benchmarks/results/{path.with_suffix('.md').name})"
-    rows.append([r["dataset"], "ours, measured", *(f"{r['test'][m]:.4f}" for m in METRICS),
-                 f"{cmd}; best epoch {r['best_epoch']}, {r['train_seconds'] / 60:.1f} min; {details}"])
+    notes = f"{cmd}; best epoch {r['best_epoch']}, {r['train_seconds'] / 60:.1f} min; {details}"
+    rows += [[r["dataset"], label, *(f"{test[m]:.4f}" for m in METRICS), notes if i == 0 else "same parameters"]
+             for i, (label, test) in enumerate(common.encoder_test_rows(r))]
     rows += [[r["dataset"], f"{name} (FEARec re-report)", "-", f"{ref['HR@10']:.4f}", "-", f"{ref['NDCG@10']:.4f}", ""]
              for name, ref in r.get("reference", {}).items()]
   return ["### Encoder pretraining", "",

@@ -99,6 +99,21 @@ def test_info_nce_matches_numpy_and_ignores_batch_order(similarity, tau):
   np.testing.assert_allclose(got, _nt_xent_numpy(z1, z2, tau, similarity == "cosine"), rtol=1e-5)
   perm = rng.permutation(6)
   np.testing.assert_allclose(losses.info_nce(z1[perm], z2[perm], temperature=tau, similarity=similarity), got, rtol=1e-6)
+  valid = np.asarray([True, False, True, True, False, True])  # invalid pairs are as if absent
+  np.testing.assert_allclose(losses.info_nce(z1, z2, temperature=tau, similarity=similarity, valid_n=valid),
+                             _nt_xent_numpy(z1[valid], z2[valid], tau, similarity == "cosine"), rtol=1e-5)
+
+
+def test_sample_positions_draws_real_positions_of_both_passes():
+  h1 = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
+  mask = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 0]], bool)  # 4 real positions
+  a, b, valid = pretrain.sample_positions(jax.random.key(0), h1, -h1, mask, 3)
+  np.testing.assert_array_equal(b, -a)  # the same positions of both passes
+  assert valid.all() and len({tuple(r) for r in np.asarray(a)}) == 3
+  real = {tuple(r) for r in np.asarray(h1)[np.asarray(mask)]}
+  assert {tuple(r) for r in np.asarray(a)} <= real
+  _, _, valid = pretrain.sample_positions(jax.random.key(1), h1, h1, mask, 6)  # more than the batch holds
+  assert int(valid.sum()) == 4
 
 
 def test_next_item_ce_matches_numpy_and_skips_padding():
@@ -257,6 +272,22 @@ def test_train_step_is_pure_jitted_and_learns(negatives, sampling, dropout_cl, s
                              + same_cl * aux["cl_same"], rtol=1e-6)
 
 
+def test_dropout_views_at_sampled_positions_train():
+  cfg, data = _tiny_config(), _tiny_data()
+  cfg.dropout_cl_weight, cfg.dropout_cl_positions, cfg.same_target_cl_weight = 0.1, 32, 0.0
+  tx = optax.adam(cfg.lr)
+  graphdef, state = pretrain.init_state(pretrain.build_model(cfg, data.vocab_size), tx, 0)
+  corr = jnp.zeros((data.vocab_size, 1), jnp.int32) + jnp.arange(data.vocab_size)[:, None]
+  step = pretrain.make_train_step(graphdef, tx, corr, cfg, data.mask_id)
+  batch = next(sequences.train_batches(data, 16, np.random.default_rng(0), buckets=(8,)))
+  state, first = step(state, batch)
+  for _ in range(40):
+    state, aux = step(state, batch)
+  assert float(aux["ce"]) < 0.5 * float(first["ce"])
+  assert all(0 < float(a["cl_dropout"]) < np.log(2 * 32 - 1) + 1e-3 for a in (first, aux))  # 32 pairs, finite
+  np.testing.assert_allclose(aux["loss"], aux["ce"] + 0.1 * aux["cl"] + 0.1 * aux["cl_dropout"], rtol=1e-6)
+
+
 @pytest.mark.parametrize("negatives", [0, 8])
 def test_train_summary_has_valid_and_test_metrics(negatives):
   cfg = _tiny_config()
@@ -267,3 +298,6 @@ def test_train_summary_has_valid_and_test_metrics(negatives):
     assert set(summary[part]) == {f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)}
     assert 0.0 <= summary[part]["NDCG@10"] <= summary[part]["HR@10"] <= 1.0
   assert summary["test"]["HR@10"] > 0.5  # the cycle is easy: far above chance (10/20)
+  other = summary["test_history_excluded"]  # the same parameters with the input's items out of the ranking
+  assert all(other[m] >= summary["test"][m] for m in other)  # fewer competitors never lower a hit
+  assert other["NDCG@10"] > summary["test"]["NDCG@10"]  # on the cycle, seen items outrank the next one

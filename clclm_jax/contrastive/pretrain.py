@@ -61,9 +61,19 @@ def next_item_loss(h_bld, table_vd, targets_bl, key, *, cfg, log_q_v):
   return losses.sampled_next_item_ce(h_bld, table_vd, targets_bl, negatives_k, log_pi_v=log_pi_v if correct else None)
 
 
+def sample_positions(key, a_bld, b_bld, mask_bl, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The same `k` real positions, drawn without replacement, of two passes -> ([k, d], [k, d], valid [k]);
+  when the batch has fewer than k real positions, the padding drawn is marked invalid."""
+  d = a_bld.shape[-1]
+  mask_n = mask_bl.reshape(-1)
+  pick_k = jax.random.choice(key, mask_n.shape[0], (k,), replace=False, p=mask_n / jnp.maximum(mask_n.sum(), 1))
+  return a_bld.reshape(-1, d)[pick_k], b_bld.reshape(-1, d)[pick_k], mask_n[pick_k]
+
+
 def loss_fn(params, rest, batch, key, *, graphdef, corr_vk, cfg, aug, log_q_v=None):
   """CE over next items + cl_weight * InfoNCE between two augmented views, plus DuoRec's views:
-  dropout_cl_weight * InfoNCE between two dropout passes of the unaugmented sequence, and
+  dropout_cl_weight * InfoNCE between two dropout passes of the unaugmented sequence (at its last position,
+  or at `dropout_cl_positions` real positions drawn from the batch), and
   same_target_cl_weight * InfoNCE between the sequence and `batch["same_target"]` (supervised positives)."""
   model = nnx.merge(graphdef, params, rest)
   aug_key, drop_key, neg_key = jax.random.split(key, 3)
@@ -79,7 +89,14 @@ def loss_fn(params, rest, batch, key, *, graphdef, corr_vk, cfg, aug, log_q_v=No
   z_nd = pool(h_bld, all_bl > 0, cfg.pooling)
   nce = functools.partial(losses.info_nce, temperature=cfg.temperature, similarity=cfg.similarity)
   cl = nce(z_nd[b:2 * b], z_nd[2 * b:3 * b])
-  cl_dropout = nce(z_nd[:b], z_nd[3 * b:4 * b]) if dropout_weight > 0 else jnp.zeros(())
+  cl_dropout = jnp.zeros(())
+  if dropout_weight > 0 and cfg.get("dropout_cl_positions", 0):
+    pick_key = jax.random.fold_in(drop_key, 1)  # a new stream: the other draws stay as without positions
+    z1_kd, z2_kd, valid_k = sample_positions(pick_key, h_bld[:b], h_bld[3 * b:4 * b], items_bl > 0,
+                                             cfg.dropout_cl_positions)
+    cl_dropout = nce(z1_kd, z2_kd, valid_n=valid_k)
+  elif dropout_weight > 0:
+    cl_dropout = nce(z_nd[:b], z_nd[3 * b:4 * b])
   cl_same = nce(z_nd[:b], z_nd[-b:]) if same_weight > 0 else jnp.zeros(())
   loss = ce + cfg.cl_weight * cl + dropout_weight * cl_dropout + same_weight * cl_same
   return loss, {"loss": loss, "ce": ce, "cl": cl, "cl_dropout": cl_dropout, "cl_same": cl_same, "targets": count}
@@ -112,12 +129,15 @@ def make_train_step(graphdef, tx, corr_vk, cfg, mask_id: int,
   return jax.jit(step, donate_argnums=0)
 
 
-def make_rank_fn(graphdef, cfg) -> Callable:
+def make_rank_fn(graphdef, cfg, *, exclude_history: bool | None = None) -> Callable:
+  """Jitted target ranks; `exclude_history` (default `cfg.exclude_history`) drops the input's items."""
+  exclude = cfg.exclude_history if exclude_history is None else exclude_history
+
   @jax.jit
   def rank(params, rest, items_bl, target_b):
     model = nnx.merge(graphdef, params, rest)
     scores_bv = model.encode(items_bl, pooling=cfg.pooling) @ model.item_table().T
-    return metrics.target_rank(scores_bv, target_b, history_bl=items_bl, exclude_history=cfg.exclude_history)
+    return metrics.target_rank(scores_bv, target_b, history_bl=items_bl, exclude_history=exclude)
   return rank
 
 
@@ -171,7 +191,10 @@ def train(cfg: ml_collections.ConfigDict, data: sequences.SequenceData) -> dict[
   summary = {"dataset": data.name, "epochs": len(history), "best_epoch": best_epoch,
              "train_seconds": time.time() - start, "epoch_seconds_median": float(np.median(epoch_times)),
              "valid": evaluate(rank_fn, state, data, "valid", cfg),
-             "test": evaluate(rank_fn, state, data, "test", cfg), "history": history}
+             "test": evaluate(rank_fn, state, data, "test", cfg), "history": history,
+             # The same parameters under the other protocol (reference papers differ on history items).
+             "test_history_excluded" if not cfg.exclude_history else "test_history_kept":
+                 evaluate(make_rank_fn(graphdef, cfg, exclude_history=not cfg.exclude_history), state, data, "test", cfg)}
   print(f"[{data.name}] {summary['epochs']} epochs ({summary['train_seconds'] / 60:.1f} min, "
         f"{summary['epoch_seconds_median']:.1f} s/epoch), best epoch {best_epoch}: "
         + " ".join(f"test {k} {v:.4f}" for k, v in summary["test"].items()))
