@@ -1,7 +1,7 @@
 """Full-ranking HR@k and NDCG@k for next-item prediction (leave-one-out).
 
 Protocol: every item id is scored (padding 0 and the mask id excluded); items already in the
-user's history stay in the ranking, as in FEARec's RecBole evaluation (the source of the Beauty
+user's history stay in the ranking, as in FEARec's RecBole evaluation (FEARec re-reports the Beauty
 reference numbers), unless `exclude_history` is set (CoSeRec's own code zeroes their scores).
 Rank = number of items scored strictly higher than the target.
 """
