@@ -102,6 +102,10 @@ def test_info_nce_matches_numpy_and_ignores_batch_order(similarity, tau):
   valid = np.asarray([True, False, True, True, False, True])  # invalid pairs are as if absent
   np.testing.assert_allclose(losses.info_nce(z1, z2, temperature=tau, similarity=similarity, valid_n=valid),
                              _nt_xent_numpy(z1[valid], z2[valid], tau, similarity == "cosine"), rtol=1e-5)
+  grads = jax.grad(lambda a, b: losses.info_nce(a, b, temperature=tau, similarity=similarity, valid_n=valid),
+                   argnums=(0, 1))(jnp.asarray(z1), jnp.asarray(z2))
+  for g in grads:  # finite, and nothing flows into the invalid pairs
+    assert np.isfinite(g).all() and not np.asarray(g)[~valid].any() and np.asarray(g)[valid].any()
 
 
 def test_sample_positions_draws_real_positions_of_both_passes():
