@@ -252,19 +252,25 @@ def _tiny_data():
   return sequences.SequenceData("tiny", seqs, 20)
 
 
+def _tiny_step(cfg):
+  """Initial state, jitted step and one batch of the tiny data (identity item correlations)."""
+  data, tx = _tiny_data(), optax.adam(cfg.lr)
+  graphdef, state = pretrain.init_state(pretrain.build_model(cfg, data.vocab_size), tx, 0)
+  corr = jnp.zeros((data.vocab_size, 1), jnp.int32) + jnp.arange(data.vocab_size)[:, None]
+  step = pretrain.make_train_step(graphdef, tx, corr, cfg, data.mask_id, pretrain.item_counts(data))
+  same = sequences.same_target_index(data) if cfg.get("same_target_cl_weight", 0.0) else None
+  batch = next(sequences.train_batches(data, 16, np.random.default_rng(0), buckets=(8,), same_target=same))
+  return state, step, batch
+
+
 @pytest.mark.parametrize("negatives,sampling,dropout_cl,same_cl", [
     (0, "uniform", 0.0, 0.0), (8, "uniform", 0.0, 0.0), (8, "popularity", 0.0, 0.0), (0, "uniform", 0.1, 0.0),
     (0, "uniform", 0.1, 0.1)])
 def test_train_step_is_pure_jitted_and_learns(negatives, sampling, dropout_cl, same_cl):
-  cfg, data = _tiny_config(), _tiny_data()
+  cfg = _tiny_config()
   cfg.ce_negatives, cfg.ce_sampling, cfg.dropout_cl_weight = negatives, sampling, dropout_cl
   cfg.same_target_cl_weight = same_cl
-  tx = optax.adam(cfg.lr)
-  graphdef, state = pretrain.init_state(pretrain.build_model(cfg, data.vocab_size), tx, 0)
-  corr = jnp.zeros((data.vocab_size, 1), jnp.int32) + jnp.arange(data.vocab_size)[:, None]
-  step = pretrain.make_train_step(graphdef, tx, corr, cfg, data.mask_id, pretrain.item_counts(data))
-  same = sequences.same_target_index(data) if same_cl else None
-  batch = next(sequences.train_batches(data, 16, np.random.default_rng(0), buckets=(8,), same_target=same))
+  state, step, batch = _tiny_step(cfg)
   first = None
   for _ in range(40):
     state, aux = step(state, batch)
@@ -277,13 +283,9 @@ def test_train_step_is_pure_jitted_and_learns(negatives, sampling, dropout_cl, s
 
 
 def test_dropout_views_at_sampled_positions_train():
-  cfg, data = _tiny_config(), _tiny_data()
+  cfg = _tiny_config()
   cfg.dropout_cl_weight, cfg.dropout_cl_positions, cfg.same_target_cl_weight = 0.1, 32, 0.0
-  tx = optax.adam(cfg.lr)
-  graphdef, state = pretrain.init_state(pretrain.build_model(cfg, data.vocab_size), tx, 0)
-  corr = jnp.zeros((data.vocab_size, 1), jnp.int32) + jnp.arange(data.vocab_size)[:, None]
-  step = pretrain.make_train_step(graphdef, tx, corr, cfg, data.mask_id)
-  batch = next(sequences.train_batches(data, 16, np.random.default_rng(0), buckets=(8,)))
+  state, step, batch = _tiny_step(cfg)
   state, first = step(state, batch)
   for _ in range(40):
     state, aux = step(state, batch)
