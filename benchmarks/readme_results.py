@@ -60,6 +60,14 @@ def quality_section(result: dict) -> list[str]:
   return lines
 
 
+def label_signal_section(md: str) -> list[str]:
+  """benchmarks/label_signal.py's table: how much of each label the prompt's structure predicts, no LLM."""
+  body = md.split("\n", 2)[2].strip()  # drop its title
+  return ["### What predicts a TALLRec label without a language model", "",
+          "A bound for the goals above: the book goals (71/72/74) are higher than a logistic regression over "
+          "every non-LLM signal we found, fitted on the whole book pool.", "", body, ""]
+
+
 METRICS = ("HR@5", "HR@10", "NDCG@5", "NDCG@10")
 
 
@@ -90,6 +98,8 @@ def section(results: pathlib.Path) -> str:
     lines += throughput_section(json.loads(path.read_text()), path.with_suffix(".md").name)
   if (results / "quality.json").exists():
     lines += quality_section(json.loads((results / "quality.json").read_text()))
+  if (results / "label_signal.md").exists():
+    lines += label_signal_section((results / "label_signal.md").read_text())
   lines += pretrain_section(sorted(results.glob("pretrain_*.json")))
   return "\n".join(lines).rstrip() + "\n"
 

@@ -14,12 +14,15 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fused_quality  # pylint: disable=g-import-not-at-top,wrong-import-position
+import label_signal  # pylint: disable=g-import-not-at-top,wrong-import-position
 import probe_text_only  # pylint: disable=g-import-not-at-top,wrong-import-position
 import quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 import readme_results  # pylint: disable=g-import-not-at-top,wrong-import-position
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from clclm_jax.contrastive.fusion import FusionConfig  # pylint: disable=wrong-import-position
+from clclm_jax.data import tallrec  # pylint: disable=wrong-import-position
+from clclm_jax.data.records import Catalogue, Interaction, Item  # pylint: disable=wrong-import-position
 from clclm_jax.model.config import LoraConfig, presets  # pylint: disable=wrong-import-position
 from clclm_jax.model.llama import Llama  # pylint: disable=wrong-import-position
 from clclm_jax.model.lora import add_lora  # pylint: disable=wrong-import-position
@@ -220,3 +223,20 @@ def test_rank_corr_is_spearman_with_average_ranks_for_ties():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert np.isnan(probe_text_only.rank_corr(a, np.full(5, 7.0)))
+
+
+def test_label_signals_count_histories_never_targets():
+  items = Catalogue([Item(1, "Red Fox Tales", "Ann"), Item(2, "Blue Fox Tales", "Ann"), Item(3, "Green Sea", "Bob"),
+                     Item(4, "Deep Sea", "Bob"), Item(5, "Fox Tales Again", "Ann")])
+  train = [Interaction(1, (1, 3), (True, False), 4, 1), Interaction(2, (1, 2, 4), (True, True, True), 3, 0)]
+  test = [Interaction(3, (2, 3), (True, False), 1, 0)]
+  signals = label_signal.Signals(tallrec.TallrecSplits(train, [], test, items))
+  s = signals(test[0])
+  assert s["like_ratio"] == pytest.approx(0.0)  # 1 liked of 2, smoothed: log(2 / 2)
+  assert s["item_prior"] == pytest.approx(np.log(3 / 1))  # item 1: liked twice in histories, its target label unseen
+  assert s["author_prior"] == pytest.approx(np.log(4 / 1))  # Ann's items liked 3 times elsewhere, item 2 here excluded
+  assert (s["author_liked"], s["author_disliked"]) == (1, 0)
+  assert s["title_similarity"] > 0  # "Blue Fox Tales" (liked) shares words with "Red Fox Tales"; "Green Sea" none
+  s = signals(train[0])  # target by Bob, whose "Green Sea" this user disliked
+  assert (s["author_liked"], s["author_disliked"]) == (0, -1)
+  assert s["author_prior"] == pytest.approx(0.0)  # Bob elsewhere: liked once, disliked once

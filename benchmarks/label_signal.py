@@ -1,0 +1,139 @@
+"""What in a TALLRec prompt predicts its label, without a language model: an upper-bound check for the goals.
+
+  python benchmarks/label_signal.py [--out benchmarks/results] [--domains movie book]
+
+Each signal is read from the prompt alone or from the histories of all prompts (train pool, valid, test;
+never a target's label, as in the encoder's pretraining): the history like-ratio; the target item's and
+its author's like share in other prompts' histories; whether the user's history holds the target's author;
+TF-IDF title similarity of the target to the liked minus the disliked history items. A logistic regression
+over all of them is fitted on the same few-shot samples as `fused_quality.py` (16/64/256, seeds 0-2) and on
+the whole pool. All AUCs are on the whole test set. Writes label_signal.{json,md} into --out.
+"""
+
+import argparse
+import collections
+import pathlib
+import sys
+from typing import Any
+
+import numpy as np
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from clclm_jax.data import fewshot, tallrec  # pylint: disable=wrong-import-position
+from clclm_jax.data.records import Interaction  # pylint: disable=wrong-import-position
+from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
+
+SIGNALS = {"like_ratio": "history like-ratio (smoothed)",
+           "item_prior": "target item's like share in other prompts' histories",
+           "author_prior": "target author's like share in other users' histories (book)",
+           "author_liked": "target's author among the user's liked items (book)",
+           "author_disliked": "target's author among the user's disliked items (book, sign flipped)",
+           "title_similarity": "TF-IDF title similarity: to liked minus to disliked items"}
+SHOTS, SEEDS = (16, 64, 256), (0, 1, 2)
+
+
+def _logit(likes: float, total: float) -> float:
+  return float(np.log((likes + 1) / (total - likes + 1)))
+
+
+class Signals:
+  """Per-prompt signal values; counts come from the histories of every prompt in `splits`."""
+
+  def __init__(self, splits: tallrec.TallrecSplits):
+    self.catalogue = splits.catalogue
+    self.item = collections.defaultdict(lambda: np.zeros(2))
+    self.author = collections.defaultdict(lambda: np.zeros(2))
+    for x in list(splits.train) + list(splits.valid) + list(splits.test):
+      for i, like in zip(x.history_ids, x.history_likes):
+        self.item[i] += (like, 1)
+        self.author[self._author(i)] += (like, 1)
+    ids = sorted(it.id for it in self.catalogue)
+    self.row = {i: k for k, i in enumerate(ids)}
+    titles = [f"{self.catalogue[i].title} {self.catalogue[i].author or ''}" for i in ids]
+    self.tfidf = TfidfVectorizer(min_df=2, sublinear_tf=True).fit_transform(titles)
+
+  def _author(self, item_id: int) -> str | None:
+    return self.catalogue[item_id].author
+
+  def _similarity(self, target: int, items: list[int]) -> float:
+    if not items:
+      return 0.0
+    rows = self.tfidf[[self.row[i] for i in items]]
+    return float((rows @ self.tfidf[self.row[target]].T).toarray().max())
+
+  def __call__(self, x: Interaction) -> dict[str, float]:
+    liked = [i for i, like in zip(x.history_ids, x.history_likes) if like]
+    disliked = [i for i, like in zip(x.history_ids, x.history_likes) if not like]
+    author = self._author(x.target_id)
+    same_liked = sum(self._author(i) == author for i in liked) if author is not None else 0
+    same_disliked = sum(self._author(i) == author for i in disliked) if author is not None else 0
+    other = (self.author.get(author, np.zeros(2)) - (same_liked, same_liked + same_disliked)
+             if author is not None else np.zeros(2))
+    return {"like_ratio": _logit(len(liked), len(liked) + len(disliked)),
+            "item_prior": _logit(*self.item.get(x.target_id, np.zeros(2))), "author_prior": _logit(*other),
+            "author_liked": same_liked, "author_disliked": -same_disliked,
+            "title_similarity": self._similarity(x.target_id, liked) - self._similarity(x.target_id, disliked)}
+
+
+def domain_result(domain: str) -> dict[str, Any]:
+  splits = tallrec.tallrec_splits(domain)
+  signals = Signals(splits)
+  names = list(SIGNALS) if domain == "book" else [n for n in SIGNALS if "author" not in n]
+  features = lambda xs: np.asarray([[signals(x)[n] for n in names] for x in xs])
+  test_x, test_y = features(splits.test), np.asarray([x.label for x in splits.test])
+  single = {n: evaluate.auc(test_x[:, k], test_y) for k, n in enumerate(names)}
+  fitted = {}
+  for shots in (*SHOTS, None):
+    aucs = []
+    for seed in (SEEDS if shots else (0,)):
+      train = fewshot.fewshot(splits.train, shots, seed)
+      y = np.asarray([x.label for x in train])
+      if y.min() == y.max():
+        continue
+      model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+      model.fit(features(train), y)
+      aucs.append(evaluate.auc(model.decision_function(test_x), test_y))
+    fitted["all" if shots is None else str(shots)] = aucs
+  return {"domain": domain, "test_n": len(splits.test), "pool_n": len(splits.train), "signals": single,
+          "logistic_regression": fitted}
+
+
+def markdown(results: list[dict[str, Any]], machine: dict[str, Any]) -> str:
+  domains = [r["domain"] for r in results]
+  rows = [[SIGNALS[n], *(f"{100 * r['signals'][n]:.2f}" if n in r["signals"] else "-" for r in results)]
+          for n in SIGNALS]
+  for key in (*map(str, SHOTS), "all"):
+    label = "the whole pool" if key == "all" else f"{key} shots, seeds 0-2"
+    rows.append([f"logistic regression on all signals, fitted on {label}",
+                 *(common.mean_std([100 * a for a in r["logistic_regression"][key]]) for r in results)])
+  pools = ", ".join(f"{r['domain']} {r['pool_n']}" for r in results)
+  return "\n".join([
+      "# What predicts a TALLRec label without a language model", "",
+      f"AUC x100 on the whole test sets. Training pools: {pools} prompts. {common.machine_line(machine)}. "
+      "Produced by `python benchmarks/label_signal.py`.", "",
+      common.markdown_table(["signal", *domains], rows), ""])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", default="benchmarks/results")
+  p.add_argument("--domains", nargs="+", default=["movie", "book"], choices=("movie", "book"))
+  args = p.parse_args(argv)
+  result = {"machine": common.machine(), "results": [domain_result(d) for d in args.domains]}
+  common.write_json(pathlib.Path(args.out) / "label_signal.json", result)
+  text = markdown(result["results"], result["machine"])
+  common.write_text(pathlib.Path(args.out) / "label_signal.md", text)
+  print(text)
+  return result
+
+
+if __name__ == "__main__":
+  main()
