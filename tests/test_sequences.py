@@ -85,6 +85,12 @@ def test_same_target_views_are_other_prefixes_before_the_same_item():
   assert seen[4] == {(1,)}  # no other prefix precedes 6: the user's own input
   batch = next(sequences.train_batches(data, 4, rng, buckets=(2, 4), same_target=index))
   assert batch["same_target"].shape == batch["items"].shape
+  # With buckets (1, 2, 3) a view of 3 items (user 3's) widens a batch of shorter inputs instead of being cut.
+  prefixes = {tuple(s[:k].tolist()) for s in train for k in range(1, len(s))}
+  for _ in range(20):
+    batch = next(sequences.train_batches(data, 2, rng, buckets=(1, 2, 3), group=1, same_target=index))
+    views = [tuple(row[row > 0].tolist()) for row in batch["same_target"]]
+    assert set(views) <= prefixes
 
 
 def test_beauty_real_statistics(data_root):

@@ -171,7 +171,7 @@ def train_batches(data: SequenceData, batch_size: int, rng: np.random.Generator,
   smallest bucket width, so short sequences do not pay for max_len (positions are counted from
   the last item, so the width does not change the model's output). With `same_target`, the batch
   also holds `same_target` [B, width]: another prefix ending before the same next item as each
-  user's input (kept to its last `width` items).
+  user's input; the width holds the longest input or view (up to the last bucket).
   """
   inputs, targets = split(data, "train")
   order = rng.permutation(len(inputs))
@@ -183,12 +183,13 @@ def train_batches(data: SequenceData, batch_size: int, rng: np.random.Generator,
     batches += [part[i:i + batch_size] for i in range(0, len(part) - batch_size + 1, batch_size)]
   for b in rng.permutation(len(batches)):
     users = batches[b]
-    width = bucket_width(max(len(inputs[u]) for u in users), buckets)
+    views = same_target_views(same_target, data, users, rng) if same_target is not None else []
+    width = bucket_width(max(len(s) for s in [inputs[u] for u in users] + views), buckets)
     items, lengths = pad([inputs[u] for u in users], width)
     tgt, _ = pad([targets[u] for u in users], width)
     batch = {"items": items, "targets": tgt, "lengths": lengths}
     if same_target is not None:
-      batch["same_target"] = pad(same_target_views(same_target, data, users, rng), width)[0]
+      batch["same_target"] = pad(views, width)[0]
     yield batch
 
 
