@@ -3,7 +3,8 @@
   python benchmarks/label_signal.py [--out benchmarks/results] [--domains movie book]
 
 Each signal is read from the prompt alone or from the histories of all prompts (train pool, valid, test;
-never a target's label, as in the encoder's pretraining): the history like-ratio; the target item's and
+never a target's label, nor the user's own rating of the target item where it sits in a later prompt's
+history; each user's rating counted once): the history like-ratio; the target item's and
 its author's like share in other prompts' histories; whether the user's history holds the target's author;
 TF-IDF title similarity of the target to the liked minus the disliked history items. A logistic regression
 over all of them is fitted on the same few-shot samples as `fused_quality.py` (16/64/256, seeds 0-2) and on
@@ -32,7 +33,7 @@ from clclm_jax.data.records import Interaction  # pylint: disable=wrong-import-p
 from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
 
 SIGNALS = {"like_ratio": "history like-ratio (smoothed)",
-           "item_prior": "target item's like share in other prompts' histories",
+           "item_prior": "target item's like share among other users (in prompt histories)",
            "author_prior": "target author's like share in other users' histories (book)",
            "author_liked": "target's author among the user's liked items (book)",
            "author_disliked": "target's author among the user's disliked items (book, sign flipped)",
@@ -45,16 +46,20 @@ def _logit(likes: float, total: float) -> float:
 
 
 class Signals:
-  """Per-prompt signal values; counts come from the histories of every prompt in `splits`."""
+  """Per-prompt signal values. Counts come from the histories of every prompt in `splits`, one per user and
+  item; the prompt's own user's rating of the target (in their other prompts' histories) is left out."""
 
   def __init__(self, splits: tallrec.TallrecSplits):
     self.catalogue = splits.catalogue
+    prompts = list(splits.train) + list(splits.valid) + list(splits.test)
+    named = any(x.user for x in prompts)  # movie prompts name users; book files do not (each prompt its own)
+    self.ratings = {(x.user if named else -1 - k, i): like
+                    for k, x in enumerate(prompts) for i, like in zip(x.history_ids, x.history_likes)}
     self.item = collections.defaultdict(lambda: np.zeros(2))
     self.author = collections.defaultdict(lambda: np.zeros(2))
-    for x in list(splits.train) + list(splits.valid) + list(splits.test):
-      for i, like in zip(x.history_ids, x.history_likes):
-        self.item[i] += (like, 1)
-        self.author[self._author(i)] += (like, 1)
+    for (_, i), like in self.ratings.items():
+      self.item[i] += (like, 1)
+      self.author[self._author(i)] += (like, 1)
     ids = sorted(it.id for it in self.catalogue)
     self.row = {i: k for k, i in enumerate(ids)}
     titles = [f"{self.catalogue[i].title} {self.catalogue[i].author or ''}" for i in ids]
@@ -62,6 +67,11 @@ class Signals:
 
   def _author(self, item_id: int) -> str | None:
     return self.catalogue[item_id].author
+
+  def _item_prior(self, x: Interaction) -> np.ndarray:
+    """(likes, ratings) of the target by other users."""
+    own = self.ratings.get((x.user, x.target_id)) if x.user else None
+    return self.item.get(x.target_id, np.zeros(2)) - (np.zeros(2) if own is None else (own, 1))
 
   def _similarity(self, target: int, items: list[int]) -> float:
     if not items:
@@ -78,7 +88,7 @@ class Signals:
     other = (self.author.get(author, np.zeros(2)) - (same_liked, same_liked + same_disliked)
              if author is not None else np.zeros(2))
     return {"like_ratio": _logit(len(liked), len(liked) + len(disliked)),
-            "item_prior": _logit(*self.item.get(x.target_id, np.zeros(2))), "author_prior": _logit(*other),
+            "item_prior": _logit(*self._item_prior(x)), "author_prior": _logit(*other),
             "author_liked": same_liked, "author_disliked": -same_disliked,
             "title_similarity": self._similarity(x.target_id, liked) - self._similarity(x.target_id, disliked)}
 

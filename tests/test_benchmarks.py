@@ -237,6 +237,10 @@ def test_label_signals_count_histories_never_targets():
   assert s["author_prior"] == pytest.approx(np.log(4 / 1))  # Ann's items liked 3 times elsewhere, item 2 here excluded
   assert (s["author_liked"], s["author_disliked"]) == (1, 0)
   assert s["title_similarity"] > 0  # "Blue Fox Tales" (liked) shares words with "Red Fox Tales"; "Green Sea" none
+  # User 3's own rating of the target in a later prompt, and user 1's rating seen again, change nothing.
+  later = [Interaction(3, (1,), (False,), 2, 1), Interaction(1, (1,), (True,), 3, 1)]
+  again = label_signal.Signals(tallrec.TallrecSplits(train + later, [], test, items))
+  assert again(test[0])["item_prior"] == pytest.approx(np.log(3 / 1))
   s = signals(train[0])  # target by Bob, whose "Green Sea" this user disliked
   assert (s["author_liked"], s["author_disliked"]) == (0, -1)
   assert s["author_prior"] == pytest.approx(0.0)  # Bob elsewhere: liked once, disliked once
