@@ -45,8 +45,8 @@ CONFIGS = {"movie": fused_movie, "book": fused_book}
 
 @dataclasses.dataclass(frozen=True)
 class Ablation:
-  """What a fused variant changes from the config's stage 2: loss weights, FusionConfig fields, the
-  encoder's pretraining, extra masked-item prompts per few-shot prompt."""
+  """What a fused variant changes from plain fusion (`stage2_weights`): loss weights, FusionConfig fields,
+  the encoder's pretraining, extra masked-item prompts per few-shot prompt."""
 
   loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)
   fusion: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -66,6 +66,14 @@ FUSED = {
     "fused+history_targets": Ablation(history_targets=4),
     "fused+hint_kd": Ablation(loss_weights={"hint_kd": 1.0}),
 }
+PLAIN = {"hint_kd": 0.0}  # configs/fused_book.py turns it on; rows named `fused` stay plain fusion in every run
+
+
+def stage2_weights(config, variant: str) -> dict[str, float]:
+  """Stage-2 loss weights of a fused variant: the config's, made plain, then the variant's changes."""
+  return dict(config.stage2.loss_weights) | PLAIN | FUSED[variant].loss_weights
+
+
 UNTRAINED = ("zero_shot", "encoder_only")  # scored once per domain: no shots, no seed
 VARIANTS = UNTRAINED + ("text_only",) + tuple(FUSED)
 
@@ -178,7 +186,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         if ablation.scratch_encoder:
           nnx.update(model, nnx.State({k: scratch[k] for k in ("encoder", "feedback_head")}))
         model.config = dataclasses.replace(fcfg, **ablation.fusion)
-        weights = dict(config.stage2.loss_weights) | ablation.loss_weights
+        weights = stage2_weights(config, variant)
         extra = config.stage2.history_targets or ablation.history_targets
         train2_s = train(fused, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed))
         auc, score_s = test_auc(fused)

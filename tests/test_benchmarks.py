@@ -142,6 +142,12 @@ def test_fused_ablations_name_real_loss_terms_and_fusion_fields():
     assert set(ablation.loss_weights) <= set(weights), name
     assert set(ablation.fusion) <= fields, name
   assert fused_quality.FUSED["fused-seq_cl"].loss_weights == {"seq_cl": 0.0}
+  book = fused_quality.CONFIGS["book"].get_config()
+  assert book.stage2.loss_weights.hint_kd > 0  # the book recipe distils the hint, but `fused` rows stay plain
+  assert fused_quality.stage2_weights(book, "fused")["hint_kd"] == 0.0
+  assert fused_quality.stage2_weights(book, "fused+hint_kd")["hint_kd"] == 1.0
+  assert fused_quality.stage2_weights(book, "fused-seq_cl") == {**book.stage2.loss_weights, "hint_kd": 0.0,
+                                                                 "seq_cl": 0.0}
 
 
 def test_compilation_cache_goes_to_clclm_cache(tmp_path, monkeypatch):
