@@ -1,11 +1,11 @@
-"""What in a TALLRec prompt predicts its label, without a language model: an upper-bound check for the goals.
+"""What in a TALLRec prompt predicts its label without a language model: a yardstick for the quality goals.
 
   python benchmarks/label_signal.py [--out benchmarks/results] [--domains movie book]
 
 Each signal is read from the prompt alone or from the histories of all prompts (train pool, valid, test;
 never a target's label, nor the user's own rating of the target item where it sits in a later prompt's
-history; each user's rating counted once): the history like-ratio; the target item's and
-its author's like share in other prompts' histories; whether the user's history holds the target's author;
+history; each user's rating counted once): the history like-ratio; the target item's like share among
+other users and its author's among other prompts; whether the user's history holds the target's author;
 TF-IDF title similarity of the target to the liked minus the disliked history items. A logistic regression
 over all of them is fitted on the same few-shot samples as `fused_quality.py` (16/64/256, seeds 0-2) and on
 the whole pool. All AUCs are on the whole test set. Writes label_signal.{json,md} into --out.
@@ -34,7 +34,7 @@ from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
 
 SIGNALS = {"like_ratio": "history like-ratio (smoothed)",
            "item_prior": "target item's like share among other users (in prompt histories)",
-           "author_prior": "target author's like share in other users' histories (book)",
+           "author_prior": "target author's like share in other prompts' histories (book)",
            "author_liked": "target's author among the user's liked items (book)",
            "author_disliked": "target's author among the user's disliked items (book, sign flipped)",
            "title_similarity": "TF-IDF title similarity: to liked minus to disliked items"}
@@ -97,7 +97,7 @@ def domain_result(domain: str) -> dict[str, Any]:
   splits = tallrec.tallrec_splits(domain)
   signals = Signals(splits)
   names = list(SIGNALS) if domain == "book" else [n for n in SIGNALS if "author" not in n]
-  features = lambda xs: np.asarray([[signals(x)[n] for n in names] for x in xs])
+  features = lambda xs: np.asarray([[s[n] for n in names] for s in map(signals, xs)])
   test_x, test_y = features(splits.test), np.asarray([x.label for x in splits.test])
   single = {n: evaluate.auc(test_x[:, k], test_y) for k, n in enumerate(names)}
   fitted = {}
@@ -106,8 +106,6 @@ def domain_result(domain: str) -> dict[str, Any]:
     for seed in (SEEDS if shots else (0,)):
       train = fewshot.fewshot(splits.train, shots, seed)
       y = np.asarray([x.label for x in train])
-      if y.min() == y.max():
-        continue
       model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
       model.fit(features(train), y)
       aucs.append(evaluate.auc(model.decision_function(test_x), test_y))
