@@ -83,12 +83,6 @@ def test_subset(splits, size: int, seed: int = 0) -> list:
   return fewshot.fewshot(splits.test, size if size > 0 else None, seed)
 
 
-def like_share_auc(xs) -> float:
-  """The no-training reference: P(Yes) = share of liked items in the history."""
-  return evaluate.auc(np.array([np.mean(x.history_likes) if x.history_likes else 0.5 for x in xs]),
-                      np.array([x.label for x in xs]))
-
-
 def row_key(r: dict) -> tuple:
   """Rows with equal keys measure the same thing; zero-shot has no shots, seed or steps."""
   return (r["domain"], r["variant"], r["shots"], r["seed"], r["test_size"], r["test_seed"], r["stage1_steps"],
@@ -124,7 +118,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
           "batch_size": config.train.batch_size, "lr": config.optim.lr, "run": run}
   meta[meta_key(domain, len(test), len(splits.test))] = {
                   "test_size": len(test), "test_total": len(splits.test), "test_seed": args.test_seed,
-                  "like_share_auc": 100 * like_share_auc(test),
+                  "like_share_auc": 100 * evaluate.like_ratio_auc(test),
                   "fusion": dataclasses.asdict(fcfg) | {"item_corr": "itemcf_iuf(train pool)"},
                   "stage1_loss_weights": config.stage1.loss_weights.to_dict(),
                   "stage2_loss_weights": config.stage2.loss_weights.to_dict(), "optim": config.optim.to_dict(),
@@ -133,7 +127,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
                   "encoder_pretraining": None if encoder is None else {k: v for k, v in encoder.items()
                                                                         if k != "epochs"}}
   log(f"{domain}: loaded in {time.time() - t0:.0f}s; test {len(test)} of {len(splits.test)}; "
-      f"like-share AUC {100 * like_share_auc(test):.2f}")
+      f"like-share AUC {100 * evaluate.like_ratio_auc(test):.2f}")
 
   def test_auc(spec) -> tuple[float, float]:
     t = time.time()

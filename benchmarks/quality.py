@@ -16,7 +16,6 @@ import statistics
 import sys
 from typing import Any
 
-import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -56,18 +55,10 @@ def test_set(domain: str, test_size: int, seed: int) -> tuple[list, dict[str, An
                                                    "subset_seed": seed}
 
 
-def like_ratio(interaction) -> float:
-  """Share of liked items in the prompt's history (0.5 for an empty history): no model, no training."""
-  likes = interaction.history_likes
-  return float(np.mean(likes)) if likes else 0.5
-
-
 def heuristic_row(domain: str, test_size: int, seed: int) -> dict[str, Any]:
   xs, desc = test_set(domain, test_size, seed)
-  scores = np.asarray([like_ratio(x) for x in xs])
-  labels = np.asarray([x.label for x in xs])
   return {"method": "heuristic", "domain": domain, "shots": 0, "seed": None, **desc,
-          "auc": evaluate.auc(scores, labels)}
+          "auc": evaluate.like_ratio_auc(xs)}
 
 
 def fused_rows(fused: dict[str, Any], domains: list[str]) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import train_helpers
+from clclm_jax.data.records import Interaction
 from clclm_jax.train import evaluate, sharding, state as state_lib
 
 
@@ -23,6 +24,12 @@ def test_auc_edge_cases():
   assert evaluate.auc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5
   with pytest.raises(ValueError, match="both classes"):
     evaluate.auc([0.1, 0.2], [1, 1])
+
+
+def test_like_ratio_auc_scores_the_history_share_of_likes():
+  xs = [Interaction(1, (1, 2), (True, True), 3, 1), Interaction(2, (1, 2), (True, False), 3, 0),
+        Interaction(3, (), (), 3, 1), Interaction(4, (1, 2, 4), (False, False, True), 3, 0)]
+  assert evaluate.like_ratio_auc(xs) == evaluate.auc([1.0, 0.5, 0.5, 1 / 3], [1, 0, 1, 0]) == 0.875
 
 
 def test_yes_probability_is_softmax_at_answer_index():

@@ -31,6 +31,12 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
   return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def like_ratio_auc(interactions) -> float:
+  """AUC of the no-training reference: P(Yes) = share of liked items in the prompt's history (0.5 if empty)."""
+  return auc(np.array([np.mean(x.history_likes) if x.history_likes else 0.5 for x in interactions]),
+             np.array([x.label for x in interactions]))
+
+
 def yes_probability(model: nnx.Module, batch: dict[str, jax.Array], yes_id: int, no_id: int,
                     prefix_kv=None) -> jax.Array:
   """softmax over (Yes, No) logits at `answer_index`; the LM head runs on those [b, d] rows only.
