@@ -67,7 +67,7 @@ FUSED = {
     "fused+hint_kd": Ablation(loss_weights={"hint_kd": 1.0}),
     "fused+hint_kd+align_cl": Ablation(loss_weights={"hint_kd": 1.0, "align_cl": 0.1}),
 }
-PLAIN = {"hint_kd": 0.0}  # configs/fused_book.py turns it on; rows named `fused` stay plain fusion in every run
+PLAIN = {"hint_kd": 0.0, "align_cl": 0.0}  # the configs turn these on; rows named `fused` stay plain fusion
 
 
 def stage2_weights(config, variant: str) -> dict[str, float]:
