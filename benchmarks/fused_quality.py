@@ -8,7 +8,8 @@ the stage-1 weights: soft tokens + the config's joint losses); fused with one pa
 token, `fused-prompt_dropout`: no encoder dropout under the soft tokens in stage 2) or added (`fused+align_cl`,
 `fused+sharp_hint`: the hint's P(like) from `common.SHARP_HINT_SCALE` (3) x the encoder's logit,
 `fused+history_targets`: stage 2 also trains on 4 masked-item prompts per few-shot prompt, whose target
-is one of its history items, `fused+hint_kd`: stage 2 also distils the encoder's P(like) into the answer, `fused+hint_kd+align_cl`: both);
+is one of its history items, `fused+hint_kd`: stage 2 also distils the encoder's P(like) into the answer,
+`fused+hint_kd+align_cl`: both);
 the `FUSED` table below says what each changes.
 The full protocol is 2 domains x 16/64/256 shots x 3 seeds on the whole test sets; flags choose a slice,
 and the output says which. `--merge` keeps the rows of OUT/results.json that this run does not recompute

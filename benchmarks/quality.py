@@ -16,7 +16,6 @@ import statistics
 import sys
 from typing import Any
 
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
