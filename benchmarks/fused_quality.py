@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
     for domain in args.domains:
       run_domain(domain, args, log, previous["rows"], run, meta, emit)
   except BaseException as e:  # the rows measured so far stay, and the run says why it has no more
-    stopped = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:200]
+    why = (str(e).splitlines() or [""])[0]
+    stopped = f"{type(e).__name__}: {why}"[:200] if why else type(e).__name__
     log(f"run {run} stopped: {stopped}")
     save(stopped)
     raise
