@@ -9,7 +9,7 @@ token, `fused-prompt_dropout`: no encoder dropout under the soft tokens in stage
 `fused+sharp_hint`: the hint's P(like) from `common.SHARP_HINT_SCALE` (3) x the encoder's logit,
 `fused+history_targets`: stage 2 also trains on 4 masked-item prompts per few-shot prompt, whose target
 is one of its history items, `fused+hint_kd`: stage 2 also distils the encoder's P(like) into the answer,
-`fused+hint_kd+align_cl`: both);
+`fused+hint_kd+align_cl`: both, `fused+align_cl-seq_cl`: align_cl instead of seq_cl);
 the `FUSED` table below says what each changes.
 The full protocol is 2 domains x 16/64/256 shots x 3 seeds on the whole test sets; flags choose a slice,
 and the output says which. `--merge` keeps the rows of OUT/results.json that this run does not recompute
@@ -67,6 +67,7 @@ FUSED = {
     "fused+history_targets": Ablation(history_targets=4),
     "fused+hint_kd": Ablation(loss_weights={"hint_kd": 1.0}),
     "fused+hint_kd+align_cl": Ablation(loss_weights={"hint_kd": 1.0, "align_cl": 0.1}),
+    "fused+align_cl-seq_cl": Ablation(loss_weights={"align_cl": 0.1, "seq_cl": 0.0}),
 }
 PLAIN = {"hint_kd": 0.0, "align_cl": 0.0}  # the configs turn these on; rows named `fused` stay plain fusion
 
