@@ -55,6 +55,8 @@ class Ablation:
   history_targets: int = 0
 
 
+ALIGN_CL = {"align_cl": fused_movie.ALIGN_CL_WEIGHT}  # the movie recipe's alignment
+HINT_KD = {"hint_kd": fused_book.HINT_KD_WEIGHT}  # the book recipe's distillation
 FUSED = {
     "fused": Ablation(),
     "fused-seq_cl": Ablation(loss_weights={"seq_cl": 0.0}),
@@ -62,12 +64,12 @@ FUSED = {
     "fused-pretrain": Ablation(scratch_encoder=True),
     "fused-hint": Ablation(fusion={"answer_hint": None}),
     "fused-prompt_dropout": Ablation(fusion={"prompt_dropout": False}),
-    "fused+align_cl": Ablation(loss_weights={"align_cl": 0.1}),
+    "fused+align_cl": Ablation(loss_weights=ALIGN_CL),
     "fused+sharp_hint": Ablation(fusion={"hint_scale": common.SHARP_HINT_SCALE}),
     "fused+history_targets": Ablation(history_targets=4),
-    "fused+hint_kd": Ablation(loss_weights={"hint_kd": 1.0}),
-    "fused+hint_kd+align_cl": Ablation(loss_weights={"hint_kd": 1.0, "align_cl": 0.1}),
-    "fused+align_cl-seq_cl": Ablation(loss_weights={"align_cl": 0.1, "seq_cl": 0.0}),
+    "fused+hint_kd": Ablation(loss_weights=HINT_KD),
+    "fused+hint_kd+align_cl": Ablation(loss_weights=HINT_KD | ALIGN_CL),
+    "fused+align_cl-seq_cl": Ablation(loss_weights=ALIGN_CL | {"seq_cl": 0.0}),
 }
 PLAIN = {"hint_kd": 0.0, "align_cl": 0.0}  # the configs turn these on; rows named `fused` stay plain fusion
 

@@ -145,13 +145,13 @@ def test_fused_ablations_name_real_loss_terms_and_fusion_fields():
   book = fused_quality.CONFIGS["book"].get_config()
   assert book.stage2.loss_weights.hint_kd > 0  # the book recipe distils the hint, but `fused` rows stay plain
   assert fused_quality.stage2_weights(book, "fused")["hint_kd"] == 0.0
-  assert fused_quality.stage2_weights(book, "fused+hint_kd")["hint_kd"] == 1.0
+  assert fused_quality.stage2_weights(book, "fused+hint_kd")["hint_kd"] == book.stage2.loss_weights.hint_kd
   assert fused_quality.stage2_weights(book, "fused-seq_cl") == {**book.stage2.loss_weights, "hint_kd": 0.0,
                                                                  "seq_cl": 0.0}
   movie = fused_quality.CONFIGS["movie"].get_config()
   assert movie.stage2.loss_weights.align_cl > 0  # the movie recipe aligns, but `fused` rows stay plain
   assert fused_quality.stage2_weights(movie, "fused")["align_cl"] == 0.0
-  assert fused_quality.stage2_weights(movie, "fused+align_cl")["align_cl"] == 0.1
+  assert fused_quality.stage2_weights(movie, "fused+align_cl")["align_cl"] == movie.stage2.loss_weights.align_cl
 
 
 def test_compilation_cache_goes_to_clclm_cache(tmp_path, monkeypatch):
