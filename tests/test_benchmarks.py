@@ -196,12 +196,18 @@ def test_goal_table_needs_three_seeds_and_signs_the_gap():
           row(0, 0.74, steps="16+16"), row(1, 0.74, steps="16+16"), row(2, 0.74, steps="16+16")]
   rows += [row(s, 0.8, method=m) for s in range(3) for m in ("fused+hint_kd", "fused-seq_cl")]
   text = quality.goal_table(rows)
-  assert "| movie | 64 | 75 | 67.48 | full (1000) | 8+8 | fused | 76.00 ± 2.00 | +1.00 (met) |" in text
+  assert "| movie | 64 | 75 | 67.48 | full (1000) | 8+8 | fused | 76.00 ± 2.00 | +1.00 (met, within noise) |" in text
   assert "| movie | 64 | 75 | 67.48 | full (1000) | 8+8 | fused+hint_kd | 80.00 ± 0.00 | +5.00 (met) |" in text
   assert "| movie | 64 | 75 | 67.48 | full (1000) | 16+16 | fused | 74.00 ± 0.00 | -1.00 (missed) |" in text
   assert "fused-seq_cl" not in text  # ablations remove a part: they are not a setting of the fused model
   assert "SUBSET" not in text  # two seeds are not enough for a goal row
   assert "| movie | 16 | 74 | 67.24 | - | - | - | not measured | - |" in text
+
+
+def test_versus_goal_says_when_the_gap_is_under_one_standard_error():
+  assert quality.versus_goal([76.0, 77.0, 78.0], 75.0) == "+2.00 (met)"  # standard error 0.58
+  assert quality.versus_goal([76.0, 77.0, 78.0], 77.5) == "-0.50 (missed, within noise)"
+  assert quality.versus_goal([77.0, 77.0, 77.0], 77.0) == "+0.00 (met)"
 
 
 def test_readme_results_only_touches_the_marked_section(tmp_path):
