@@ -134,9 +134,9 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
   log(f"{domain}: loaded in {time.time() - t0:.0f}s; test {len(test)} of {len(splits.test)}; "
       f"like-share AUC {100 * evaluate.like_ratio_auc(test):.2f}")
 
-  def test_auc(spec) -> tuple[float, float]:
+  def test_auc(spec, what: str) -> tuple[float, float]:
     t = time.time()
-    return 100 * recipe.auc(r, evals[spec.num_soft_tokens]), time.time() - t
+    return 100 * recipe.auc(r, evals[spec.num_soft_tokens], desc=f"scoring {domain} {what}"), time.time() - t
 
   def train(spec, steps, weights, seed, pool) -> float:
     last = time.time()
@@ -161,7 +161,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
       log(f"{domain} zero_shot: AUC {old[-1]['auc']:.2f}, kept from run {old[-1]['run']} (same test subset)")
     else:
       nnx.update(model, initial)
-      auc, score_s = test_auc(text)
+      auc, score_s = test_auc(text, "zero_shot")
       record({**zero, "auc": auc, "train_s": 0.0, "score_s": score_s})
   if "encoder_only" in args.variants and encoder is not None:
     record({**base, "variant": "encoder_only", "shots": 0, "seed": None, "stage1_steps": 0, "stage2_steps": 0,
@@ -175,7 +175,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         cell["pool_encoder_auc"] = 100 * feedback.encoder_auc(model, train_set)
       train1_s = train(text, s1, dict(config.stage1.loss_weights), seed, train_set)
       if "text_only" in args.variants and s1 > 0:
-        auc, score_s = test_auc(text)
+        auc, score_s = test_auc(text, f"{shots}-shot seed {seed} text_only")
         record({**cell, "variant": "text_only", "stage2_steps": 0, "auc": auc, "train_s": train1_s,
                 "score_s": score_s})
       stage1 = jax.tree.map(np.array, nnx.state(model, nnx.Param))
@@ -188,7 +188,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         weights = stage2_weights(config, variant)
         extra = config.stage2.history_targets or ablation.history_targets
         train2_s = train(fused, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed))
-        auc, score_s = test_auc(fused)
+        auc, score_s = test_auc(fused, f"{shots}-shot seed {seed} {variant}")
         model.config = fcfg
         record({**cell, "variant": variant, "stage2_steps": s2, "loss_weights": weights, "history_targets": extra,
                 "auc": auc, "train_s": train1_s + train2_s, "score_s": score_s})
