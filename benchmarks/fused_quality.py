@@ -12,8 +12,10 @@ is one of its history items, `fused+hint_kd`: stage 2 also distils the encoder's
 `fused+hint_kd+align_cl`: both, `fused+align_cl-seq_cl`: align_cl instead of seq_cl);
 the `FUSED` table below says what each changes.
 The full protocol is 2 domains x 16/64/256 shots x 3 seeds on the whole test sets; flags choose a slice,
-and the output says which. `--merge` keeps the rows of OUT/results.json that this run does not recompute
-(and reuses its zero-shot row for the same test subset); every row names its run.
+and the output says which. `--split valid` scores the validation split instead (by default into
+benchmarks/results/fused_quality_valid), so variants and step counts can be chosen without the test set.
+`--merge` keeps the rows of OUT/results.json that this run does not recompute (and reuses its zero-shot
+row for the same test subset); every row names its run.
 benchmarks/quality.py reads OUT/results.json for its zero-shot, LoRA and fused rows.
 
   python benchmarks/fused_quality.py --domains movie --shots 64 --seeds 0 --test_size 128 \
@@ -83,15 +85,20 @@ UNTRAINED = ("zero_shot", "encoder_only")  # scored once per domain: no shots, n
 VARIANTS = UNTRAINED + ("text_only",) + tuple(FUSED)
 
 
-def test_subset(splits, size: int, seed: int = 0) -> list:
-  """The test prompts every cell is scored on: `size` drawn by a seeded shuffle, or all when size <= 0."""
-  return fewshot.fewshot(splits.test, size if size > 0 else None, seed)
+def test_subset(splits, size: int, seed: int = 0, split: str = "test") -> list:
+  """The prompts every cell is scored on (of `split`): `size` drawn by a seeded shuffle, or all when size <= 0."""
+  return fewshot.fewshot(getattr(splits, split), size if size > 0 else None, seed)
+
+
+def split_of(r: dict) -> str:
+  """The split a row (or a domain's metadata) was scored on; rows from before `--split` existed are test rows."""
+  return r.get("split", "test")
 
 
 def row_key(r: dict) -> tuple:
   """Rows with equal keys measure the same thing; zero-shot has no shots, seed or steps."""
   return (r["domain"], r["variant"], r["shots"], r["seed"], r["test_size"], r["test_seed"], r["stage1_steps"],
-          r["stage2_steps"])
+          r["stage2_steps"], split_of(r))
 
 
 def steps_of(config, args) -> tuple[int, int]:
@@ -109,20 +116,21 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
   model, splits, text, fused = r.model, r.splits, r.text, r.fused
   fcfg = model.config
   scratch = jax.tree.map(np.array, nnx.state(model, nnx.Param))
-  test = test_subset(splits, args.test_size, args.test_seed)
+  test = test_subset(splits, args.test_size, args.test_seed, args.split)
+  total = len(getattr(splits, args.split))
   encoder = recipe.pretrain_encoder(r, log)
   if encoder is not None:
     encoder["test_auc"] = feedback.encoder_auc(model, test)
     encoder["full_test_auc"] = feedback.encoder_auc(model, splits.test)  # no LLM: the whole test set is cheap
     log(f"{domain}: encoder pretrained on {encoder['items']} behaviour events in {encoder['seconds']:.0f}s; "
-        f"valid AUC {100 * encoder['best_valid_auc']:.2f}, test subset AUC {100 * encoder['test_auc']:.2f}, "
+        f"valid AUC {100 * encoder['best_valid_auc']:.2f}, {args.split} subset AUC {100 * encoder['test_auc']:.2f}, "
         f"full test AUC {100 * encoder['full_test_auc']:.2f}")
   initial = jax.tree.map(np.array, nnx.state(model, nnx.Param))
   evals = {spec.num_soft_tokens: r.eval_batches(test, spec, args.eval_batch_size) for spec in (text, fused)}
-  base = {"domain": domain, "test_size": len(test), "test_total": len(splits.test), "test_seed": args.test_seed,
-          "batch_size": config.train.batch_size, "lr": config.optim.lr, "run": run}
-  meta[meta_key(domain, len(test), len(splits.test))] = {
-                  "test_size": len(test), "test_total": len(splits.test), "test_seed": args.test_seed,
+  base = {"domain": domain, "split": args.split, "test_size": len(test), "test_total": total,
+          "test_seed": args.test_seed, "batch_size": config.train.batch_size, "lr": config.optim.lr, "run": run}
+  meta[meta_key(domain, len(test), total, args.split)] = {
+                  "split": args.split, "test_size": len(test), "test_total": total, "test_seed": args.test_seed,
                   "like_share_auc": 100 * evaluate.like_ratio_auc(test),
                   "fusion": dataclasses.asdict(fcfg) | {"item_corr": "itemcf_iuf(train pool)"},
                   "stage1_loss_weights": config.stage1.loss_weights.to_dict(),
@@ -131,7 +139,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
                   "pad_multiple": config.data.pad_multiple,
                   "encoder_pretraining": None if encoder is None else {k: v for k, v in encoder.items()
                                                                         if k != "epochs"}}
-  log(f"{domain}: loaded in {time.time() - t0:.0f}s; test {len(test)} of {len(splits.test)}; "
+  log(f"{domain}: loaded in {time.time() - t0:.0f}s; {args.split} {len(test)} of {total}; "
       f"like-share AUC {100 * evaluate.like_ratio_auc(test):.2f}")
 
   def test_auc(spec, what: str) -> tuple[float, float]:
@@ -158,7 +166,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
     zero = {**base, "variant": "zero_shot", "shots": 0, "seed": None, "stage1_steps": 0, "stage2_steps": 0}
     old = [r for r in previous if row_key(r) == row_key(zero)]
     if old:
-      log(f"{domain} zero_shot: AUC {old[-1]['auc']:.2f}, kept from run {old[-1]['run']} (same test subset)")
+      log(f"{domain} zero_shot: AUC {old[-1]['auc']:.2f}, kept from run {old[-1]['run']} (same {args.split} subset)")
     else:
       nnx.update(model, initial)
       auc, score_s = test_auc(text, "zero_shot")
@@ -166,6 +174,8 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
   if "encoder_only" in args.variants and encoder is not None:
     record({**base, "variant": "encoder_only", "shots": 0, "seed": None, "stage1_steps": 0, "stage2_steps": 0,
             "auc": 100 * encoder["test_auc"], "train_s": encoder["seconds"], "score_s": 0.0})
+  if all(v in UNTRAINED for v in args.variants):
+    return  # nothing to train: no shot or seed loop
   for shots in args.shots:
     for seed in args.seeds:
       nnx.update(model, initial)
@@ -204,30 +214,36 @@ def command(argv: list[str]) -> str:
   return "python benchmarks/fused_quality.py " + shlex.join(argv)
 
 
-def meta_key(domain: str, test_size: int, test_total: int) -> str:
-  """Subset runs and whole-test-set runs of a domain keep separate metadata (their like-share AUCs differ)."""
-  return domain if test_size < test_total else f"{domain}, whole test set"
+def meta_key(domain: str, test_size: int, test_total: int, split: str = "test") -> str:
+  """Subset and whole-set runs of a domain and split keep separate metadata (their like-share AUCs differ)."""
+  key = domain if split == "test" else f"{domain}, {split}"
+  return key if test_size < test_total else f"{key}, whole {split} set"
 
 
 def markdown(result: dict) -> str:
   rows, runs = result["rows"], result["runs"]
   domains = sorted({r["domain"] for r in rows}, key=["movie", "book"].index)
   trained = [r for r in rows if r["variant"] not in UNTRAINED]
+  splits = sorted({split_of(r) for r in rows})  # "test" sorts before "valid"
   full = (set(domains) == {"movie", "book"} and {r["shots"] for r in trained} >= {16, 64, 256}
-          and len({r["seed"] for r in trained}) >= 3 and all(r["test_size"] == r["test_total"] for r in rows))
-  lines = ["# Fused quality: TALLRec test AUC x100, SmolLM2-135M-Instruct int8", "",
+          and len({r["seed"] for r in trained}) >= 3 and all(r["test_size"] == r["test_total"] for r in rows)
+          and splits == ["test"])
+  lines = [f"# Fused quality: TALLRec {' and '.join(splits) or 'test'} AUC x100, SmolLM2-135M-Instruct int8", "",
            f"Machine: {common.machine_line(result['machine'])}.", "",
            "**Full protocol.**" if full else
            "**A slice, not the full protocol** (2 domains x 16/64/256 shots x 3 seeds, whole test sets).", ""]
   for key, m in result["meta"].items():
-    subset = (f"test subset {m['test_size']} of {m['test_total']} (fewshot seed {m['test_seed']})"
-              if m["test_size"] < m["test_total"] else f"all {m['test_total']} test prompts")
+    split = split_of(m)
+    subset = (f"{split} subset {m['test_size']} of {m['test_total']} (fewshot seed {m['test_seed']})"
+              if m["test_size"] < m["test_total"] else f"all {m['test_total']} {split} prompts")
     lines.append(f"- {key}: {subset}; batch {m['batch_size']}, lr {m['optim']['lr']}, answer-only LM loss; "
                  f"like-share heuristic on the same prompts {m['like_share_auc']:.2f}")
     enc = m.get("encoder_pretraining") or {}
     if "full_test_auc" in enc:
       lines.append(f"  - pretrained encoder alone (no LLM): valid {100 * enc['best_valid_auc']:.2f}, "
-                   f"whole test set {100 * enc['full_test_auc']:.2f}")
+                   f"whole test set {100 * enc['full_test_auc']:.2f}"
+                   + ("; its pretraining keeps the epoch best on valid, so its valid rows are optimistic"
+                      if split == "valid" else ""))
   lines += ["- steps `s1+s2`: stage-1 (text-only LoRA) steps + stage-2 (fused) steps; fused variants start from "
             "the text-only weights of the same cell; examples seen = steps x batch (so 256 shots with 8 steps "
             "sees 64 of them); minutes are wall clock on the shared machine, XLA compiles included",
@@ -241,22 +257,24 @@ def markdown(result: dict) -> str:
   groups: dict[tuple, list] = {}
   for r in rows:
     groups.setdefault((r["domain"], r["shots"], r["variant"], r["stage1_steps"], r["stage2_steps"],
-                       r["test_size"]), []).append(r)
-  order = lambda k: (domains.index(k[0]), k[1], VARIANTS.index(k[2]), k[3], k[4], k[5])  # noqa: E731
+                       r["test_size"], split_of(r)), []).append(r)
+  order = lambda k: (domains.index(k[0]), k[6] != "test", k[1], VARIANTS.index(k[2]), k[3], k[4], k[5])  # noqa: E731
   for key in sorted(groups, key=order):
     rs = groups[key]
     aucs = [r["auc"] for r in rs]
     domain, shots, variant = key[:3]
     minutes = statistics.mean(r["train_s"] + r["score_s"] for r in rs) / 60
-    goal = common.FUSED_GOALS[domain].get(shots, "") if variant == "fused" else ""
+    on_test = key[6] == "test"  # the published numbers and goals are test-set numbers
+    goal = common.FUSED_GOALS[domain].get(shots, "") if variant == "fused" and on_test else ""
     pool = [r["pool_encoder_auc"] for r in rs if "pool_encoder_auc" in r]
     pool = f"{statistics.mean(pool):.1f}" if len(pool) == len(rs) else ""
     test = "all" if rs[0]["test_size"] == rs[0]["test_total"] else f"{rs[0]['test_size']}/{rs[0]['test_total']}"
+    test = test if on_test else f"{key[6]} {test}"
     lines.append(f"| {domain} | {test} | {shots or '-'} | {variant} | {key[3]}+{key[4]} | "
                  f"{common.mean_std(aucs)} | "
                  f"{','.join(str(r['seed']) for r in rs if r['seed'] is not None) or '-'} | {pool} | {minutes:.1f} | "
                  f"{','.join(sorted({str(r['run']) for r in rs}))} | "
-                 f"{common.TALLREC_PUBLISHED[domain].get(shots, '')} | "
+                 f"{common.TALLREC_PUBLISHED[domain].get(shots, '') if on_test else ''} | "
                  f"{goal} |")
   return "\n".join(lines) + "\n"
 
@@ -268,13 +286,15 @@ def parse_args(argv: list[str] | None):
   parser.add_argument("--shots", type=split(int), default=[16, 64, 256])
   parser.add_argument("--seeds", type=split(int), default=[0, 1, 2])
   parser.add_argument("--variants", type=split(str), default=list(VARIANTS))
-  parser.add_argument("--test_size", type=int, default=0, help="deterministic test subsample; <= 0: all")
+  parser.add_argument("--split", choices=("test", "valid"), default="test",
+                      help="score on the test set, or on the validation split (to choose variants without test)")
+  parser.add_argument("--test_size", type=int, default=0, help="deterministic subsample of --split; <= 0: all")
   parser.add_argument("--test_seed", type=int, default=0)
   parser.add_argument("--stage1_steps", type=int, default=-1,
                       help="< 0: the config's; 0: no stage 1 (fused variants start from the zero-shot LLM)")
   parser.add_argument("--stage2_steps", type=int, default=-1, help="< 0: the config's")
   parser.add_argument("--eval_batch_size", type=int, default=16)
-  parser.add_argument("--out", default="benchmarks/results/fused_quality")
+  parser.add_argument("--out", default=None, help="default benchmarks/results/fused_quality, + `_valid` for valid")
   parser.add_argument("--merge", action="store_true", help="keep OUT/results.json rows this run does not redo")
   args = parser.parse_args(argv)
   unknown = set(args.variants) - set(VARIANTS)
@@ -286,7 +306,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   cache = common.enable_compilation_cache()
-  out = pathlib.Path(args.out)
+  out = pathlib.Path(args.out or "benchmarks/results/fused_quality" + ("" if args.split == "test" else "_valid"))
   out.mkdir(parents=True, exist_ok=True)
   previous = json.loads((out / "results.json").read_text()) if args.merge and (out / "results.json").exists() \
       else {"runs": [], "meta": {}, "rows": []}

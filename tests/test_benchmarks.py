@@ -119,6 +119,24 @@ def test_fused_quality_merge_and_markdown(tmp_path):
   assert "`python benchmarks/fused_quality.py --seeds 1`" in text
 
 
+def test_fused_quality_keeps_valid_rows_apart_from_test_rows(tmp_path):
+  result = json.loads(_fused_results(tmp_path).read_text())
+  test_row = result["rows"][2]
+  valid_row = {**test_row, "split": "valid", "test_total": 800, "auc": 90.0}
+  assert fused_quality.row_key(valid_row) != fused_quality.row_key(test_row)
+  assert len(fused_quality.merge_rows(result["rows"], [valid_row])) == len(result["rows"]) + 1
+  result["rows"].append(valid_row)
+  result["meta"][fused_quality.meta_key("movie", 16, 800, "valid")] = {**result["meta"]["movie"], "split": "valid",
+                                                                      "test_total": 800}
+  text = fused_quality.markdown(result)
+  assert text.startswith("# Fused quality: TALLRec test and valid AUC x100")
+  assert "- movie, valid: valid subset 16 of 800" in text
+  assert "| movie | valid 16/800 | 16 | fused | 2+2 | 90.00 | 0 |  |" in text and text.endswith("|  |  |\n")
+  splits = tallrec.TallrecSplits([], list(range(10)), list(range(100, 110)), None)
+  assert set(fused_quality.test_subset(splits, 4, 0, "valid")) <= set(range(10))
+  assert sorted(fused_quality.test_subset(splits, 0, 0)) == list(range(100, 110))
+
+
 def test_fused_quality_keeps_rows_and_says_why_a_run_stopped(tmp_path, monkeypatch):
   def run_domain(domain, args, log, previous, run, meta, emit):
     emit({"domain": domain, "variant": "zero_shot", "shots": 0, "seed": None, "test_size": 16, "test_seed": 0,
@@ -171,12 +189,14 @@ def test_quality_reads_the_fused_results(tmp_path, data_root):
   fused = _fused_results(tmp_path)
   data = json.loads(fused.read_text())
   data["runs"][1]["stopped"] = "MemoryError: out of memory"
+  data["rows"].append({**data["rows"][1], "split": "valid", "auc": 99.0})  # chooses variants; never reported
   fused.write_text(json.dumps(data))
   result = quality.main(["--out", str(tmp_path), "--fused", str(fused), "--domains", "movie"])
   rows = {(r["method"], r["test_n"], r["seed"]): r for r in result["rows"]}
   assert rows[("heuristic", 1000, None)]["auc"] == pytest.approx(0.726, abs=5e-4)  # methods.md: 72.6 on movie.
   subset = rows[("heuristic", 16, None)]
   assert subset["subset"] and subset["subset_seed"] == 0 and 0.0 <= subset["auc"] <= 1.0
+  assert all(r["auc"] != pytest.approx(0.99) for r in result["rows"])
   assert rows[("lora", 16, 1)]["auc"] == pytest.approx(0.62) and rows[("lora", 16, 1)]["steps"] == "2+0"
   assert rows[("fused", 16, 0)]["command"] == "python benchmarks/fused_quality.py --seeds 0"
   assert rows[("zero_shot", 16, None)]["shots"] == 0
