@@ -41,6 +41,11 @@ def encoder_test_rows(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str
   return rows
 
 
+def split_of(r: Mapping[str, Any]) -> str:
+  """The split a fused_quality row (or domain metadata) was scored on; rows from before `--split` are test rows."""
+  return r.get("split", "test")
+
+
 def loadavg() -> list[float]:
   """1/5/15-minute load averages (other processes sharing the cores skew timings)."""
   try:

@@ -90,15 +90,10 @@ def test_subset(splits, size: int, seed: int = 0, split: str = "test") -> list:
   return fewshot.fewshot(getattr(splits, split), size if size > 0 else None, seed)
 
 
-def split_of(r: dict) -> str:
-  """The split a row (or a domain's metadata) was scored on; rows from before `--split` existed are test rows."""
-  return r.get("split", "test")
-
-
 def row_key(r: dict) -> tuple:
   """Rows with equal keys measure the same thing; zero-shot has no shots, seed or steps."""
   return (r["domain"], r["variant"], r["shots"], r["seed"], r["test_size"], r["test_seed"], r["stage1_steps"],
-          r["stage2_steps"], split_of(r))
+          r["stage2_steps"], common.split_of(r))
 
 
 def steps_of(config, args) -> tuple[int, int]:
@@ -224,7 +219,7 @@ def markdown(result: dict) -> str:
   rows, runs = result["rows"], result["runs"]
   domains = sorted({r["domain"] for r in rows}, key=["movie", "book"].index)
   trained = [r for r in rows if r["variant"] not in UNTRAINED]
-  splits = sorted({split_of(r) for r in rows})  # "test" sorts before "valid"
+  splits = sorted({common.split_of(r) for r in rows})  # "test" sorts before "valid"
   full = (set(domains) == {"movie", "book"} and {r["shots"] for r in trained} >= {16, 64, 256}
           and len({r["seed"] for r in trained}) >= 3 and all(r["test_size"] == r["test_total"] for r in rows)
           and splits == ["test"])
@@ -233,7 +228,7 @@ def markdown(result: dict) -> str:
            "**Full protocol.**" if full else
            "**A slice, not the full protocol** (2 domains x 16/64/256 shots x 3 seeds, whole test sets).", ""]
   for key, m in result["meta"].items():
-    split = split_of(m)
+    split = common.split_of(m)
     subset = (f"{split} subset {m['test_size']} of {m['test_total']} (fewshot seed {m['test_seed']})"
               if m["test_size"] < m["test_total"] else f"all {m['test_total']} {split} prompts")
     lines.append(f"- {key}: {subset}; batch {m['batch_size']}, lr {m['optim']['lr']}, answer-only LM loss; "
@@ -257,7 +252,7 @@ def markdown(result: dict) -> str:
   groups: dict[tuple, list] = {}
   for r in rows:
     groups.setdefault((r["domain"], r["shots"], r["variant"], r["stage1_steps"], r["stage2_steps"],
-                       r["test_size"], split_of(r)), []).append(r)
+                       r["test_size"], common.split_of(r)), []).append(r)
   order = lambda k: (domains.index(k[0]), k[6] != "test", k[1], VARIANTS.index(k[2]), k[3], k[4], k[5])  # noqa: E731
   for key in sorted(groups, key=order):
     rs = groups[key]

@@ -66,7 +66,7 @@ def fused_rows(fused: dict[str, Any], domains: list[str]) -> list[dict[str, Any]
   """fused_quality rows in this table's form (AUC as a fraction), each with the command that measured it."""
   rows = []
   for r in fused["rows"]:
-    if r["domain"] not in domains or r.get("split", "test") != "test":  # valid rows choose, test rows report
+    if r["domain"] not in domains or common.split_of(r) != "test":  # valid rows choose, test rows report
       continue
     subset = r["test_size"] < r["test_total"]
     rows.append({"method": "lora" if r["variant"] == "text_only" else r["variant"], "domain": r["domain"],
