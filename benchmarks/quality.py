@@ -34,8 +34,9 @@ NAMES = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "his
          "fused+sharp_hint": f"ours, fused + hint from {common.SHARP_HINT_SCALE:g} x the encoder's logit",
          "fused+hint_kd": "ours, fused + hint distillation (hint_kd)",
          "fused+hint_kd+align_cl": "ours, fused + hint_kd + align_cl",
-         "fused+align_cl-seq_cl": "ours, fused + align_cl - seq_cl"}
-ABLATION_MARKERS = "v^x*hPXpD<>"  # one per fused ablation, in NAMES order
+         "fused+align_cl-seq_cl": "ours, fused + align_cl - seq_cl",
+         "fused+align_cl-text_cl": "ours, fused + align_cl - text_cl"}
+ABLATION_MARKERS = "v^x*hPXpD<>d"  # one per fused ablation, in NAMES order
 FUSED_DEFAULT = ROOT / "benchmarks" / "results" / "fused_quality" / "results.json"
 
 
