@@ -212,16 +212,18 @@ def test_goal_table_needs_three_seeds_and_signs_the_gap():
   def row(seed, auc, test_n=1000, steps="8+8", method="fused"):
     return {"method": method, "domain": "movie", "shots": 64, "seed": seed, "auc": auc, "test_n": test_n,
             "test_full_n": 1000, "subset": test_n < 1000, "subset_seed": 0 if test_n < 1000 else None, "steps": steps}
-  rows = [row(0, 0.74), row(1, 0.76), row(2, 0.78), row(0, 0.70, 128), row(1, 0.70, 128),
+  rows = [row(0, 0.74), row(1, 0.76), row(2, 0.78), row(0, 0.70, 128), row(1, 0.70, 128), row(2, 0.70, 128),
           row(0, 0.74, steps="16+16"), row(1, 0.74, steps="16+16"), row(2, 0.74, steps="16+16")]
   rows += [row(s, 0.8, method=m) for s in range(3) for m in ("fused+hint_kd", "fused-seq_cl")]
+  rows += [row(s, 0.9, method="fused+align_cl") for s in range(2)]
   text = quality.goal_table(rows)
   assert "| movie | 64 | 75 | 67.48 | full (1000) | 8+8 | fused | 76.00 ± 2.00 | +1.00 (met, within noise) |" in text
   assert "| movie | 64 | 75 | 67.48 | full (1000) | 8+8 | fused+hint_kd | 80.00 ± 0.00 | +5.00 (met) |" in text
   assert "| movie | 64 | 75 | 67.48 | full (1000) | 16+16 | fused | 74.00 ± 0.00 | -1.00 (missed) |" in text
   assert "fused-seq_cl" not in text  # ablations remove a part: they are not a setting of the fused model
-  assert "SUBSET" not in text  # two seeds are not enough for a goal row
-  assert "| movie | 16 | 74 | 67.24 | - | - | - | not measured | - |" in text
+  assert "SUBSET" not in text  # the goals are stated on the whole test set
+  assert "fused+align_cl" not in text  # two seeds are not enough for a goal row
+  assert "| movie | 16 | 74 | 67.24 | - | - | - | not measured on the whole test set | - |" in text
 
 
 def test_versus_goal_says_when_the_gap_is_under_one_standard_error():
