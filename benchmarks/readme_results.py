@@ -50,12 +50,12 @@ def quality_section(result: dict) -> list[str]:
            "Zero-shot, LoRA and fused rows come from `benchmarks/fused_quality.py` (commands below); "
            "SUBSET rows score a seeded subset of the test set (the CPU cannot run the whole grid); "
            "they are not directly comparable with full-test rows. Details: "
-           "[quality.md](benchmarks/results/quality.md).", "", GOAL_CAPTION, "", goal_table(result["rows"]), "",
-           "All rows:", "", auc_table(result["rows"]), ""]
+           "[quality.md](benchmarks/results/quality.md).", "", GOAL_CAPTION, "", goal_table(result["rows"]), ""]
+  if (HERE / "results" / "quality.png").exists():
+    lines += ["![AUC against training shots, whole test sets](benchmarks/results/quality.png)", ""]
+  lines += ["All rows:", "", auc_table(result["rows"]), ""]
   if sources(result):
     lines += sources(result) + [""]
-  if (HERE / "results" / "quality.png").exists():
-    lines += ["![AUC against training shots](benchmarks/results/quality.png)", ""]
   return lines
 
 
