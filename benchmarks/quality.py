@@ -135,7 +135,7 @@ def goal_table(rows_in: list[dict[str, Any]]) -> str:
   groups: dict[tuple, list] = {}
   for r in rows_in:
     if (r["method"] == "fused" or r["method"].startswith("fused+")) and not r["subset"]:
-      groups.setdefault((r["domain"], r["shots"], r["subset"], r["test_n"], r["steps"], r["method"]), []).append(r)
+      groups.setdefault((r["domain"], r["shots"], r["test_n"], r["steps"], r["method"]), []).append(r)
   order = {m: i for i, m in enumerate(NAMES)}
   rows = []
   for domain, by_shots in common.FUSED_GOALS.items():
@@ -144,10 +144,10 @@ def goal_table(rows_in: list[dict[str, Any]]) -> str:
       if not keys:
         rows.append([domain, shots, goal, common.TALLREC_PUBLISHED[domain][shots], "-", "-", "-",
                      "not measured on the whole test set", "-"])
-      for key in sorted(keys, key=lambda k: (k[2], k[4], order[k[5]])):
+      for key in sorted(keys, key=lambda k: (k[3], order[k[4]])):
         aucs = [100 * r["auc"] for r in groups[key]]
         rows.append([domain, shots, goal, common.TALLREC_PUBLISHED[domain][shots], test_label(groups[key][0]),
-                     key[4], key[5], common.mean_std(aucs), versus_goal(aucs, goal)])
+                     key[3], key[4], common.mean_std(aucs), versus_goal(aucs, goal)])
   return common.markdown_table(["domain", "shots", "goal", "TALLRec 7B", "test set", "steps", "variant",
                                 "AUC x100, mean ± std of seeds", "vs goal"], rows)
 
