@@ -9,8 +9,8 @@ token, `fused-prompt_dropout`: no encoder dropout under the soft tokens in stage
 `fused+sharp_hint`: the hint's P(like) from `common.SHARP_HINT_SCALE` (3) x the encoder's logit,
 `fused+history_targets`: stage 2 also trains on 4 masked-item prompts per few-shot prompt, whose target
 is one of its history items, `fused+hint_kd`: stage 2 also distils the encoder's P(like) into the answer,
-`fused+hint_kd+align_cl`: both, `fused+align_cl-seq_cl` / `fused+align_cl-text_cl`: the movie recipe without
-seq_cl / text_cl);
+`fused+hint_kd+align_cl`: both, `fused+align_cl-seq_cl` / `fused+align_cl-text_cl` and `fused+hint_kd-seq_cl` /
+`fused+hint_kd-text_cl`: the movie and book recipes without seq_cl / text_cl);
 the `FUSED` table below says what each changes.
 The full protocol is 2 domains x 16/64/256 shots x 3 seeds on the whole test sets; flags choose a slice,
 and the output says which. `--split valid` scores the validation split instead (by default into
@@ -74,6 +74,8 @@ FUSED = {
     "fused+hint_kd+align_cl": Ablation(loss_weights=HINT_KD | ALIGN_CL),
     "fused+align_cl-seq_cl": Ablation(loss_weights=ALIGN_CL | {"seq_cl": 0.0}),
     "fused+align_cl-text_cl": Ablation(loss_weights=ALIGN_CL | {"text_cl": 0.0}),
+    "fused+hint_kd-seq_cl": Ablation(loss_weights=HINT_KD | {"seq_cl": 0.0}),
+    "fused+hint_kd-text_cl": Ablation(loss_weights=HINT_KD | {"text_cl": 0.0}),
 }
 PLAIN = {"hint_kd": 0.0, "align_cl": 0.0}  # the configs turn these on; rows named `fused` stay plain fusion
 

@@ -35,8 +35,10 @@ NAMES = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "his
          "fused+hint_kd": "ours, fused + hint distillation (hint_kd)",
          "fused+hint_kd+align_cl": "ours, fused + hint_kd + align_cl",
          "fused+align_cl-seq_cl": "ours, fused + align_cl - seq_cl",
-         "fused+align_cl-text_cl": "ours, fused + align_cl - text_cl"}
-ABLATION_MARKERS = "v^x*hPXpD<>d"  # one per fused ablation, in NAMES order
+         "fused+align_cl-text_cl": "ours, fused + align_cl - text_cl",
+         "fused+hint_kd-seq_cl": "ours, fused + hint_kd - seq_cl",
+         "fused+hint_kd-text_cl": "ours, fused + hint_kd - text_cl"}
+ABLATION_MARKERS = "v^x*hPXpD<>dH8"  # one per fused ablation, in NAMES order
 FUSED_DEFAULT = ROOT / "benchmarks" / "results" / "fused_quality" / "results.json"
 
 
@@ -152,6 +154,58 @@ def goal_table(rows_in: list[dict[str, Any]]) -> str:
                                 "AUC x100, mean ± std of seeds", "vs goal"], rows)
 
 
+ISSUE_ROWS = (  # (label, variant by domain): issue 5's table; the recipe is configs/fused_<domain>.py
+    ("zero-shot", {"movie": "zero_shot", "book": "zero_shot"}),
+    ("TALLRec-style LoRA, text only", {"movie": "lora", "book": "lora"}),
+    ("pretrained encoder alone (no LLM)", {"movie": "encoder_only", "book": "encoder_only"}),
+    ("fused, the config's recipe", common.RECIPES),
+    ("recipe - seq_cl", {d: f"{v}-seq_cl" for d, v in common.RECIPES.items()}),
+    ("recipe - text_cl", {d: f"{v}-text_cl" for d, v in common.RECIPES.items()}),
+    ("recipe - align_cl (movie) / - hint_kd (book) = plain fused", {"movie": "fused", "book": "fused"}),
+)
+ISSUE_CAPTION = ("Issue 5's table, whole test sets only (the goals' protocol): mean ± std of seeds (number of "
+                 "seeds, steps s1+s2); where a row has several step settings, the cell shows the one with the most "
+                 "seeds, then the most steps; '-': not run on the whole test set (subset runs are under All rows). "
+                 "The recipe is each domain's config: movie `" + common.RECIPES["movie"] + "`, book `"
+                 + common.RECIPES["book"] + "`.")
+
+
+def _steps_total(steps: str) -> int:
+  return sum(int(s) for s in steps.split("+"))
+
+
+def issue_table(rows_in: list[dict[str, Any]]) -> str:
+  """Issue 5's table in its own layout: a row per method, a column per (domain, shots), whole test sets only."""
+  groups: dict[tuple, list] = {}
+  for r in rows_in:
+    if not r["subset"] and r["method"] != "tallrec_published":
+      groups.setdefault((r["method"], r["domain"], r["shots"], r.get("steps", "")), []).append(r)
+  cells = [(d, s) for d, by in common.FUSED_GOALS.items() for s in by]
+
+  def cell(method: str, domain: str, shots: int) -> list[float]:
+    keys = [k for k in groups if k[:2] == (method, domain) and k[2] in (shots, 0)]
+    if not keys:
+      return []
+    key = max(keys, key=lambda k: (len(groups[k]), _steps_total(k[3] or "0")))
+    return [100 * r["auc"] for r in groups[key]], key[3], groups[key][0]["seed"] is not None
+
+  def text(found) -> str:
+    if not found:
+      return "-"
+    aucs, steps, trained = found
+    return common.mean_std(aucs) + (f" ({len(aucs)} seed{'s' * (len(aucs) > 1)}, {steps})" if trained else "")
+
+  table = [["TALLRec, LLaMA-7B (published)", *(common.TALLREC_PUBLISHED[d][s] for d, s in cells)],
+           ["goal for the fused model", *(f">= {common.FUSED_GOALS[d][s]}" for d, s in cells)]]
+  for label, by_domain in ISSUE_ROWS:
+    table.append([label, *(text(cell(by_domain[d], d, s)) for d, s in cells)])
+    if by_domain is common.RECIPES:
+      found = [cell(common.RECIPES[d], d, s) for d, s in cells]
+      table.append(["recipe vs goal", *(versus_goal(f[0], common.FUSED_GOALS[d][s]) if f and len(f[0]) >= 3
+                                         else "-" for f, (d, s) in zip(found, cells))])
+  return common.markdown_table(["", *(f"{d} {s}" for d, s in cells)], table)
+
+
 def sources(result: dict[str, Any]) -> list[str]:
   """The commands behind the model rows, by fused_quality run number."""
   runs = sorted({(r["run"], r["command"], r.get("stopped", "")) for r in result["rows"] if "run" in r})
@@ -174,6 +228,7 @@ def markdown(result: dict[str, Any]) -> str:
               *sources(result), ""]
   lines += [f"Heuristic rows and these tables: `python benchmarks/quality.py` on "
             f"{common.machine_line(result['machine'])}.", "",
+            ISSUE_CAPTION, "", issue_table(result["rows"]), "",
             GOAL_CAPTION, "",
             goal_table(result["rows"]), "",
             "All rows:", "", auc_table(result["rows"]), ""]

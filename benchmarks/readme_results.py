@@ -43,14 +43,16 @@ def throughput_section(result: dict, md_name: str) -> list[str]:
 
 
 def quality_section(result: dict) -> list[str]:
-  from quality import GOAL_CAPTION, auc_table, goal_table, sources  # pylint: disable=g-import-not-at-top
+  from quality import (GOAL_CAPTION, ISSUE_CAPTION, auc_table, goal_table, issue_table,  # pylint: disable=g-import-not-at-top
+                       sources)
   machine = result.get("model_machine") or result["machine"]
   lines = ["### Few-shot TALLRec AUC", "",
            f"{common.machine_line(machine)}; model {result['model']}, int8 base, LoRA r=8 on q, v. "
            "Zero-shot, LoRA and fused rows come from `benchmarks/fused_quality.py` (commands below); "
            "SUBSET rows score a seeded subset of the test set (the CPU cannot run the whole grid); "
            "they are not directly comparable with full-test rows. Details: "
-           "[quality.md](benchmarks/results/quality.md).", "", GOAL_CAPTION, "", goal_table(result["rows"]), ""]
+           "[quality.md](benchmarks/results/quality.md).", "", ISSUE_CAPTION, "", issue_table(result["rows"]), "",
+           GOAL_CAPTION, "", goal_table(result["rows"]), ""]
   if (HERE / "results" / "quality.png").exists():
     lines += ["![AUC against training shots, whole test sets](benchmarks/results/quality.png)", ""]
   lines += ["All rows:", "", auc_table(result["rows"]), ""]

@@ -170,6 +170,13 @@ def test_fused_ablations_name_real_loss_terms_and_fusion_fields():
   assert movie.stage2.loss_weights.align_cl > 0  # the movie recipe aligns, but `fused` rows stay plain
   assert fused_quality.stage2_weights(movie, "fused")["align_cl"] == 0.0
   assert fused_quality.stage2_weights(movie, "fused+align_cl")["align_cl"] == movie.stage2.loss_weights.align_cl
+  nonzero = lambda w: {k: v for k, v in w.items() if v}  # noqa: E731
+  for domain, recipe in common.RECIPES.items():  # the issue table's "recipe" rows are what the configs train
+    config = fused_quality.CONFIGS[domain].get_config()
+    assert nonzero(fused_quality.stage2_weights(config, recipe)) == nonzero(dict(config.stage2.loss_weights))
+    for part in ("seq_cl", "text_cl"):
+      assert fused_quality.stage2_weights(config, f"{recipe}-{part}") == {
+          **fused_quality.stage2_weights(config, recipe), part: 0.0}
 
 
 def test_compilation_cache_goes_to_clclm_cache(tmp_path, monkeypatch):
@@ -224,6 +231,28 @@ def test_goal_table_needs_three_seeds_and_signs_the_gap():
   assert "SUBSET" not in text  # the goals are stated on the whole test set
   assert "fused+align_cl" not in text  # two seeds are not enough for a goal row
   assert "| movie | 16 | 74 | 67.24 | - | - | - | not measured on the whole test set | - |" in text
+
+
+def test_issue_table_takes_whole_test_rows_and_prefers_more_seeds():
+  def row(method, seed, auc, shots=16, steps="8+8", test_n=1000):
+    return {"method": method, "domain": "movie", "shots": shots, "seed": seed, "auc": auc, "test_n": test_n,
+            "test_full_n": 1000, "subset": test_n < 1000, "subset_seed": 0 if test_n < 1000 else None,
+            "steps": steps}
+  recipe = common.RECIPES["movie"]
+  rows = [row(recipe, s, a) for s, a in enumerate((0.76, 0.77, 0.78))]
+  rows += [row(recipe, s, 0.99, steps="32+32") for s in range(2)]  # fewer seeds: not shown
+  rows += [row(f"{recipe}-seq_cl", s, 0.90, test_n=128) for s in range(3)]  # subset: not shown
+  rows += [row("lora", 0, 0.50, steps="8+0"), row("zero_shot", None, 0.54, shots=0, steps="0+0")]
+  rows += quality.published_rows()
+  lines = quality.issue_table(rows).splitlines()
+  assert lines[0] == "|  | movie 16 | movie 64 | movie 256 | book 16 | book 64 | book 256 |"
+  by_label = {line.split(" | ")[0][2:]: line for line in lines[2:]}
+  assert by_label["TALLRec, LLaMA-7B (published)"].startswith("| TALLRec, LLaMA-7B (published) | 67.24 | 67.48 |")
+  assert "| 77.00 ± 1.00 (3 seeds, 8+8) | - |" in by_label["fused, the config's recipe"]
+  assert "| +3.00 (met) | - |" in by_label["recipe vs goal"]
+  assert "| 54.00 | 54.00 | 54.00 | - |" in by_label["zero-shot"]  # untrained: the same in every shots column
+  assert "| 50.00 (1 seed, 8+0) | - |" in by_label["TALLRec-style LoRA, text only"]
+  assert set(by_label["recipe - seq_cl"].split(" | ")[1:]) == {"-", "- |"}
 
 
 def test_versus_goal_says_when_the_gap_is_under_one_standard_error():
