@@ -119,8 +119,9 @@ def auc_table(rows_in: list[dict[str, Any]]) -> str:
                                 "AUC x100 (± std of seeds)", "notes"], rows)
 
 
-GOAL_CAPTION = ("Issue 5's goals against every fused setting (`fused` and its `fused+...` additions) run with 3 or "
-                "more seeds on the whole test set (subset rows are in the next table); ± is the seeds' standard "
+GOAL_CAPTION = ("Issue 5's goals against every fused setting (`fused`, its `fused+...` additions and the recipes "
+                "with a part removed) run with 3 or more seeds on the whole test set (subset rows are in the "
+                "next table); ± is the seeds' standard "
                 "deviation, 'within noise': the gap is under one standard error of their mean:")
 
 
@@ -132,7 +133,7 @@ def versus_goal(aucs: list[float], goal: float) -> str:
 
 
 def goal_table(rows_in: list[dict[str, Any]]) -> str:
-  """Issue 5's goals against every fused setting (`fused` and its `fused+...` additions, not the ablations)
+  """Issue 5's goals against every fused setting (`fused` and its `fused+...` variants, not `fused-...` ablations)
   measured with 3 or more seeds on the whole test set, the goals' protocol: mean AUC x100 and the gap."""
   groups: dict[tuple, list] = {}
   for r in rows_in:
