@@ -183,15 +183,16 @@ def issue_table(rows_in: list[dict[str, Any]]) -> str:
       groups.setdefault((r["method"], r["domain"], r["shots"], r.get("steps", "")), []).append(r)
   cells = [(d, s) for d, by in common.FUSED_GOALS.items() for s in by]
 
-  def cell(method: str, domain: str, shots: int) -> list[float]:
+  def cell(method: str, domain: str, shots: int) -> tuple[list[float], str, bool] | None:
+    """(AUCs x100, steps, trained) of the group with the most seeds, then the most steps (untrained: shots 0)."""
     keys = [k for k in groups if k[:2] == (method, domain) and k[2] in (shots, 0)]
     if not keys:
-      return []
+      return None
     key = max(keys, key=lambda k: (len(groups[k]), _steps_total(k[3] or "0")))
     return [100 * r["auc"] for r in groups[key]], key[3], groups[key][0]["seed"] is not None
 
-  def text(found) -> str:
-    if not found:
+  def text(found: tuple[list[float], str, bool] | None) -> str:
+    if found is None:
       return "-"
     aucs, steps, trained = found
     return common.mean_std(aucs) + (f" ({len(aucs)} seed{'s' * (len(aucs) > 1)}, {steps})" if trained else "")
@@ -199,9 +200,9 @@ def issue_table(rows_in: list[dict[str, Any]]) -> str:
   table = [["TALLRec, LLaMA-7B (published)", *(common.TALLREC_PUBLISHED[d][s] for d, s in cells)],
            ["goal for the fused model", *(f">= {common.FUSED_GOALS[d][s]}" for d, s in cells)]]
   for label, by_domain in ISSUE_ROWS:
-    table.append([label, *(text(cell(by_domain[d], d, s)) for d, s in cells)])
+    found = [cell(by_domain[d], d, s) for d, s in cells]
+    table.append([label, *map(text, found)])
     if by_domain is common.RECIPES:
-      found = [cell(common.RECIPES[d], d, s) for d, s in cells]
       table.append(["recipe vs goal", *(versus_goal(f[0], common.FUSED_GOALS[d][s]) if f and len(f[0]) >= 3
                                          else "-" for f, (d, s) in zip(found, cells))])
   return common.markdown_table(["", *(f"{d} {s}" for d, s in cells)], table)
