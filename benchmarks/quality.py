@@ -259,7 +259,7 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   domains = [d for d in ("movie", "book") if any(r["domain"] == d for r in result["rows"])]
-  fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 5.0), squeeze=False)
+  fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 3.6), squeeze=False)
   for ax, domain in zip(axes[0], domains):
     rows = [r for r in result["rows"] if r["domain"] == domain]
     full = [r for r in rows if r["test_n"] is None or not r["subset"]]
@@ -293,8 +293,8 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
     ax.set_ylabel("test AUC x100")
     ax.set_title(f"{domain}, {'whole test set' if whole else 'test subsets'}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.22))
-  fig.tight_layout()
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+  fig.subplots_adjust(wspace=0.25)  # no tight_layout: it would shrink the axes to fit the legends below
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return path
