@@ -1,6 +1,6 @@
 """Shared benchmark helpers: machine description, interleaved median timing, matmul peak, writers."""
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import importlib.metadata
 import json
 import os
@@ -25,6 +25,14 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft", "
 def mean_std(values: list[float]) -> str:
   """'mean ± std' over seeds, 2 decimals (the mean alone for one seed)."""
   return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
+def group_by(items: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list]:
+  """{key(item): [items with that key]}, keys in first-seen order."""
+  groups: dict[Any, list] = {}
+  for item in items:
+    groups.setdefault(key(item), []).append(item)
+  return groups
 
 
 def stopped_note(why: str) -> str:

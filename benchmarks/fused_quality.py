@@ -253,10 +253,8 @@ def markdown(result: dict) -> str:
             "agrees with the labels stage 2 learns from), mean over seeds", "",
             "| domain | test | shots | variant | steps | AUC x100 | seeds | pool enc. | train + score min per seed | "
             "run | TALLRec 7B | goal |", "|" + " --- |" * 12]
-  groups: dict[tuple, list] = {}
-  for r in rows:
-    groups.setdefault((r["domain"], r["shots"], r["variant"], r["stage1_steps"], r["stage2_steps"],
-                       r["test_size"], common.split_of(r)), []).append(r)
+  groups = common.group_by(rows, lambda r: (r["domain"], r["shots"], r["variant"], r["stage1_steps"],
+                                            r["stage2_steps"], r["test_size"], common.split_of(r)))
   order = lambda k: (domains.index(k[0]), k[6] != "test", k[1], VARIANTS.index(k[2]), k[3], k[4], k[5])  # noqa: E731
   for key in sorted(groups, key=order):
     rs = groups[key]

@@ -98,10 +98,8 @@ def test_label(r: dict[str, Any]) -> str:
 
 def auc_table(rows_in: list[dict[str, Any]]) -> str:
   """One markdown row per (domain, method, shots, steps, test set): mean AUC x100 (± std over seeds)."""
-  groups: dict[tuple, list] = {}
-  for r in rows_in:
-    groups.setdefault((r["domain"], r["method"], r["shots"], r.get("steps", ""), r["test_n"], r["subset"]),
-                      []).append(r)
+  groups = common.group_by(rows_in, lambda r: (r["domain"], r["method"], r["shots"], r.get("steps", ""),
+                                               r["test_n"], r["subset"]))
   order = {m: i for i, m in enumerate(NAMES)}
   rows = []
   for key in sorted(groups, key=lambda k: (k[0], order[k[1]], k[2], k[3], k[4] or 0)):
@@ -135,10 +133,9 @@ def versus_goal(aucs: list[float], goal: float) -> str:
 def goal_table(rows_in: list[dict[str, Any]]) -> str:
   """Issue 5's goals against every fused setting (`fused` and its `fused+...` variants, not `fused-...` ablations)
   measured with 3 or more seeds on the whole test set, the goals' protocol: mean AUC x100 and the gap."""
-  groups: dict[tuple, list] = {}
-  for r in rows_in:
-    if (r["method"] == "fused" or r["method"].startswith("fused+")) and not r["subset"]:
-      groups.setdefault((r["domain"], r["shots"], r["test_n"], r["steps"], r["method"]), []).append(r)
+  groups = common.group_by((r for r in rows_in if (r["method"] == "fused" or r["method"].startswith("fused+"))
+                            and not r["subset"]),
+                           lambda r: (r["domain"], r["shots"], r["test_n"], r["steps"], r["method"]))
   order = {m: i for i, m in enumerate(NAMES)}
   rows = []
   for domain, by_shots in common.FUSED_GOALS.items():
@@ -156,13 +153,13 @@ def goal_table(rows_in: list[dict[str, Any]]) -> str:
 
 
 ISSUE_ROWS = (  # (label, variant by domain): issue 5's table; the recipe is configs/fused_<domain>.py
-    ("zero-shot", {"movie": "zero_shot", "book": "zero_shot"}),
-    ("TALLRec-style LoRA, text only", {"movie": "lora", "book": "lora"}),
-    ("pretrained encoder alone (no LLM)", {"movie": "encoder_only", "book": "encoder_only"}),
+    ("zero-shot", dict.fromkeys(common.RECIPES, "zero_shot")),
+    ("TALLRec-style LoRA, text only", dict.fromkeys(common.RECIPES, "lora")),
+    ("pretrained encoder alone (no LLM)", dict.fromkeys(common.RECIPES, "encoder_only")),
     ("fused, the config's recipe", common.RECIPES),
     ("recipe - seq_cl", {d: f"{v}-seq_cl" for d, v in common.RECIPES.items()}),
     ("recipe - text_cl", {d: f"{v}-text_cl" for d, v in common.RECIPES.items()}),
-    ("recipe - align_cl (movie) / - hint_kd (book) = plain fused", {"movie": "fused", "book": "fused"}),
+    ("recipe - align_cl (movie) / - hint_kd (book) = plain fused", dict.fromkeys(common.RECIPES, "fused")),
 )
 ISSUE_CAPTION = ("Issue 5's table, whole test sets only (the goals' protocol): mean ± std of seeds (number of "
                  "seeds, steps s1+s2); where a row has several step settings, the cell shows the one with the most "
@@ -177,10 +174,8 @@ def _steps_total(steps: str) -> int:
 
 def issue_table(rows_in: list[dict[str, Any]]) -> str:
   """Issue 5's table in its own layout: a row per method, a column per (domain, shots), whole test sets only."""
-  groups: dict[tuple, list] = {}
-  for r in rows_in:
-    if not r["subset"] and r["method"] != "tallrec_published":
-      groups.setdefault((r["method"], r["domain"], r["shots"], r.get("steps", "")), []).append(r)
+  groups = common.group_by((r for r in rows_in if not r["subset"] and r["method"] != "tallrec_published"),
+                           lambda r: (r["method"], r["domain"], r["shots"], r.get("steps", "")))
   cells = [(d, s) for d, by in common.FUSED_GOALS.items() for s in by]
 
   def cell(method: str, domain: str, shots: int) -> tuple[list[float], str, bool] | None:
@@ -239,14 +234,13 @@ def markdown(result: dict[str, Any]) -> str:
 
 def _by_shots(rows: list[dict[str, Any]], method: str) -> dict[str, list[tuple]]:
   """{test label: [(shots, mean AUC x100, std, seeds)]} for one method."""
-  groups: dict[tuple, list] = {}
-  for r in rows:
-    if r["method"] == method:
-      steps = f", {r['steps']} steps" if r.get("steps") and method not in ("zero_shot", "encoder_only") else ""
-      groups.setdefault((test_label(r) + steps, r["shots"]), []).append(100 * r["auc"])
+  untrained = method in ("zero_shot", "encoder_only")
+  label = lambda r: test_label(r) + (f", {r['steps']} steps" if r.get("steps") and not untrained else "")  # noqa: E731
+  groups = common.group_by((r for r in rows if r["method"] == method), lambda r: (label(r), r["shots"]))
   out: dict[str, list[tuple]] = {}
-  for (label, shots), aucs in sorted(groups.items()):
-    out.setdefault(label, []).append((shots, statistics.mean(aucs), statistics.stdev(aucs) if len(aucs) > 1 else 0,
+  for (name, shots), rs in sorted(groups.items()):
+    aucs = [100 * r["auc"] for r in rs]
+    out.setdefault(name, []).append((shots, statistics.mean(aucs), statistics.stdev(aucs) if len(aucs) > 1 else 0,
                                       len(aucs)))
   return out
 
