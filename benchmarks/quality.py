@@ -241,7 +241,7 @@ def _by_shots(rows: list[dict[str, Any]], method: str) -> dict[str, list[tuple]]
   for (name, shots), rs in sorted(groups.items()):
     aucs = [100 * r["auc"] for r in rs]
     out.setdefault(name, []).append((shots, statistics.mean(aucs), statistics.stdev(aucs) if len(aucs) > 1 else 0,
-                                      len(aucs)))
+                                     len(aucs)))
   return out
 
 
