@@ -22,9 +22,15 @@ SHARP_HINT_SCALE = 3.0  # fused_quality's `fused+sharp_hint`: the hint's P(like)
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft", "numpy")
 
 
+def mean_and_std(values: list[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation over seeds (0 for one seed)."""
+  return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def mean_std(values: list[float]) -> str:
   """'mean ± std' over seeds, 2 decimals (the mean alone for one seed)."""
-  return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+  mean, std = mean_and_std(values)
+  return f"{mean:.2f}" + (f" ± {std:.2f}" if len(values) > 1 else "")
 
 
 def group_by(items: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list]:

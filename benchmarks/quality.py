@@ -125,8 +125,9 @@ GOAL_CAPTION = ("Issue 5's goals against every fused setting (`fused`, its `fuse
 
 def versus_goal(aucs: list[float], goal: float) -> str:
   """The signed gap of the seeds' mean to the goal, 'within noise' when it is under one standard error."""
-  gap = statistics.mean(aucs) - goal
-  noise = ", within noise" if abs(gap) < statistics.stdev(aucs) / len(aucs) ** 0.5 else ""
+  mean, std = common.mean_and_std(aucs)
+  gap = mean - goal
+  noise = ", within noise" if abs(gap) < std / len(aucs) ** 0.5 else ""
   return f"{gap:+.2f} ({'met' if gap >= 0 else 'missed'}{noise})"
 
 
@@ -239,9 +240,7 @@ def _by_shots(rows: list[dict[str, Any]], method: str) -> dict[str, list[tuple]]
   groups = common.group_by((r for r in rows if r["method"] == method), lambda r: (label(r), r["shots"]))
   out: dict[str, list[tuple]] = {}
   for (name, shots), rs in sorted(groups.items()):
-    aucs = [100 * r["auc"] for r in rs]
-    out.setdefault(name, []).append((shots, statistics.mean(aucs), statistics.stdev(aucs) if len(aucs) > 1 else 0,
-                                     len(aucs)))
+    out.setdefault(name, []).append((shots, *common.mean_and_std([100 * r["auc"] for r in rs]), len(rs)))
   return out
 
 
