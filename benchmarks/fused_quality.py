@@ -320,8 +320,9 @@ def main(argv: list[str] | None = None) -> dict:
   rows, meta, t0, load = [], dict(previous["meta"]), time.time(), common.loadavg()
 
   def save(stopped: str | None = None) -> dict:
-    runs = previous["runs"] + [{"command": command(argv), "wall_s": time.time() - t0, "loadavg_before": load,
-                                "loadavg_after": common.loadavg()} | ({"stopped": stopped} if stopped else {})]
+    runs = previous["runs"] + [{"command": command(argv), "cpu": common.cpu_model(), "wall_s": time.time() - t0,
+                                "loadavg_before": load, "loadavg_after": common.loadavg()}
+                               | ({"stopped": stopped} if stopped else {})]
     result = {"machine": common.machine(), "runs": runs, "meta": meta, "rows": merge_rows(previous["rows"], rows)}
     common.write_json(out / "results.json", result)
     common.write_text(out / "results.md", markdown(result))

@@ -78,7 +78,7 @@ def fused_rows(fused: dict[str, Any], domains: list[str]) -> list[dict[str, Any]
                  "steps": f"{r['stage1_steps']}+{r['stage2_steps']}", "batch_size": r["batch_size"],
                  "train_s": r["train_s"], "score_s": r["score_s"], "run": r["run"],
                  "command": fused["runs"][r["run"]]["command"]}
-                | {k: v for k, v in fused["runs"][r["run"]].items() if k == "stopped"})
+                | {k: v for k, v in fused["runs"][r["run"]].items() if k in ("stopped", "cpu")})
   return rows
 
 
@@ -206,9 +206,10 @@ def issue_table(rows_in: list[dict[str, Any]]) -> str:
 
 def sources(result: dict[str, Any]) -> list[str]:
   """The commands behind the model rows, by fused_quality run number."""
-  runs = sorted({(r["run"], r["command"], r.get("stopped", "")) for r in result["rows"] if "run" in r})
-  return [f"- fused_quality run {i}: `{cmd}`" + (f" ({common.stopped_note(why)})" if why else "")
-          for i, cmd, why in runs]
+  runs = sorted({(r["run"], r["command"], r.get("stopped", ""), r.get("cpu", ""))
+                 for r in result["rows"] if "run" in r})
+  return [f"- fused_quality run {i}: `{cmd}`" + (f" on {cpu}" if cpu else "")
+          + (f" ({common.stopped_note(why)})" if why else "") for i, cmd, why, cpu in runs]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -221,7 +222,8 @@ def markdown(result: dict[str, Any]) -> str:
            "directly comparable with full-test rows. Minutes are wall clock on the shared machine, XLA compiles "
            "included.", ""]
   if model_machine:
-    lines += [f"Model rows measured on: {common.machine_line(model_machine)}. Produced by "
+    lines += [f"Model rows: the latest run measured on {common.machine_line(model_machine)}; earlier runs used "
+              "shared machines of the same size, each run's CPU (where recorded) follows its command. Produced by "
               "`benchmarks/fused_quality.py` (its results.json is the source of these rows):", "",
               *sources(result), ""]
   lines += [f"Heuristic rows and these tables: `python benchmarks/quality.py` on "

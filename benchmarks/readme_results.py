@@ -47,7 +47,8 @@ def quality_section(result: dict) -> list[str]:
                        sources)
   machine = result.get("model_machine") or result["machine"]
   lines = ["### Few-shot TALLRec AUC", "",
-           f"{common.machine_line(machine)}; model {result['model']}, int8 base, LoRA r=8 on q, v. "
+           f"Latest run: {common.machine_line(machine)} (each run's CPU, where recorded, follows its command "
+           f"below); model {result['model']}, int8 base, LoRA r=8 on q, v. "
            "Zero-shot, LoRA and fused rows come from `benchmarks/fused_quality.py` (commands below); "
            "SUBSET rows score a seeded subset of the test set (the CPU cannot run the whole grid); "
            "they are not directly comparable with full-test rows. Details: "

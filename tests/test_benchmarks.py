@@ -150,6 +150,7 @@ def test_fused_quality_keeps_rows_and_says_why_a_run_stopped(tmp_path, monkeypat
   result = json.loads((tmp_path / "results.json").read_text())
   assert [r["auc"] for r in result["rows"]] == [55.0]
   assert result["runs"][-1]["stopped"] == "MemoryError: Out of memory allocating 27395597440 bytes."
+  assert result["runs"][-1]["cpu"] == common.cpu_model()
   assert "run 0 stopped: MemoryError" in (tmp_path / "log.txt").read_text()
 
 
@@ -196,6 +197,7 @@ def test_quality_reads_the_fused_results(tmp_path, data_root):
   fused = _fused_results(tmp_path)
   data = json.loads(fused.read_text())
   data["runs"][1]["stopped"] = "MemoryError: out of memory"
+  data["runs"][1]["cpu"] = "Test CPU"
   data["rows"].append({**data["rows"][1], "split": "valid", "auc": 99.0})  # chooses variants; never reported
   fused.write_text(json.dumps(data))
   result = quality.main(["--out", str(tmp_path), "--fused", str(fused), "--domains", "movie"])
@@ -210,7 +212,8 @@ def test_quality_reads_the_fused_results(tmp_path, data_root):
   assert len([r for r in result["rows"] if r["method"] == "tallrec_published"]) == 3
   text = (tmp_path / "quality.md").read_text()
   assert "SUBSET 16/1000" in text and "`python benchmarks/fused_quality.py --seeds 0`\n" in text
-  assert "`python benchmarks/fused_quality.py --seeds 1` (stopped early by MemoryError: out of memory)" in text
+  assert ("`python benchmarks/fused_quality.py --seeds 1` on Test CPU (stopped early by MemoryError: out of memory)"
+          in text)
   assert "| movie | ours, fused (CLCLMRec) | 16 | 2+2 | 0,1 | SUBSET 16/1000 (seed 0) | 71.00 ± 1.41 |" in text
   assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
