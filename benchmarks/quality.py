@@ -212,6 +212,12 @@ def sources(result: dict[str, Any]) -> list[str]:
           + (f" ({common.stopped_note(why)})" if why else "") for i, cmd, why, cpu in runs]
 
 
+def machine_note(machine: dict[str, Any]) -> str:
+  """Where the model rows ran: the latest run's machine; each run's CPU follows its command."""
+  return (f"the latest model run measured on {common.machine_line(machine)}; earlier runs used shared machines "
+          "of the same size, each run's CPU (where recorded) follows its command")
+
+
 def markdown(result: dict[str, Any]) -> str:
   model_machine = result.get("model_machine")
   lines = ["# Few-shot TALLRec AUC (x100)", "",
@@ -222,8 +228,7 @@ def markdown(result: dict[str, Any]) -> str:
            "directly comparable with full-test rows. Minutes are wall clock on the shared machine, XLA compiles "
            "included.", ""]
   if model_machine:
-    lines += [f"Model rows: the latest run measured on {common.machine_line(model_machine)}; earlier runs used "
-              "shared machines of the same size, each run's CPU (where recorded) follows its command. Produced by "
+    lines += [f"Model rows: {machine_note(model_machine)}. Produced by "
               "`benchmarks/fused_quality.py` (its results.json is the source of these rows):", "",
               *sources(result), ""]
   lines += [f"Heuristic rows and these tables: `python benchmarks/quality.py` on "

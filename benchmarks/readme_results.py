@@ -44,11 +44,10 @@ def throughput_section(result: dict, md_name: str) -> list[str]:
 
 def quality_section(result: dict) -> list[str]:
   from quality import (GOAL_CAPTION, ISSUE_CAPTION, auc_table, goal_table, issue_table,  # pylint: disable=g-import-not-at-top
-                       sources)
+                       machine_note, sources)
   machine = result.get("model_machine") or result["machine"]
   lines = ["### Few-shot TALLRec AUC", "",
-           f"Latest run: {common.machine_line(machine)} (each run's CPU, where recorded, follows its command "
-           f"below); model {result['model']}, int8 base, LoRA r=8 on q, v. "
+           f"Model rows: {machine_note(machine)} below; model {result['model']}, int8 base, LoRA r=8 on q, v. "
            "Zero-shot, LoRA and fused rows come from `benchmarks/fused_quality.py` (commands below); "
            "SUBSET rows score a seeded subset of the test set (the CPU cannot run the whole grid); "
            "they are not directly comparable with full-test rows. Details: "

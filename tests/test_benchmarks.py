@@ -212,6 +212,7 @@ def test_quality_reads_the_fused_results(tmp_path, data_root):
   assert len([r for r in result["rows"] if r["method"] == "tallrec_published"]) == 3
   text = (tmp_path / "quality.md").read_text()
   assert "SUBSET 16/1000" in text and "`python benchmarks/fused_quality.py --seeds 0`\n" in text
+  assert "Model rows: the latest model run measured on " in text
   assert ("`python benchmarks/fused_quality.py --seeds 1` on Test CPU (stopped early by MemoryError: out of memory)"
           in text)
   assert "| movie | ours, fused (CLCLMRec) | 16 | 2+2 | 0,1 | SUBSET 16/1000 (seed 0) | 71.00 ± 1.41 |" in text
