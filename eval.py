@@ -19,6 +19,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+  cli.enable_compilation_cache()
   config = _CONFIG.value
   sharding.maybe_initialize_distributed(config)
   workdir = _WORKDIR.value or f"runs/{config.name}"

@@ -18,6 +18,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+  cli.enable_compilation_cache()
   config = _CONFIG.value
   workdir = _WORKDIR.value or f"runs/{config.name}"
   summary = recipe.train(config, workdir) if "fusion" in config else loop.train(config, workdir)

@@ -114,14 +114,6 @@ def machine_line(m: Mapping[str, Any]) -> str:
           f"({m['device']} x{m['device_count']}); {libs}")
 
 
-def enable_compilation_cache(min_compile_s: float = 0.5) -> pathlib.Path:
-  """JAX's persistent compilation cache in $CLCLM_CACHE/xla (default ~/.cache/clclm_jax/xla), for repeated runs."""
-  path = pathlib.Path(os.environ.get("CLCLM_CACHE") or "~/.cache/clclm_jax").expanduser() / "xla"
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
-  return path
-
-
 def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
   """Seconds per call of each function, run in alternation (A B B A ...) so drift in load hits all alike.
 

@@ -42,7 +42,7 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from clclm_jax.contrastive import feedback, recipe  # pylint: disable=wrong-import-position
 from clclm_jax.data import fewshot  # pylint: disable=wrong-import-position
-from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
+from clclm_jax.train import cli, evaluate  # pylint: disable=wrong-import-position
 from configs import fused_book, fused_movie  # pylint: disable=wrong-import-position
 
 CONFIGS = {"movie": fused_movie, "book": fused_book}
@@ -302,7 +302,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
-  cache = common.enable_compilation_cache()
+  cache = cli.enable_compilation_cache()
   out = pathlib.Path(args.out or "benchmarks/results/fused_quality" + ("" if args.split == "test" else "_valid"))
   out.mkdir(parents=True, exist_ok=True)
   previous = json.loads((out / "results.json").read_text()) if args.merge and (out / "results.json").exists() \

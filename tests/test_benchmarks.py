@@ -180,18 +180,6 @@ def test_fused_ablations_name_real_loss_terms_and_fusion_fields():
           **fused_quality.stage2_weights(config, recipe), part: 0.0}
 
 
-def test_compilation_cache_goes_to_clclm_cache(tmp_path, monkeypatch):
-  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  monkeypatch.setenv("CLCLM_CACHE", str(tmp_path))
-  try:
-    path = common.enable_compilation_cache(0.25)
-    assert path == tmp_path / "xla" and jax.config.jax_compilation_cache_dir == str(path)
-    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.25
-  finally:
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-
-
 def test_quality_reads_the_fused_results(tmp_path, data_root):
   del data_root
   fused = _fused_results(tmp_path)

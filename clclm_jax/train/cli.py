@@ -1,7 +1,10 @@
-"""Flag parsing for train.py / eval.py: a bad `--config.key=value` is one clear line, not a traceback."""
+"""Entry-point helpers for train.py / eval.py: one-line flag errors and JAX's persistent compilation cache."""
 
+import os
+import pathlib
 import sys
 
+import jax
 from absl import flags
 
 
@@ -15,3 +18,12 @@ def parse_flags(argv: list[str]) -> list[str]:
              "see configs/base.py for the valid keys")
   except flags.Error as e:
     sys.exit(f"error: {e}")
+
+
+def enable_compilation_cache(min_compile_s: float = 0.5) -> pathlib.Path:
+  """Keeps compiled XLA programs in $CLCLM_CACHE/xla (default ~/.cache/clclm_jax/xla), so eval.py, resumed and
+  repeated runs skip the compiles train.py already paid for."""
+  path = pathlib.Path(os.environ.get("CLCLM_CACHE") or "~/.cache/clclm_jax").expanduser() / "xla"
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
+  return path

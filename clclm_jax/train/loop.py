@@ -6,6 +6,7 @@ evaluated on the test split with its best checkpoint.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -50,6 +51,13 @@ def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
                                               pad_token="</s>")
 
 
+@functools.partial(nnx.jit, static_argnums=(0, 1), static_argnames=("dtype", "quantize", "seed"))
+def random_model(cfg, lora_cfg: LoraConfig, *, dtype, quantize, seed: int) -> Llama:
+  """A random `Llama` with LoRA, built in one compiled call (eagerly, every op and shape compiles apart)."""
+  model = Llama(cfg, dtype=dtype, quantize=quantize, rngs=nnx.Rngs(seed))
+  return lora.add_lora(model, lora_cfg, jax.random.key(seed))
+
+
 def build_model(config: ConfigDict):
   """(model with LoRA, tokenizer) from `config.model` and `config.lora`."""
   m, lc = config.model, config.lora
@@ -61,8 +69,7 @@ def build_model(config: ConfigDict):
     tokenizer = tokenizers[m.tokenizer]()
     cfg = dataclasses.replace(presets[m.preset], vocab_size=len(tokenizer),
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = Llama(cfg, dtype=loading.DTYPES[m.dtype], quantize=m.quantize or None, rngs=nnx.Rngs(config.seed))
-    lora.add_lora(model, lora_cfg, jax.random.key(config.seed))
+    model = random_model(cfg, lora_cfg, dtype=loading.DTYPES[m.dtype], quantize=m.quantize or None, seed=config.seed)
   else:
     model, tokenizer = loading.load_model(m.source, dtype=m.dtype, quantize=m.quantize or None,
                                           lora=lora_cfg, lora_seed=config.seed)
