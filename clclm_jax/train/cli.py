@@ -1,11 +1,12 @@
 """Entry-point helpers for train.py / eval.py: one-line flag errors and JAX's persistent compilation cache."""
 
-import os
 import pathlib
 import sys
 
 import jax
 from absl import flags
+
+from clclm_jax.model import loading
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -23,7 +24,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def enable_compilation_cache(min_compile_s: float = 0.5) -> pathlib.Path:
   """Keeps compiled XLA programs in $CLCLM_CACHE/xla (default ~/.cache/clclm_jax/xla), so eval.py, resumed and
   repeated runs skip the compiles train.py already paid for."""
-  path = pathlib.Path(os.environ.get("CLCLM_CACHE") or "~/.cache/clclm_jax").expanduser() / "xla"
+  path = loading.cache_root() / "xla"
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
   return path

@@ -8,7 +8,6 @@ evaluated on the test split with its best checkpoint.
 import dataclasses
 import functools
 import json
-import os
 import pathlib
 import signal
 import threading
@@ -30,7 +29,7 @@ from clclm_jax.train import checkpoint, evaluate, sharding, state as state_lib, 
 
 def smollm2_tokenizer() -> transformers.PreTrainedTokenizerFast:
   """The SmolLM2 tokenizer alone, cached as tokenizer.json in CLCLM_CACHE (~/.cache/clclm_jax)."""
-  cache = pathlib.Path(os.environ.get("CLCLM_CACHE") or "~/.cache/clclm_jax").expanduser() / "smollm2-tokenizer"
+  cache = loading.cache_root() / "smollm2-tokenizer"
   if not (cache / "tokenizer.json").is_file():
     import gguf  # pylint: disable=g-import-not-at-top
     path = loading.smollm2_gguf()
