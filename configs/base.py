@@ -20,6 +20,7 @@ def get_config() -> ConfigDict:
       tokenizer="smollm2",  # with `preset`: "smollm2" or "bytes"
       dtype="float32",
       quantize="int8",
+      remat=False,  # recompute each decoder layer in the backward pass (GPU/TPU memory; no effect on CPU)
   ))
   c.lora = ConfigDict(dict(r=8, alpha=16.0, dropout=0.05, targets=("q_proj", "v_proj"),
                            init_from=""))  # a PEFT adapter folder to start from

@@ -15,6 +15,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchma
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fused_quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 import label_signal  # pylint: disable=g-import-not-at-top,wrong-import-position
+import memory_plan  # pylint: disable=g-import-not-at-top,wrong-import-position
 import probe_text_only  # pylint: disable=g-import-not-at-top,wrong-import-position
 import quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 import readme_results  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -78,6 +79,28 @@ def test_throughput_script_on_tiny_model(tmp_path, data_root):
   saved = json.loads((tmp_path / "throughput_cpu.json").read_text())
   assert saved["runs"][0]["score"]["ratio"] == pytest.approx(run["score"]["ratio"])
   assert "scoring prompts/s" in (tmp_path / "throughput_cpu.md").read_text()
+
+
+def test_memory_plan_counts_the_frozen_base_and_grows_with_the_batch():
+  small, large = (memory_plan.compiled_plan(presets["tiny"], b, 64, remat=False) for b in (1, 8))
+  assert small["frozen_bytes"] == large["frozen_bytes"] > 0 and small["trainable_bytes"] > 0
+  assert small["argument_bytes"] >= small["frozen_bytes"] + small["trainable_bytes"]
+  assert large["temp_bytes"] > small["temp_bytes"]
+  assert small["peak_bytes"] == (small["argument_bytes"] + small["output_bytes"] - small["alias_bytes"]
+                                 + small["temp_bytes"])
+
+
+def test_llama7b_section_judges_memory_before_mfu():
+  gib = 2**30
+  plan = {"peak_bytes": 20 * gib}
+  run = lambda remat, peak, mfu: {"remat": remat, "plan": plan, "median_s": 1.0, "tokens_per_s": 4096.0,  # noqa: E731
+                                  "mfu_vs_measured_peak": mfu, "peak_bytes_in_use": peak * gib}
+  g = {"batch": 8, "length": 512, "matmul_peak": {"flop_per_s": 7e14}, "goals": {"peak_gib": 16, "mfu": 0.4}}
+  text = "\n".join(throughput.llama7b_lines({**g, "runs": [run(True, 12, 0.35), run(False, 60, 0.5)]}))
+  assert "memory met (remat on); MFU 35.0% against >= 40%: missed" in text  # the faster run does not fit
+  text = "\n".join(throughput.llama7b_lines({**g, "runs": [run(True, 20, 0.45), {"remat": False, "plan": plan,
+                                                                                 "error": "RESOURCE_EXHAUSTED"}]}))
+  assert "memory goal missed" in text and "| no | failed |" in text
 
 
 def _fused_results(tmp_path) -> pathlib.Path:

@@ -1,8 +1,11 @@
 """Llama forward parity with transformers on tiny random checkpoints, masks, packing, LoRA, int8."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
@@ -10,7 +13,7 @@ from flax import nnx
 
 from clclm_jax.model import config as config_lib
 from clclm_jax.model.errors import ModelError
-from clclm_jax.model.llama import Frozen, Llama, QInt8, QScale, dropout, frozen_matmul
+from clclm_jax.model.llama import Frozen, Llama, QInt8, QScale, attend, dropout, frozen_matmul, linear_cross_entropy, swiglu
 from clclm_jax.model.loading import load_model
 from clclm_jax.model.lora import add_lora, merge_lora
 from clclm_jax.model import quant
@@ -241,3 +244,104 @@ def test_frozen_matmul_backward_is_one_dot_in_the_weight_dtype():
   gb = jax.grad(loss(frozen_matmul))(xb, wb)
   assert gb.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(gb, np.float32), ref, atol=0.1, rtol=0.05)
+
+
+def test_remat_changes_no_loss_or_gradient_and_checkpoints_each_layer():
+  model = Llama(config_lib.presets["tiny"], quantize="int8", rngs=nnx.Rngs(0))
+  add_lora(model, config_lib.LoraConfig(r=4, targets=("q_proj", "up_proj")), jax.random.key(0))
+  _randomize_lora(model, jax.random.key(1))
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  tokens = jnp.asarray(TOKENS)
+
+  def loss(params, remat):
+    m = nnx.merge(graphdef, params, frozen)
+    m.remat = remat
+    return jnp.mean(jax.nn.log_softmax(m(tokens, dropout_key=jax.random.key(3)))[..., 7])
+
+  outs = {r: jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, r) for r in (False, True)}
+  np.testing.assert_allclose(outs[True][0], outs[False][0], rtol=1e-6)
+  for g1, g0 in zip(jax.tree.leaves(outs[True][1]), jax.tree.leaves(outs[False][1])):
+    assert np.abs(np.asarray(g0)).max() > 0
+    np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-7)
+  remats = {r: _count_remat(jax.make_jaxpr(loss, static_argnums=1)(params, r).jaxpr) for r in (False, True)}
+  assert remats == {False: 0, True: len(model.layers)}
+
+
+def _count_remat(jaxpr) -> int:
+  """Checkpointed sub-computations (`jax.checkpoint` equations) anywhere in a jaxpr."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name in ("checkpoint", "remat2")
+    n += sum(_count_remat(getattr(v, "jaxpr", v)) for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr"))
+  return n
+
+
+def _reference_attention(q_btkgd, k_bskd, v_bskd, allowed_bts):
+  scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd.astype(jnp.float32), k_bskd.astype(jnp.float32))
+  probs = jax.nn.softmax(jnp.where(allowed_bts[:, None, None], scores, -jnp.inf), axis=-1)
+  probs = jnp.where(allowed_bts.any(-1)[:, None, None, :, None], probs, 1.0 / k_bskd.shape[1])  # no key: uniform
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_attend_values_and_gradients_match_plain_softmax_attention(dtype, tol):
+  b, t, s, k, g, d = 2, 5, 7, 2, 3, 4
+  rng = np.random.default_rng(0)
+  q, kk, v = (jnp.asarray(rng.normal(size=shape), dtype) for shape in ((b, t, k, g, d), (b, s, k, d), (b, s, k, d)))
+  allowed = jnp.asarray(rng.random((b, t, s)) < 0.6).at[1, 2].set(False)  # row 1, query 2 sees no key
+  w = jnp.asarray(rng.normal(size=(b, t, k, g, d)), jnp.float32)
+  loss = lambda f: lambda q, kk, v: jnp.sum(f(q, kk, v, allowed).astype(jnp.float32) * w)  # noqa: E731
+  np.testing.assert_allclose(np.asarray(attend(q, kk, v, allowed), np.float32),
+                             _reference_attention(q, kk, v, allowed), atol=tol, rtol=tol)
+  got = jax.grad(loss(attend), argnums=(0, 1, 2))(q, kk, v)
+  want = jax.grad(loss(_reference_attention), argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in (q, kk, v)))
+  for g_, w_ in zip(got, want):
+    assert g_.dtype == dtype
+    np.testing.assert_allclose(np.asarray(g_, np.float32), w_, atol=tol * 4, rtol=tol * 4)
+  assert float(jnp.abs(got[0][1, 2]).max()) == 0.0  # a query that sees no key gets no gradient
+
+
+def test_attend_backward_keeps_no_probabilities():
+  """The residuals saved for the backward pass hold no `[b, k, g, t, s]` tensor."""
+  b, t, k, g, d = 2, 64, 1, 2, 8
+  q, kk, v = jnp.ones((b, t, k, g, d)), jnp.ones((b, t, k, d)), jnp.ones((b, t, k, d))
+  allowed = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0)
+  _, vjp = jax.vjp(lambda q, kk, v: attend(q, kk, v, allowed), q, kk, v)
+  saved = [x.shape for x in jax.tree.leaves(vjp)]
+  assert (b, k, g, t, t) not in saved and saved.count((b, k, g, t)) == 2  # row max and log-sum
+
+
+def test_swiglu_gradient_matches_autodiff_and_saves_only_its_inputs():
+  rng = np.random.default_rng(0)
+  gate, up, w = (jnp.asarray(rng.normal(size=(3, 5, 7)) * 3, jnp.float32) for _ in range(3))
+  plain = lambda g, u, dtype: (jax.nn.silu(g) * u).astype(dtype)  # noqa: E731
+  for dtype in (jnp.float32, jnp.bfloat16):
+    got, want = (jax.grad(lambda g, u, f=f: jnp.sum(f(g, u, dtype).astype(jnp.float32) * w), (0, 1))(gate, up)
+                 for f in (swiglu, plain))
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  _, vjp = jax.vjp(lambda g, u: swiglu(g, u, jnp.bfloat16), gate, up)
+  assert len(jax.tree.leaves(vjp)) == 2
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_linear_cross_entropy_matches_logits_then_softmax_ce(dtype, tol):
+  rng = np.random.default_rng(0)
+  h, w = jnp.asarray(rng.normal(size=(13, 6)), dtype), jnp.asarray(rng.normal(size=(6, 11)), dtype)
+  targets, g = jnp.asarray(rng.integers(0, 11, 13)), jnp.asarray(rng.normal(size=13), jnp.float32)
+  plain = lambda h: optax.softmax_cross_entropy_with_integer_labels(frozen_matmul(h, w), targets)  # noqa: E731
+  fused = lambda h: linear_cross_entropy(h, w, targets, 4)  # noqa: E731  13 rows: 4 chunks, the last padded
+  np.testing.assert_allclose(fused(h), plain(h), rtol=tol, atol=tol)
+  got, want = (jax.grad(lambda h, f=f: jnp.sum(f(h) * g))(h) for f in (fused, plain))
+  assert got.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_token_nll_equals_ce_of_lm_logits(tie):
+  cfg = dataclasses.replace(config_lib.presets["tiny"], tie_word_embeddings=tie)
+  model = Llama(cfg, quantize="int8", rngs=nnx.Rngs(0))
+  h = jnp.asarray(np.random.default_rng(1).normal(size=(9, cfg.hidden_size)), jnp.float32)
+  targets = jnp.arange(9) * 7
+  np.testing.assert_allclose(model.token_nll(h, targets, chunk=4),
+                             optax.softmax_cross_entropy_with_integer_labels(model.lm_logits(h), targets), rtol=1e-5)

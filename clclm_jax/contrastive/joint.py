@@ -308,16 +308,14 @@ def _train_step(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, me
                 weights: Mapping[str, float]):
   """(tx, jitted `train.step.train_step`, frozen shardings), kept per structure, optimizer, steps, losses and mesh.
 
-  As `step.compile_train_step`, but the frozen state is an argument, so repeated `fit`s reuse compiled shapes.
+  The frozen state is an argument (`step.jit_train_step`), so repeated `fit`s reuse compiled shapes.
   """
   optim_items = tuple(sorted(optim.to_dict().items()))
   key = (graphdef, mesh, optim_items, steps, tuple(sorted(weights.items())))
   if key not in _STEP_FNS:
     tx = state_lib.make_optimizer(ConfigDict({**dict(optim_items), "total_steps": steps}))
     state_sh, frozen_sh = state_lib.state_shardings(params, tx, mesh), sharding.state_sharding(frozen, mesh)
-    fn = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_weights=dict(weights)),
-                 in_shardings=(state_sh, sharding.batch_sharding(mesh), frozen_sh),
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    fn = step_lib.jit_train_step(graphdef, frozen_sh, tx, state_sh, mesh, loss_weights=weights)
     _STEP_FNS[key] = (tx, fn, frozen_sh)
   return _STEP_FNS[key]
 

@@ -1,5 +1,7 @@
 """LLaMA decoder in Flax NNX with Hugging Face module names, frozen (optionally int8) base and LoRA."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -158,6 +160,54 @@ def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax
   return out.astype(x_bthd.dtype)
 
 
+def _masked_scores(q_btkgd, k_bskd, allowed_bts):
+  scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd, preferred_element_type=jnp.float32)
+  return jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+
+
+def _weighted_values(probs_bkgts, v_bskd):
+  return jnp.einsum("bkgts,bskd->btkgd", probs_bkgts.astype(v_bskd.dtype), v_bskd,
+                    preferred_element_type=jnp.float32).astype(v_bskd.dtype)
+
+
+@jax.custom_vjp
+def attend(q_btkgd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, allowed_bts: jax.Array) -> jax.Array:
+  """softmax(q k^T, where allowed) v with float32 scores, for already-scaled grouped queries `[b, t, k, g, d]`.
+  Its backward recomputes the probabilities from the saved row max and log-sum, so training keeps no
+  `[b, k, g, t, s]` tensor per layer (those were most of a train step's memory at 512 tokens)."""
+  return _weighted_values(jax.nn.softmax(_masked_scores(q_btkgd, k_bskd, allowed_bts), axis=-1), v_bskd)
+
+
+def _probs(scores, max_bkgt, logsum_bkgt):
+  """exp(s - max - log sum): the max kept apart, so a row with no allowed key stays uniform."""
+  return jnp.exp(scores - max_bkgt[..., None] - logsum_bkgt[..., None])
+
+
+def _attend_fwd(q_btkgd, k_bskd, v_bskd, allowed_bts):
+  scores = _masked_scores(q_btkgd, k_bskd, allowed_bts)
+  max_bkgt = jnp.max(scores, axis=-1)
+  logsum_bkgt = jnp.log(jnp.sum(jnp.exp(scores - max_bkgt[..., None]), axis=-1))
+  out_btkgd = _weighted_values(_probs(scores, max_bkgt, logsum_bkgt), v_bskd)
+  return out_btkgd, (q_btkgd, k_bskd, v_bskd, allowed_bts, max_bkgt, logsum_bkgt)
+
+
+def _attend_bwd(res, dout_btkgd):
+  q_btkgd, k_bskd, v_bskd, allowed_bts, max_bkgt, logsum_bkgt = res
+  probs = _probs(_masked_scores(q_btkgd, k_bskd, allowed_bts), max_bkgt, logsum_bkgt)
+  dout_btkgd = dout_btkgd.astype(v_bskd.dtype)
+  dv_bskd = jnp.einsum("bkgts,btkgd->bskd", probs.astype(v_bskd.dtype), dout_btkgd,
+                       preferred_element_type=jnp.float32).astype(v_bskd.dtype)
+  dprobs = jnp.einsum("btkgd,bskd->bkgts", dout_btkgd, v_bskd, preferred_element_type=jnp.float32)
+  dscores = probs * (dprobs - jnp.sum(probs * dprobs, axis=-1, keepdims=True))
+  dscores = jnp.where(allowed_bts[:, None, None], dscores, 0.0).astype(q_btkgd.dtype)
+  dq = jnp.einsum("bkgts,bskd->btkgd", dscores, k_bskd, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bkgts,btkgd->bskd", dscores, q_btkgd, preferred_element_type=jnp.float32)
+  return dq.astype(q_btkgd.dtype), dk.astype(k_bskd.dtype), dv_bskd, None
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 class Attention(nnx.Module):
   """Grouped-query causal self-attention with float32 softmax."""
 
@@ -190,11 +240,30 @@ class Attention(nnx.Module):
       k_btkd, v_btkd = (jnp.concatenate([jnp.broadcast_to(p, (b, *p.shape[1:])).astype(x.dtype), x], axis=1)
                         for p, x in zip(prefix_kv, kv))
     q_btkgd = q_bthd.reshape(b, tq, k_heads, groups, self.head_dim) * self.head_dim**-0.5
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_btkd, preferred_element_type=jnp.float32)
-    scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_btkd.dtype)
-    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_btkd, preferred_element_type=jnp.float32).astype(v_btkd.dtype)
+    out_btkgd = attend(q_btkgd, k_btkd, v_btkd, allowed_bts)
     return self.o_proj(out_btkgd.reshape(b, tq, -1), keys[3]), kv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def swiglu(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
+  """silu(gate) * up cast to `dtype`; the backward keeps only gate and up (autodiff kept five tensors of
+  this size per layer, the largest part of a train step's saved activations)."""
+  return (jax.nn.silu(gate) * up).astype(dtype)
+
+
+def _swiglu_fwd(gate, up, dtype):
+  return swiglu(gate, up, dtype), (gate, up)
+
+
+def _swiglu_bwd(dtype, res, dout):
+  del dtype
+  gate, up = res
+  sig = jax.nn.sigmoid(gate)
+  dout = dout.astype(gate.dtype)
+  return dout * up * sig * (1 + gate * (1 - sig)), dout * gate * sig
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):
@@ -210,7 +279,7 @@ class MLP(nnx.Module):
   def __call__(self, x_btd, keys):
     """gate and up stay float32 into one fused silu-multiply-cast (13% faster than bf16 outputs on CPU)."""
     gate, up = (p(x_btd, k, out_dtype=jnp.float32) for p, k in ((self.gate_proj, keys[0]), (self.up_proj, keys[1])))
-    return self.down_proj((jax.nn.silu(gate) * up).astype(x_btd.dtype), keys[2])
+    return self.down_proj(swiglu(gate, up, x_btd.dtype), keys[2])
 
 
 class DecoderLayer(nnx.Module):
@@ -251,14 +320,67 @@ def mask_and_positions(attention_mask_bt: jax.Array):
   return allowed_bts, positions_bt
 
 
+def _chunked_nll(h_nd, w_dv, targets_n, chunk: int, with_grad: bool):
+  """Cross-entropy of `h @ w` per row, `chunk` rows at a time; with `with_grad`, also its gradient in h."""
+  n, d = h_nd.shape
+  pad = -n % chunk
+  h_cnd = jnp.pad(h_nd, ((0, pad), (0, 0))).reshape(-1, chunk, d)
+  t_cn = jnp.pad(targets_n, (0, pad)).reshape(-1, chunk)
+
+  def one(xs):
+    h, t = xs
+    logits_nv = frozen_matmul(h.astype(w_dv.dtype), w_dv)
+    lse_n = jax.nn.logsumexp(logits_nv, axis=-1)
+    nll_n = lse_n - jnp.take_along_axis(logits_nv, t[:, None], axis=-1)[:, 0]
+    if not with_grad:
+      return nll_n, None
+    dlogits_nv = jnp.exp(logits_nv - lse_n[:, None]) - jax.nn.one_hot(t, w_dv.shape[1], dtype=jnp.float32)
+    dh_nd = jnp.einsum("nv,dv->nd", dlogits_nv.astype(w_dv.dtype), w_dv, preferred_element_type=jnp.float32)
+    return nll_n, dh_nd.astype(h_nd.dtype)
+
+  nll_cn, dh_cnd = jax.lax.map(one, (h_cnd, t_cn))
+  return nll_cn.reshape(-1)[:n], None if dh_cnd is None else dh_cnd.reshape(-1, d)[:n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def linear_cross_entropy(h_nd: jax.Array, w_dv: jax.Array, targets_n: jax.Array, chunk: int) -> jax.Array:
+  """-log softmax(h @ w)[target] per row for a frozen head `w [d, vocab]`, in float32. The forward pass
+  computes the gradient in h chunk by chunk, so neither pass keeps `[n, vocab]` logits (at 8 x 512
+  SmolLM2 tokens those were four 0.8 GB arrays); `w` gets no gradient."""
+  return _chunked_nll(h_nd, w_dv, targets_n, chunk, with_grad=False)[0]
+
+
+def _linear_ce_fwd(h_nd, w_dv, targets_n, chunk):
+  nll_n, dh_nd = _chunked_nll(h_nd, w_dv, targets_n, chunk, with_grad=True)
+  return nll_n, dh_nd
+
+
+def _linear_ce_bwd(chunk, dh_nd, g_n):
+  del chunk
+  return (g_n[:, None] * dh_nd).astype(dh_nd.dtype), None, None
+
+
+linear_cross_entropy.defvjp(_linear_ce_fwd, _linear_ce_bwd)
+
+
+def _run_layer(layer: DecoderLayer, *args):
+  return layer(*args)
+
+
+_remat_layer = nnx.remat(_run_layer, graph_updates=False)
+
+
 class Llama(nnx.Module):
-  """LLaMA causal LM; `dtype` is the compute dtype, `quantize="int8"` stores projections as int8."""
+  """LLaMA causal LM; `dtype` is the compute dtype, `quantize="int8"` stores projections as int8.
+  `remat=True` keeps only each decoder layer's input for the backward pass and recomputes the rest
+  (gradient checkpointing: a third more forward work for activations of one layer instead of all)."""
 
   def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, quantize: str | None = None,
-               rngs: nnx.Rngs):
+               remat: bool = False, rngs: nnx.Rngs):
     self.config = cfg
     self.lora_config: LoraConfig | None = None
     self.dtype = jnp.dtype(dtype)
+    self.remat = remat
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
     self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, quantize=quantize, rngs=rngs)
                             for _ in range(cfg.num_hidden_layers)])
@@ -310,14 +432,23 @@ class Llama(nnx.Module):
       default_positions_bt = default_positions_bt + p
     positions_bt = default_positions_bt if positions_bt is None else positions_bt
     cos_btd, sin_btd = rope_tables(positions_bt, self.config.head_dim, self.config.rope_theta)
-    kvs = []
+    kvs, run_layer = [], _remat_layer if self.remat else _run_layer
     for i, layer in enumerate(self.layers):
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
       last_rows = rows_b if i == len(self.layers) - 1 else None
-      x_btd, kv = layer(x_btd, cos_btd, sin_btd, allowed_bts, key, None if prefix_kv is None else prefix_kv[i],
-                        last_rows)
+      x_btd, kv = run_layer(layer, x_btd, cos_btd, sin_btd, allowed_bts, key,
+                            None if prefix_kv is None else prefix_kv[i], last_rows)
       kvs.append(kv)
     return self.norm(x_btd if rows_b is None else x_btd[:, 0]), kvs
+
+  def token_nll(self, h_nd: jax.Array, targets_n: jax.Array, chunk: int = 1024) -> jax.Array:
+    """-log p(target) per row of hidden states `[n, d]`, as `lm_logits` then cross-entropy but without
+    materialising `[n, vocab]` logits (`linear_cross_entropy`)."""
+    if self.lm_head is None:
+      w_dv = self.embed_tokens.embedding[...].T
+    else:
+      w_dv = self.lm_head.weight(self.dtype)
+    return linear_cross_entropy(h_nd, w_dv, targets_n, chunk)
 
   def lm_logits(self, h_xd: jax.Array) -> jax.Array:
     """float32 logits from hidden states of any leading shape."""

@@ -72,6 +72,7 @@ def build_model(config: ConfigDict):
   else:
     model, tokenizer = loading.load_model(m.source, dtype=m.dtype, quantize=m.quantize or None,
                                           lora=lora_cfg, lora_seed=config.seed)
+  model.remat = m.remat
   if lc.init_from:
     peft.load_peft(model, lc.init_from)
   return model, tokenizer

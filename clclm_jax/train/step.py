@@ -53,8 +53,9 @@ def attention_mask(batch: Mapping[str, jax.Array]) -> jax.Array | None:
 def lm_loss(model: nnx.Module, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
   """Next-token cross-entropy averaged over the tokens where `loss_mask` is 1."""
   tokens_bt = batch["tokens"]
-  logits_btv = model(tokens_bt, batch.get("positions"), attention_mask(batch), dropout_key=key)
-  ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], tokens_bt[:, 1:])
+  h_btd = model.hidden_states(tokens_bt, batch.get("positions"), attention_mask(batch), dropout_key=key)
+  b, t, d = h_btd.shape
+  ce_bt = model.token_nll(h_btd[:, :-1].reshape(-1, d), tokens_bt[:, 1:].reshape(-1)).reshape(b, t - 1)
   w_bt = batch["loss_mask"][:, 1:].astype(jnp.float32)
   return jnp.sum(ce_bt * w_bt) / jnp.maximum(jnp.sum(w_bt), 1.0)
 
@@ -102,18 +103,25 @@ def _with_frozen(step_fn, frozen, state, batch):
   return step_fn(state, batch, frozen)
 
 
-def compile_train_step(graphdef: nnx.GraphDef, frozen: nnx.State, tx: optax.GradientTransformation,
-                       state_sh, mesh: Mesh, *, loss_weights: Mapping[str, float],
-                       accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """`train_step` jitted with explicit shardings and a donated state; the frozen base is bound."""
+def jit_train_step(graphdef: nnx.GraphDef, frozen_sh, tx: optax.GradientTransformation, state_sh, mesh: Mesh,
+                   *, loss_weights: Mapping[str, float], accum_steps: int = 1):
+  """`train_step(state, batch, frozen)` jitted with explicit shardings and a donated state."""
   unknown = set(loss_weights) - set(LOSSES)
   if unknown:
     raise ValueError(f"config.loss_weights names unknown losses {sorted(unknown)}; known: {sorted(LOSSES)}")
-  frozen_sh = sharding.state_sharding(frozen, mesh)
-  step_fn = jax.jit(
+  return jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx, loss_weights=dict(loss_weights),
                         accum_steps=accum_steps),
       in_shardings=(state_sh, sharding.batch_sharding(mesh), frozen_sh),
       out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=0)
+
+
+def compile_train_step(graphdef: nnx.GraphDef, frozen: nnx.State, tx: optax.GradientTransformation,
+                       state_sh, mesh: Mesh, *, loss_weights: Mapping[str, float],
+                       accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """`jit_train_step` with the frozen base placed on the mesh and bound: `(state, batch) -> (state, metrics)`."""
+  frozen_sh = sharding.state_sharding(frozen, mesh)
+  step_fn = jit_train_step(graphdef, frozen_sh, tx, state_sh, mesh, loss_weights=loss_weights,
+                           accum_steps=accum_steps)
   return functools.partial(_with_frozen, step_fn, sharding.put(frozen, frozen_sh))
