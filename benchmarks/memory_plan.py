@@ -1,16 +1,20 @@
 """XLA's compiled memory plan of the LoRA train step (int8 base, bfloat16 compute), with and without remat.
 
   python benchmarks/memory_plan.py --out=benchmarks/results     # LLaMA-7B shape at 8x512 and SmolLM2 shapes
+  python benchmarks/memory_plan.py --measure                    # also run SmolLM2 steps: peak resident memory
 
-Nothing is allocated: the model, train state and batch are abstract shapes, and the step is only
-lowered and compiled for this machine's backend, whose buffer assignment gives argument, temporary
-and output bytes. The peak is arguments + outputs - donated aliases + temporaries. It is the plan of
-this backend's compiler; another backend (GPU, TPU) fuses, schedules and rematerialises differently,
-so only its own plan or a measured peak (`throughput.py --gpu`) answers the 16 GiB question there.
+The plan allocates nothing: the model, train state and batch are abstract shapes, and the step is
+only lowered and compiled for this machine's backend, whose buffer assignment gives argument,
+temporary and output bytes (peak = arguments + outputs - donated aliases + temporaries). It is this
+backend's plan; another backend (GPU, TPU) fuses, schedules and rematerialises differently, so only
+its own plan or a measured peak (`throughput.py --gpu`) answers the 16 GiB question there.
 """
 
 import argparse
+import functools
 import math
+import resource
+import subprocess
 import pathlib
 import sys
 import time
@@ -18,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -30,7 +35,9 @@ from clclm_jax.model.lora import add_lora  # pylint: disable=wrong-import-positi
 from clclm_jax.train import sharding, state as state_lib, step as step_lib  # pylint: disable=wrong-import-position
 
 SHAPES = (("llama-7b", 8, 512), ("smollm2-135m", 4, 256), ("smollm2-135m", 8, 512))
+MEASURED = ("smollm2-135m",)  # shapes small enough to run here; a 7B step on a 2-core CPU takes too long
 GIB = 2**30
+HERE = pathlib.Path(__file__).resolve().parent
 
 
 def abstract_model(cfg: LlamaConfig, lora: LoraConfig, *, remat: bool) -> Llama:
@@ -64,6 +71,42 @@ def compiled_plan(cfg: LlamaConfig, batch: int, length: int, *, remat: bool, lor
           "frozen_bytes": _bytes(frozen), "trainable_bytes": _bytes(params)}
 
 
+def measured_peak_rss(name: str, batch: int, length: int, remat: bool) -> int:
+  """Peak resident bytes of a fresh process that runs two train steps of this shape (random weights)."""
+  code = f"import memory_plan; memory_plan.run_steps({name!r}, {batch}, {length}, {remat})"
+  out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+  return int(out.stdout.split()[-1])
+
+
+def run_steps(name: str, batch: int, length: int, remat: bool):
+  """Two jitted train steps of a random bf16 int8 + LoRA model; prints the process's peak RSS in bytes."""
+  cfg = presets[name]
+  model = Llama(cfg, dtype=jnp.bfloat16, quantize="int8", remat=remat, rngs=nnx.Rngs(0))
+  add_lora(model, throughput.LORA, jax.random.key(1))
+  tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, length)).astype(np.int32)
+  positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()
+  data = {"tokens": tokens, "positions": positions, "attention_mask": np.ones_like(tokens),
+          "loss_mask": np.ones_like(tokens)}
+  step = throughput.ours_train_fn(model, data, throughput.optim_config(), sharding.make_mesh((-1, 1, 1)))
+  step()
+  step()
+  print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+
+
+def remat_dot_counts(layers: int = 16) -> dict[str, int]:
+  """Dots in the compiled gradient of a toy residual MLP, without and with `jax.checkpoint` per layer:
+  equal counts mean this backend's compiler dropped the recomputation remat asks for."""
+  def layer(w, x):
+    return x + jnp.tanh(jnp.tanh(x @ w) @ w.T)
+
+  def counts(f):
+    loss = lambda ws, x: jnp.sum(functools.reduce(lambda x, w: f(w, x), ws, x))  # noqa: E731
+    ws, x = [jax.ShapeDtypeStruct((64, 256), jnp.float32)] * layers, jax.ShapeDtypeStruct((128, 64), jnp.float32)
+    return jax.jit(jax.grad(loss)).lower(ws, x).compile().as_text().count(" dot(")
+
+  return {"without": counts(layer), "with": counts(jax.checkpoint(layer))}
+
+
 def _bytes(tree) -> int:
   return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
@@ -75,27 +118,43 @@ def cfg_name(cfg: LlamaConfig) -> str:
 def markdown(result: dict[str, Any]) -> str:
   rows = [[p["model"], f"{p['batch']}x{p['length']}", "yes" if p["remat"] else "no",
            f"{p['frozen_bytes'] / GIB:.2f}", f"{p['argument_bytes'] / GIB:.2f}", f"{p['temp_bytes'] / GIB:.2f}",
-           f"{p['peak_bytes'] / GIB:.2f}", f"{p['compile_s']:.0f} s"] for p in result["plans"]]
+           f"{p['peak_bytes'] / GIB:.2f}", f"{p['rss_bytes'] / GIB:.2f}" if p.get("rss_bytes") else "-",
+           f"{p['compile_s']:.0f} s"] for p in result["plans"]]
   return "\n".join([
       f"# Compiled memory plan of the LoRA train step ({result['backend']})", "",
       f"Machine: {common.machine_line(result['machine'])}. Produced by `python benchmarks/memory_plan.py`.",
       "bfloat16 compute, int8 base with float32 group scales, LoRA r=8 on q_proj and v_proj, AdamW; "
       "GiB from XLA's buffer assignment for this backend, nothing allocated.", "",
       common.markdown_table(["model", "batch", "remat", "frozen base GiB", "arguments GiB", "temporaries GiB",
-                             "peak GiB", "compile"], rows), "",
-      "Peak = arguments + outputs - donated aliases + temporaries. The plan is this backend's own: XLA:CPU "
-      "drops the recomputation remat asks for (a 16-layer toy MLP's gradient has 125 dots before "
-      "optimisation with remat and 95 after, as many as without it), so on CPU remat saves almost nothing. "
-      "GPU and TPU compilers keep it; what it saves there, and the 16 GiB goal for the LLaMA-7B shape, only "
-      "a GPU run measures (`throughput.py --gpu`).", ""])
+                             "planned peak GiB", "measured peak RSS GiB", "compile"], rows), "",
+      "Planned peak = arguments + outputs - donated aliases + temporaries; measured peak RSS (`--measure`) is "
+      "a fresh process's whole resident memory after two steps of that shape with random weights (Python, "
+      "JAX and the compiled program included). The plan is this backend's own: "
+      f"{remat_note(result['remat_dots'])} What remat saves on a GPU, and the 16 GiB goal for the LLaMA-7B "
+      "shape, only a GPU run measures (`throughput.py --gpu`).", ""])
+
+
+def remat_note(dots: dict[str, int]) -> str:
+  kept = dots["with"] > dots["without"]
+  return (f"a 16-layer toy MLP's compiled gradient has {dots['without']} dots without remat and {dots['with']} "
+          f"with it, so this compiler {'keeps' if kept else 'drops'} the recomputation"
+          f"{'.' if kept else ' and remat saves (almost) nothing here.'}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="benchmarks/results", help="folder for memory_plan_<backend>.{json,md}")
+  p.add_argument("--measure", action="store_true", help=f"also run the {', '.join(MEASURED)} shapes (minutes)")
   args = p.parse_args(argv)
-  plans = [compiled_plan(presets[name], b, t, remat=remat) for name, b, t in SHAPES for remat in (False, True)]
-  result = {"backend": jax.default_backend(), "machine": common.machine(), "plans": plans}
+  plans = []
+  for name, b, t in SHAPES:
+    for remat in (False, True):
+      plan = compiled_plan(presets[name], b, t, remat=remat)
+      if args.measure and name in MEASURED:
+        plan["rss_bytes"] = measured_peak_rss(name, b, t, remat)
+      plans.append(plan)
+  result = {"backend": jax.default_backend(), "machine": common.machine(), "plans": plans,
+            "remat_dots": remat_dot_counts()}
   out = pathlib.Path(args.out)
   common.write_json(out / f"memory_plan_{result['backend']}.json", result)
   common.write_text(out / f"memory_plan_{result['backend']}.md", markdown(result))

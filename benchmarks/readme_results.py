@@ -20,7 +20,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def throughput_section(result: dict, md_name: str) -> list[str]:
-  from throughput import FLOPS_NOTE, goal_table, missed_goal_note, run_table  # pylint: disable=g-import-not-at-top
+  from throughput import FLOPS_NOTE, goal_table, llama7b_lines, missed_goal_note, run_table  # pylint: disable=g-import-not-at-top
   peak = result["matmul_peak"]
   peaks = {p["dtype"]: p["flop_per_s"] for p in [peak] + result.get("more_peaks", [])}
   lines = [f"### Speed: clclm-jax vs transformers + PEFT ({result['tag']})", "",
@@ -35,10 +35,7 @@ def throughput_section(result: dict, md_name: str) -> list[str]:
     lines += [f"{run['model']}, {run['device']} {run['dtype']} (ours: {run['ours_storage']}; transformers: "
               f"{run['transformers_storage']}):", "", run_table(run, peaks), "", goal_table(run), ""]
   if result.get("llama7b"):
-    g = result["llama7b"]
-    lines += [f"LLaMA-7B shape (random weights, int8 + LoRA, bf16, batch {g['batch']}x{g['length']}): "
-              f"{g['tokens_per_s']:.0f} tokens/s, MFU {100 * g['mfu_vs_measured_peak']:.1f}%, "
-              f"peak memory {(g['peak_bytes_in_use'] or 0) / 2**30:.1f} GiB.", ""]
+    lines += llama7b_lines(result["llama7b"], heading="####")
   return lines + [FLOPS_NOTE] + missed_goal_note(result, "benchmarks/results/profile_cpu.md") + [""]
 
 
@@ -61,13 +58,21 @@ def quality_section(result: dict) -> list[str]:
   return lines
 
 
+def _body(md: str) -> str:
+  return md.split("\n", 2)[2].strip()  # a results .md without its title
+
+
 def label_signal_section(md: str) -> list[str]:
   """benchmarks/label_signal.py's table: how much of each label the prompt's structure predicts, no LLM."""
-  body = md.split("\n", 2)[2].strip()  # drop its title
   return ["### What predicts a TALLRec label without a language model", "",
           "A yardstick for the goals above: the history like-ratio, item and author priors and title overlap "
           "need no language model; the book goals (71/72/74) are above a logistic regression over all of them "
-          "even when it is fitted on the whole book pool.", "", body, ""]
+          "even when it is fitted on the whole book pool.", "", _body(md), ""]
+
+
+def memory_plan_section(md: str) -> list[str]:
+  """benchmarks/memory_plan.py's table: the compiler's memory plan of the train step, per shape and remat."""
+  return ["### Train-step memory (compiled plan)", "", _body(md), ""]
 
 
 METRICS = ("HR@5", "HR@10", "NDCG@5", "NDCG@10")
@@ -98,6 +103,8 @@ def section(results: pathlib.Path) -> str:
            "do not edit by hand._", ""]
   for path in sorted(results.glob("throughput_*.json")):
     lines += throughput_section(json.loads(path.read_text()), path.with_suffix(".md").name)
+  for path in sorted(results.glob("memory_plan_*.md")):
+    lines += memory_plan_section(path.read_text())
   if (results / "quality.json").exists():
     lines += quality_section(json.loads((results / "quality.json").read_text()))
   if (results / "label_signal.md").exists():

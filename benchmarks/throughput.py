@@ -359,7 +359,7 @@ def _llama7b_steps(args, cfg: LlamaConfig, b: int, t: int, remat: bool, peak_flo
           "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "bytes_limit": stats.get("bytes_limit")}
 
 
-def llama7b_lines(g: dict[str, Any]) -> list[str]:
+def llama7b_lines(g: dict[str, Any], heading: str = "##") -> list[str]:
   """The LLaMA-7B-shape section: one row per remat setting, then the two goals."""
   rows = []
   for r in g["runs"]:
@@ -378,7 +378,7 @@ def llama7b_lines(g: dict[str, Any]) -> list[str]:
     mfu_met = "met" if best["mfu_vs_measured_peak"] >= g["goals"]["mfu"] else "missed"
     verdict = (f"memory met (remat {'on' if best['remat'] else 'off'}); MFU {100 * best['mfu_vs_measured_peak']:.1f}% "
                f"against >= {100 * g['goals']['mfu']:.0f}%: {mfu_met}")
-  return ["## LLaMA-7B shape, random weights, int8 + LoRA, bfloat16", "",
+  return [f"{heading} LLaMA-7B shape, random weights, int8 + LoRA, bfloat16", "",
           f"Batch {g['batch']}x{g['length']}; MFU against the measured bf16 matmul peak "
           f"({common.si(g['matmul_peak']['flop_per_s'], 'FLOP/s')}); peak device memory is the process's "
           "running maximum (remat runs first); planned = XLA's compiled plan (`benchmarks/memory_plan.py`).", "",

@@ -280,12 +280,16 @@ def test_readme_results_only_touches_the_marked_section(tmp_path):
   results = tmp_path / "results"
   common.write_json(results / "quality.json", {"machine": common.machine(), "model": "tiny",
                                                "rows": quality.published_rows()})
+  plan = {"model": "tiny", "batch": 2, "length": 64, "remat": True, "frozen_bytes": 2**20, "argument_bytes": 2**21,
+          "temp_bytes": 2**22, "peak_bytes": 2**23, "compile_s": 1.0}
+  common.write_text(results / "memory_plan_cpu.md", memory_plan.markdown(
+      {"backend": "cpu", "machine": common.machine(), "plans": [plan], "remat_dots": {"without": 3, "with": 3}}))
   readme = tmp_path / "README.md"
   readme.write_text("# Title\n\nText.\n")
   readme_results.main(["--results", str(results), "--readme", str(readme)])
   first = readme.read_text()
   assert first.startswith("# Title\n\nText.\n") and first.count(readme_results.START) == 1
-  assert "67.24" in first
+  assert "67.24" in first and "### Train-step memory" in first and "| tiny | 2x64 | yes |" in first
   readme.write_text(first + "\nAfter.\n")
   readme_results.main(["--results", str(results), "--readme", str(readme)])
   assert readme.read_text() == first + "\nAfter.\n"

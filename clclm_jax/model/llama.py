@@ -323,6 +323,7 @@ def mask_and_positions(attention_mask_bt: jax.Array):
 def _chunked_nll(h_nd, w_dv, targets_n, chunk: int, with_grad: bool):
   """Cross-entropy of `h @ w` per row, `chunk` rows at a time; with `with_grad`, also its gradient in h."""
   n, d = h_nd.shape
+  chunk = min(chunk, n)
   pad = -n % chunk
   h_cnd = jnp.pad(h_nd, ((0, pad), (0, 0))).reshape(-1, chunk, d)
   t_cn = jnp.pad(targets_n, (0, pad)).reshape(-1, chunk)
@@ -338,7 +339,10 @@ def _chunked_nll(h_nd, w_dv, targets_n, chunk: int, with_grad: bool):
     dh_nd = jnp.einsum("nv,dv->nd", dlogits_nv.astype(w_dv.dtype), w_dv, preferred_element_type=jnp.float32)
     return nll_n, dh_nd.astype(h_nd.dtype)
 
-  nll_cn, dh_cnd = jax.lax.map(one, (h_cnd, t_cn))
+  if h_cnd.shape[0] == 1:  # one chunk: no loop
+    nll_cn, dh_cnd = jax.tree.map(lambda x: x[None], one((h_cnd[0], t_cn[0])))
+  else:
+    nll_cn, dh_cnd = jax.lax.map(one, (h_cnd, t_cn))
   return nll_cn.reshape(-1)[:n], None if dh_cnd is None else dh_cnd.reshape(-1, d)[:n]
 
 
