@@ -180,6 +180,14 @@ def write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
   return path
 
 
+def write_result(out: str | os.PathLike, stem: str, result: Any, text: str, echo: bool = True) -> None:
+  """A benchmark's `<stem>.json` (the numbers) and `<stem>.md` (the table) under `out`; prints the table."""
+  write_json(pathlib.Path(out) / f"{stem}.json", result)
+  write_text(pathlib.Path(out) / f"{stem}.md", text)
+  if echo:
+    print(text)
+
+
 def si(x: float, unit: str = "") -> str:
   """1.23e9 -> '1.23 G' + unit."""
   for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):

@@ -324,8 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "loadavg_before": load, "loadavg_after": common.loadavg()}
                                | ({"stopped": stopped} if stopped else {})]
     result = {"machine": common.machine(), "runs": runs, "meta": meta, "rows": merge_rows(previous["rows"], rows)}
-    common.write_json(out / "results.json", result)
-    common.write_text(out / "results.md", markdown(result))
+    common.write_result(out, "results", result, markdown(result), echo=False)
     return result
 
   def emit(row: dict):

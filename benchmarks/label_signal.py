@@ -136,10 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--domains", nargs="+", default=["movie", "book"], choices=("movie", "book"))
   args = p.parse_args(argv)
   result = {"machine": common.machine(), "results": [domain_result(d) for d in args.domains]}
-  common.write_json(pathlib.Path(args.out) / "label_signal.json", result)
-  text = markdown(result["results"], result["machine"])
-  common.write_text(pathlib.Path(args.out) / "label_signal.md", text)
-  print(text)
+  common.write_result(args.out, "label_signal", result, markdown(result["results"], result["machine"]))
   return result
 
 

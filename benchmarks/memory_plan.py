@@ -13,16 +13,15 @@ its own plan or a measured peak (`throughput.py --gpu`) answers the 16 GiB quest
 import argparse
 import functools
 import math
+import pathlib
 import resource
 import subprocess
-import pathlib
 import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -80,14 +79,7 @@ def measured_peak_rss(name: str, batch: int, length: int, remat: bool) -> int:
 
 def run_steps(name: str, batch: int, length: int, remat: bool):
   """Two jitted train steps of a random bf16 int8 + LoRA model; prints the process's peak RSS in bytes."""
-  cfg = presets[name]
-  model = Llama(cfg, dtype=jnp.bfloat16, quantize="int8", remat=remat, rngs=nnx.Rngs(0))
-  add_lora(model, throughput.LORA, jax.random.key(1))
-  tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, length)).astype(np.int32)
-  positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()
-  data = {"tokens": tokens, "positions": positions, "attention_mask": np.ones_like(tokens),
-          "loss_mask": np.ones_like(tokens)}
-  step = throughput.ours_train_fn(model, data, throughput.optim_config(), sharding.make_mesh((-1, 1, 1)))
+  step = throughput.random_train_fn(presets[name], batch, length, remat=remat)
   step()
   step()
   print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
@@ -155,10 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       plans.append(plan)
   result = {"backend": jax.default_backend(), "machine": common.machine(), "plans": plans,
             "remat_dots": remat_dot_counts()}
-  out = pathlib.Path(args.out)
-  common.write_json(out / f"memory_plan_{result['backend']}.json", result)
-  common.write_text(out / f"memory_plan_{result['backend']}.md", markdown(result))
-  print(markdown(result))
+  common.write_result(args.out, f"memory_plan_{result['backend']}", result, markdown(result))
   return result
 
 

@@ -111,10 +111,7 @@ def main(argv=None) -> dict[str, Any]:
     result["score"]["prompts"] = int(sum((b["index"] >= 0).sum() for b in batches
                                          if b["tokens"].shape == batches[0]["tokens"].shape))
   result["loadavg_after"] = common.loadavg()
-  out = pathlib.Path(args.out)
-  common.write_json(out / "profile_cpu.json", result)
-  common.write_text(out / "profile_cpu.md", markdown(result))
-  print(markdown(result))
+  common.write_result(args.out, "profile_cpu", result, markdown(result))
   return result
 
 

@@ -314,8 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       rows.append(heuristic_row(domain, test_n, seed))
   result = {"machine": common.machine(), "model": "smollm2-135m-instruct", "model_machine": fused.get("machine"),
             "fused_results": str(fused_path), "rows": rows + model_rows}
-  common.write_json(out / "quality.json", result)
-  common.write_text(out / "quality.md", markdown(result))
+  common.write_result(out, "quality", result, markdown(result), echo=False)
   plot(result, out / "quality.png")
   print(markdown(result))
   return result

@@ -341,15 +341,19 @@ def run_llama7b_shape(args) -> dict[str, Any]:
   return result
 
 
-def _llama7b_steps(args, cfg: LlamaConfig, b: int, t: int, remat: bool, peak_flop_per_s: float) -> dict[str, Any]:
+def random_train_fn(cfg: LlamaConfig, b: int, t: int, *, remat: bool = False):
+  """`ours_train_fn` for a random bf16 int8-base + LoRA model of `cfg`'s shape on random `b x t` tokens."""
   model = Llama(cfg, dtype=jnp.bfloat16, quantize="int8", remat=remat, rngs=nnx.Rngs(0))
   add_lora(model, LORA, jax.random.key(1))
   tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (b, t)).astype(np.int32)
   ones = np.ones_like(tokens)
   batch = {"tokens": tokens, "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
            "attention_mask": ones, "loss_mask": ones}
-  run = ours_train_fn(model, batch, optim_config(), sharding.make_mesh((-1, 1, 1)))
-  del model
+  return ours_train_fn(model, batch, optim_config(), sharding.make_mesh((-1, 1, 1)))
+
+
+def _llama7b_steps(args, cfg: LlamaConfig, b: int, t: int, remat: bool, peak_flop_per_s: float) -> dict[str, Any]:
+  run = random_train_fn(cfg, b, t, remat=remat)
   times = common.interleaved_times({"ours": run}, repeats=args.repeats, warmup=args.warmup)["ours"]
   s = common.summarize(times)
   flops = train_flops(cfg, LORA, b, t)
@@ -479,10 +483,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       result["llama7b"] = run_llama7b_shape(args)
   result["runs"] = runs
   result["loadavg_after"] = common.loadavg()
-  out = pathlib.Path(args.out)
-  common.write_json(out / f"throughput_{result['tag']}.json", result)
-  common.write_text(out / f"throughput_{result['tag']}.md", markdown(result))
-  print(markdown(result))
+  common.write_result(args.out, f"throughput_{result['tag']}", result, markdown(result))
   return result
 
 
