@@ -197,6 +197,9 @@ class FusedRec(nnx.Module):
   def lm_logits(self, h_xd: jax.Array) -> jax.Array:
     return self.llm.lm_logits(h_xd)
 
+  def token_nll(self, h_nd: jax.Array, targets_n: jax.Array) -> jax.Array:
+    return self.llm.token_nll(h_nd, targets_n)
+
   def __call__(self, tokens_bt, positions_bt=None, attention_mask_bt=None, *, history_ids_bl=None,
                feedback_bl=None, target_ids_b=None, dropout_key=None) -> jax.Array:
     h_btd = self.hidden_states(tokens_bt, positions_bt, attention_mask_bt, history_ids_bl=history_ids_bl,
