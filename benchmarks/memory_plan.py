@@ -114,9 +114,10 @@ def markdown(result: dict[str, Any]) -> str:
            f"{p['compile_s']:.0f} s"] for p in result["plans"]]
   return "\n".join([
       f"# Compiled memory plan of the LoRA train step ({result['backend']})", "",
-      f"Machine: {common.machine_line(result['machine'])}. Produced by `python benchmarks/memory_plan.py`.",
-      "bfloat16 compute, int8 base with float32 group scales, LoRA r=8 on q_proj and v_proj, AdamW; "
-      "GiB from XLA's buffer assignment for this backend, nothing allocated.", "",
+      f"Machine: {common.machine_line(result['machine'])}. Produced by `python benchmarks/memory_plan.py"
+      f"{' --measure' if any(p.get('rss_bytes') for p in result['plans']) else ''}`.",
+      "bfloat16 compute, int8 base with float32 group scales, LoRA r=8 on q_proj and v_proj, AdamW; planned "
+      "GiB from XLA's buffer assignment for this backend (planning allocates nothing).", "",
       common.markdown_table(["model", "batch", "remat", "frozen base GiB", "arguments GiB", "temporaries GiB",
                              "planned peak GiB", "measured peak RSS GiB", "compile"], rows), "",
       "Planned peak = arguments + outputs - donated aliases + temporaries; measured peak RSS (`--measure`) is "

@@ -217,6 +217,8 @@ def test_target_ce_equals_the_full_logits_ce():
   key = jax.random.key(0)
   np.testing.assert_allclose(step_lib.LOSSES["text_lm"](model, text, key), step_lib.LOSSES["lm"](model.llm, text, key),
                              rtol=1e-5)
+  np.testing.assert_allclose(step_lib.LOSSES["lm"](model, text, key), step_lib.LOSSES["lm"](model.llm, text, key),
+                             rtol=1e-6)  # `lm` runs on the fused model too (its text path)
   logits_btv = model(fused["tokens"], fused["positions"], fused["attention_mask"],
                      history_ids_bl=fused["history_ids"], feedback_bl=fused["history_feedback"])
   ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], fused["tokens"][:, 1:])
