@@ -12,7 +12,6 @@ its own plan or a measured peak (`throughput.py --gpu`) answers the 16 GiB quest
 
 import argparse
 import functools
-import math
 import pathlib
 import resource
 import subprocess
@@ -28,6 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from clclm_jax.model import quant  # pylint: disable=wrong-import-position
 from clclm_jax.model.config import LlamaConfig, LoraConfig, presets  # pylint: disable=wrong-import-position
 from clclm_jax.model.llama import Llama  # pylint: disable=wrong-import-position
 from clclm_jax.model.lora import add_lora  # pylint: disable=wrong-import-position
@@ -67,7 +67,7 @@ def compiled_plan(cfg: LlamaConfig, batch: int, length: int, *, remat: bool, lor
   return {"model": cfg_name(cfg), "batch": batch, "length": length, "remat": remat, "compile_s": compile_s,
           **{f"{k}_bytes": v for k, v in sizes.items()},
           "peak_bytes": sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"],
-          "frozen_bytes": _bytes(frozen), "trainable_bytes": _bytes(params)}
+          "frozen_bytes": quant.model_bytes(frozen), "trainable_bytes": quant.model_bytes(params)}
 
 
 def measured_peak_rss(name: str, batch: int, length: int, remat: bool) -> int:
@@ -97,10 +97,6 @@ def remat_dot_counts(layers: int = 16) -> dict[str, int]:
     return jax.jit(jax.grad(loss)).lower(ws, x).compile().as_text().count(" dot(")
 
   return {"without": counts(layer), "with": counts(jax.checkpoint(layer))}
-
-
-def _bytes(tree) -> int:
-  return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def cfg_name(cfg: LlamaConfig) -> str:

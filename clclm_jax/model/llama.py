@@ -355,8 +355,7 @@ def linear_cross_entropy(h_nd: jax.Array, w_dv: jax.Array, targets_n: jax.Array,
 
 
 def _linear_ce_fwd(h_nd, w_dv, targets_n, chunk):
-  nll_n, dh_nd = _chunked_nll(h_nd, w_dv, targets_n, chunk, with_grad=True)
-  return nll_n, dh_nd
+  return _chunked_nll(h_nd, w_dv, targets_n, chunk, with_grad=True)  # (nll, its gradient in h as residual)
 
 
 def _linear_ce_bwd(chunk, dh_nd, g_n):

@@ -49,7 +49,7 @@ def quantize_model(model: nnx.Module) -> nnx.Module:
   return model
 
 
-def model_bytes(model: nnx.Module) -> int:
-  """Bytes held by all variables of a model (works on abstract models from `nnx.eval_shape`)."""
-  leaves = jax.tree.leaves(nnx.state(model))
+def model_bytes(model: nnx.Module | nnx.State) -> int:
+  """Bytes held by all variables of a model or state (works on abstract ones from `nnx.eval_shape`)."""
+  leaves = jax.tree.leaves(nnx.state(model) if isinstance(model, nnx.Module) else model)
   return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves))
