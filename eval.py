@@ -6,7 +6,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clclm_jax.contrastive import recipe
-from clclm_jax.train import cli, loop, sharding
+from clclm_jax.train import cli, loop, malloc, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder of train.py; default runs/<config name>.")
@@ -37,4 +37,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  malloc.reexec_keeping_freed_memory()
   app.run(main, flags_parser=cli.parse_flags)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clclm_jax.train import malloc
+
 # TALLRec (arXiv 2305.00447), its few-shot table: test AUC x 100 of LLaMA-7B rec tuning, by training shots.
 TALLREC_PUBLISHED = {"movie": {16: 67.24, 64: 67.48, 256: 71.98}, "book": {16: 56.36, 64: 60.39, 256: 64.38}}
 FUSED_GOALS = {"movie": {16: 74, 64: 75, 256: 77}, "book": {16: 71, 64: 72, 256: 74}}  # issue 5, mean of 3 seeds
@@ -103,6 +105,7 @@ def machine() -> dict[str, Any]:
       "device": getattr(dev, "device_kind", dev.platform),
       "device_count": jax.device_count(),
       "versions": versions,
+      "malloc_keeps_freed": all(os.environ.get(k) == v for k, v in malloc.KEEP_FREED.items()),
   }
 
 
@@ -110,8 +113,9 @@ def machine_line(m: Mapping[str, Any]) -> str:
   """One markdown line describing the machine."""
   v = m["versions"]
   libs = ", ".join(f"{k} {v[k]}" for k in ("jax", "flax", "torch", "transformers", "peft") if v.get(k))
+  kept = "; glibc malloc keeps freed memory (clclm_jax/train/malloc.py)" if m.get("malloc_keeps_freed") else ""
   return (f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; JAX backend {m['jax_backend']} "
-          f"({m['device']} x{m['device_count']}); {libs}")
+          f"({m['device']} x{m['device_count']}); {libs}{kept}")
 
 
 def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:

@@ -42,7 +42,7 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from clclm_jax.contrastive import feedback, recipe  # pylint: disable=wrong-import-position
 from clclm_jax.data import fewshot  # pylint: disable=wrong-import-position
-from clclm_jax.train import cli, evaluate  # pylint: disable=wrong-import-position
+from clclm_jax.train import cli, evaluate, malloc  # pylint: disable=wrong-import-position
 from configs import fused_book, fused_movie  # pylint: disable=wrong-import-position
 
 CONFIGS = {"movie": fused_movie, "book": fused_book}
@@ -346,4 +346,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+  malloc.reexec_keeping_freed_memory()
   main()

@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from clclm_jax.contrastive import pretrain
 from clclm_jax.data import sequences
+from clclm_jax.train import malloc
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -83,4 +84,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+  malloc.reexec_keeping_freed_memory()
   app.run(main)

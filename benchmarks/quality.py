@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from clclm_jax.data import fewshot, tallrec  # pylint: disable=wrong-import-position
-from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
+from clclm_jax.train import evaluate, malloc  # pylint: disable=wrong-import-position
 
 NAMES = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "history like-ratio (no training)",
          "zero_shot": "ours, zero-shot", "encoder_only": "ours, pretrained encoder alone (no LLM)",
@@ -321,4 +321,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+  malloc.reexec_keeping_freed_memory()
   main()
