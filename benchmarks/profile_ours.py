@@ -71,6 +71,7 @@ def main(argv=None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="benchmarks/results")
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--tag", default="cpu", help="output name suffix: profile_<tag>.{json,md}")
   args = p.parse_args(argv)
   mesh = sharding.make_mesh((-1, 1, 1))
   model, tok = loading.load_model(loading.SMOLLM2, dtype=args.dtype, quantize="int8", lora=throughput.LORA)
@@ -88,7 +89,7 @@ def main(argv=None) -> dict[str, Any]:
   params_sh, frozen_sh = sharding.state_sharding(params, mesh), sharding.state_sharding(frozen, mesh)
   eval_step = evaluate.compile_eval_step(graphdef, params_sh, frozen_sh, mesh, *tokenize.answer_token_ids(tok))
   params_d, frozen_d = sharding.put(params, params_sh), sharding.put(frozen, frozen_sh)
-  result = {"machine": common.machine(), "loadavg_before": common.loadavg(), "dtype": args.dtype}
+  result = {"machine": common.machine(), "loadavg_before": common.loadavg(), "dtype": args.dtype, "tag": args.tag}
   with jax.set_mesh(mesh), tempfile.TemporaryDirectory() as tmp:
     train_hlo = jitted.lower(state, batch, frozen_on_mesh).compile().as_text()
     holder = {"state": state}
@@ -111,7 +112,7 @@ def main(argv=None) -> dict[str, Any]:
     result["score"]["prompts"] = int(sum((b["index"] >= 0).sum() for b in batches
                                          if b["tokens"].shape == batches[0]["tokens"].shape))
   result["loadavg_after"] = common.loadavg()
-  common.write_result(args.out, "profile_cpu", result, markdown(result))
+  common.write_result(args.out, f"profile_{args.tag}", result, markdown(result))
   return result
 
 
@@ -119,7 +120,7 @@ def markdown(r: dict[str, Any]) -> str:
   lines = ["# Where clclm-jax's time goes (one traced step, XLA kernels)", "",
            f"Machine: {common.machine_line(r['machine'])}; load average before / after {r['loadavg_before']} / "
            f"{r['loadavg_after']}; compute {r['dtype']}, int8 base, LoRA r=8 on q, v. Command: "
-           f"`python benchmarks/profile_ours.py --out=benchmarks/results --dtype {r['dtype']}`. Milliseconds are "
+           f"`python benchmarks/profile_ours.py --out=benchmarks/results --dtype {r['dtype']} --tag {r.get('tag', 'cpu')}`. Milliseconds are "
            "summed over kernels, which run in parallel on the cores, so they can exceed wall time; the shares "
            "are what to read.", ""]
   for task, what in (("train", "LoRA train step, 4x256 tokens"), ("score", "Yes/No scoring of movie prompts (after the shared prefix)")):

@@ -79,6 +79,12 @@ def test_throughput_script_on_tiny_model(tmp_path, data_root):
   saved = json.loads((tmp_path / "throughput_cpu.json").read_text())
   assert saved["runs"][0]["score"]["ratio"] == pytest.approx(run["score"]["ratio"])
   assert "scoring prompts/s" in (tmp_path / "throughput_cpu.md").read_text()
+  run["train"]["met"], run["score"]["met"], run["train"]["best"] = True, False, "ours_bf16"
+  note = throughput.missed_goal_note(result, "results/")
+  assert note == ["A goal is missed; where our time goes: [profile_cpu.md](results/profile_cpu.md) (`python "
+                  "benchmarks/profile_ours.py --dtype bfloat16 --tag cpu`, our faster path here)."]
+  run["score"]["met"] = True
+  assert not throughput.missed_goal_note(result, "results/")
 
 
 def test_memory_plan_counts_the_frozen_base_and_grows_with_the_batch():
