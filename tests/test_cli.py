@@ -62,15 +62,18 @@ def test_bad_overrides_are_one_clear_line():
 
 
 def test_compilation_cache_goes_to_clclm_cache(tmp_path, monkeypatch):
-  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
+            jax.config.jax_compilation_cache_max_size)
   monkeypatch.setenv("CLCLM_CACHE", str(tmp_path))
   try:
-    path = cli.enable_compilation_cache(0.25)
+    path = cli.enable_compilation_cache(0.25, max_bytes=2**20)
     assert path == tmp_path / "xla" and jax.config.jax_compilation_cache_dir == str(path)
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.25
+    assert jax.config.jax_compilation_cache_max_size == 2**20
   finally:
     jax.config.update("jax_compilation_cache_dir", before[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    jax.config.update("jax_compilation_cache_max_size", before[2])
 
 
 _REEXEC = ("import os; print('start', flush=True); from clclm_jax.train import malloc; "
@@ -103,3 +106,16 @@ def test_kept_freed_memory_stops_xla_temporaries_faulting_in_every_call():
   kept = _run("-c", code, env=malloc.KEEP_FREED)
   assert kept.returncode == 0, kept.stderr
   assert int(kept.stdout) < 1000, f"{kept.stdout} page faults in one call with {malloc.KEEP_FREED}"
+
+
+def test_compilation_cache_drops_least_recently_used_beyond_its_cap(tmp_path):
+  code = ("import jax, jax.numpy as jnp\n"
+          "from clclm_jax.train import cli\n"
+          "path = cli.enable_compilation_cache(0, max_bytes=10_000)\n"
+          "for i in range(12):\n"
+          "  jax.jit(lambda x: jnp.sin(x) * i + jnp.cos(x) ** i)(jnp.ones(8 + i)).block_until_ready()\n"
+          "print(sum(f.stat().st_size for f in path.rglob('*-cache')), len(list(path.rglob('*-cache'))))\n")
+  r = _run("-c", code, env={"CLCLM_CACHE": str(tmp_path)})
+  assert r.returncode == 0, r.stderr[-2000:]
+  total, entries = map(int, r.stdout.split())
+  assert total <= 10_000 and 0 < entries < 12

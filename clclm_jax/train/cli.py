@@ -21,10 +21,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"error: {e}")
 
 
-def enable_compilation_cache(min_compile_s: float = 0.5) -> pathlib.Path:
+def enable_compilation_cache(min_compile_s: float = 0.5, max_bytes: int = 2 * 2**30) -> pathlib.Path:
   """Keeps compiled XLA programs in $CLCLM_CACHE/xla (default ~/.cache/clclm_jax/xla), so eval.py, resumed and
-  repeated runs skip the compiles train.py already paid for."""
+  repeated runs skip the compiles train.py already paid for; beyond `max_bytes` the least recently used go."""
   path = loading.cache_root() / "xla"
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
+  jax.config.update("jax_compilation_cache_max_size", max_bytes)
   return path
