@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import tqdm
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--measure", action="store_true", help=f"also run the {', '.join(MEASURED)} shapes (minutes)")
   args = p.parse_args(argv)
   plans = []
-  for name, b, t in SHAPES:
-    for remat in (False, True):
+  with tqdm.tqdm([(s, remat) for s in SHAPES for remat in (False, True)], desc="memory plans", unit="plan") as bar:
+    for (name, b, t), remat in bar:
+      bar.set_postfix_str(f"{name} {b}x{t} remat={remat}")
       plan = compiled_plan(presets[name], b, t, remat=remat)
       if args.measure and name in MEASURED:
         plan["rss_bytes"] = measured_peak_rss(name, b, t, remat)
