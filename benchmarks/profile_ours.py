@@ -82,20 +82,19 @@ def main(argv=None) -> dict[str, Any]:
   graphdef, params, frozen = state_lib.split_model(model)
   tx = state_lib.make_optimizer(optim)
   state = state_lib.init_state(params, tx, seed=0, mesh=mesh)
-  step = step_lib.compile_train_step(graphdef, frozen, tx, state_lib.state_shardings(params, tx, mesh), mesh,
-                                     loss_weights={"lm": 1.0})
-  jitted, frozen_on_mesh = step.args  # compile_train_step binds the frozen base with functools.partial
   batch = sharding.global_batch(train_np, mesh)
   params_sh, frozen_sh = sharding.state_sharding(params, mesh), sharding.state_sharding(frozen, mesh)
+  step = step_lib.jit_train_step(graphdef, frozen_sh, tx, state_lib.state_shardings(params, tx, mesh), mesh,
+                                 loss_weights={"lm": 1.0})
   eval_step = evaluate.compile_eval_step(graphdef, params_sh, frozen_sh, mesh, *tokenize.answer_token_ids(tok))
   params_d, frozen_d = sharding.put(params, params_sh), sharding.put(frozen, frozen_sh)
   result = {"machine": common.machine(), "loadavg_before": common.loadavg(), "dtype": args.dtype, "tag": args.tag}
   with jax.set_mesh(mesh), tempfile.TemporaryDirectory() as tmp:
-    train_hlo = jitted.lower(state, batch, frozen_on_mesh).compile().as_text()
+    train_hlo = step.lower(state, batch, frozen_d).compile().as_text()
     holder = {"state": state}
 
     def train_once():
-      holder["state"], metrics = step(holder["state"], batch)
+      holder["state"], metrics = step(holder["state"], batch, frozen_d)
       return float(metrics["loss"])
 
     for _ in range(2):
