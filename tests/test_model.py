@@ -1,6 +1,7 @@
 """Llama forward parity with transformers on tiny random checkpoints, masks, packing, LoRA, int8."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,8 @@ from flax import nnx
 
 from clclm_jax.model import config as config_lib
 from clclm_jax.model.errors import ModelError
-from clclm_jax.model.llama import Frozen, Llama, QInt8, QScale, attend, dropout, frozen_matmul, linear_cross_entropy, swiglu
+from clclm_jax.model.llama import (Frozen, Llama, QInt8, QScale, attend, causal_query_block, dropout, frozen_matmul,
+                                   linear_cross_entropy, mask_and_positions, swiglu)
 from clclm_jax.model.loading import load_model
 from clclm_jax.model.lora import add_lora, merge_lora
 from clclm_jax.model import quant
@@ -299,6 +301,32 @@ def test_attend_values_and_gradients_match_plain_softmax_attention(dtype, tol):
     assert g_.dtype == dtype
     np.testing.assert_allclose(np.asarray(g_, np.float32), w_, atol=tol * 4, rtol=tol * 4)
   assert float(jnp.abs(got[0][1, 2]).max()) == 0.0  # a query that sees no key gets no gradient
+
+
+@pytest.mark.parametrize("prefix", [0, 3])
+def test_attend_in_causal_blocks_matches_one_block(prefix):
+  """Query blocks against the keys up to their last query give one block's values and gradients, with a
+  prefix, right padding and packed segments (padded queries carry no loss, as in training)."""
+  b, t, k, g, d = 3, 11, 2, 2, 4
+  seg = jnp.asarray([[1] * 11, [1] * 8 + [0] * 3, [1] * 5 + [2] * 6])
+  allowed = jnp.concatenate([jnp.ones((b, t, prefix), bool), mask_and_positions(seg)[0]], axis=-1)
+  rng = np.random.default_rng(0)
+  q, kk, v = (jnp.asarray(rng.normal(size=shape), jnp.float32)
+              for shape in ((b, t, k, g, d), (b, prefix + t, k, d), (b, prefix + t, k, d)))
+  w = jnp.asarray(rng.normal(size=(b, t, k, g, d)), jnp.float32) * (seg > 0)[:, :, None, None, None]
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(block):
+    out, vjp = jax.vjp(lambda *x: attend(*x, allowed, block), q, kk, v)
+    return out * (w != 0), vjp(w)
+
+  want_out, want_grads = run(None)
+  for block in (2, 3, 4, 10):
+    out, grads = run(block)
+    np.testing.assert_allclose(out, want_out, atol=1e-6)
+    for got, want in zip(grads, want_grads):
+      np.testing.assert_allclose(got, want, atol=1e-5)
+  assert [causal_query_block(t) for t in (1, 32, 33, 160, 256, 512, 2048)] == [None, None, 32, 32, 32, 64, 256]
 
 
 def test_attend_backward_keeps_no_probabilities():

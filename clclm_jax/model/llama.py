@@ -170,12 +170,36 @@ def _weighted_values(probs_bkgts, v_bskd):
                     preferred_element_type=jnp.float32).astype(v_bskd.dtype)
 
 
-@jax.custom_vjp
-def attend(q_btkgd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, allowed_bts: jax.Array) -> jax.Array:
+def causal_query_block(t: int, min_block: int = 32, max_blocks: int = 8) -> int | None:
+  """Queries per block for `attend` on a causal mask of `t` queries (None: one block). At most
+  `max_blocks` blocks skip (n - 1) / 2n of the score and value products; smaller ones ran slower on CPU."""
+  return None if t <= min_block else max(min_block, -(-t // max_blocks))
+
+
+def _query_blocks(t: int, s: int, block: int | None) -> list[tuple[int, int, int]]:
+  """(first query, end query, end key) per block; a block's queries see no key after its last query."""
+  if block is None:
+    return [(0, t, s)]
+  return [(i, min(i + block, t), s - t + min(i + block, t)) for i in range(0, t, block)]
+
+
+def _concat(xs: list[jax.Array], axis: int) -> jax.Array:
+  return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis)
+
+
+def _pad_keys(x_bskd: jax.Array, s: int) -> jax.Array:
+  return jnp.pad(x_bskd, ((0, 0), (0, s - x_bskd.shape[1]), (0, 0), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attend(q_btkgd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, allowed_bts: jax.Array,
+           causal_block: int | None = None) -> jax.Array:
   """softmax(q k^T, where allowed) v with float32 scores, for already-scaled grouped queries `[b, t, k, g, d]`.
   Its backward recomputes the probabilities from the saved row max and log-sum, so training keeps no
-  `[b, k, g, t, s]` tensor per layer (those were most of a train step's memory at 512 tokens)."""
-  return _weighted_values(jax.nn.softmax(_masked_scores(q_btkgd, k_bskd, allowed_bts), axis=-1), v_bskd)
+  `[b, k, g, t, s]` tensor per layer (those were most of a train step's memory at 512 tokens).
+  With `causal_block` (the mask must then be causal, the queries being the last t keys), queries run that
+  many at a time against the keys up to their last one only: the later keys are masked anyway."""
+  return _attend_fwd(q_btkgd, k_bskd, v_bskd, allowed_bts, causal_block)[0]
 
 
 def _probs(scores, max_bkgt, logsum_bkgt):
@@ -183,26 +207,35 @@ def _probs(scores, max_bkgt, logsum_bkgt):
   return jnp.exp(scores - max_bkgt[..., None] - logsum_bkgt[..., None])
 
 
-def _attend_fwd(q_btkgd, k_bskd, v_bskd, allowed_bts):
-  scores = _masked_scores(q_btkgd, k_bskd, allowed_bts)
-  max_bkgt = jnp.max(scores, axis=-1)
-  logsum_bkgt = jnp.log(jnp.sum(jnp.exp(scores - max_bkgt[..., None]), axis=-1))
-  out_btkgd = _weighted_values(_probs(scores, max_bkgt, logsum_bkgt), v_bskd)
-  return out_btkgd, (q_btkgd, k_bskd, v_bskd, allowed_bts, max_bkgt, logsum_bkgt)
+def _attend_fwd(q_btkgd, k_bskd, v_bskd, allowed_bts, causal_block):
+  outs, maxes, logsums = [], [], []
+  for i, j, e in _query_blocks(q_btkgd.shape[1], k_bskd.shape[1], causal_block):
+    scores = _masked_scores(q_btkgd[:, i:j], k_bskd[:, :e], allowed_bts[:, i:j, :e])
+    max_bkgt = jnp.max(scores, axis=-1)
+    logsum_bkgt = jnp.log(jnp.sum(jnp.exp(scores - max_bkgt[..., None]), axis=-1))
+    outs.append(_weighted_values(_probs(scores, max_bkgt, logsum_bkgt), v_bskd[:, :e]))
+    maxes.append(max_bkgt)
+    logsums.append(logsum_bkgt)
+  return _concat(outs, 1), (q_btkgd, k_bskd, v_bskd, allowed_bts, _concat(maxes, -1), _concat(logsums, -1))
 
 
-def _attend_bwd(res, dout_btkgd):
+def _attend_bwd(causal_block, res, dout_btkgd):
   q_btkgd, k_bskd, v_bskd, allowed_bts, max_bkgt, logsum_bkgt = res
-  probs = _probs(_masked_scores(q_btkgd, k_bskd, allowed_bts), max_bkgt, logsum_bkgt)
+  s = k_bskd.shape[1]
   dout_btkgd = dout_btkgd.astype(v_bskd.dtype)
-  dv_bskd = jnp.einsum("bkgts,btkgd->bskd", probs.astype(v_bskd.dtype), dout_btkgd,
-                       preferred_element_type=jnp.float32).astype(v_bskd.dtype)
-  dprobs = jnp.einsum("btkgd,bskd->bkgts", dout_btkgd, v_bskd, preferred_element_type=jnp.float32)
-  dscores = probs * (dprobs - jnp.sum(probs * dprobs, axis=-1, keepdims=True))
-  dscores = jnp.where(allowed_bts[:, None, None], dscores, 0.0).astype(q_btkgd.dtype)
-  dq = jnp.einsum("bkgts,bskd->btkgd", dscores, k_bskd, preferred_element_type=jnp.float32)
-  dk = jnp.einsum("bkgts,btkgd->bskd", dscores, q_btkgd, preferred_element_type=jnp.float32)
-  return dq.astype(q_btkgd.dtype), dk.astype(k_bskd.dtype), dv_bskd, None
+  dqs, dk_bskd, dv_bskd = [], 0.0, 0.0
+  for i, j, e in _query_blocks(q_btkgd.shape[1], s, causal_block):
+    q, k, v, dout = q_btkgd[:, i:j], k_bskd[:, :e], v_bskd[:, :e], dout_btkgd[:, i:j]
+    probs = _probs(_masked_scores(q, k, allowed_bts[:, i:j, :e]), max_bkgt[..., i:j], logsum_bkgt[..., i:j])
+    dv = jnp.einsum("bkgts,btkgd->bskd", probs.astype(v.dtype), dout, preferred_element_type=jnp.float32)
+    dprobs = jnp.einsum("btkgd,bskd->bkgts", dout, v, preferred_element_type=jnp.float32)
+    dscores = probs * (dprobs - jnp.sum(probs * dprobs, axis=-1, keepdims=True))
+    dscores = jnp.where(allowed_bts[:, i:j, :e][:, None, None], dscores, 0.0).astype(q.dtype)
+    dqs.append(jnp.einsum("bkgts,bskd->btkgd", dscores, k, preferred_element_type=jnp.float32))
+    dk = jnp.einsum("bkgts,btkgd->bskd", dscores, q, preferred_element_type=jnp.float32)
+    dk_bskd, dv_bskd = dk_bskd + _pad_keys(dk, s), dv_bskd + _pad_keys(dv, s)
+  return (_concat(dqs, 1).astype(q_btkgd.dtype), dk_bskd.astype(k_bskd.dtype), dv_bskd.astype(v_bskd.dtype),
+          None)
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
@@ -240,7 +273,7 @@ class Attention(nnx.Module):
       k_btkd, v_btkd = (jnp.concatenate([jnp.broadcast_to(p, (b, *p.shape[1:])).astype(x.dtype), x], axis=1)
                         for p, x in zip(prefix_kv, kv))
     q_btkgd = q_bthd.reshape(b, tq, k_heads, groups, self.head_dim) * self.head_dim**-0.5
-    out_btkgd = attend(q_btkgd, k_btkd, v_btkd, allowed_bts)
+    out_btkgd = attend(q_btkgd, k_btkd, v_btkd, allowed_bts, None if rows_b is not None else causal_query_block(tq))
     return self.o_proj(out_btkgd.reshape(b, tq, -1), keys[3]), kv
 
 
