@@ -144,11 +144,16 @@ def summarize(times: Sequence[float]) -> dict[str, Any]:
 
 def matmul_peak(dtype=jnp.float32, shape=(1024, 576, 1536), repeats: int = 20) -> dict[str, Any]:
   """Measured FLOP/s of one jitted XLA matmul `[m, k] @ [k, n]` (SmolLM2's MLP shape by default), accumulated
-  in float32 (XLA:CPU's bf16 x bf16 -> bf16 dot runs at half the speed of bf16 x bf16 -> f32)."""
+  in float32 (XLA:CPU's bf16 x bf16 -> bf16 dot runs at half the speed of bf16 x bf16 -> f32), or in int32
+  for int8 (the dot that int8 activations times int8 weights would run)."""
   m, k, n = shape
-  a = jax.random.normal(jax.random.key(0), (m, k), dtype)
-  b = jax.random.normal(jax.random.key(1), (k, n), dtype)
-  f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+  if jnp.issubdtype(dtype, jnp.integer):
+    a, b = (jax.random.randint(jax.random.key(i), s, -127, 128, dtype) for i, s in enumerate(((m, k), (k, n))))
+    acc = jnp.int32
+  else:
+    a, b = (jax.random.normal(jax.random.key(i), s, dtype) for i, s in enumerate(((m, k), (k, n))))
+    acc = jnp.float32
+  f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=acc))
   times = interleaved_times({"matmul": lambda: f(a, b).block_until_ready()}, repeats=repeats, warmup=3)["matmul"]
   flops = 2.0 * m * k * n
   return {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "median_s": statistics.median(times),

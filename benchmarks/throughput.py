@@ -429,7 +429,8 @@ def markdown(result: dict[str, Any]) -> str:
            "Measured peaks (median): " + "; ".join(
                f"XLA {p['dtype']} matmul {p['shape']} = {common.si(p['flop_per_s'], 'FLOP/s')}"
                for p in [peak] + result.get("more_peaks", [])) +
-           " (bfloat16 inputs accumulate in float32, the dot our bfloat16 layers use).", ""]
+           " (bfloat16 inputs accumulate in float32, the dot our bfloat16 layers use; int8 ones in int32, "
+           "counted as FLOPs: the dot that int8 activations would need).", ""]
   for run in result["runs"]:
     sc = run["score"]
     lines += [f"## {run['model']} on {run['device']}, {run['dtype']} "
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "machine": common.machine(), "loadavg_before": common.loadavg()}
   result["matmul_peak"] = common.matmul_peak(jnp.bfloat16 if on_gpu else jnp.float32, repeats=args.peak_repeats)
   if not on_gpu:
-    result["more_peaks"] = [common.matmul_peak(jnp.bfloat16, repeats=args.peak_repeats)]
+    result["more_peaks"] = [common.matmul_peak(d, repeats=args.peak_repeats) for d in (jnp.bfloat16, jnp.int8)]
   with tempfile.TemporaryDirectory() as tmp:
     runs = [run_comparison(args, "cpu", "float32", pathlib.Path(tmp))] if not on_gpu else []
     if on_gpu:

@@ -89,7 +89,8 @@ def test_entry_points_rerun_once_with_malloc_that_keeps_freed_memory():
   assert r.stdout.split() == ["start", "start", malloc.KEEP_FREED["MALLOC_TRIM_THRESHOLD_"]]
   opted_out = _run("-c", _REEXEC, env={**pinned, malloc.OPT_OUT: "1"})
   assert opted_out.stdout.split() == ["start"], opted_out.stderr
-  for f in ("train.py", "eval.py"):
+  for f in ("train.py", "eval.py", *(f"benchmarks/{b}.py" for b in (
+      "throughput", "profile_ours", "fused_quality", "quality", "pretrain_encoder", "memory_plan"))):
     assert "malloc.reexec_keeping_freed_memory()" in (ROOT / f).read_text().split('if __name__ == "__main__":')[1]
 
 

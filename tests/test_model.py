@@ -326,7 +326,7 @@ def test_attend_in_causal_blocks_matches_one_block(prefix):
     np.testing.assert_allclose(out, want_out, atol=1e-6)
     for got, want in zip(grads, want_grads):
       np.testing.assert_allclose(got, want, atol=1e-5)
-  assert [causal_query_block(t) for t in (1, 32, 33, 160, 256, 512, 2048)] == [None, None, 32, 32, 32, 64, 256]
+  assert [causal_query_block(t) for t in (1, 64, 65, 160, 256, 512, 2048)] == [None, None, 64, 64, 64, 128, 512]
 
 
 def test_attend_backward_keeps_no_probabilities():
