@@ -109,6 +109,14 @@ def test_kept_freed_memory_stops_xla_temporaries_faulting_in_every_call():
   assert int(kept.stdout) < 1000, f"{kept.stdout} page faults in one call with {malloc.KEEP_FREED}"
 
 
+def test_unpaired_cache_files_are_dropped_so_cache_writes_keep_working(tmp_path):
+  """A program cached before the size cap has no `-atime` file; JAX's capped cache then failed every write."""
+  for name in ("a-cache", "a-atime", "old-cache", "stray-atime"):
+    (tmp_path / name).write_bytes(b"x")
+  assert sorted(f.name for f in cli.drop_unpaired_cache_files(tmp_path)) == ["old-cache", "stray-atime"]
+  assert sorted(f.name for f in tmp_path.iterdir()) == ["a-atime", "a-cache"]
+
+
 def test_compilation_cache_drops_least_recently_used_beyond_its_cap(tmp_path):
   code = ("import jax, jax.numpy as jnp\n"
           "from clclm_jax.train import cli\n"

@@ -25,7 +25,20 @@ def enable_compilation_cache(min_compile_s: float = 0.5, max_bytes: int = 2 * 2*
   """Keeps compiled XLA programs in $CLCLM_CACHE/xla (default ~/.cache/clclm_jax/xla), so eval.py, resumed and
   repeated runs skip the compiles train.py already paid for; beyond `max_bytes` the least recently used go."""
   path = loading.cache_root() / "xla"
+  drop_unpaired_cache_files(path)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
   jax.config.update("jax_compilation_cache_max_size", max_bytes)
   return path
+
+
+def drop_unpaired_cache_files(path: pathlib.Path) -> list[pathlib.Path]:
+  """Deletes `<key>-cache` files without their `<key>-atime` (written before the size cap, or left by a
+  concurrent eviction) and vice versa: JAX's size-capped cache fails every write while one is there."""
+  dropped = []
+  pairs = {"-cache": "-atime", "-atime": "-cache"}
+  for f in sorted(path.glob("*-cache")) + sorted(path.glob("*-atime")):
+    if not f.with_name(f.name[:-6] + pairs[f.name[-6:]]).exists():
+      f.unlink(missing_ok=True)
+      dropped.append(f)
+  return dropped
