@@ -1,12 +1,17 @@
 """Scores a split with the best checkpoint in `--workdir` (WORKDIR/eval/<split>_metrics.json), or exports its LoRA."""
 
+from clclm_jax.train import malloc
+
+if __name__ == "__main__":
+  malloc.reexec_keeping_freed_memory()  # before the imports below, which a re-exec would pay twice
+
 import json
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clclm_jax.contrastive import recipe
-from clclm_jax.train import cli, loop, malloc, sharding
+from clclm_jax.train import cli, loop, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder of train.py; default runs/<config name>.")
@@ -37,5 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  malloc.reexec_keeping_freed_memory()
   app.run(main, flags_parser=cli.parse_flags)

@@ -4,11 +4,16 @@ Configs with a `fusion` block (configs/fused_movie.py, fused_book.py) run the CL
 encoder pretraining, text-only stage 1, fused stage 2, then valid and test AUC (contrastive/recipe.py).
 """
 
+from clclm_jax.train import malloc
+
+if __name__ == "__main__":
+  malloc.reexec_keeping_freed_memory()  # before the imports below, which a re-exec would pay twice
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clclm_jax.contrastive import recipe
-from clclm_jax.train import cli, loop, malloc
+from clclm_jax.train import cli, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics.jsonl); default runs/<config name>.")
@@ -26,5 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  malloc.reexec_keeping_freed_memory()
   app.run(main, flags_parser=cli.parse_flags)

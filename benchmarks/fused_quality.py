@@ -23,6 +23,11 @@ benchmarks/quality.py reads OUT/results.json for its zero-shot, LoRA and fused r
       --stage1_steps 8 --stage2_steps 8 --variants zero_shot,text_only,fused --merge
 """
 
+from clclm_jax.train import malloc
+
+if __name__ == "__main__":
+  malloc.reexec_keeping_freed_memory()  # before the imports below, which a re-exec would pay twice
+
 import argparse
 import dataclasses
 import json
@@ -42,7 +47,7 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from clclm_jax.contrastive import feedback, recipe  # pylint: disable=wrong-import-position
 from clclm_jax.data import fewshot  # pylint: disable=wrong-import-position
-from clclm_jax.train import cli, evaluate, malloc  # pylint: disable=wrong-import-position
+from clclm_jax.train import cli, evaluate  # pylint: disable=wrong-import-position
 from configs import fused_book, fused_movie  # pylint: disable=wrong-import-position
 
 CONFIGS = {"movie": fused_movie, "book": fused_book}
@@ -346,5 +351,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  malloc.reexec_keeping_freed_memory()
   main()

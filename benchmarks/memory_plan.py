@@ -10,6 +10,11 @@ backend's plan; another backend (GPU, TPU) fuses, schedules and rematerialises d
 its own plan or a measured peak (`throughput.py --gpu`) answers the 16 GiB question there.
 """
 
+from clclm_jax.train import malloc
+
+if __name__ == "__main__":
+  malloc.reexec_keeping_freed_memory()  # before the imports below; the measured children inherit the setting
+
 import argparse
 import functools
 import pathlib
@@ -32,7 +37,7 @@ from clclm_jax.model import quant  # pylint: disable=wrong-import-position
 from clclm_jax.model.config import LlamaConfig, LoraConfig, presets  # pylint: disable=wrong-import-position
 from clclm_jax.model.llama import Llama  # pylint: disable=wrong-import-position
 from clclm_jax.model.lora import add_lora  # pylint: disable=wrong-import-position
-from clclm_jax.train import malloc, sharding, state as state_lib, step as step_lib  # pylint: disable=wrong-import-position
+from clclm_jax.train import sharding, state as state_lib, step as step_lib  # pylint: disable=wrong-import-position
 
 SHAPES = (("llama-7b", 8, 512), ("smollm2-135m", 4, 256), ("smollm2-135m", 8, 512))
 MEASURED = ("smollm2-135m",)  # shapes small enough to run here; a 7B step on a 2-core CPU takes too long
@@ -151,5 +156,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  malloc.reexec_keeping_freed_memory()  # the measured steps (child processes) then allocate as train.py does
   main()

@@ -3,6 +3,11 @@
   python benchmarks/pretrain_encoder.py --config=configs/pretrain_beauty.py [--config.time_budget_min=21]
 """
 
+from clclm_jax.train import malloc
+
+if __name__ == "__main__":
+  malloc.reexec_keeping_freed_memory()  # before the imports below, which a re-exec would pay twice
+
 import json
 import os
 import pathlib
@@ -15,7 +20,6 @@ from ml_collections import config_flags
 
 from clclm_jax.contrastive import pretrain
 from clclm_jax.data import sequences
-from clclm_jax.train import malloc
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -84,5 +88,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  malloc.reexec_keeping_freed_memory()
   app.run(main)

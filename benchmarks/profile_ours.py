@@ -8,6 +8,11 @@ through the compiled HLO's metadata, to the JAX operation it came from (e.g. a p
 (`ynn_fusion`/`dot`) or the rest (element-wise, copies, reductions).
 """
 
+from clclm_jax.train import malloc
+
+if __name__ == "__main__":
+  malloc.reexec_keeping_freed_memory()  # before the imports below, which a re-exec would pay twice
+
 import argparse
 import collections
 import glob
@@ -29,7 +34,7 @@ import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from clclm_jax.data import tokenize  # pylint: disable=wrong-import-position
 from clclm_jax.model import loading  # pylint: disable=wrong-import-position
-from clclm_jax.train import evaluate, malloc, sharding, state as state_lib, step as step_lib  # pylint: disable=wrong-import-position
+from clclm_jax.train import evaluate, sharding, state as state_lib, step as step_lib  # pylint: disable=wrong-import-position
 
 _FUSION = re.compile(r"%([\w.\-]+) = [^\n]*?(?:fusion|dot)\([^\n]*?op_name=\"([^\"]+)\"")
 
@@ -134,5 +139,4 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-  malloc.reexec_keeping_freed_memory()
   main()

@@ -9,6 +9,11 @@ the history like-ratio heuristic, on the whole test sets and on every test subse
 Writes quality.{json,md,png} into --out.
 """
 
+from clclm_jax.train import malloc
+
+if __name__ == "__main__":
+  malloc.reexec_keeping_freed_memory()  # before the imports below, which a re-exec would pay twice
+
 import argparse
 import json
 import pathlib
@@ -22,7 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from clclm_jax.data import fewshot, tallrec  # pylint: disable=wrong-import-position
-from clclm_jax.train import evaluate, malloc  # pylint: disable=wrong-import-position
+from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
 
 NAMES = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "history like-ratio (no training)",
          "zero_shot": "ours, zero-shot", "encoder_only": "ours, pretrained encoder alone (no LLM)",
@@ -321,5 +326,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  malloc.reexec_keeping_freed_memory()
   main()

@@ -1,5 +1,6 @@
 """train.py then eval.py on configs/tiny.py (and tiny_fused.py): metrics files, summary, timing; bad overrides."""
 
+import ast
 import json
 import os
 import pathlib
@@ -89,9 +90,18 @@ def test_entry_points_rerun_once_with_malloc_that_keeps_freed_memory():
   assert r.stdout.split() == ["start", "start", malloc.KEEP_FREED["MALLOC_TRIM_THRESHOLD_"]]
   opted_out = _run("-c", _REEXEC, env={**pinned, malloc.OPT_OUT: "1"})
   assert opted_out.stdout.split() == ["start"], opted_out.stderr
+
+
+def test_entry_points_rerun_before_importing_jax():
+  """The re-exec comes before any heavy import, so a command pays jax's ~3 s import once, not twice."""
+  light = _run("-c", "import sys; from clclm_jax.train import malloc; import clclm_jax; print('jax' in sys.modules)")
+  assert light.stdout.split() == ["False"], light.stderr
   for f in ("train.py", "eval.py", *(f"benchmarks/{b}.py" for b in (
       "throughput", "profile_ours", "fused_quality", "quality", "pretrain_encoder", "memory_plan"))):
-    assert "malloc.reexec_keeping_freed_memory()" in (ROOT / f).read_text().split('if __name__ == "__main__":')[1]
+    body = ast.parse((ROOT / f).read_text()).body
+    first_guard = next(i for i, n in enumerate(body) if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))
+    assert ast.unparse(body[first_guard].body[0]) == "malloc.reexec_keeping_freed_memory()", f
+    assert [ast.unparse(n) for n in body[1:first_guard]] == ["from clclm_jax.train import malloc"], f
 
 
 def test_kept_freed_memory_stops_xla_temporaries_faulting_in_every_call():
