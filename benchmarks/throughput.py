@@ -434,8 +434,9 @@ def markdown(result: dict[str, Any]) -> str:
            "Measured peaks (median): " + "; ".join(
                f"XLA {p['dtype']} matmul {p['shape']} = {common.si(p['flop_per_s'], 'FLOP/s')}"
                for p in [peak] + result.get("more_peaks", [])) +
-           " (bfloat16 inputs accumulate in float32, the dot our bfloat16 layers use; int8 ones in int32, "
-           "counted as FLOPs: the dot that int8 activations would need).", ""]
+           " (bfloat16 inputs accumulate in float32, the dot our bfloat16 layers use" +
+           ("; int8 ones in int32, counted as FLOPs: the dot that int8 activations would need" if "int8" in peaks
+            else "") + ").", ""]
   for run in result["runs"]:
     sc = run["score"]
     lines += [f"## {run['model']} on {run['device']}, {run['dtype']} "
@@ -457,14 +458,43 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def missed_goal_note(result: dict, folder: str) -> list[str]:
-  """One line pointing at the profile of our faster system when a speed goal is missed, else nothing."""
+  """When a speed goal is missed: the best ratio this host's matmul peak allows, and a pointer to the profile
+  of our faster system; else nothing."""
   missed = [run for run in result["runs"] if not (run["train"]["met"] and run["score"]["met"])]
   if not missed:
     return []
   dtype = _systems(missed[0])[missed[0]["train"].get("best", "ours")]
+  peaks = {p["dtype"]: p["flop_per_s"] for p in [result["matmul_peak"]] + result.get("more_peaks", [])}
   name = f"profile_{result['tag']}.md"
-  return [f"A goal is missed; where our time goes: [{name}]({folder}{name}) "
-          f"(`python benchmarks/profile_ours.py --dtype {dtype} --tag {result['tag']}`, our faster path here)."]
+  return [peak_bound_note(run, peaks) for run in missed] + [
+      f"A goal is missed; where our time goes: [{name}]({folder}{name}) "
+      f"(`python benchmarks/profile_ours.py --dtype {dtype} --tag {result['tag']}`, our faster path here)."]
+
+
+def scoring_matmul_flops(run: dict[str, Any]) -> tuple[float, int]:
+  """(matmul FLOPs our scoring cannot skip, tokens they cover): every prompt token after the shared prefix,
+  the prefix once, the LM head on one row per prompt; attention and the last layer's skipped rows not counted."""
+  sc = run["score"]
+  body, head = matmul_params(LlamaConfig.from_hf_dict(run["config"]), LORA)
+  prefix = sc.get("shared_prefix_tokens", 0)
+  tokens = round(sc["prompt_tokens"]["mean"] * sc["prompts"]) - prefix * (sc["prompts"] - 1)
+  return 2.0 * body * tokens + 2.0 * head * sc["prompts"], tokens
+
+
+def peak_bound_note(run: dict[str, Any], peaks: dict[str, float]) -> str:
+  """The ratios ours would reach with its matmuls at the measured peak of its faster dtype and nothing else
+  costing time: a goal above them needs less arithmetic, not faster kernels."""
+  tr, sc = run["train"], run["score"]
+  dtype = _systems(run)[tr.get("best", "ours")]
+  peak = peaks[dtype]
+  score_flops, tokens = scoring_matmul_flops(run)
+  t_train, t_score = tr["flops"] / peak, score_flops / peak
+  return (f"Ceiling on this host ({run['device']}, {dtype} matmuls at the measured {common.si(peak, 'FLOP/s')}, "
+          f"every other kernel free): train step {common.si(tr['flops'], 'FLOP')} in {t_train:.2f} s = "
+          f"{tr['transformers']['median_s'] / t_train:.2f}x transformers (goal {tr['goal']}x, measured "
+          f"{tr['ratio']:.2f}x); scoring, counting only the matmuls over the {tokens} tokens it must run "
+          f"(after the shared prefix, plus the prefix once), {common.si(score_flops, 'FLOP')} in {t_score:.2f} s = "
+          f"{sc['transformers']['median_s'] / t_score:.2f}x (goal {sc['goal']}x, measured {sc['ratio']:.2f}x).")
 
 
 FLOPS_NOTE = ("FLOPs: forward = 2 x matmul params x tokens + 4 x layers x heads x head_dim x T per token "

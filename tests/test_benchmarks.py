@@ -81,10 +81,25 @@ def test_throughput_script_on_tiny_model(tmp_path, data_root):
   assert "scoring prompts/s" in (tmp_path / "throughput_cpu.md").read_text()
   run["train"]["met"], run["score"]["met"], run["train"]["best"] = True, False, "ours_bf16"
   note = throughput.missed_goal_note(result, "results/")
-  assert note == ["A goal is missed; where our time goes: [profile_cpu.md](results/profile_cpu.md) (`python "
-                  "benchmarks/profile_ours.py --dtype bfloat16 --tag cpu`, our faster path here)."]
+  assert note[0].startswith("Ceiling on this host (cpu, bfloat16 matmuls at the measured")
+  assert note[1:] == ["A goal is missed; where our time goes: [profile_cpu.md](results/profile_cpu.md) (`python "
+                      "benchmarks/profile_ours.py --dtype bfloat16 --tag cpu`, our faster path here)."]
   run["score"]["met"] = True
   assert not throughput.missed_goal_note(result, "results/")
+
+
+def test_ceiling_runs_each_prompt_after_the_shared_prefix_and_the_prefix_once():
+  cfg = presets["smollm2-135m"]
+  run = {"device": "cpu", "config": cfg.to_hf_dict(), "dtype": "float32", "ours_dtypes": {"ours": "float32"},
+         "train": {"flops": 3e11, "goal": 1.2, "ratio": 0.9, "best": "ours", "transformers": {"median_s": 3.0}},
+         "score": {"prompts": 4, "prompt_tokens": {"mean": 100.0}, "shared_prefix_tokens": 40, "goal": 2.0,
+                   "ratio": 1.3, "transformers": {"median_s": 2.0}}}
+  body, head = throughput.matmul_params(cfg, throughput.LORA)
+  flops, tokens = throughput.scoring_matmul_flops(run)
+  assert tokens == 4 * 60 + 40 and flops == 2 * body * tokens + 2 * head * 4
+  note = throughput.peak_bound_note(run, {"float32": 1e11})
+  assert "in 3.00 s = 1.00x transformers (goal 1.2x, measured 0.90x)" in note
+  assert f"in {flops / 1e11:.2f} s = {2.0 / (flops / 1e11):.2f}x (goal 2.0x, measured 1.30x)" in note
 
 
 def test_memory_plan_counts_the_frozen_base_and_grows_with_the_batch():
