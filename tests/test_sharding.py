@@ -61,3 +61,15 @@ def test_two_processes_match_one_process(mesh_losses):
   for r in results:  # training and evaluation (each process scores its shard; shared prefix agreed)
     np.testing.assert_allclose(r["losses"], mesh_losses["1"], rtol=1e-5)
     np.testing.assert_allclose(r["eval"], mesh_losses["eval"]["1"], atol=1e-5)
+    assert r["last_eval_shape"] == [8, 96]  # one shard pads its last batch to 96 tokens, the other to 64
+
+
+def test_processes_agree_on_batch_widths_by_right_padding_with_zeros():
+  batch = {"tokens": np.ones((2, 3), np.int32), "label": np.ones(2, np.int32), "views": np.ones((2, 1, 2))}
+  widths = sharding.local_widths(batch)
+  assert widths.tolist() == [3, 1, 2]  # sorted keys: label (none), tokens (3), views (1, 2)
+  out = sharding.agree_widths(batch, np.array([5, 1, 4]))
+  assert out["tokens"].shape == (2, 5) and out["views"].shape == (2, 1, 4) and out["label"] is batch["label"]
+  np.testing.assert_array_equal(out["tokens"][:, 3:], 0)
+  np.testing.assert_array_equal(out["tokens"][:, :3], 1)
+  assert sharding.agree_widths(batch, widths)["tokens"] is batch["tokens"]

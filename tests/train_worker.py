@@ -33,12 +33,13 @@ def trajectory(mesh_shape, devices=None, steps: int = 4, accum_steps: int = 1) -
 
 
 def eval_examples(n: int = 21) -> grain.MapDataset:
-  """Prompts sharing a 20-token prefix (one shares only 17), ragged lengths, labels 0/1."""
+  """Prompts sharing a 20-token prefix (one shares only 17), ragged lengths (one long prompt, so two shards
+  pad their last batches to different widths), labels 0/1."""
   rng = np.random.default_rng(0)
   prefix = rng.integers(3, 256, 20)
   out = []
   for i in range(n):
-    tokens = np.r_[prefix, rng.integers(3, 256, int(rng.integers(5, 40)))].astype(np.int32)
+    tokens = np.r_[prefix, rng.integers(3, 256, 70 if i == 20 else int(rng.integers(5, 40)))].astype(np.int32)
     if i == 13:
       tokens[17] = 1
     out.append({"tokens": tokens, "loss_mask": np.ones_like(tokens), "answer_index": np.int32(len(tokens) - 1),
@@ -62,6 +63,14 @@ def eval_scores(mesh_shape, devices=None) -> list[float]:
   return s.p_yes.tolist()
 
 
+def last_eval_batch_shape(mesh_shape) -> list[int]:
+  """Global shape of the last eval batch's tokens (its shards' own widths differ on two processes)."""
+  mesh = sharding.make_mesh(mesh_shape)
+  batches = pipeline.eval_dataset(eval_examples(), batch_size=8 // jax.process_count(), pad_multiple=16)
+  with jax.set_mesh(mesh):
+    return list(sharding.global_batch(batches[len(batches) - 1], mesh)["tokens"].shape)
+
+
 def main(argv):
   if argv[1] == "meshes":
     out = {"1": trajectory((1, 1, 1), jax.devices()[:1])}
@@ -70,7 +79,8 @@ def main(argv):
     out["eval"] = {"1": eval_scores((1, 1, 1), jax.devices()[:1]), "(2, 2, 2)": eval_scores((2, 2, 2))}
   else:  # "process <id> <port>": one of two processes with one CPU device each.
     jax.distributed.initialize(f"localhost:{argv[3]}", num_processes=2, process_id=int(argv[2]))
-    out = {"losses": trajectory((-1, 1, 1)), "eval": eval_scores((-1, 1, 1))}
+    out = {"losses": trajectory((-1, 1, 1)), "eval": eval_scores((-1, 1, 1)),
+           "last_eval_shape": last_eval_batch_shape((-1, 1, 1))}
   print(json.dumps(out))
 
 

@@ -112,6 +112,31 @@ def put(tree, shardings):
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles this process's rows into global arrays split over (data, fsdp)."""
+  """Assembles this process's rows into global arrays split over (data, fsdp).
+
+  Each process pads its own rows, so on several processes the widths are first agreed (`agree_widths`):
+  every process must see the same global shapes, or each would compile and run a different program.
+  """
+  batch = {k: np.asarray(v) for k, v in batch.items()}
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    batch = agree_widths(batch, multihost_utils.process_allgather(local_widths(batch)).max(axis=0))
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def local_widths(batch: dict[str, np.ndarray]) -> np.ndarray:
+  """Every array's non-batch dimensions, keys in sorted order, as one int vector."""
+  return np.array([n for k in sorted(batch) for n in batch[k].shape[1:]], np.int64)
+
+
+def agree_widths(batch: dict[str, np.ndarray], widths: np.ndarray) -> dict[str, np.ndarray]:
+  """Right-pads every array with 0 to `widths` (as laid out by `local_widths`); 0 is padding in every batch
+  array that is padded per batch (tokens, masks, segment ids, target positions)."""
+  out, i = {}, 0
+  for k in sorted(batch):
+    v = batch[k]
+    pad = [(0, 0)] + [(0, int(w) - n) for w, n in zip(widths[i:i + v.ndim - 1], v.shape[1:])]
+    out[k] = np.pad(v, pad) if any(p for _, p in pad) else v
+    i += v.ndim - 1
+  return out
