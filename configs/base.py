@@ -36,6 +36,7 @@ def get_config() -> ConfigDict:
       train_on_inputs=True,
       template="alpaca",
       pad_multiple=64,  # fewer distinct shapes, fewer compiles of the 30-layer model
+      eval_widths=6,  # evaluation pads to at most this many widths chosen from the data; 0: pad_multiple
   ))
   c.instruct = ConfigDict(dict(file="instruct/alpaca_data_1k.json", num_examples=-1, batch_size=16,
                                max_steps=50, lr=3e-4, warmup_steps=5))

@@ -9,6 +9,7 @@ def get_config():
   c.model.preset, c.model.tokenizer = "tiny", "smollm2"  # the placeholder token needs SmolLM2's vocabulary
   c.lora.r, c.lora.alpha = 4, 8.0
   c.data.shots, c.data.valid_size, c.data.test_size = 16, 16, 16
+  c.data.eval_widths = 1  # one scoring program per split: compiles cost more than padding here
   c.train.batch_size = c.train.micro_batch_size = 4
   c.train.eval_batch_size = 8
   c.fusion.pretrain.epochs = 1

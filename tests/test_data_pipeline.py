@@ -1,5 +1,7 @@
 """grain pipelines: batch layout, bucketing, determinism, save/restore, sharding, eval coverage, packing."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -123,6 +125,30 @@ def test_eval_keeps_every_record_once_sorted(examples):
     assert all(b["tokens"].shape[0] == 8 for b in batches)
     per_shard.append([int(i) for b in batches for i in b["index"] if i >= 0])
   assert sorted(sum(per_shard, [])) == list(range(50))
+
+
+def test_eval_widths_are_few_and_pad_least(examples):
+  """`batch_widths` against every split of the batches into groups (brute force), then in `eval_dataset`."""
+  rng = np.random.default_rng(0)
+  for _ in range(100):
+    longest, k = np.sort(rng.integers(1, 200, rng.integers(1, 8))).tolist(), int(rng.integers(1, 5))
+    widths = pipeline.batch_widths(longest, k)
+    m = [8 * -(-n // 8) for n in longest]
+    best = min(sum((b - a) * max(m[a:b]) for a, b in zip((0, *cuts), (*cuts, len(m))))
+               for c in range(min(k, len(m))) for cuts in itertools.combinations(range(1, len(m)), c))
+    assert sum(widths) == best and len(set(widths)) <= k and all(w >= n and w % 8 == 0 for w, n in zip(widths, m))
+  assert pipeline.batch_widths([10, 20, 30, 40], 2) == [24, 24, 40, 40]
+  batches = list(pipeline.eval_dataset(examples, batch_size=8, max_widths=2, shard_index=0, shard_count=1))
+  coarse = list(pipeline.eval_dataset(examples, batch_size=8, shard_index=0, shard_count=1))
+  assert len({b["tokens"].shape[1] for b in batches}) <= 2
+  assert sum(b["tokens"].size for b in batches) <= sum(b["tokens"].size for b in coarse)
+  for b, c in zip(batches, coarse):  # the same rows, only the padding differs
+    n = b["attention_mask"].sum(1)
+    np.testing.assert_array_equal(n, c["attention_mask"].sum(1))
+    np.testing.assert_array_equal(b["tokens"][:, :n.max()], c["tokens"][:, :n.max()])
+  with pytest.raises(ValueError, match="shorter than the batch's longest"):
+    pipeline.collate([{"tokens": np.ones(9, np.int32), "loss_mask": np.ones(9, np.int32), "answer_index": 8,
+                       "label": 1, "user_ids": 0, "index": 0, "history_ids": np.zeros(2, np.int32)}], width=8)
 
 
 def test_packing_segments_and_positions(examples):

@@ -239,6 +239,9 @@ def test_score_and_fit_reuse_their_compiled_functions():
   np.testing.assert_array_equal(labels, [x.label for x in xs])
   plain, _ = joint.score(model, evals, 7, 8, share_prefix=False)  # the instruction prefix computed per row
   np.testing.assert_allclose(first, plain, atol=1e-5)
+  one_width = joint.eval_batches(xs, cat, tok, _spec(), batch_size=4, max_widths=1)
+  assert len({b["tokens"].shape[1] for b in one_width}) == 1
+  np.testing.assert_allclose(joint.score(model, one_width, 7, 8)[0], first, atol=1e-5)  # padding changes nothing
   assert evaluate.shared_prefix(evals).size > 100
   optim = ConfigDict(dict(lr=1e-2, warmup_steps=0, schedule="constant", max_grad_norm=1.0, b1=0.9, b2=0.999,
                           weight_decay=0.0))

@@ -124,10 +124,11 @@ def target_index(loss_mask_bt: np.ndarray, multiple: int = 8) -> np.ndarray:
   return _pad_rows(rows, len(rows), n)
 
 
-def collate_fused(examples: Sequence[Batch], *, pad_multiple: int = 16, batch_size: int | None = None) -> Batch:
+def collate_fused(examples: Sequence[Batch], *, pad_multiple: int = 16, batch_size: int | None = None,
+                  width: int | None = None) -> Batch:
   """`pipeline.collate` plus `history_feedback`, `history_mask`, `target_index`, `target_ids` and, when present,
   text views."""
-  batch = pipeline.collate(examples, pad_multiple=pad_multiple, batch_size=batch_size)
+  batch = pipeline.collate(examples, pad_multiple=pad_multiple, batch_size=batch_size, width=width)
   b, t = batch["tokens"].shape
   batch["target_index"] = target_index(batch["loss_mask"])
   batch["history_feedback"] = _pad_rows([e["history_feedback"] for e in examples], b,
@@ -159,12 +160,15 @@ def train_batches(interactions: Sequence[Interaction], catalogue: Catalogue, tok
 
 
 def eval_batches(interactions: Sequence[Interaction], catalogue: Catalogue, tokenizer, spec: PromptSpec, *,
-                 batch_size: int, pad_multiple: int = 16) -> list[Batch]:
-  """Every interaction once, sorted by length, the last batch filled with index -1 rows."""
+                 batch_size: int, pad_multiple: int = 16, max_widths: int = 0) -> list[Batch]:
+  """Every interaction once, sorted by length, the last batch filled with index -1 rows; padded as
+  `pipeline.eval_dataset` pads (at most `max_widths` widths, or multiples of `pad_multiple` when 0)."""
   examples = sorted((encode_fused(tokenizer, x, catalogue, spec, i) for i, x in enumerate(interactions)),
                     key=lambda e: (len(e["tokens"]), int(e["index"])))
-  return [collate_fused(examples[i:i + batch_size], pad_multiple=pad_multiple, batch_size=batch_size)
-          for i in range(0, len(examples), batch_size)]
+  groups = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+  widths = (pipeline.batch_widths([len(g[-1]["tokens"]) for g in groups], max_widths) if max_widths > 0
+            else [None] * len(groups))
+  return [collate_fused(g, pad_multiple=pad_multiple, batch_size=batch_size, width=w) for g, w in zip(groups, widths)]
 
 
 # --- Losses ----------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class Recipe:
   def eval_batches(self, xs: Sequence[Interaction], spec: joint.PromptSpec, batch_size: int | None = None):
     return joint.eval_batches(xs, self.splits.catalogue, self.tokenizer, spec,
                               batch_size=batch_size or self.config.train.eval_batch_size,
-                              pad_multiple=self.config.data.pad_multiple)
+                              pad_multiple=self.config.data.pad_multiple, max_widths=self.config.data.eval_widths)
 
 
 def build(config: ConfigDict) -> Recipe:

@@ -63,10 +63,15 @@ def alpaca_examples(records: Sequence[dict[str, str]], tokenizer: tokenize.Token
   return grain.MapDataset.source(kept)
 
 
-def collate(examples: Sequence[Example], *, pad_multiple: int = 64, batch_size: int | None = None) -> Example:
-  """Stacks examples into a batch right-padded to a multiple of `pad_multiple` tokens; fill rows up to `batch_size`."""
+def collate(examples: Sequence[Example], *, pad_multiple: int = 64, batch_size: int | None = None,
+            width: int | None = None) -> Example:
+  """Stacks examples into a batch right-padded to `width` tokens (default: a multiple of `pad_multiple`);
+  fill rows up to `batch_size`."""
   examples = list(examples) + [_blank(examples[0])] * ((batch_size or len(examples)) - len(examples))
-  t = pad_multiple * max(1, math.ceil(max(len(e["tokens"]) for e in examples) / pad_multiple))
+  longest = max(len(e["tokens"]) for e in examples)
+  t = pad_multiple * max(1, math.ceil(longest / pad_multiple)) if width is None else width
+  if t < longest:
+    raise ValueError(f"width {t} is shorter than the batch's longest example ({longest} tokens)")
   tokens, mask, loss = (np.zeros((len(examples), t), np.int32) for _ in range(3))
   for r, e in enumerate(examples):
     n = len(e["tokens"])
@@ -120,9 +125,42 @@ def _packed_batch(b: Example) -> Example:
           "positions": b["tokens_positions"].astype(np.int32)}
 
 
-def eval_dataset(examples: grain.MapDataset, *, batch_size: int, pad_multiple: int = 64,
+def batch_widths(longest: Sequence[int], max_widths: int, multiple: int = 8) -> list[int]:
+  """A padded width per batch, given each batch's longest example (batches in length order): at most
+  `max_widths` distinct widths, each a multiple of `multiple`, with the fewest padded tokens in all.
+
+  Each distinct width compiles the scoring program once, so a few widths chosen from the data pad far less
+  than rounding every batch up to one coarse multiple (TALLRec movie test: 20% of the tokens after the
+  shared prefix were padding at multiples of 64, 4% with 4 widths chosen here).
+  """
+  m = [multiple * max(1, math.ceil(n / multiple)) for n in longest]
+  n, k_max = len(m), max(1, min(max_widths, len(m)))
+  # cost[k][j]: fewest padded tokens of batches [0, j) in k contiguous groups; a group's width is its maximum.
+  inf = float("inf")
+  cost = [[inf] * (n + 1) for _ in range(k_max + 1)]
+  start = [[0] * (n + 1) for _ in range(k_max + 1)]
+  cost[0][0] = 0
+  for k in range(1, k_max + 1):
+    for j in range(1, n + 1):
+      top = 0
+      for i in range(j - 1, -1, -1):  # the last group is batches [i, j)
+        top = max(top, m[i])
+        c = cost[k - 1][i] + (j - i) * top
+        if c < cost[k][j]:
+          cost[k][j], start[k][j] = c, i
+  k = min(range(1, k_max + 1), key=lambda kk: cost[kk][n])
+  widths, j = [0] * n, n
+  while j > 0:
+    i = start[k][j]
+    widths[i:j] = [max(m[i:j])] * (j - i)
+    j, k = i, k - 1
+  return widths
+
+
+def eval_dataset(examples: grain.MapDataset, *, batch_size: int, pad_multiple: int = 64, max_widths: int = 0,
                  shard_index: int | None = None, shard_count: int | None = None) -> grain.MapDataset:
-  """Every example of this shard exactly once, sorted by length, in full batches (fill rows have index -1).
+  """Every example of this shard exactly once, sorted by length, in full batches (fill rows have index -1),
+  padded to at most `max_widths` widths chosen by `batch_widths` (0: to multiples of `pad_multiple`).
 
   Every shard yields the same number of batches, so processes step through evaluation together.
   """
@@ -131,5 +169,7 @@ def eval_dataset(examples: grain.MapDataset, *, batch_size: int, pad_multiple: i
   num_batches = math.ceil(math.ceil(len(examples) / shard_count) / batch_size)
   blank = _blank(examples[0])
   batches = [shard[i * batch_size:(i + 1) * batch_size] or [blank] for i in range(num_batches)]
-  return grain.MapDataset.source(batches).map(
-      functools.partial(collate, pad_multiple=pad_multiple, batch_size=batch_size))
+  widths = (batch_widths([max(len(e["tokens"]) for e in b) for b in batches], max_widths) if max_widths > 0
+            else [None] * len(batches))
+  return grain.MapDataset.source(list(zip(batches, widths))).map(
+      lambda bw: collate(bw[0], pad_multiple=pad_multiple, batch_size=batch_size, width=bw[1]))

@@ -80,7 +80,7 @@ def build_model(config: ConfigDict):
 
 def _eval_batches(examples, config: ConfigDict):
   return pipeline.eval_dataset(examples, batch_size=config.train.eval_batch_size // jax.process_count(),
-                               pad_multiple=config.data.pad_multiple)
+                               pad_multiple=config.data.pad_multiple, max_widths=config.data.eval_widths)
 
 
 def rec_data(config: ConfigDict, tokenizer, splits=("valid", "test")):
