@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--train-len", type=int, default=256)
   p.add_argument("--score-prompts", type=int, default=32, help="real TALLRec test prompts to score")
   p.add_argument("--score-batch", type=int, default=8)
-  p.add_argument("--score-pad-multiple", type=int, default=16,
-                 help="our length buckets: batches sorted by length, padded to a multiple of this")
+  p.add_argument("--score-widths", type=int, default=6,
+                 help="our length buckets: batches sorted by length, padded to at most this many widths chosen "
+                      "for the fewest padded tokens (configs/base.py data.eval_widths)")
   p.add_argument("--repeats", type=int, default=5, help="timed repetitions of each system (median reported)")
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--peak-repeats", type=int, default=20)
@@ -86,9 +87,9 @@ def train_batch(examples, batch: int, length: int) -> dict[str, np.ndarray]:
           "attention_mask": ones, "loss_mask": ones}
 
 
-def score_batches(examples, batch_size: int, pad_multiple: int) -> list[dict[str, np.ndarray]]:
-  """The library's evaluation batches (sorted by length, right-padded to a multiple of `pad_multiple`)."""
-  return list(pipeline.eval_dataset(examples, batch_size=batch_size, pad_multiple=pad_multiple))
+def score_batches(examples, batch_size: int, max_widths: int) -> list[dict[str, np.ndarray]]:
+  """The library's evaluation batches (sorted by length, right-padded to at most `max_widths` widths)."""
+  return list(pipeline.eval_dataset(examples, batch_size=batch_size, max_widths=max_widths))
 
 
 def prompt_rows(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -303,7 +304,7 @@ def run_comparison(args, device: str, dtype: str, tmp: pathlib.Path) -> dict[str
                   flops=train_flops(cfg, LORA, args.train_batch, args.train_len), args=args)
 
   batches = score_batches(tallrec_encoded(tokenizer, args.domain, "test", args.score_prompts), args.score_batch,
-                          args.score_pad_multiple)
+                          args.score_widths)
   rows = [prompt_rows(b) for b in batches]
   lens = [len(r) for rs in rows for r in rs]
   ours_score = {k: ours_score_fn(m, batches, yes_no, mesh) for k, m in models.items()}
@@ -317,7 +318,7 @@ def run_comparison(args, device: str, dtype: str, tmp: pathlib.Path) -> dict[str
   score["max_abs_diff_p_yes"] = score["max_abs_diff_p_yes_by_system"]["ours"]
   score["prompt_tokens"] = {"mean": float(np.mean(lens)), "min": int(min(lens)), "max": int(max(lens))}
   score["padded_tokens_ours"] = int(sum(b["tokens"].shape[1] * b["tokens"].shape[0] for b in batches))
-  score["pad_multiple_ours"] = args.score_pad_multiple
+  score["widths_ours"] = sorted({int(b["tokens"].shape[1]) for b in batches})
   score["shared_prefix_tokens"] = int(evaluate.shared_prefix(list(batches)).size)
   score["padded_tokens_transformers"] = int(sum(max(len(r) for r in rs) * args.score_batch for rs in rows))
   return {"model": args.model, "config": cfg.to_hf_dict(), "device": device, "dtype": dtype,
@@ -447,7 +448,8 @@ def markdown(result: dict[str, Any]) -> str:
                                                      {"ours": sc["max_abs_diff_p_yes"]}).items()) +
               f" (int8 vs float base). Prompt tokens mean {sc['prompt_tokens']['mean']:.0f} "
               f"(min {sc['prompt_tokens']['min']}, max {sc['prompt_tokens']['max']}); ours pads each length-sorted "
-              f"batch to a multiple of {sc.get('pad_multiple_ours', 64)} tokens; tokens run incl. padding: "
+              + (f"batch to one of the widths {sc['widths_ours']} (`pipeline.batch_widths`)" if "widths_ours" in sc
+                 else f"batch to a multiple of {sc.get('pad_multiple_ours', 64)} tokens") + "; tokens run incl. padding: "
               f"ours {sc['padded_tokens_ours']}, transformers {sc['padded_tokens_transformers']}; ours runs the "
               f"{sc.get('shared_prefix_tokens', 0)}-token instruction prefix common to all prompts once per "
               "scoring pass and reuses its keys/values, and its last layer runs the answer position's query only.", ""]
