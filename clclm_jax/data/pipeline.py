@@ -131,7 +131,7 @@ def batch_widths(longest: Sequence[int], max_widths: int, multiple: int = 8) -> 
 
   Each distinct width compiles the scoring program once, so a few widths chosen from the data pad far less
   than rounding every batch up to one coarse multiple (TALLRec movie test: 20% of the tokens after the
-  shared prefix were padding at multiples of 64, 4% with 4 widths chosen here).
+  shared prefix were padding at multiples of 64, 5% with 6 widths chosen here).
   """
   m = [multiple * max(1, math.ceil(n / multiple)) for n in longest]
   n, k_max = len(m), max(1, min(max_widths, len(m)))
