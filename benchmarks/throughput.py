@@ -36,7 +36,7 @@ from clclm_jax.model import loading  # pylint: disable=wrong-import-position
 from clclm_jax.model.config import LlamaConfig, LoraConfig, presets  # pylint: disable=wrong-import-position
 from clclm_jax.model.llama import Llama  # pylint: disable=wrong-import-position
 from clclm_jax.model.lora import add_lora  # pylint: disable=wrong-import-position
-from clclm_jax.train import evaluate, sharding, state as state_lib, step as step_lib  # pylint: disable=wrong-import-position
+from clclm_jax.train import evaluate, loop, sharding, state as state_lib, step as step_lib  # pylint: disable=wrong-import-position
 
 GOALS = {"train": 1.2, "score": 2.0}  # ours / transformers throughput ratios to reach.
 LORA = LoraConfig(r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"))
@@ -45,8 +45,9 @@ LORA = LoraConfig(r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"))
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="benchmarks/results", help="folder for throughput_<device>.{json,md}")
-  p.add_argument("--model", default=loading.SMOLLM2,
-                 help=f"'{loading.SMOLLM2}' or 'tiny' (random weights, SmolLM2 vocabulary; for tests)")
+  p.add_argument("--model", default=loading.SMOLLM2, choices=(loading.SMOLLM2, *RANDOM),
+                 help="the SmolLM2 GGUF, or random weights of a preset's shape with SmolLM2's tokenizer (same "
+                      "speed, no GGUF needed: a machine without the package or network; 'tiny' for tests)")
   p.add_argument("--domain", default="movie", choices=("movie", "book"))
   p.add_argument("--train-batch", type=int, default=4)
   p.add_argument("--train-len", type=int, default=256)
@@ -233,12 +234,15 @@ def optim_config() -> ConfigDict:
                          b1=0.9, b2=0.999, weight_decay=0.0))
 
 
-def tiny_checkpoint(tokenizer, folder: pathlib.Path) -> pathlib.Path:
-  """A random `tiny`-shaped LLaMA with SmolLM2's vocabulary saved as an HF folder (both systems load it)."""
+RANDOM = {"tiny": "tiny", "smollm2-135m-random": "smollm2-135m"}  # --model -> presets key of random weights
+
+
+def random_checkpoint(preset: str, tokenizer, folder: pathlib.Path) -> pathlib.Path:
+  """A random LLaMA of a preset's shape with SmolLM2's vocabulary saved as an HF folder (both systems load it)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
-  cfg = dict(presets["tiny"].to_hf_dict(), vocab_size=len(tokenizer))
+  cfg = dict(presets[preset].to_hf_dict(), vocab_size=len(tokenizer))
   torch.manual_seed(0)
   transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).save_pretrained(folder)
   tokenizer.save_pretrained(folder)
@@ -276,13 +280,10 @@ def run_comparison(args, device: str, dtype: str, tmp: pathlib.Path) -> dict[str
   """Train step and scoring, ours versus transformers + PEFT, on one device and dtype."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  source = loading.smollm2_gguf()
-  if args.model == "tiny":
-    import gguf  # pylint: disable=g-import-not-at-top
-    tokenizer = loading.gguf_tokenizer(gguf.GGUFReader(str(source)), source)
-    source = tiny_checkpoint(tokenizer, tmp / "tiny")
-  elif args.model != loading.SMOLLM2:
-    raise ValueError(f"--model={args.model!r}: use '{loading.SMOLLM2}' or 'tiny'")
+  if args.model in RANDOM:
+    source = random_checkpoint(RANDOM[args.model], loop.smollm2_tokenizer(), tmp / args.model)
+  else:
+    source = loading.smollm2_gguf()
   systems, load_s = ours_dtypes(device, dtype), {}
   models = {}
   for system, jax_dtype in systems.items():

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import pathlib
+import subprocess
 import sys
 import warnings
 
@@ -86,6 +87,14 @@ def test_throughput_script_on_tiny_model(tmp_path, data_root):
                       "benchmarks/profile_ours.py --dtype bfloat16 --tag cpu`, our faster path here)."]
   run["score"]["met"] = True
   assert not throughput.missed_goal_note(result, "results/")
+
+
+def test_gpu_kit_parses_and_names_its_steps():
+  kit = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_kit.sh"
+  assert subprocess.run(["bash", "-n", str(kit)], capture_output=True).returncode == 0
+  usage = subprocess.run(["bash", str(kit)], capture_output=True, text=True)
+  assert usage.returncode == 2 and "prepare|run" in usage.stderr
+  assert "--model=smollm2-135m-random" in kit.read_text() and "smollm2-135m-random" in throughput.RANDOM
 
 
 def test_ceiling_runs_each_prompt_after_the_shared_prefix_and_the_prefix_once():
