@@ -18,7 +18,6 @@ case "${1:-}" in
   prepare)
     data="${CLCLM_DATA:-$(cd .. && pwd)/shared/data}"
     mkdir -p "$KIT/whl" "$KIT/data/tallrec" "$KIT/cache"
-    grep -qxF "/$KIT/" .git/info/exclude 2>/dev/null || echo "/$KIT/" >> .git/info/exclude
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d "$KIT/whl" grain==0.2.18 array-record==0.8.6 portpicker ml-collections==1.1.0 tensorboardX==2.6.5 \
