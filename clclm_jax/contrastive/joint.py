@@ -166,9 +166,8 @@ def eval_batches(interactions: Sequence[Interaction], catalogue: Catalogue, toke
   examples = sorted((encode_fused(tokenizer, x, catalogue, spec, i) for i, x in enumerate(interactions)),
                     key=lambda e: (len(e["tokens"]), int(e["index"])))
   groups = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
-  widths = (pipeline.batch_widths([len(g[-1]["tokens"]) for g in groups], max_widths) if max_widths > 0
-            else [None] * len(groups))
-  return [collate_fused(g, pad_multiple=pad_multiple, batch_size=batch_size, width=w) for g, w in zip(groups, widths)]
+  return [collate_fused(g, pad_multiple=pad_multiple, batch_size=batch_size, width=w)
+          for g, w in zip(groups, pipeline.group_widths(groups, max_widths))]
 
 
 # --- Losses ----------------------------------------------------------------------------------------

@@ -157,6 +157,14 @@ def batch_widths(longest: Sequence[int], max_widths: int, multiple: int = 8) -> 
   return widths
 
 
+def group_widths(groups: Sequence[Sequence[Example]], max_widths: int) -> list[int | None]:
+  """`batch_widths` of length-sorted groups of examples; None for every group (pad to multiples of
+  `pad_multiple`) when `max_widths` is 0."""
+  if max_widths <= 0:
+    return [None] * len(groups)
+  return batch_widths([max(len(e["tokens"]) for e in g) for g in groups], max_widths)
+
+
 def eval_dataset(examples: grain.MapDataset, *, batch_size: int, pad_multiple: int = 64, max_widths: int = 0,
                  shard_index: int | None = None, shard_count: int | None = None) -> grain.MapDataset:
   """Every example of this shard exactly once, sorted by length, in full batches (fill rows have index -1),
@@ -169,7 +177,5 @@ def eval_dataset(examples: grain.MapDataset, *, batch_size: int, pad_multiple: i
   num_batches = math.ceil(math.ceil(len(examples) / shard_count) / batch_size)
   blank = _blank(examples[0])
   batches = [shard[i * batch_size:(i + 1) * batch_size] or [blank] for i in range(num_batches)]
-  widths = (batch_widths([max(len(e["tokens"]) for e in b) for b in batches], max_widths) if max_widths > 0
-            else [None] * len(batches))
-  return grain.MapDataset.source(list(zip(batches, widths))).map(
+  return grain.MapDataset.source(list(zip(batches, group_widths(batches, max_widths)))).map(
       lambda bw: collate(bw[0], pad_multiple=pad_multiple, batch_size=batch_size, width=bw[1]))
