@@ -14,6 +14,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import eval_padding  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fused_quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 import label_signal  # pylint: disable=g-import-not-at-top,wrong-import-position
 import memory_plan  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -87,6 +88,16 @@ def test_throughput_script_on_tiny_model(tmp_path, data_root):
                       "benchmarks/profile_ours.py --dtype bfloat16 --tag cpu`, our faster path here)."]
   run["score"]["met"] = True
   assert not throughput.missed_goal_note(result, "results/")
+
+
+def test_eval_padding_counts_tokens_after_the_shared_prefix_up_to_the_answer():
+  tokens = np.zeros((3, 8), np.int32)
+  tokens[:2, :3] = [5, 6, 7]  # the shared prefix
+  tokens[0, 3:6], tokens[1, 3:5] = 9, 8
+  batch = {"tokens": tokens, "answer_index": np.array([5, 4, 0]), "index": np.array([0, 1, -1])}  # row 2: fill
+  got = eval_padding.padding([batch])
+  assert got["prefix"] == 3 and got["real_tokens"] == 3 + 2 and got["padded_tokens"] == 3 * 5
+  assert got["padding_share"] == pytest.approx(10 / 15) and got["widths"] == [8]
 
 
 def test_gpu_kit_parses_and_names_its_steps():
