@@ -142,10 +142,10 @@ def summarize(times: Sequence[float]) -> dict[str, Any]:
           "times_s": [round(t, 5) for t in times]}
 
 
-def matmul_peak(dtype=jnp.float32, shape=(1024, 576, 1536), repeats: int = 20) -> dict[str, Any]:
-  """Measured FLOP/s of one jitted XLA matmul `[m, k] @ [k, n]` (SmolLM2's MLP shape by default), accumulated
-  in float32 (XLA:CPU's bf16 x bf16 -> bf16 dot runs at half the speed of bf16 x bf16 -> f32), or in int32
-  for int8 (the dot that int8 activations times int8 weights would run)."""
+def matmul_probe(dtype=jnp.float32, shape=(1024, 576, 1536), calls: int = 1) -> tuple[Callable[[], None], float]:
+  """A no-argument callable running one jitted XLA matmul `[m, k] @ [k, n]` `calls` times (blocking), and the
+  FLOPs it does. Accumulation is float32 (XLA:CPU's bf16 x bf16 -> bf16 dot runs at half the speed of
+  bf16 x bf16 -> f32), or int32 for int8 (the dot that int8 activations times int8 weights would run)."""
   m, k, n = shape
   if jnp.issubdtype(dtype, jnp.integer):
     a, b = (jax.random.randint(jax.random.key(i), s, -127, 128, dtype) for i, s in enumerate(((m, k), (k, n))))
@@ -154,8 +154,18 @@ def matmul_peak(dtype=jnp.float32, shape=(1024, 576, 1536), repeats: int = 20) -
     a, b = (jax.random.normal(jax.random.key(i), s, dtype) for i, s in enumerate(((m, k), (k, n))))
     acc = jnp.float32
   f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=acc))
-  times = interleaved_times({"matmul": lambda: f(a, b).block_until_ready()}, repeats=repeats, warmup=3)["matmul"]
-  flops = 2.0 * m * k * n
+
+  def run() -> None:
+    for _ in range(calls):
+      f(a, b).block_until_ready()
+
+  return run, 2.0 * m * k * n * calls
+
+
+def matmul_peak(dtype=jnp.float32, shape=(1024, 576, 1536), repeats: int = 20) -> dict[str, Any]:
+  """Measured FLOP/s of `matmul_probe` (SmolLM2's MLP shape by default): median and best of `repeats` calls."""
+  run, flops = matmul_probe(dtype, shape)
+  times = interleaved_times({"matmul": run}, repeats=repeats, warmup=3)["matmul"]
   return {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "median_s": statistics.median(times),
           "flop_per_s": flops / statistics.median(times), "best_flop_per_s": flops / min(times)}
 

@@ -17,6 +17,7 @@ if __name__ == "__main__":
 
 import argparse
 import pathlib
+import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--repeats", type=int, default=5, help="timed repetitions of each system (median reported)")
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--peak-repeats", type=int, default=20)
+  p.add_argument("--probe-calls", type=int, default=10,
+                 help="matmuls per peak probe timed between the systems' repetitions (for the ceiling)")
   p.add_argument("--gpu", action="store_true", help="also run bfloat16 and a LLaMA-7B-shaped model (needs a GPU)")
   p.add_argument("--tag", default=None, help="output name suffix (default: the JAX backend)")
   return p.parse_args(argv)
@@ -249,10 +252,14 @@ def random_checkpoint(preset: str, tokenizer, folder: pathlib.Path) -> pathlib.P
   return folder
 
 
-def compare(name: str, fns: dict[str, Any], work: float, unit: str, flops: float, args) -> dict[str, Any]:
-  """Times the systems in alternation; throughput = work / median seconds; `ratio` is the best of ours."""
-  times = common.interleaved_times(fns, repeats=args.repeats, warmup=args.warmup)
-  out = {}
+def compare(name: str, fns: dict[str, Any], work: float, unit: str, flops: float, args,
+            probes: dict[str, tuple[Any, float]] | None = None) -> dict[str, Any]:
+  """Times the systems in alternation; throughput = work / median seconds; `ratio` is the best of ours.
+  `probes` (dtype -> `common.matmul_probe`) run in the same alternation, so `peaks_in_run` saw the same load."""
+  probes = probes or {}
+  times = common.interleaved_times({**fns, **{f"matmul_{d}": fn for d, (fn, _) in probes.items()}},
+                                   repeats=args.repeats, warmup=args.warmup)
+  out = {"peaks_in_run": {d: f / statistics.median(times.pop(f"matmul_{d}")) for d, (_, f) in probes.items()}}
   for system, ts in times.items():
     s = common.summarize(ts)
     s[f"{unit}_per_s"] = work / s["median_s"]
@@ -299,10 +306,11 @@ def run_comparison(args, device: str, dtype: str, tmp: pathlib.Path) -> dict[str
 
   train_np = train_batch(tallrec_encoded(tokenizer, args.domain, "train", 64), args.train_batch, args.train_len)
   optim = optim_config()
+  probes = {d: common.matmul_probe(jnp.dtype(d), calls=args.probe_calls) for d in sorted(set(systems.values()))}
   train = compare("train", {**{k: ours_train_fn(m, train_np, optim, mesh) for k, m in models.items()},
                             "transformers": hf_train_fn(hf, train_np, optim, device)},
                   work=train_np["tokens"].size, unit="tokens",
-                  flops=train_flops(cfg, LORA, args.train_batch, args.train_len), args=args)
+                  flops=train_flops(cfg, LORA, args.train_batch, args.train_len), args=args, probes=probes)
 
   batches = score_batches(tallrec_encoded(tokenizer, args.domain, "test", args.score_prompts), args.score_batch,
                           args.score_widths)
@@ -311,7 +319,7 @@ def run_comparison(args, device: str, dtype: str, tmp: pathlib.Path) -> dict[str
   ours_score = {k: ours_score_fn(m, batches, yes_no, mesh) for k, m in models.items()}
   hf_score = hf_score_fn(hf, rows, yes_no, tokenizer.pad_token_id, device)
   score = compare("score", {**ours_score, "transformers": hf_score}, work=len(lens), unit="prompts",
-                  flops=forward_flops(cfg, LORA, lens, head_rows=len(lens)), args=args)
+                  flops=forward_flops(cfg, LORA, lens, head_rows=len(lens)), args=args, probes=probes)
   # Same prompts in the same order on both sides: P(Yes) should agree up to int8 (and bf16) rounding.
   order = np.argsort(np.concatenate([b["index"][b["index"] >= 0] for b in batches]), kind="stable")
   hf_p = hf_score()[order]
@@ -486,13 +494,17 @@ def scoring_matmul_flops(run: dict[str, Any]) -> tuple[float, int]:
 
 def peak_bound_note(run: dict[str, Any], peaks: dict[str, float]) -> str:
   """The ratios ours would reach with its matmuls at the measured peak of its faster dtype and nothing else
-  costing time: a goal above them needs less arithmetic, not faster kernels."""
+  costing time: a goal above them needs less arithmetic, not faster kernels. Each task uses the peak probed
+  in its own alternation of the systems (same load) where the run has one, else the peak measured before."""
   tr, sc = run["train"], run["score"]
   dtype = _systems(run)[tr.get("best", "ours")]
-  peak = peaks[dtype]
+  peak_tr, peak_sc = (d.get("peaks_in_run", {}).get(dtype, peaks[dtype]) for d in (tr, sc))
+  where = (f"the measured {common.si(peaks[dtype], 'FLOP/s')}" if "peaks_in_run" not in tr else
+           f"the peak probed between the systems' repetitions: {common.si(peak_tr, 'FLOP/s')} while training, "
+           f"{common.si(peak_sc, 'FLOP/s')} while scoring; {common.si(peaks[dtype], 'FLOP/s')} before the run")
   score_flops, tokens = scoring_matmul_flops(run)
-  t_train, t_score = tr["flops"] / peak, score_flops / peak
-  return (f"Ceiling on this host ({run['device']}, {dtype} matmuls at the measured {common.si(peak, 'FLOP/s')}, "
+  t_train, t_score = tr["flops"] / peak_tr, score_flops / peak_sc
+  return (f"Ceiling on this host ({run['device']}, {dtype} matmuls at {where}, "
           f"every other kernel free): train step {common.si(tr['flops'], 'FLOP')} in {t_train:.2f} s = "
           f"{tr['transformers']['median_s'] / t_train:.2f}x transformers (goal {tr['goal']}x, measured "
           f"{tr['ratio']:.2f}x); scoring, counting only the matmuls over the {tokens} tokens it must run "

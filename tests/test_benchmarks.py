@@ -75,6 +75,8 @@ def test_throughput_script_on_tiny_model(tmp_path, data_root):
       assert d[system][f"{unit}_per_s"] > 0 and d["transformers"][f"{unit}_per_s"] > 0
       assert ratio == pytest.approx(d[system][f"{unit}_per_s"] / d["transformers"][f"{unit}_per_s"])
     assert d["ratio"] == max(d["ratios"].values()) and d["ratios"][d["best"]] == d["ratio"]
+    assert set(d["peaks_in_run"]) == {"float32", "bfloat16"} and min(d["peaks_in_run"].values()) > 0
+    assert not {"matmul_float32", "matmul_bfloat16"} & set(d)  # the probes are not systems
   assert run["train"]["work"] == 2 * 64 and run["score"]["prompts"] == 4
   diffs = run["score"]["max_abs_diff_p_yes_by_system"]  # Same weights (int8 vs float) and prompts on both sides.
   assert diffs["ours"] < 1e-2 and diffs["ours_bf16"] < 5e-2
@@ -83,7 +85,7 @@ def test_throughput_script_on_tiny_model(tmp_path, data_root):
   assert "scoring prompts/s" in (tmp_path / "throughput_cpu.md").read_text()
   run["train"]["met"], run["score"]["met"], run["train"]["best"] = True, False, "ours_bf16"
   note = throughput.missed_goal_note(result, "results/")
-  assert note[0].startswith("Ceiling on this host (cpu, bfloat16 matmuls at the measured")
+  assert note[0].startswith("Ceiling on this host (cpu, bfloat16 matmuls at the peak probed between the systems'")
   assert note[1:] == ["A goal is missed; where our time goes: [profile_cpu.md](results/profile_cpu.md) (`python "
                       "benchmarks/profile_ours.py --dtype bfloat16 --tag cpu`, our faster path here)."]
   run["score"]["met"] = True
@@ -120,6 +122,10 @@ def test_ceiling_runs_each_prompt_after_the_shared_prefix_and_the_prefix_once():
   note = throughput.peak_bound_note(run, {"float32": 1e11})
   assert "in 3.00 s = 1.00x transformers (goal 1.2x, measured 0.90x)" in note
   assert f"in {flops / 1e11:.2f} s = {2.0 / (flops / 1e11):.2f}x (goal 2.0x, measured 1.30x)" in note
+  run["train"]["peaks_in_run"], run["score"]["peaks_in_run"] = {"float32": 5e10}, {"float32": 2e11}
+  note = throughput.peak_bound_note(run, {"float32": 1e11})  # each task's own probed peak replaces the early one
+  assert "50 GFLOP/s while training, 200 GFLOP/s while scoring; 100 GFLOP/s before the run" in note
+  assert "in 6.00 s = 0.50x transformers" in note and f"in {flops / 2e11:.2f} s = {2.0 / (flops / 2e11):.2f}x" in note
 
 
 def test_memory_plan_counts_the_frozen_base_and_grows_with_the_batch():
