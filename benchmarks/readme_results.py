@@ -20,7 +20,8 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def throughput_section(result: dict, md_name: str) -> list[str]:
-  from throughput import FLOPS_NOTE, goal_table, llama7b_lines, missed_goal_note, run_table  # pylint: disable=g-import-not-at-top
+  from throughput import (FLOPS_NOTE, goal_table, llama7b_lines, missed_goal_note, probed_peaks_line,  # pylint: disable=g-import-not-at-top
+                          run_table)
   peak = result["matmul_peak"]
   peaks = {p["dtype"]: p["flop_per_s"] for p in [peak] + result.get("more_peaks", [])}
   lines = [f"### Speed: clclm-jax vs transformers + PEFT ({result['tag']})", "",
@@ -28,12 +29,13 @@ def throughput_section(result: dict, md_name: str) -> list[str]:
            f"{result['loadavg_before'][0]:.1f} / {result['loadavg_after'][0]:.1f} on "
            f"{result['machine']['cores']} cores (the systems alternate, medians reported; on a loaded CPU torch suffers more, so idle "
            "runs give the fair ratio). "
-           "Measured matmul peaks: " + ", ".join(f"{p['dtype']} {common.si(p['flop_per_s'], 'FLOP/s')}"
+           "Matmul peaks measured before the run: " + ", ".join(f"{p['dtype']} {common.si(p['flop_per_s'], 'FLOP/s')}"
                                                  for p in [peak] + result.get("more_peaks", [])) + ". "
            f"Details: [{md_name}](benchmarks/results/{md_name}).", ""]
   for run in result["runs"]:
     lines += [f"{run['model']}, {run['device']} {run['dtype']} (ours: {run['ours_storage']}; transformers: "
-              f"{run['transformers_storage']}):", "", run_table(run, peaks), "", goal_table(run), ""]
+              f"{run['transformers_storage']}):", "", run_table(run, peaks), "", *probed_peaks_line(run),
+              goal_table(run), ""]
   if result.get("llama7b"):
     lines += llama7b_lines(result["llama7b"], heading="####")
   return lines + [FLOPS_NOTE] + missed_goal_note(result, "benchmarks/results/") + [""]

@@ -412,18 +412,26 @@ def _systems(run: dict[str, Any]) -> dict[str, str]:
 
 def run_table(run: dict[str, Any], peaks: dict[str, float]) -> str:
   """Median time, throughput and achieved FLOP/s of every system on both tasks; the peak is the matmul
-  peak of the system's compute dtype."""
+  peak of the system's compute dtype, probed in the task's own alternation where the run has one."""
   tr, sc = run["train"], run["score"]
   rows = []
   for task, d, what in (("LoRA train step", tr, f"{tr['batch']}x{tr['length']} tokens, AdamW"),
                         ("Yes/No scoring", sc, f"{sc['prompts']} {sc['domain']} test prompts, batch {sc['batch']}")):
     for system, dtype in _systems(run).items():
-      s, peak = d[system], peaks.get(dtype)
+      s, peak = d[system], d.get("peaks_in_run", {}).get(dtype, peaks.get(dtype))
       rows.append([task, what, system, dtype, f"{s['median_s'] * 1e3:.0f} ms",
                    f"{s[d['unit'] + '_per_s']:.1f} {d['unit']}/s", common.si(s["flop_per_s"], "FLOP/s"),
                    f"{100 * s['flop_per_s'] / peak:.0f}% ({dtype})" if peak else "-"])
   return common.markdown_table(
       ["task", "work", "system", "compute", "median time", "throughput", "model FLOP/s", "of matmul peak"], rows)
+
+
+def probed_peaks_line(run: dict[str, Any]) -> list[str]:
+  """The matmul peaks probed inside each task's alternation (what 'of matmul peak' divides by), if any."""
+  parts = [f"{task} " + ", ".join(f"{d} {common.si(v, 'FLOP/s')}" for d, v in run[key]["peaks_in_run"].items())
+           for task, key in (("training", "train"), ("scoring", "score")) if run[key].get("peaks_in_run")]
+  return [f"Matmul peaks probed between the systems' repetitions (the 'of matmul peak' column): "
+          f"{'; '.join(parts)}.", ""] if parts else []
 
 
 def goal_table(run: dict[str, Any]) -> str:
@@ -441,7 +449,7 @@ def markdown(result: dict[str, Any]) -> str:
            f"Load average before / after: {result['loadavg_before']} / {result['loadavg_after']} "
            "(both systems are timed in alternation, so any load hits both; on a shared CPU torch suffers more, "
            "so compare ratios from idle runs).",
-           "Measured peaks (median): " + "; ".join(
+           "Peaks measured before the run (median): " + "; ".join(
                f"XLA {p['dtype']} matmul {p['shape']} = {common.si(p['flop_per_s'], 'FLOP/s')}"
                for p in [peak] + result.get("more_peaks", [])) +
            " (bfloat16 inputs accumulate in float32, the dot our bfloat16 layers use" +
@@ -451,8 +459,8 @@ def markdown(result: dict[str, Any]) -> str:
     sc = run["score"]
     lines += [f"## {run['model']} on {run['device']}, {run['dtype']} "
               f"(ours: {run['ours_storage']}; transformers: {run['transformers_storage']}, "
-              f"{run['torch_threads']} torch threads)", "", run_table(run, peaks), "", goal_table(run),
-              "", "Scoring agreement: max |P(Yes) ours - transformers| = " + ", ".join(
+              f"{run['torch_threads']} torch threads)", "", run_table(run, peaks), "", *probed_peaks_line(run),
+              goal_table(run), "", "Scoring agreement: max |P(Yes) ours - transformers| = " + ", ".join(
                   f"{k} {v:.3g}" for k, v in sc.get("max_abs_diff_p_yes_by_system",
                                                      {"ours": sc["max_abs_diff_p_yes"]}).items()) +
               f" (int8 vs float base). Prompt tokens mean {sc['prompt_tokens']['mean']:.0f} "

@@ -22,6 +22,7 @@ import probe_text_only  # pylint: disable=g-import-not-at-top,wrong-import-posit
 import quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 import readme_results  # pylint: disable=g-import-not-at-top,wrong-import-position
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
+import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from clclm_jax.contrastive.fusion import FusionConfig  # pylint: disable=wrong-import-position
 from clclm_jax.data import tallrec  # pylint: disable=wrong-import-position
@@ -108,6 +109,22 @@ def test_gpu_kit_parses_and_names_its_steps():
   usage = subprocess.run(["bash", str(kit)], capture_output=True, text=True)
   assert usage.returncode == 2 and "prepare|run" in usage.stderr
   assert "--model=smollm2-135m-random" in kit.read_text() and "smollm2-135m-random" in throughput.RANDOM
+
+
+def test_xla_flags_reports_a_rejected_flag_and_speedups_against_the_first_default():
+  bad = xla_flags.run_variant("--xla_cpu_no_such_flag=true", repeats=1)  # XLA refuses it before any model loads
+  assert bad["flags"] == "--xla_cpu_no_such_flag=true" and "xla_cpu_no_such_flag" in bad["error"]
+  timed = lambda train, score: {"train": {"median_s": train}, "score": {"median_s": score}}  # noqa: E731
+  result = {"tag": "cpu", "argv": ["--variants", "default", "YNNPACK individual dots"], "machine": common.machine(),
+            "loadavg_before": [0.0] * 3, "loadavg_after": [0.0] * 3,
+            "runs": [{"name": "default (first)", "flags": "", **timed(4.0, 8.0)},
+                     {"name": "oneDNN dot fusions", **bad},
+                     {"name": "default (last)", "flags": "", **timed(5.0, 8.0)}]}
+  md = xla_flags.markdown(result)
+  assert "| default (first) | - | 4.00 s | 1.00x | 8.00 s | 1.00x |" in md
+  assert "| default (last) | - | 5.00 s | 0.80x | 8.00 s | 1.00x |" in md
+  assert "| oneDNN dot fusions | `--xla_cpu_no_such_flag=true` | failed: " in md
+  assert "`python benchmarks/xla_flags.py --variants default 'YNNPACK individual dots'`" in md
 
 
 def test_ceiling_runs_each_prompt_after_the_shared_prefix_and_the_prefix_once():

@@ -97,7 +97,7 @@ def test_entry_points_rerun_before_importing_jax():
   light = _run("-c", "import sys; from clclm_jax.train import malloc; import clclm_jax; print('jax' in sys.modules)")
   assert light.stdout.split() == ["False"], light.stderr
   for f in ("train.py", "eval.py", *(f"benchmarks/{b}.py" for b in (
-      "throughput", "profile_ours", "fused_quality", "quality", "pretrain_encoder", "memory_plan"))):
+      "throughput", "profile_ours", "fused_quality", "quality", "pretrain_encoder", "memory_plan", "xla_flags"))):
     body = ast.parse((ROOT / f).read_text()).body
     first_guard = next(i for i, n in enumerate(body) if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))
     assert ast.unparse(body[first_guard].body[0]) == "malloc.reexec_keeping_freed_memory()", f
