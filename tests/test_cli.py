@@ -4,6 +4,7 @@ import ast
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import time
@@ -105,18 +106,22 @@ def test_entry_points_rerun_before_importing_jax():
 
 
 def test_kept_freed_memory_stops_xla_temporaries_faulting_in_every_call():
+  """Steady state: the median call of ten after two warm-ups faults in no page of its 64 MB temporary (under
+  jax 0.11 / 0.12 a few of the first ~8 calls still fault all of it, then none do; under 0.10 none do)."""
   code = ("import resource, jax, jax.numpy as jnp\n"
           "f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())\n"  # a 64 MB temporary, freed after each call
           "x = jnp.ones((4096, 512))\n"
           "f(x).block_until_ready(); f(x).block_until_ready()\n"
-          "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-          "f(x).block_until_ready()\n"
-          "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
+          "for _ in range(10):\n"
+          "  r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+          "  f(x).block_until_ready()\n"
+          "  print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
   if not malloc.needs_reexec({}):
     pytest.skip("not Linux + glibc")
   kept = _run("-c", code, env=malloc.KEEP_FREED)
   assert kept.returncode == 0, kept.stderr
-  assert int(kept.stdout) < 1000, f"{kept.stdout} page faults in one call with {malloc.KEEP_FREED}"
+  faults = [int(n) for n in kept.stdout.split()]
+  assert statistics.median(faults) < 1000, f"page faults per call {faults} with {malloc.KEEP_FREED}"
 
 
 def test_unpaired_cache_files_are_dropped_so_cache_writes_keep_working(tmp_path):
