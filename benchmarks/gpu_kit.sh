@@ -8,9 +8,10 @@
 # portpicker, ml-collections, tensorboardX) plus flax 0.12.12: the image has jax 0.11.2, under which flax 0.12.8
 # and 0.12.9 fail to import (jax.experimental.hijax lost HiPrimitive) and 0.12.10+ import (they need jax >= 0.11.1;
 # the test suite, torch tests aside, passes on CPU under jax 0.11.2 + flax 0.12.12 + numpy 2.5.2 in a
-# Python 3.12 venv, the image's versions); the SmolLM2 tokenizer; TALLRec's movie files (licensed data: they stay in the ignored folder). The GGUF (94 MiB)
-# exceeds what a call carries, so the run uses random weights of SmolLM2's shape (speed does not depend on
-# the values; both systems load the same random checkpoint, so their P(Yes) still agree).
+# Python 3.12 venv, the image's versions: `make compat`); the SmolLM2 tokenizer; TALLRec's movie files (licensed
+# data: they stay in the ignored folder). The GGUF (94 MiB) exceeds what a call carries, so the run uses random
+# weights of SmolLM2's shape (speed does not depend on the values; both systems load the same random checkpoint,
+# so their P(Yes) still agree).
 # run: bf16 comparison with transformers + PEFT, the LLaMA-7B shape (int8 + LoRA, 8x512: peak memory, MFU),
 # and the compiled memory plans; everything lands in $OUT, to be copied into benchmarks/results.
 set -euo pipefail
