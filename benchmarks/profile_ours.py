@@ -82,8 +82,7 @@ def main(argv=None) -> dict[str, Any]:
   model, tok = loading.load_model(loading.SMOLLM2, dtype=args.dtype, quantize="int8", lora=throughput.LORA)
   optim = ConfigDict(dict(lr=1e-4, warmup_steps=0, total_steps=100, schedule="constant", max_grad_norm=1.0,
                           b1=0.9, b2=0.999, weight_decay=0.0))
-  train_np = throughput.train_batch(throughput.tallrec_encoded(tok, "movie", "train", 64), 4, 256)
-  batches = throughput.score_batches(throughput.tallrec_encoded(tok, "movie", "test", 32), 8, 6)
+  train_np, batches = throughput.work_inputs(tok, throughput.parse_args([]))
   graphdef, params, frozen = state_lib.split_model(model)
   tx = state_lib.make_optimizer(optim)
   state = state_lib.init_state(params, tx, seed=0, mesh=mesh)

@@ -96,6 +96,15 @@ def score_batches(examples, batch_size: int, max_widths: int) -> list[dict[str, 
   return list(pipeline.eval_dataset(examples, batch_size=batch_size, max_widths=max_widths))
 
 
+def work_inputs(tokenizer, args: argparse.Namespace) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+  """The timed work: one train batch cut from real training prompts, and the scoring batches of real test
+  prompts (`parse_args([])` gives the defaults other benchmarks time too)."""
+  train_np = train_batch(tallrec_encoded(tokenizer, args.domain, "train", 64), args.train_batch, args.train_len)
+  batches = score_batches(tallrec_encoded(tokenizer, args.domain, "test", args.score_prompts), args.score_batch,
+                          args.score_widths)
+  return train_np, batches
+
+
 def prompt_rows(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
   """Prompt-only token ids (up to and including `answer_index`) of the real rows of a batch."""
   return [batch["tokens"][r, :batch["answer_index"][r] + 1] for r in np.flatnonzero(batch["index"] >= 0)]
@@ -304,7 +313,7 @@ def run_comparison(args, device: str, dtype: str, tmp: pathlib.Path) -> dict[str
   yes_no = tokenize.answer_token_ids(tokenizer)
   mesh = sharding.make_mesh((-1, 1, 1))
 
-  train_np = train_batch(tallrec_encoded(tokenizer, args.domain, "train", 64), args.train_batch, args.train_len)
+  train_np, batches = work_inputs(tokenizer, args)
   optim = optim_config()
   probes = {d: common.matmul_probe(jnp.dtype(d), calls=args.probe_calls) for d in sorted(set(systems.values()))}
   train = compare("train", {**{k: ours_train_fn(m, train_np, optim, mesh) for k, m in models.items()},
@@ -312,8 +321,6 @@ def run_comparison(args, device: str, dtype: str, tmp: pathlib.Path) -> dict[str
                   work=train_np["tokens"].size, unit="tokens",
                   flops=train_flops(cfg, LORA, args.train_batch, args.train_len), args=args, probes=probes)
 
-  batches = score_batches(tallrec_encoded(tokenizer, args.domain, "test", args.score_prompts), args.score_batch,
-                          args.score_widths)
   rows = [prompt_rows(b) for b in batches]
   lens = [len(r) for rs in rows for r in rs]
   ours_score = {k: ours_score_fn(m, batches, yes_no, mesh) for k, m in models.items()}
@@ -466,7 +473,8 @@ def markdown(result: dict[str, Any]) -> str:
               f" (int8 vs float base). Prompt tokens mean {sc['prompt_tokens']['mean']:.0f} "
               f"(min {sc['prompt_tokens']['min']}, max {sc['prompt_tokens']['max']}); ours pads each length-sorted "
               + (f"batch to one of the widths {sc['widths_ours']} (`pipeline.batch_widths`)" if "widths_ours" in sc
-                 else f"batch to a multiple of {sc.get('pad_multiple_ours', 64)} tokens") + "; tokens run incl. padding: "
+                 else f"batch to a multiple of {sc.get('pad_multiple_ours', 64)} tokens")
+              + "; tokens run incl. padding: "
               f"ours {sc['padded_tokens_ours']}, transformers {sc['padded_tokens_transformers']}; ours runs the "
               f"{sc.get('shared_prefix_tokens', 0)}-token instruction prefix common to all prompts once per "
               "scoring pass and reuses its keys/values, and its last layer runs the answer position's query only.", ""]

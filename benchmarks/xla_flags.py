@@ -54,8 +54,7 @@ def child(repeats: int) -> dict[str, list[float]]:
 
   model, tokenizer = loading.load_model(loading.smollm2_gguf(), dtype="float32", quantize="int8", lora=throughput.LORA)
   mesh = sharding.make_mesh((-1, 1, 1))
-  train_np = throughput.train_batch(throughput.tallrec_encoded(tokenizer, "movie", "train", 64), 4, 256)
-  batches = throughput.score_batches(throughput.tallrec_encoded(tokenizer, "movie", "test", 32), 8, 6)
+  train_np, batches = throughput.work_inputs(tokenizer, throughput.parse_args([]))
   fns = {"train": throughput.ours_train_fn(model, train_np, throughput.optim_config(), mesh),
          "score": throughput.ours_score_fn(model, batches, tokenize.answer_token_ids(tokenizer), mesh)}
   return common.interleaved_times(fns, repeats=repeats, warmup=1)
