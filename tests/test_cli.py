@@ -35,8 +35,10 @@ def test_tiny_train_then_eval_under_a_minute(tmp_path, data_root):
   assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
   assert all("train/loss" in r for r in rows) and any("valid/auc" in r for r in rows)
   test = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
-  assert test["n"] == 64 and 0.0 <= test["auc"] <= 1.0
+  assert test["n"] == 64 and 0.0 <= test["auc"] <= 1.0 and 0.0 <= test["like_ratio_auc"] <= 1.0
   assert "test AUC" in train.stdout and "valid AUC" in train.stdout
+  assert f"history like-ratio on the same prompts: {test['like_ratio_auc']:.4f}" in train.stdout
+  assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
   assert list((tmp_path / "tensorboard").glob("events.*"))
   assert wall < 60, f"tiny train + eval took {wall:.0f}s"
 
@@ -47,10 +49,14 @@ def test_tiny_fused_recipe_then_eval_scores_the_saved_model(tmp_path, data_root)
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["steps"] == 4 and summary["shots"] == 16 and 0.0 <= summary["encoder_valid_auc"] <= 1.0
   assert "encoder valid AUC" in train.stdout and "test AUC" in train.stdout
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["stage"]) for r in rows] == [(1, "stage1"), (2, "stage1"), (3, "stage2"), (4, "stage2")]
+  assert rows[-1]["valid/auc"] == summary["valid_auc"] and all("train/loss" in r for r in rows)
+  assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
   ev = _run("eval.py", "--config=configs/tiny_fused.py", f"--workdir={tmp_path}", "--split=test")
   assert ev.returncode == 0, ev.stderr[-3000:]
   test = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
-  assert test["n"] == 16 and test["best_step"] == 4
+  assert test["n"] == 16 and test["best_step"] == 4 and test["like_ratio_auc"] == summary["test_like_ratio_auc"]
   assert abs(test["auc"] - summary["test_auc"]) < 1e-6  # the restored encoder, projector and LoRA score the same
   r = _run("eval.py", "--config=configs/tiny_fused.py", f"--workdir={tmp_path}", "--export_peft=/tmp/x")
   assert r.returncode != 0 and "encoder + projector" in r.stderr and "Traceback" not in r.stderr

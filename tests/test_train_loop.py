@@ -54,3 +54,26 @@ def test_rec_stage_starts_from_stage_one_or_an_imported_peft_adapter(tmp_path, d
   two, imported, scratch = (_losses(tmp_path / d) for d in ("two", "peft", "scratch"))
   np.testing.assert_allclose(imported, two, rtol=1e-6)  # the same LoRA start, data and keys
   assert abs(scratch[0] - two[0]) > 1e-4
+
+
+def test_summary_puts_the_like_ratio_reference_beside_each_auc():
+  text = loop.format_summary({"best_step": 5, "valid_auc": 0.515, "valid_like_ratio_auc": 0.7021,
+                              "test_auc": 0.5225, "test_like_ratio_auc": 0.6962, "wall_s": 12.0})
+  valid, test = (next(l for l in text.splitlines() if l.startswith(k)) for k in ("valid AUC", "test AUC"))
+  assert "0.5150" in valid and valid.endswith("history like-ratio on the same prompts: 0.7021")
+  assert "0.5225" in test and test.endswith("history like-ratio on the same prompts: 0.6962")
+  assert "like-ratio" not in loop.format_summary({"valid_auc": 0.6, "test_auc": None, "test_like_ratio_auc": 0.7})
+
+
+def test_like_ratio_references_score_the_same_prompts_as_evaluation(data_root):
+  c = tiny.get_config()
+  sp = loop.rec_splits(c)
+  refs = loop.like_ratio_references(c)
+  assert set(refs) == {"valid_like_ratio_auc", "test_like_ratio_auc"}
+  test = loop.eval_interactions(c, sp, "test")
+  assert len(test) == c.data.test_size
+  labels = np.array([x.label for x in test])
+  share = np.array([np.mean(x.history_likes) if x.history_likes else 0.5 for x in test])
+  pos, neg = share[labels == 1], share[labels == 0]
+  pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
+  assert refs["test_like_ratio_auc"] == pytest.approx(pairs)

@@ -22,7 +22,7 @@ from clclm_jax.contrastive import feedback, joint
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig
 from clclm_jax.data import augment, fewshot, tallrec, tokenize
 from clclm_jax.data.records import Interaction
-from clclm_jax.train import checkpoint, evaluate, loop, state as state_lib
+from clclm_jax.train import checkpoint, curves, evaluate, loop, state as state_lib
 
 
 @dataclasses.dataclass
@@ -50,7 +50,7 @@ def build(config: ConfigDict) -> Recipe:
   """Loads the LLM (`loop.build_model`: int8 base + LoRA), the TALLRec splits and a fresh encoder/projector per `config.fusion`."""
   f, d = config.fusion, config.data
   llm, tokenizer = loop.build_model(config)
-  splits = tallrec.tallrec_splits(d.domain, seed=d.split_seed, book_valid_size=d.book_valid_size)
+  splits = loop.rec_splits(config)
   num_items = splits.catalogue.max_id
   corr = augment.itemcf_iuf([np.asarray(x.history_ids) for x in splits.train], num_items, f.corr_top_k)
   placeholder_id = tokenizer.convert_tokens_to_ids(f.placeholder)
@@ -96,15 +96,22 @@ def auc(r: Recipe, batches: Sequence[dict], desc: str | None = None) -> float:
   return evaluate.auc(p, label)
 
 
-def _subset(xs: Sequence[Interaction], size: int, seed: int) -> list[Interaction]:
-  return fewshot.fewshot(xs, size if size > 0 else None, seed)
-
-
-def _bar_log(bar: tqdm.tqdm) -> Callable[[int, dict], None]:
+def _bar_log(bar: tqdm.tqdm, rows: list[dict], stage: str) -> Callable[[int, dict], None]:
+  """Shows the losses on `bar` and appends a metrics.jsonl row per step (steps count on across stages)."""
   def log(_, metrics: dict) -> None:
     bar.set_postfix({k.removeprefix("loss/"): f"{v:.4f}" for k, v in metrics.items() if k.startswith("loss")})
     bar.update(1)
+    rows.append({"step": len(rows) + 1, "stage": stage, **{f"train/{k}": v for k, v in metrics.items()}})
   return log
+
+
+def _write_metrics(workdir: pathlib.Path, rows: list[dict], title: str, valid_reference: float) -> None:
+  """WORKDIR/metrics.jsonl (written whole: a rerun starts over) and curves.png."""
+  path = workdir / "metrics.jsonl"
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  tmp.replace(path)
+  curves.write_curves(path, workdir / "curves.png", title=title, valid_reference=valid_reference)
 
 
 def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], None] = print) -> dict:
@@ -115,34 +122,41 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
   workdir.mkdir(parents=True, exist_ok=True)
   r = build(config)
   encoder = pretrain_encoder(r, log)
-  pool = _subset(r.splits.train, d.shots, d.fewshot_seed)
-  stages = [("stage1", r.text, config.stage1), ("stage2", r.fused, config.stage2)]
+  pool = fewshot.fewshot(r.splits.train, d.shots if d.shots > 0 else None, d.fewshot_seed)
+  stages, rows = [("stage1", r.text, config.stage1), ("stage2", r.fused, config.stage2)], []
   for name, spec, stage in stages:
     with tqdm.tqdm(total=stage.steps, desc=name) as bar:
       fit_stage(r, spec, pool + fewshot.history_targets(pool, stage.history_targets, config.seed), stage.steps,
-                dict(stage.loss_weights), config.seed, _bar_log(bar))
+                dict(stage.loss_weights), config.seed, _bar_log(bar, rows, name))
   steps = sum(stage.steps for _, _, stage in stages)
+  valid = loop.eval_interactions(config, r.splits, "valid")
   summary = {"stage": "fused", "steps": steps, "best_step": steps, "shots": len(pool),
              "encoder_valid_auc": None if encoder is None else encoder["best_valid_auc"],
-             "valid_auc": auc(r, r.eval_batches(_subset(r.splits.valid, d.valid_size, d.fewshot_seed), r.fused),
-                          "valid")}
+             "valid_auc": auc(r, r.eval_batches(valid, r.fused), "valid"),
+             "valid_like_ratio_auc": evaluate.like_ratio_auc(valid)}
   ckpts = checkpoint.Checkpoints(workdir)
   try:
     ckpts.save_best(steps, state_lib.split_model(r.model)[1], {"step": steps, "valid": {"auc": summary["valid_auc"]}})
   finally:
     ckpts.close()
   if d.test_size != 0:
-    summary["test_auc"] = auc(r, r.eval_batches(_subset(r.splits.test, d.test_size, d.fewshot_seed), r.fused),
-                             "test")
+    test = loop.eval_interactions(config, r.splits, "test")
+    summary.update(test_auc=auc(r, r.eval_batches(test, r.fused), "test"),
+                   test_like_ratio_auc=evaluate.like_ratio_auc(test))
   summary["wall_s"] = time.time() - t0
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if rows:
+      rows[-1]["valid/auc"] = summary["valid_auc"]
+      s1 = config.stage1.steps
+      _write_metrics(workdir, rows, f"{config.name}: stage 1 (text) steps 1-{s1}, stage 2 (fused) {s1 + 1}-{steps}",
+                     summary["valid_like_ratio_auc"])
   return summary
 
 
 def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str = "test") -> dict:
   """AUC of the saved fused model on `split` (its configured subset); writes WORKDIR/eval/<split>_metrics.json."""
-  workdir, t0, d = pathlib.Path(workdir), time.time(), config.data
+  workdir, t0 = pathlib.Path(workdir), time.time()
   r = build(config)
   ckpts = checkpoint.Checkpoints(workdir)
   try:
@@ -150,10 +164,9 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   finally:
     ckpts.close()
   nnx.update(r.model, params)
-  size = {"valid": d.valid_size, "test": d.test_size}[split]
-  xs = _subset(getattr(r.splits, split), size, d.fewshot_seed)
-  metrics = {"auc": auc(r, r.eval_batches(xs, r.fused), split), "n": len(xs), "best_step": meta["step"],
-             "wall_s": time.time() - t0}
+  xs = loop.eval_interactions(config, r.splits, split)
+  metrics = {"auc": auc(r, r.eval_batches(xs, r.fused), split), "n": len(xs),
+             "like_ratio_auc": evaluate.like_ratio_auc(xs), "best_step": meta["step"], "wall_s": time.time() - t0}
   if jax.process_index() == 0:
     (workdir / "eval").mkdir(parents=True, exist_ok=True)
     (workdir / "eval" / f"{split}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -21,10 +21,11 @@ import tqdm
 import transformers
 
 from clclm_jax.data import fewshot, instruct, paths, pipeline, tallrec, tokenize
+from clclm_jax.data.records import Interaction
 from clclm_jax.model import loading, lora, peft
 from clclm_jax.model.config import LoraConfig, presets
 from clclm_jax.model.llama import Llama
-from clclm_jax.train import checkpoint, evaluate, sharding, state as state_lib, step as step_lib
+from clclm_jax.train import checkpoint, curves, evaluate, sharding, state as state_lib, step as step_lib
 
 
 def smollm2_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -83,16 +84,33 @@ def _eval_batches(examples, config: ConfigDict):
                                pad_multiple=config.data.pad_multiple, max_widths=config.data.eval_widths)
 
 
+def rec_splits(config: ConfigDict) -> tallrec.TallrecSplits:
+  d = config.data
+  return tallrec.tallrec_splits(d.domain, seed=d.split_seed, book_valid_size=d.book_valid_size)
+
+
+def eval_interactions(config: ConfigDict, sp: tallrec.TallrecSplits, split: str) -> list[Interaction]:
+  """The prompts of `split` that evaluation scores: a seeded subset of `data.valid_size` / `data.test_size`
+  (the whole split when <= 0)."""
+  d = config.data
+  size = {"valid": d.valid_size, "test": d.test_size}[split]
+  return fewshot.fewshot(getattr(sp, split), size if size > 0 else None, d.fewshot_seed)
+
+
+def like_ratio_references(config: ConfigDict, splits=("valid", "test")) -> dict[str, float]:
+  """`{split}_like_ratio_auc`: the no-training reference (`evaluate.like_ratio_auc`) on the prompts each split
+  scores, so a run's AUC can be read against what the histories alone give."""
+  sp = rec_splits(config)
+  return {f"{s}_like_ratio_auc": evaluate.like_ratio_auc(eval_interactions(config, sp, s)) for s in splits}
+
+
 def rec_data(config: ConfigDict, tokenizer, splits=("valid", "test")):
   """(training examples, {split: eval batches}) for the TALLRec task of `config.data`."""
-  d = config.data
-  sp = tallrec.tallrec_splits(d.domain, seed=d.split_seed, book_valid_size=d.book_valid_size)
+  d, sp = config.data, rec_splits(config)
   encode = lambda xs: pipeline.tallrec_examples(  # noqa: E731
       xs, sp.catalogue, d.domain, tokenizer, cutoff_len=d.cutoff_len, train_on_inputs=d.train_on_inputs,
       template=d.template)
-  sizes = {"valid": d.valid_size, "test": d.test_size}
-  evals = {s: _eval_batches(encode(fewshot.fewshot(getattr(sp, s), sizes[s] if sizes[s] > 0 else None,
-                                                   d.fewshot_seed)), config) for s in splits}
+  evals = {s: _eval_batches(encode(eval_interactions(config, sp, s)), config) for s in splits}
   return encode(fewshot.fewshot(sp.train, d.shots if d.shots > 0 else None, d.fewshot_seed)), evals
 
 
@@ -214,9 +232,13 @@ def train_stage(config: ConfigDict, workdir: pathlib.Path, stage: str, model, to
     ckpts.save_best(int(state["step"]), state["params"], {"step": int(state["step"])})
   summary = {"stage": stage, "steps": int(state["step"]), "total_steps": total, "preempted": stop.is_set(),
              "best_step": stopper.best_step, "valid_auc": stopper.best,
+             **(like_ratio_references(config, ("valid",)) if "valid" in evals else {}),
              "tokens_per_s": n_tokens / max(wall, 1e-9), "wall_s": wall}
   log.close()
   ckpts.close()
+  if jax.process_index() == 0:
+    curves.write_curves(log.path, workdir / "curves.png", title=f"{config.name}: {stage} stage",
+                        valid_reference=summary.get("valid_like_ratio_auc"))
   return summary, state["params"]
 
 
@@ -255,7 +277,8 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   t0 = time.time()
   with jax.set_mesh(mesh):
     scores = evaluate.score(eval_step, params, sharding.put(frozen, frozen_sh), evals[split], mesh, desc=split)
-  metrics = {**scores.metrics(), "best_step": meta["step"], "wall_s": time.time() - t0}
+  metrics = {**scores.metrics(), "like_ratio_auc": like_ratio_references(config, (split,))[f"{split}_like_ratio_auc"],
+             "best_step": meta["step"], "wall_s": time.time() - t0}
   if jax.process_index() == 0:
     (workdir / "eval").mkdir(parents=True, exist_ok=True)
     (workdir / "eval" / f"{split}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -276,15 +299,22 @@ def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
     if summary["preempted"]:
       return summary
   if config.stages[-1] == "rec" and config.data.test_size != 0:
-    summary["test_auc"] = evaluate_split(config, workdir, "test", model, tokenizer, mesh)["auc"]
+    test = evaluate_split(config, workdir, "test", model, tokenizer, mesh)
+    summary.update(test_auc=test["auc"], test_like_ratio_auc=test["like_ratio_auc"])
   return summary
 
 
 def format_summary(summary: dict) -> str:
+  """The end-of-run table; AUCs carry the history like-ratio on the same prompts beside them."""
   rows = [("best step", summary.get("best_step")), ("valid AUC", summary.get("valid_auc")),
           ("test AUC", summary.get("test_auc")), ("tokens/s (train)", summary.get("tokens_per_s")),
           ("wall time (s)", summary.get("wall_s"))]
   if "encoder_valid_auc" in summary:  # fused runs (contrastive/recipe.py)
     rows.insert(1, ("encoder valid AUC", summary["encoder_valid_auc"]))
   fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
-  return "\n".join(f"{k:<18}{fmt(v):>12}" for k, v in rows)
+  lines = []
+  for k, v in rows:
+    ref = summary.get(k.split()[0] + "_like_ratio_auc") if k in ("valid AUC", "test AUC") else None
+    note = f"   history like-ratio on the same prompts: {ref:.4f}" if ref is not None and v is not None else ""
+    lines.append(f"{k:<18}{fmt(v):>12}{note}")
+  return "\n".join(lines)
