@@ -37,6 +37,10 @@ def get_config() -> ConfigDict:
       template="alpaca",
       pad_multiple=64,  # fewer distinct shapes, fewer compiles of the 30-layer model
       eval_widths=6,  # evaluation pads to at most this many widths chosen from the data; 0: pad_multiple
+      # Your own TALLRec-format JSON files (TALLRec's --train_data_path / --val_data_path) instead of the
+      # built-in splits; parsed with `domain`'s instruction. Absolute, or relative to the working directory
+      # or CLCLM_DATA; test may stay empty with test_size=0.
+      files=ConfigDict(dict(train="", valid="", test="")),
   ))
   c.instruct = ConfigDict(dict(file="instruct/alpaca_data_1k.json", num_examples=-1, batch_size=16,
                                max_steps=50, lr=3e-4, warmup_steps=5))

@@ -6,6 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clclm_jax.contrastive import feedback
+from clclm_jax.data import prompts, tallrec
+from clclm_jax.data.errors import DataError
+from clclm_jax.data.records import Catalogue, Interaction, Item
 from clclm_jax.train import checkpoint, loop
 from configs import tiny
 
@@ -77,3 +81,62 @@ def test_like_ratio_references_score_the_same_prompts_as_evaluation(data_root):
   pos, neg = share[labels == 1], share[labels == 0]
   pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
   assert refs["test_like_ratio_auc"] == pytest.approx(pairs)
+
+
+def _tallrec_files(folder, sizes=(("train", 24), ("valid", 12), ("test", 12))):
+  """Synthetic TALLRec book files (no licensed data): Yes prompts have 5 of 6 history items liked, No prompts 1."""
+  rng = np.random.default_rng(0)
+  catalogue = Catalogue(Item(i, f"Book number {i}", f"Author {i % 5}") for i in range(1, 31))
+  files = {}
+  for name, n in sizes:
+    xs = []
+    for k in range(n):
+      likes = tuple(j < (5 if k % 2 else 1) for j in range(6))
+      xs.append(Interaction(0, tuple(int(i) for i in rng.choice(np.arange(1, 31), 6, replace=False)), likes,
+                            int(rng.integers(1, 31)), int(k % 2)))
+    files[name] = folder / f"{name}.json"
+    files[name].write_text(tallrec.dumps_tallrec([prompts.tallrec_record(x, catalogue, "book") for x in xs]))
+  return files
+
+
+def _files_config(files, **data):
+  c = tiny.get_config()
+  c.data.files.train, c.data.files.valid, c.data.files.test = (str(files.get(k, "")) for k in ("train", "valid", "test"))
+  c.data.shots, c.data.valid_size, c.data.test_size = 16, -1, -1
+  c.train.num_epochs, c.train.eval_every = 1, 2
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+def test_own_tallrec_files_train_and_score_like_built_in_splits(tmp_path):
+  files = _tallrec_files(tmp_path)
+  summary = loop.train(_files_config(files), tmp_path / "run")
+  test = json.loads((tmp_path / "run" / "eval" / "test_metrics.json").read_text())
+  assert test["n"] == 12 and 0.0 <= summary["test_auc"] <= 1.0
+  assert summary["valid_like_ratio_auc"] == test["like_ratio_auc"] == 1.0  # the like-ratio separates the labels
+  assert len(_losses(tmp_path / "run")) == 16 // 4
+
+
+def test_own_tallrec_files_errors_name_the_field_and_fix(tmp_path):
+  files = _tallrec_files(tmp_path)
+  with pytest.raises(ValueError, match=r"config.data.files: set valid too"):
+    loop.rec_splits(_files_config({"train": files["train"]}))
+  with pytest.raises(ValueError, match=r"files.test is empty: set it, or data.test_size=0"):
+    loop.rec_splits(_files_config({k: files[k] for k in ("train", "valid")}))
+  assert loop.rec_splits(_files_config({k: files[k] for k in ("train", "valid")}, test_size=0)).test == []
+  with pytest.raises(FileNotFoundError, match=r"config.data.files.valid='nope.json': no such file"):
+    loop.rec_splits(_files_config({"train": files["train"], "valid": "nope.json", "test": files["test"]}))
+  c = _files_config(files, valid_size=50)
+  with pytest.raises(ValueError, match=r"config.data.valid_size=50, but the valid split has 12 prompts"):
+    loop.eval_interactions(c, loop.rec_splits(c), "valid")
+  files["test"].write_text(files["test"].read_text().replace("Whether the user will like", "Will the user like", 1))
+  with pytest.raises(DataError, match=r"test.json record 0: input is not"):
+    loop.rec_splits(_files_config(files))
+
+
+def test_fused_pretraining_reads_histories_of_own_files_not_movielens(tmp_path):
+  files = _tallrec_files(tmp_path)
+  sp = loop.rec_splits(_files_config(files))
+  seqs = feedback.behaviour_sequences("movie", sp, root=tmp_path / "no-movielens-here", timelines=False)
+  assert [tuple(ids) for ids, _ in seqs] == [x.history_ids for x in sp.train + sp.valid + sp.test]

@@ -47,10 +47,11 @@ def _codes(likes: Sequence[bool]) -> np.ndarray:
   return np.asarray([LIKED if like else DISLIKED for like in likes], np.int32)
 
 
-def behaviour_sequences(domain: str, splits: tallrec.TallrecSplits, root=None) -> Sequences:
-  """Behaviour timelines without any valid or test target (see the module docstring)."""
+def behaviour_sequences(domain: str, splits: tallrec.TallrecSplits, root=None, *, timelines: bool = True) -> Sequences:
+  """Behaviour timelines without any valid or test target (see the module docstring); the prompts' histories
+  when `timelines` is False (splits from your own files, whose items are not MovieLens ids)."""
   held = list(splits.valid) + list(splits.test)
-  if domain == "movie":
+  if domain == "movie" and timelines:
     _, ratings = tallrec.read_movielens((paths.data_root() if root is None else pathlib.Path(root)) / "ml-100k")
     cut: dict[int, int] = {}
     for x in held:

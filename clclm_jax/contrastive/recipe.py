@@ -47,7 +47,8 @@ class Recipe:
 
 
 def build(config: ConfigDict) -> Recipe:
-  """Loads the LLM (`loop.build_model`: int8 base + LoRA), the TALLRec splits and a fresh encoder/projector per `config.fusion`."""
+  """Loads the LLM (`loop.build_model`: int8 base + LoRA), the TALLRec splits (`loop.rec_splits`) and a fresh
+  encoder/projector per `config.fusion`."""
   f, d = config.fusion, config.data
   llm, tokenizer = loop.build_model(config)
   splits = loop.rec_splits(config)
@@ -75,7 +76,8 @@ def pretrain_encoder(r: Recipe, log: Callable[[str], None] = print) -> dict | No
   if not (f.target_aware and f.pretrain.epochs > 0):
     return None
   pcfg = feedback.PretrainConfig(**f.pretrain.to_dict(), window=f.history_len + 1, seed=r.config.seed)
-  seqs = feedback.behaviour_sequences(r.config.data.domain, r.splits)
+  seqs = feedback.behaviour_sequences(r.config.data.domain, r.splits,
+                                     timelines=not loop.uses_files(r.config))
   return feedback.pretrain(r.model, seqs, r.splits.valid, pcfg, log) | {"config": dataclasses.asdict(pcfg)}
 
 
@@ -122,7 +124,7 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
   workdir.mkdir(parents=True, exist_ok=True)
   r = build(config)
   encoder = pretrain_encoder(r, log)
-  pool = fewshot.fewshot(r.splits.train, d.shots if d.shots > 0 else None, d.fewshot_seed)
+  pool = loop.train_interactions(config, r.splits)
   stages, rows = [("stage1", r.text, config.stage1), ("stage2", r.fused, config.stage2)], []
   for name, spec, stage in stages:
     with tqdm.tqdm(total=stage.steps, desc=name) as bar:

@@ -256,6 +256,22 @@ def tallrec_splits(domain: str, root: str | os.PathLike | None = None, *, seed: 
                        test, ids.catalogue())
 
 
+def tallrec_files(domain: str, train: str | os.PathLike, valid: str | os.PathLike,
+                  test: str | os.PathLike | None = None) -> TallrecSplits:
+  """Splits from your own TALLRec-format JSON files (what TALLRec's `--train_data_path` / `--val_data_path`
+  take), parsed with `domain`'s instruction; items are numbered across the three files from their text.
+  Without `test`, the test split is empty."""
+  if domain not in DOMAINS:
+    raise KeyError(f"unknown domain {domain!r}; choose one of {DOMAINS}")
+  ids = ItemIds()
+  train_xs, valid_xs = read_tallrec(train, domain, ids), read_tallrec(valid, domain, ids)
+  test_xs = read_tallrec(test, domain, ids) if test else []
+  for path, xs in ((train, train_xs), (valid, valid_xs)):
+    if not xs:
+      raise DataError(path, None, "holds no records", "give it at least one TALLRec record")
+  return TallrecSplits(train_xs, valid_xs, test_xs, ids.catalogue())
+
+
 # --- Writing ------------------------------------------------------------------------------------
 
 def dumps_tallrec(records: Sequence[dict]) -> str:

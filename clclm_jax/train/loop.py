@@ -84,17 +84,61 @@ def _eval_batches(examples, config: ConfigDict):
                                pad_multiple=config.data.pad_multiple, max_widths=config.data.eval_widths)
 
 
+def uses_files(config: ConfigDict) -> bool:
+  """Whether `data.files` names your own TALLRec-format JSON files in place of the built-in splits."""
+  return any(config.data.files[k] for k in ("train", "valid", "test"))
+
+
+def _data_file(config: ConfigDict, name: str) -> pathlib.Path | None:
+  """`data.files.<name>` as given (absolute, or relative to the working directory), else under CLCLM_DATA."""
+  given = config.data.files[name]
+  if not given:
+    return None
+  path = pathlib.Path(given)
+  if path.is_file():
+    return path
+  try:
+    under_data = paths.data_root() / given
+  except FileNotFoundError:  # no data root: the file can only be where the user said
+    under_data = path
+  if not path.is_absolute() and under_data.is_file():
+    return under_data
+  raise FileNotFoundError(f"config.data.files.{name}={given!r}: no such file (looked in the working directory "
+                          f"and in CLCLM_DATA); give an absolute path")
+
+
 def rec_splits(config: ConfigDict) -> tallrec.TallrecSplits:
+  """The TALLRec splits of `data.domain`: built in (MovieLens-100K / TALLRec's book files), or `data.files`."""
   d = config.data
-  return tallrec.tallrec_splits(d.domain, seed=d.split_seed, book_valid_size=d.book_valid_size)
+  if not uses_files(config):
+    return tallrec.tallrec_splits(d.domain, seed=d.split_seed, book_valid_size=d.book_valid_size)
+  missing = [k for k in ("train", "valid") if not d.files[k]]
+  if missing:
+    raise ValueError(f"config.data.files: set {' and '.join(missing)} too (train and valid are needed, test is "
+                     "optional)")
+  if not d.files.test and d.test_size != 0:
+    raise ValueError("config.data.files.test is empty: set it, or data.test_size=0 to skip the test evaluation")
+  return tallrec.tallrec_files(d.domain, *(_data_file(config, k) for k in ("train", "valid", "test")))
+
+
+def _take(xs: list[Interaction], n: int, seed: int, field: str, split: str) -> list[Interaction]:
+  """`fewshot` of `n` (all when <= 0), failing with the config field to change."""
+  if n > len(xs):
+    raise ValueError(f"config.data.{field}={n}, but the {split} split has {len(xs)} prompts: lower it, or "
+                     f"set it <= 0 for all of them")
+  return fewshot.fewshot(xs, n if n > 0 else None, seed)
 
 
 def eval_interactions(config: ConfigDict, sp: tallrec.TallrecSplits, split: str) -> list[Interaction]:
   """The prompts of `split` that evaluation scores: a seeded subset of `data.valid_size` / `data.test_size`
   (the whole split when <= 0)."""
-  d = config.data
-  size = {"valid": d.valid_size, "test": d.test_size}[split]
-  return fewshot.fewshot(getattr(sp, split), size if size > 0 else None, d.fewshot_seed)
+  field = f"{split}_size"
+  return _take(getattr(sp, split), config.data[field], config.data.fewshot_seed, field, split)
+
+
+def train_interactions(config: ConfigDict, sp: tallrec.TallrecSplits) -> list[Interaction]:
+  """The few-shot training set: `data.shots` prompts of the training pool (all when <= 0)."""
+  return _take(sp.train, config.data.shots, config.data.fewshot_seed, "shots", "train")
 
 
 def like_ratio_references(config: ConfigDict, splits=("valid", "test")) -> dict[str, float]:
@@ -111,7 +155,7 @@ def rec_data(config: ConfigDict, tokenizer, splits=("valid", "test")):
       xs, sp.catalogue, d.domain, tokenizer, cutoff_len=d.cutoff_len, train_on_inputs=d.train_on_inputs,
       template=d.template)
   evals = {s: _eval_batches(encode(eval_interactions(config, sp, s)), config) for s in splits}
-  return encode(fewshot.fewshot(sp.train, d.shots if d.shots > 0 else None, d.fewshot_seed)), evals
+  return encode(train_interactions(config, sp)), evals
 
 
 def instruct_data(config: ConfigDict, tokenizer):
