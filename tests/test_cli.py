@@ -12,7 +12,7 @@ import time
 import jax
 import pytest
 
-from clclm_jax.train import cli, malloc
+from clclm_jax.train import cli, evaluate, malloc
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -40,6 +40,10 @@ def test_tiny_train_then_eval_under_a_minute(tmp_path, data_root):
   assert f"history like-ratio on the same prompts: {test['like_ratio_auc']:.4f}" in train.stdout
   assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
   assert list((tmp_path / "tensorboard").glob("events.*"))
+  preds = [json.loads(l) for l in (tmp_path / "eval" / "test_predictions.jsonl").read_text().splitlines()]
+  records = [r["record"] for r in preds]
+  assert len(preds) == 64 and records == sorted(set(records)) and all(0 <= r["p_yes"] <= 1 for r in preds)
+  assert evaluate.auc([r["p_yes"] for r in preds], [r["label"] for r in preds]) == pytest.approx(test["auc"])
   assert wall < 60, f"tiny train + eval took {wall:.0f}s"
 
 
@@ -58,6 +62,8 @@ def test_tiny_fused_recipe_then_eval_scores_the_saved_model(tmp_path, data_root)
   test = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
   assert test["n"] == 16 and test["best_step"] == 4 and test["like_ratio_auc"] == summary["test_like_ratio_auc"]
   assert abs(test["auc"] - summary["test_auc"]) < 1e-6  # the restored encoder, projector and LoRA score the same
+  preds = [json.loads(l) for l in (tmp_path / "eval" / "test_predictions.jsonl").read_text().splitlines()]
+  assert len(preds) == 16 and evaluate.auc([r["p_yes"] for r in preds], [r["label"] for r in preds]) == test["auc"]
   r = _run("eval.py", "--config=configs/tiny_fused.py", f"--workdir={tmp_path}", "--export_peft=/tmp/x")
   assert r.returncode != 0 and "encoder + projector" in r.stderr and "Traceback" not in r.stderr
 

@@ -116,6 +116,10 @@ def test_own_tallrec_files_train_and_score_like_built_in_splits(tmp_path):
   assert test["n"] == 12 and 0.0 <= summary["test_auc"] <= 1.0
   assert summary["valid_like_ratio_auc"] == test["like_ratio_auc"] == 1.0  # the like-ratio separates the labels
   assert len(_losses(tmp_path / "run")) == 16 // 4
+  preds = [json.loads(l) for l in (tmp_path / "run" / "eval" / "test_predictions.jsonl").read_text().splitlines()]
+  records = json.loads(files["test"].read_text())
+  assert [r["record"] for r in preds] == list(range(12))  # the file's own record order
+  assert all(r["label"] == (records[r["record"]]["output"] == "Yes.") for r in preds)
 
 
 def test_own_tallrec_files_errors_name_the_field_and_fix(tmp_path):

@@ -98,6 +98,17 @@ def auc(r: Recipe, batches: Sequence[dict], desc: str | None = None) -> float:
   return evaluate.auc(p, label)
 
 
+def score_split(r: Recipe, split: str, workdir: pathlib.Path | None = None) -> dict:
+  """AUC of the fused model on the prompts `split` scores (`loop.eval_positions`) and the like-ratio reference
+  on them; with `workdir`, also WORKDIR/eval/<split>_predictions.jsonl."""
+  positions = loop.eval_positions(r.config, r.splits, split)
+  xs = [getattr(r.splits, split)[i] for i in positions]
+  p, label = joint.score(r.model, r.eval_batches(xs, r.fused), *r.yes_no, desc=split)
+  if workdir is not None and jax.process_index() == 0:
+    loop.write_predictions(workdir, split, positions, label, p)
+  return {"auc": evaluate.auc(p, label), "n": len(xs), "like_ratio_auc": evaluate.like_ratio_auc(xs)}
+
+
 def _bar_log(bar: tqdm.tqdm, rows: list[dict], stage: str) -> Callable[[int, dict], None]:
   """Shows the losses on `bar` and appends a metrics.jsonl row per step (steps count on across stages)."""
   def log(_, metrics: dict) -> None:
@@ -131,20 +142,18 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
       fit_stage(r, spec, pool + fewshot.history_targets(pool, stage.history_targets, config.seed), stage.steps,
                 dict(stage.loss_weights), config.seed, _bar_log(bar, rows, name))
   steps = sum(stage.steps for _, _, stage in stages)
-  valid = loop.eval_interactions(config, r.splits, "valid")
+  valid = score_split(r, "valid")
   summary = {"stage": "fused", "steps": steps, "best_step": steps, "shots": len(pool),
              "encoder_valid_auc": None if encoder is None else encoder["best_valid_auc"],
-             "valid_auc": auc(r, r.eval_batches(valid, r.fused), "valid"),
-             "valid_like_ratio_auc": evaluate.like_ratio_auc(valid)}
+             "valid_auc": valid["auc"], "valid_like_ratio_auc": valid["like_ratio_auc"]}
   ckpts = checkpoint.Checkpoints(workdir)
   try:
     ckpts.save_best(steps, state_lib.split_model(r.model)[1], {"step": steps, "valid": {"auc": summary["valid_auc"]}})
   finally:
     ckpts.close()
   if d.test_size != 0:
-    test = loop.eval_interactions(config, r.splits, "test")
-    summary.update(test_auc=auc(r, r.eval_batches(test, r.fused), "test"),
-                   test_like_ratio_auc=evaluate.like_ratio_auc(test))
+    test = score_split(r, "test", workdir)
+    summary.update(test_auc=test["auc"], test_like_ratio_auc=test["like_ratio_auc"])
   summary["wall_s"] = time.time() - t0
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -157,7 +166,8 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
 
 
 def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str = "test") -> dict:
-  """AUC of the saved fused model on `split` (its configured subset); writes WORKDIR/eval/<split>_metrics.json."""
+  """AUC of the saved fused model on `split` (its configured subset); writes WORKDIR/eval/<split>_metrics.json
+  and <split>_predictions.jsonl."""
   workdir, t0 = pathlib.Path(workdir), time.time()
   r = build(config)
   ckpts = checkpoint.Checkpoints(workdir)
@@ -166,9 +176,7 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   finally:
     ckpts.close()
   nnx.update(r.model, params)
-  xs = loop.eval_interactions(config, r.splits, split)
-  metrics = {"auc": auc(r, r.eval_batches(xs, r.fused), split), "n": len(xs),
-             "like_ratio_auc": evaluate.like_ratio_auc(xs), "best_step": meta["step"], "wall_s": time.time() - t0}
+  metrics = {**score_split(r, split, workdir), "best_step": meta["step"], "wall_s": time.time() - t0}
   if jax.process_index() == 0:
     (workdir / "eval").mkdir(parents=True, exist_ok=True)
     (workdir / "eval" / f"{split}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

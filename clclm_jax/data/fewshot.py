@@ -17,12 +17,16 @@ T = TypeVar("T")
 SHOTS = (16, 64, 256, None)  # None: the whole pool.
 
 
+def fewshot_positions(pool_size: int, n: int | None, seed: int) -> np.ndarray:
+  """Positions in the pool of the examples `fewshot(pool, n, seed)` returns, in its order."""
+  if n is not None and not 0 < n <= pool_size:
+    raise ValueError(f"n={n} must be in [1, {pool_size}] (the pool size), or None for all")
+  return np.random.default_rng(seed).permutation(pool_size)[:n]
+
+
 def fewshot(pool: Sequence[T], n: int | None, seed: int) -> list[T]:
   """`n` examples of `pool` drawn without replacement by a seeded shuffle (all of it when n is None)."""
-  if n is not None and not 0 < n <= len(pool):
-    raise ValueError(f"n={n} must be in [1, {len(pool)}] (the pool size), or None for all")
-  order = np.random.default_rng(seed).permutation(len(pool))
-  return [pool[i] for i in order[:n]]
+  return [pool[i] for i in fewshot_positions(len(pool), n, seed)]
 
 
 def history_targets(xs: Sequence[Interaction], per_example: int, seed: int) -> list[Interaction]:

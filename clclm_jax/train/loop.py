@@ -121,30 +121,51 @@ def rec_splits(config: ConfigDict) -> tallrec.TallrecSplits:
   return tallrec.tallrec_files(d.domain, *(_data_file(config, k) for k in ("train", "valid", "test")))
 
 
-def _take(xs: list[Interaction], n: int, seed: int, field: str, split: str) -> list[Interaction]:
-  """`fewshot` of `n` (all when <= 0), failing with the config field to change."""
-  if n > len(xs):
-    raise ValueError(f"config.data.{field}={n}, but the {split} split has {len(xs)} prompts: lower it, or "
+def _positions(config: ConfigDict, sp: tallrec.TallrecSplits, split: str, field: str) -> np.ndarray:
+  """Positions in `split` of its seeded `fewshot` subset of `data.<field>` (all when <= 0); a size beyond the
+  split fails naming the config field to change."""
+  n, size = config.data[field], len(getattr(sp, split))
+  if n > size:
+    raise ValueError(f"config.data.{field}={n}, but the {split} split has {size} prompts: lower it, or "
                      f"set it <= 0 for all of them")
-  return fewshot.fewshot(xs, n if n > 0 else None, seed)
+  return fewshot.fewshot_positions(size, n if n > 0 else None, config.data.fewshot_seed)
+
+
+def eval_positions(config: ConfigDict, sp: tallrec.TallrecSplits, split: str) -> np.ndarray:
+  """Which records of `split` evaluation scores, in scoring order: a seeded subset of `data.valid_size` /
+  `data.test_size` (the whole split when <= 0). Positions are record indices in the split's file, where it
+  has one (TALLRec's test.json, `data.files`)."""
+  return _positions(config, sp, split, f"{split}_size")
 
 
 def eval_interactions(config: ConfigDict, sp: tallrec.TallrecSplits, split: str) -> list[Interaction]:
-  """The prompts of `split` that evaluation scores: a seeded subset of `data.valid_size` / `data.test_size`
-  (the whole split when <= 0)."""
-  field = f"{split}_size"
-  return _take(getattr(sp, split), config.data[field], config.data.fewshot_seed, field, split)
+  """The prompts of `split` that evaluation scores (`eval_positions`)."""
+  return [getattr(sp, split)[i] for i in eval_positions(config, sp, split)]
 
 
 def train_interactions(config: ConfigDict, sp: tallrec.TallrecSplits) -> list[Interaction]:
   """The few-shot training set: `data.shots` prompts of the training pool (all when <= 0)."""
-  return _take(sp.train, config.data.shots, config.data.fewshot_seed, "shots", "train")
+  return [sp.train[i] for i in _positions(config, sp, "train", "shots")]
 
 
-def like_ratio_references(config: ConfigDict, splits=("valid", "test")) -> dict[str, float]:
+def write_predictions(workdir: pathlib.Path, split: str, records: np.ndarray, labels: np.ndarray,
+                      p_yes: np.ndarray) -> pathlib.Path:
+  """WORKDIR/eval/<split>_predictions.jsonl, one row per scored prompt in record order (`record`: its index
+  in the split, `label`, `p_yes`): for paired comparisons of runs; written whole or not at all."""
+  path = workdir / "eval" / f"{split}_predictions.jsonl"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  order = np.argsort(records, kind="stable")
+  rows = (json.dumps({"record": int(records[i]), "label": int(labels[i]), "p_yes": float(p_yes[i])}) for i in order)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(r + "\n" for r in rows))
+  tmp.replace(path)
+  return path
+
+
+def like_ratio_references(config: ConfigDict, splits=("valid", "test"), sp=None) -> dict[str, float]:
   """`{split}_like_ratio_auc`: the no-training reference (`evaluate.like_ratio_auc`) on the prompts each split
   scores, so a run's AUC can be read against what the histories alone give."""
-  sp = rec_splits(config)
+  sp = sp or rec_splits(config)
   return {f"{s}_like_ratio_auc": evaluate.like_ratio_auc(eval_interactions(config, sp, s)) for s in splits}
 
 
@@ -307,7 +328,8 @@ def export_best_peft(config: ConfigDict, workdir: str | pathlib.Path, out_dir: s
 
 def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str = "test", model=None,
                    tokenizer=None, mesh=None) -> dict:
-  """Scores `split` with the best checkpoint; writes WORKDIR/eval/<split>_metrics.json."""
+  """Scores `split` with the best checkpoint; writes WORKDIR/eval/<split>_metrics.json and
+  <split>_predictions.jsonl (P(Yes) per prompt)."""
   workdir = pathlib.Path(workdir)
   mesh = mesh or sharding.make_mesh(config.mesh)
   if model is None:
@@ -321,10 +343,11 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   t0 = time.time()
   with jax.set_mesh(mesh):
     scores = evaluate.score(eval_step, params, sharding.put(frozen, frozen_sh), evals[split], mesh, desc=split)
-  metrics = {**scores.metrics(), "like_ratio_auc": like_ratio_references(config, (split,))[f"{split}_like_ratio_auc"],
-             "best_step": meta["step"], "wall_s": time.time() - t0}
+  sp = rec_splits(config)
+  reference = like_ratio_references(config, (split,), sp)[f"{split}_like_ratio_auc"]
+  metrics = {**scores.metrics(), "like_ratio_auc": reference, "best_step": meta["step"], "wall_s": time.time() - t0}
   if jax.process_index() == 0:
-    (workdir / "eval").mkdir(parents=True, exist_ok=True)
+    write_predictions(workdir, split, eval_positions(config, sp, split)[scores.index], scores.label, scores.p_yes)
     (workdir / "eval" / f"{split}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
   return metrics
 
