@@ -16,6 +16,8 @@ from clclm_jax.train import cli, loop, sharding
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder of train.py; default runs/<config name>.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["valid", "test"], "Which split to score.")
+_COMPARE_TO = flags.DEFINE_string("compare_to", None, "Another run folder whose same split is already scored: "
+                                  "prints both AUCs and a 95% paired-bootstrap interval of their difference.")
 _EXPORT_PEFT = flags.DEFINE_string("export_peft", None, "Instead of scoring, write the best checkpoint's LoRA "
                                    "as a Hugging Face PEFT adapter folder here.")
 
@@ -28,18 +30,22 @@ def main(argv):
   config = _CONFIG.value
   sharding.maybe_initialize_distributed(config)
   workdir = _WORKDIR.value or f"runs/{config.name}"
+  if _COMPARE_TO.value:
+    loop.read_predictions(_COMPARE_TO.value, _SPLIT.value)  # fail before scoring, not after
   if "fusion" in config:
     if _EXPORT_PEFT.value:
       raise app.UsageError("--export_peft: a fused model is LoRA + encoder + projector; PEFT holds only the "
                            "LoRA, which cannot score without them. Export a text-only config's run instead.")
-    print(json.dumps(recipe.evaluate_split(config, workdir, _SPLIT.value), indent=2))
-    return
-  if _EXPORT_PEFT.value:
+    metrics = recipe.evaluate_split(config, workdir, _SPLIT.value)
+  elif _EXPORT_PEFT.value:
     print(f"PEFT adapter written to {loop.export_best_peft(config, workdir, _EXPORT_PEFT.value)}")
     return
-  metrics = loop.evaluate_split(config, workdir, _SPLIT.value)
+  else:
+    metrics = loop.evaluate_split(config, workdir, _SPLIT.value)
   print(json.dumps(metrics, indent=2))
+  if _COMPARE_TO.value:
+    print(loop.format_comparison(loop.compare_runs(workdir, _COMPARE_TO.value, _SPLIT.value)))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(cli.clear_errors(main), flags_parser=cli.parse_flags)

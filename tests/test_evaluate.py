@@ -26,6 +26,19 @@ def test_auc_edge_cases():
     evaluate.auc([0.1, 0.2], [1, 1])
 
 
+def test_paired_bootstrap_separates_a_better_scoring_and_is_antisymmetric():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 400)
+  good, noise = labels + rng.normal(0, 0.8, 400), rng.random(400)
+  c = evaluate.paired_bootstrap(good, noise, labels, resamples=300)
+  assert c["difference"] == pytest.approx(roc_auc_score(labels, good) - roc_auc_score(labels, noise))
+  assert 0 < c["ci95"][0] < c["difference"] < c["ci95"][1] and c["share_a_not_better"] == 0.0
+  r = evaluate.paired_bootstrap(noise, good, labels, resamples=300)
+  assert r["difference"] == -c["difference"] and r["ci95"] == pytest.approx([-c["ci95"][1], -c["ci95"][0]])
+  same = evaluate.paired_bootstrap(good, good, labels, resamples=50)
+  assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0]
+
+
 def test_like_ratio_auc_scores_the_history_share_of_likes():
   xs = [Interaction(1, (1, 2), (True, True), 3, 1), Interaction(2, (1, 2), (True, False), 3, 0),
         Interaction(3, (), (), 3, 1), Interaction(4, (1, 2, 4), (False, False, True), 3, 0)]

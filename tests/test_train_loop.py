@@ -11,6 +11,7 @@ from clclm_jax.data import prompts, tallrec
 from clclm_jax.data.errors import DataError
 from clclm_jax.data.records import Catalogue, Interaction, Item
 from clclm_jax.train import checkpoint, loop
+from clclm_jax.train.errors import ConfigError
 from configs import tiny
 
 
@@ -129,7 +130,7 @@ def test_own_tallrec_files_errors_name_the_field_and_fix(tmp_path):
   with pytest.raises(ValueError, match=r"files.test is empty: set it, or data.test_size=0"):
     loop.rec_splits(_files_config({k: files[k] for k in ("train", "valid")}))
   assert loop.rec_splits(_files_config({k: files[k] for k in ("train", "valid")}, test_size=0)).test == []
-  with pytest.raises(FileNotFoundError, match=r"config.data.files.valid='nope.json': no such file"):
+  with pytest.raises(ConfigError, match=r"config.data.files.valid='nope.json': no such file"):
     loop.rec_splits(_files_config({"train": files["train"], "valid": "nope.json", "test": files["test"]}))
   c = _files_config(files, valid_size=50)
   with pytest.raises(ValueError, match=r"config.data.valid_size=50, but the valid split has 12 prompts"):
@@ -144,3 +145,19 @@ def test_fused_pretraining_reads_histories_of_own_files_not_movielens(tmp_path):
   sp = loop.rec_splits(_files_config(files))
   seqs = feedback.behaviour_sequences("movie", sp, root=tmp_path / "no-movielens-here", timelines=False)
   assert [tuple(ids) for ids, _ in seqs] == [x.history_ids for x in sp.train + sp.valid + sp.test]
+
+
+def test_compare_runs_pairs_predictions_by_record(tmp_path):
+  labels, rng = np.arange(40) % 2, np.random.default_rng(1)
+  records = rng.permutation(100)[:40]
+  loop.write_predictions(tmp_path / "a", "test", records, labels, labels * 0.6 + rng.random(40) * 0.5)
+  loop.write_predictions(tmp_path / "b", "test", records[::-1], labels[::-1], rng.random(40))  # any row order
+  c = loop.compare_runs(tmp_path / "a", tmp_path / "b", resamples=200)
+  assert c["n"] == 40 and c["difference"] == pytest.approx(c["auc_a"] - c["auc_b"]) and c["auc_a"] > c["auc_b"]
+  text = loop.format_comparison(c)
+  assert f"A {c['auc_a']:.4f}" in text and "paired bootstrap over 40 prompts" in text
+  loop.write_predictions(tmp_path / "c", "test", records[:30], labels[:30], rng.random(30))
+  with pytest.raises(ConfigError, match="scored different test prompts"):
+    loop.compare_runs(tmp_path / "a", tmp_path / "c")
+  with pytest.raises(FileNotFoundError, match=r"score that run first .*--split=valid"):
+    loop.compare_runs(tmp_path / "a", tmp_path / "b", split="valid")

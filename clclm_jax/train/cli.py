@@ -1,12 +1,30 @@
 """Entry-point helpers for train.py / eval.py: one-line flag errors and JAX's persistent compilation cache."""
 
+import functools
 import pathlib
 import sys
 
 import jax
 from absl import flags
 
+from clclm_jax.data.errors import DataError
 from clclm_jax.model import loading
+from clclm_jax.model.errors import ModelError
+from clclm_jax.train.errors import ConfigError
+
+USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError)
+
+
+def clear_errors(main):
+  """`main` with errors in what the user gave (a config value, a data record, a model file, a path) printed as
+  their one-line message, without a traceback."""
+  @functools.wraps(main)
+  def run(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      sys.exit(f"error: {e}")
+  return run
 
 
 def parse_flags(argv: list[str]) -> list[str]:

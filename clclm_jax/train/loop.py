@@ -26,6 +26,7 @@ from clclm_jax.model import loading, lora, peft
 from clclm_jax.model.config import LoraConfig, presets
 from clclm_jax.model.llama import Llama
 from clclm_jax.train import checkpoint, curves, evaluate, sharding, state as state_lib, step as step_lib
+from clclm_jax.train.errors import ConfigError
 
 
 def smollm2_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -65,7 +66,7 @@ def build_model(config: ConfigDict):
   if m.preset:  # A random model of a preset's shape, with the vocabulary of `model.tokenizer`.
     tokenizers = {"bytes": byte_tokenizer, "smollm2": smollm2_tokenizer}
     if m.tokenizer not in tokenizers:
-      raise ValueError(f"config.model.tokenizer={m.tokenizer!r}: use one of {sorted(tokenizers)}")
+      raise ConfigError(f"config.model.tokenizer={m.tokenizer!r}: use one of {sorted(tokenizers)}")
     tokenizer = tokenizers[m.tokenizer]()
     cfg = dataclasses.replace(presets[m.preset], vocab_size=len(tokenizer),
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -103,7 +104,7 @@ def _data_file(config: ConfigDict, name: str) -> pathlib.Path | None:
     under_data = path
   if not path.is_absolute() and under_data.is_file():
     return under_data
-  raise FileNotFoundError(f"config.data.files.{name}={given!r}: no such file (looked in the working directory "
+  raise ConfigError(f"config.data.files.{name}={given!r}: no such file (looked in the working directory "
                           f"and in CLCLM_DATA); give an absolute path")
 
 
@@ -114,10 +115,10 @@ def rec_splits(config: ConfigDict) -> tallrec.TallrecSplits:
     return tallrec.tallrec_splits(d.domain, seed=d.split_seed, book_valid_size=d.book_valid_size)
   missing = [k for k in ("train", "valid") if not d.files[k]]
   if missing:
-    raise ValueError(f"config.data.files: set {' and '.join(missing)} too (train and valid are needed, test is "
+    raise ConfigError(f"config.data.files: set {' and '.join(missing)} too (train and valid are needed, test is "
                      "optional)")
   if not d.files.test and d.test_size != 0:
-    raise ValueError("config.data.files.test is empty: set it, or data.test_size=0 to skip the test evaluation")
+    raise ConfigError("config.data.files.test is empty: set it, or data.test_size=0 to skip the test evaluation")
   return tallrec.tallrec_files(d.domain, *(_data_file(config, k) for k in ("train", "valid", "test")))
 
 
@@ -126,7 +127,7 @@ def _positions(config: ConfigDict, sp: tallrec.TallrecSplits, split: str, field:
   split fails naming the config field to change."""
   n, size = config.data[field], len(getattr(sp, split))
   if n > size:
-    raise ValueError(f"config.data.{field}={n}, but the {split} split has {size} prompts: lower it, or "
+    raise ConfigError(f"config.data.{field}={n}, but the {split} split has {size} prompts: lower it, or "
                      f"set it <= 0 for all of them")
   return fewshot.fewshot_positions(size, n if n > 0 else None, config.data.fewshot_seed)
 
@@ -240,7 +241,7 @@ def train_stage(config: ConfigDict, workdir: pathlib.Path, stage: str, model, to
   params = params if init_params is None else init_params
   examples, evals = (rec_data if stage == "rec" else instruct_data)(config, tokenizer)
   if t.batch_size % (t.micro_batch_size * jax.process_count()):
-    raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of micro_batch_size x processes")
+    raise ConfigError(f"config.train.batch_size={t.batch_size} must be a multiple of micro_batch_size x processes")
   total = t.max_steps if t.max_steps > 0 else t.num_epochs * max(1, len(examples) // t.batch_size)
   optim = ConfigDict({**config.optim.to_dict(), "total_steps": total})
   tx = state_lib.make_optimizer(optim)
@@ -305,6 +306,36 @@ def train_stage(config: ConfigDict, workdir: pathlib.Path, stage: str, model, to
     curves.write_curves(log.path, workdir / "curves.png", title=f"{config.name}: {stage} stage",
                         valid_reference=summary.get("valid_like_ratio_auc"))
   return summary, state["params"]
+
+
+def read_predictions(workdir: str | pathlib.Path, split: str) -> dict[int, tuple[int, float]]:
+  """{record: (label, P(Yes))} from WORKDIR/eval/<split>_predictions.jsonl (`write_predictions`)."""
+  path = pathlib.Path(workdir) / "eval" / f"{split}_predictions.jsonl"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} does not exist: score that run first (python eval.py --config=... "
+                            f"--workdir={workdir} --split={split})")
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return {r["record"]: (r["label"], r["p_yes"]) for r in rows}
+
+
+def compare_runs(workdir_a: str | pathlib.Path, workdir_b: str | pathlib.Path, split: str = "test",
+                 resamples: int = 1000) -> dict:
+  """`evaluate.paired_bootstrap` of two runs' predictions on `split`; they must have scored the same prompts."""
+  a, b = read_predictions(workdir_a, split), read_predictions(workdir_b, split)
+  if a.keys() != b.keys() or any(a[k][0] != b[k][0] for k in a):
+    raise ConfigError(f"{workdir_a} and {workdir_b} scored different {split} prompts ({len(a)} and {len(b)}): "
+                     f"score both with the same data.domain, data.{split}_size, data.fewshot_seed and data files")
+  records = sorted(a)
+  labels, p_a, p_b = (np.array([run[k][j] for k in records]) for run, j in ((a, 0), (a, 1), (b, 1)))
+  return {"split": split, "a": str(workdir_a), "b": str(workdir_b),
+          **evaluate.paired_bootstrap(p_a, p_b, labels, resamples=resamples)}
+
+
+def format_comparison(c: dict) -> str:
+  lo, hi = c["ci95"]
+  return (f"{c['split']} AUC  A {c['auc_a']:.4f} ({c['a']})  B {c['auc_b']:.4f} ({c['b']})\n"
+          f"A - B {c['difference']:+.4f}, 95% interval {lo:+.4f} .. {hi:+.4f} (paired bootstrap over {c['n']} "
+          f"prompts, {c['resamples']} resamples; A not better in {100 * c['share_a_not_better']:.1f}% of them)")
 
 
 def best_params(workdir: pathlib.Path, model, mesh):
