@@ -161,3 +161,24 @@ def test_compare_runs_pairs_predictions_by_record(tmp_path):
     loop.compare_runs(tmp_path / "a", tmp_path / "c")
   with pytest.raises(FileNotFoundError, match=r"score that run first .*--split=valid"):
     loop.compare_runs(tmp_path / "a", tmp_path / "b", split="valid")
+
+
+def test_resume_and_scoring_check_the_runs_config(tmp_path, data_root):
+  run = tmp_path / "run"
+  loop.train(_tiny(), run)
+  assert json.loads((run / "config.json").read_text()) == json.loads(json.dumps(_tiny().to_dict()))
+  other = _tiny()
+  other.optim.lr, other.data.shots = 2e-3, 32
+  with pytest.raises(ConfigError, match=r"holds a run with another config \(data.shots: 16 in the run, 32 now; "
+                                        r"optim.lr: 0.001 in the run, 0.002 now\)"):
+    loop.train(other, run)
+  longer = _tiny()
+  longer.train.max_steps = 4  # how long a run goes may change on resume
+  loop.train(longer, run)
+  assert len(_losses(run)) == 4 and json.loads((run / "config.json").read_text())["train"]["max_steps"] == 4
+  wider = _tiny()
+  wider.lora.r = 8
+  with pytest.raises(ConfigError, match=r"trained with another model \(lora.r: 4 in the run, 8 now\)"):
+    loop.evaluate_split(wider, run, "valid")
+  with pytest.raises(ConfigError, match=r"lora.r: 4 in the run, 8 now"):
+    loop.export_best_peft(wider, run, tmp_path / "adapter")

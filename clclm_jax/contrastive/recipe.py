@@ -22,7 +22,7 @@ from clclm_jax.contrastive import feedback, joint
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig
 from clclm_jax.data import augment, fewshot, tallrec, tokenize
 from clclm_jax.data.records import Interaction
-from clclm_jax.train import checkpoint, curves, evaluate, loop, state as state_lib
+from clclm_jax.train import checkpoint, curves, evaluate, loop, runconfig, state as state_lib
 
 
 @dataclasses.dataclass
@@ -133,6 +133,8 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
   Stages are short (16 steps), so there is no resuming or early stopping: a rerun starts over."""
   workdir, t0, d = pathlib.Path(workdir), time.time(), config.data
   workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    runconfig.save(config, workdir)
   r = build(config)
   encoder = pretrain_encoder(r, log)
   pool = loop.train_interactions(config, r.splits)
@@ -169,6 +171,7 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   """AUC of the saved fused model on `split` (its configured subset); writes WORKDIR/eval/<split>_metrics.json
   and <split>_predictions.jsonl."""
   workdir, t0 = pathlib.Path(workdir), time.time()
+  runconfig.check_model(config, workdir)
   r = build(config)
   ckpts = checkpoint.Checkpoints(workdir)
   try:

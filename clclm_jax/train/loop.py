@@ -25,7 +25,7 @@ from clclm_jax.data.records import Interaction
 from clclm_jax.model import loading, lora, peft
 from clclm_jax.model.config import LoraConfig, presets
 from clclm_jax.model.llama import Llama
-from clclm_jax.train import checkpoint, curves, evaluate, sharding, state as state_lib, step as step_lib
+from clclm_jax.train import checkpoint, curves, evaluate, runconfig, sharding, state as state_lib, step as step_lib
 from clclm_jax.train.errors import ConfigError
 
 
@@ -249,6 +249,10 @@ def train_stage(config: ConfigDict, workdir: pathlib.Path, stage: str, model, to
   data_iter = iter(pipeline.train_dataset(examples, batch_size=t.batch_size // jax.process_count(),
                                           seed=config.seed, pad_multiple=config.data.pad_multiple))
   ckpts = checkpoint.Checkpoints(workdir)
+  if ckpts.latest.latest_step() is not None:
+    runconfig.check_resume(config, workdir)
+  if jax.process_index() == 0:
+    runconfig.save(config, workdir)
   stopper = evaluate.EarlyStopping(t.patience)
   restored = ckpts.restore_latest(state)
   if restored is not None:
@@ -350,6 +354,7 @@ def best_params(workdir: pathlib.Path, model, mesh):
 
 def export_best_peft(config: ConfigDict, workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
   """Writes the best checkpoint's LoRA in `workdir` as a Hugging Face PEFT adapter folder."""
+  runconfig.check_model(config, pathlib.Path(workdir))
   model, _ = build_model(config)
   params, _ = best_params(pathlib.Path(workdir), model, sharding.make_mesh(config.mesh))
   nnx.update(model, jax.device_get(params))
@@ -362,6 +367,7 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   """Scores `split` with the best checkpoint; writes WORKDIR/eval/<split>_metrics.json and
   <split>_predictions.jsonl (P(Yes) per prompt)."""
   workdir = pathlib.Path(workdir)
+  runconfig.check_model(config, workdir)
   mesh = mesh or sharding.make_mesh(config.mesh)
   if model is None:
     model, tokenizer = build_model(config)
