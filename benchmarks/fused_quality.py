@@ -45,7 +45,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from clclm_jax.contrastive import feedback, recipe  # pylint: disable=wrong-import-position
+from clclm_jax.contrastive import feedback, joint, recipe  # pylint: disable=wrong-import-position
 from clclm_jax.data import fewshot  # pylint: disable=wrong-import-position
 from clclm_jax.train import cli, evaluate  # pylint: disable=wrong-import-position
 from configs import fused_book, fused_movie  # pylint: disable=wrong-import-position
@@ -146,9 +146,11 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
   log(f"{domain}: loaded in {time.time() - t0:.0f}s; {args.split} {len(test)} of {total}; "
       f"like-share AUC {100 * evaluate.like_ratio_auc(test):.2f}")
 
-  def test_auc(spec, what: str) -> tuple[float, float]:
+  def test_auc(spec, what: str) -> tuple[float, float, list[float]]:
+    """(AUC x100, seconds, P(Yes) per prompt of `test`, in its order: model outputs, no labels)."""
     t = time.time()
-    return 100 * recipe.auc(r, evals[spec.num_soft_tokens], desc=f"scoring {domain} {what}"), time.time() - t
+    p, label = joint.score(r.model, evals[spec.num_soft_tokens], *r.yes_no, desc=f"scoring {domain} {what}")
+    return 100 * evaluate.auc(p, label), time.time() - t, [round(float(x), 5) for x in p]
 
   def train(spec, steps, weights, seed, pool) -> float:
     last = time.time()
@@ -163,9 +165,11 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
 
   def record(row):
     emit(row)
+    mine.append(row)
     log(f"{domain} {row['shots']}-shot seed {row['seed']} {row['variant']}: AUC {row['auc']:.2f} "
         f"(train {row['train_s']:.0f}s, score {row['score_s']:.0f}s)")
 
+  mine: list[dict] = []
   if "zero_shot" in args.variants:
     zero = {**base, "variant": "zero_shot", "shots": 0, "seed": None, "stage1_steps": 0, "stage2_steps": 0}
     old = [r for r in previous if row_key(r) == row_key(zero)]
@@ -173,8 +177,8 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
       log(f"{domain} zero_shot: AUC {old[-1]['auc']:.2f}, kept from run {old[-1]['run']} (same {args.split} subset)")
     else:
       nnx.update(model, initial)
-      auc, score_s = test_auc(text, "zero_shot")
-      record({**zero, "auc": auc, "train_s": 0.0, "score_s": score_s})
+      auc, score_s, p_yes = test_auc(text, "zero_shot")
+      record({**zero, "auc": auc, "train_s": 0.0, "score_s": score_s, "p_yes": p_yes})
   if "encoder_only" in args.variants and encoder is not None:
     record({**base, "variant": "encoder_only", "shots": 0, "seed": None, "stage1_steps": 0, "stage2_steps": 0,
             "auc": 100 * encoder["test_auc"], "train_s": encoder["seconds"], "score_s": 0.0})
@@ -189,9 +193,9 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         cell["pool_encoder_auc"] = 100 * feedback.encoder_auc(model, train_set)
       train1_s = train(text, s1, dict(config.stage1.loss_weights), seed, train_set)
       if "text_only" in args.variants and s1 > 0:
-        auc, score_s = test_auc(text, f"{shots}-shot seed {seed} text_only")
+        auc, score_s, p_yes = test_auc(text, f"{shots}-shot seed {seed} text_only")
         record({**cell, "variant": "text_only", "stage2_steps": 0, "auc": auc, "train_s": train1_s,
-                "score_s": score_s})
+                "score_s": score_s, "p_yes": p_yes})
       stage1 = jax.tree.map(np.array, nnx.state(model, nnx.Param))
       for variant in [v for v in args.variants if v in FUSED]:
         ablation = FUSED[variant]
@@ -202,10 +206,33 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         weights = stage2_weights(config, variant)
         extra = config.stage2.history_targets or ablation.history_targets
         train2_s = train(fused, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed))
-        auc, score_s = test_auc(fused, f"{shots}-shot seed {seed} {variant}")
+        auc, score_s, p_yes = test_auc(fused, f"{shots}-shot seed {seed} {variant}")
         model.config = fcfg
         record({**cell, "variant": variant, "stage2_steps": s2, "loss_weights": weights, "history_targets": extra,
-                "auc": auc, "train_s": train1_s + train2_s, "score_s": score_s})
+                "auc": auc, "train_s": train1_s + train2_s, "score_s": score_s, "p_yes": p_yes})
+  same_prompts = [x for x in merge_rows(previous, mine) if x["domain"] == domain and "p_yes" in x
+                  and (x["test_size"], x["test_seed"], common.split_of(x)) == (len(test), args.test_seed, args.split)]
+  meta[meta_key(domain, len(test), total, args.split)]["paired"] = paired(same_prompts, [x.label for x in test],
+                                                                         common.RECIPES[domain])
+
+
+def paired(rows: list[dict], labels: list[int], reference: str, resamples: int = 1000) -> list[dict]:
+  """`reference` against every other variant of the same cell (shots, steps) scored on the same prompts:
+  `evaluate.paired_bootstrap` over the prompts, AUCs averaged over the seeds both have (the same draws)."""
+  out = []
+  cells = common.group_by([x for x in rows if x["variant"] not in UNTRAINED],
+                          lambda x: (x["shots"], x["stage1_steps"], x["stage2_steps"]))
+  for (shots, s1, s2), rs in sorted(cells.items()):
+    ref = {x["seed"]: x["p_yes"] for x in rs if x["variant"] == reference}
+    for variant in sorted({x["variant"] for x in rs} - {reference}, key=VARIANTS.index):
+      other = {x["seed"]: x["p_yes"] for x in rs if x["variant"] == variant}
+      seeds = sorted(set(ref) & set(other))
+      if seeds:
+        c = evaluate.paired_bootstrap([ref[k] for k in seeds], [other[k] for k in seeds], labels,
+                                      resamples=resamples)
+        out.append({"shots": shots, "steps": f"{s1}+{s2}", "a": reference, "b": variant, "seeds": seeds,
+                    **{k: c[k] for k in ("n", "auc_a", "auc_b", "difference", "ci95", "share_a_not_better")}})
+  return out
 
 
 def merge_rows(previous: list[dict], new: list[dict]) -> list[dict]:
@@ -278,6 +305,17 @@ def markdown(result: dict) -> str:
                  f"{','.join(sorted({str(r['run']) for r in rs}))} | "
                  f"{common.TALLREC_PUBLISHED[domain].get(shots, '') if on_test else ''} | "
                  f"{goal} |")
+  for key, m in result["meta"].items():
+    if m.get("paired"):
+      lines += ["", f"Paired comparisons, {key} (bootstrap over the same prompts, 1000 draws shared by both variants "
+                "and all their seeds; AUC x100 averaged over the seeds):", "",
+                "| shots | steps | A | B | seeds | AUC A | AUC B | A - B | 95% interval | draws where A is not better |",
+                "|" + " --- |" * 10]
+      lines += [f"| {c['shots']} | {c['steps']} | {c['a']} | {c['b']} | {','.join(map(str, c['seeds']))} | "
+                f"{100 * c['auc_a']:.2f} | {100 * c['auc_b']:.2f} | {100 * c['difference']:+.2f} | "
+                f"{100 * c['ci95'][0]:+.2f} .. {100 * c['ci95'][1]:+.2f} | {100 * c['share_a_not_better']:.1f}% |"
+                for c in m["paired"]]
+      lines.append("")
   return "\n".join(lines) + "\n"
 
 

@@ -206,6 +206,24 @@ def test_fused_quality_merge_and_markdown(tmp_path):
   assert "`python benchmarks/fused_quality.py --seeds 1`" in text
 
 
+def test_fused_quality_pairs_the_recipe_with_each_variant_on_the_same_prompts(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 200)
+  cell = {"shots": 16, "stage1_steps": 8, "stage2_steps": 8}
+  rows = [{**cell, "variant": v, "seed": seed, "p_yes": list(labels * strength + rng.random(200))}
+          for seed in (0, 1) for v, strength in (("fused+align_cl", 0.6), ("fused", 0.2), ("text_only", 0.0))]
+  rows.append({**cell, "variant": "fused", "seed": 2, "p_yes": list(rng.random(200))})  # no recipe row to pair
+  pairs = fused_quality.paired(rows, list(labels), "fused+align_cl", resamples=200)
+  assert [(c["b"], c["seeds"]) for c in pairs] == [("text_only", [0, 1]), ("fused", [0, 1])]
+  assert all(c["difference"] > 0 and c["ci95"][0] > 0 and c["n"] == 200 for c in pairs)
+  result = json.loads(_fused_results(tmp_path).read_text())
+  result["meta"]["movie"]["paired"] = pairs
+  text = fused_quality.markdown(result)
+  c = pairs[1]
+  assert (f"| 16 | 8+8 | fused+align_cl | fused | 0,1 | {100 * c['auc_a']:.2f} | {100 * c['auc_b']:.2f} | "
+          f"{100 * c['difference']:+.2f} | {100 * c['ci95'][0]:+.2f} .. {100 * c['ci95'][1]:+.2f} | 0.0% |") in text
+
+
 def test_fused_quality_keeps_valid_rows_apart_from_test_rows(tmp_path):
   result = json.loads(_fused_results(tmp_path).read_text())
   test_row = result["rows"][2]

@@ -37,6 +37,8 @@ def test_paired_bootstrap_separates_a_better_scoring_and_is_antisymmetric():
   assert r["difference"] == -c["difference"] and r["ci95"] == pytest.approx([-c["ci95"][1], -c["ci95"][0]])
   same = evaluate.paired_bootstrap(good, good, labels, resamples=50)
   assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0]
+  seeds = evaluate.paired_bootstrap([good, good + 1.0], [noise, noise], labels, resamples=50)  # [runs, prompts]
+  assert seeds["runs"] == 2 and seeds["difference"] == pytest.approx(c["difference"])
 
 
 def test_like_ratio_auc_scores_the_history_share_of_likes():

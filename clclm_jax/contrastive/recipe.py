@@ -92,12 +92,6 @@ def fit_stage(r: Recipe, spec: joint.PromptSpec, pool: Sequence[Interaction], st
   return time.time() - t0
 
 
-def auc(r: Recipe, batches: Sequence[dict], desc: str | None = None) -> float:
-  """AUC (0..1) of P(Yes) over the real rows of `batches`; a progress bar when `desc` is given."""
-  p, label = joint.score(r.model, batches, *r.yes_no, desc=desc)
-  return evaluate.auc(p, label)
-
-
 def score_split(r: Recipe, split: str, workdir: pathlib.Path | None = None) -> dict:
   """AUC of the fused model on the prompts `split` scores (`loop.eval_positions`) and the like-ratio reference
   on them; with `workdir`, also WORKDIR/eval/<split>_predictions.jsonl."""

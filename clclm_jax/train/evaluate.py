@@ -29,18 +29,21 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def paired_bootstrap(p_a, p_b, labels, *, resamples: int = 1000, seed: int = 0) -> dict:
   """AUCs of two scorings of the same prompts and a 95% interval for their difference A - B: the prompts are
-  resampled with replacement, the same draw for both (paired), the usual test for two runs on one test set."""
-  p_a, p_b, labels = np.asarray(p_a), np.asarray(p_b), np.asarray(labels).astype(bool)
-  rng, diffs = np.random.default_rng(seed), []
+  resampled with replacement, the same draw for both (paired), the usual test for two runs on one test set.
+  `p_a`, `p_b` may be `[runs, n]` (e.g. seeds): AUCs are then means over runs, each draw shared by all runs."""
+  p_a, p_b, labels = np.atleast_2d(p_a), np.atleast_2d(p_b), np.asarray(labels).astype(bool)
+  mean_auc = lambda p, idx: float(np.mean([auc(row[idx], labels[idx]) for row in p]))  # noqa: E731
+  rng, diffs, every = np.random.default_rng(seed), [], np.arange(len(labels))
   for _ in range(resamples):
     idx = rng.integers(0, len(labels), len(labels))
     if labels[idx].all() or not labels[idx].any():
       continue
-    diffs.append(auc(p_a[idx], labels[idx]) - auc(p_b[idx], labels[idx]))
+    diffs.append(mean_auc(p_a, idx) - mean_auc(p_b, idx))
   lo, hi = np.percentile(diffs, [2.5, 97.5])
-  a, b = auc(p_a, labels), auc(p_b, labels)
-  return {"n": int(len(labels)), "auc_a": a, "auc_b": b, "difference": a - b, "ci95": [float(lo), float(hi)],
-          "share_a_not_better": float(np.mean(np.asarray(diffs) <= 0)), "resamples": len(diffs)}
+  a, b = mean_auc(p_a, every), mean_auc(p_b, every)
+  return {"n": int(len(labels)), "runs": len(p_a), "auc_a": a, "auc_b": b, "difference": a - b,
+          "ci95": [float(lo), float(hi)], "share_a_not_better": float(np.mean(np.asarray(diffs) <= 0)),
+          "resamples": len(diffs)}
 
 
 def like_ratio_auc(interactions) -> float:
