@@ -11,7 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clclm_jax.contrastive import recipe
-from clclm_jax.train import cli, loop, sharding
+from clclm_jax.train import cli, loop, predictions, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder of train.py; default runs/<config name>.")
@@ -31,7 +31,7 @@ def main(argv):
   sharding.maybe_initialize_distributed(config)
   workdir = _WORKDIR.value or f"runs/{config.name}"
   if _COMPARE_TO.value:
-    loop.read_predictions(_COMPARE_TO.value, _SPLIT.value)  # fail before scoring, not after
+    predictions.read(_COMPARE_TO.value, _SPLIT.value)  # fail before scoring, not after
   if "fusion" in config:
     if _EXPORT_PEFT.value:
       raise app.UsageError("--export_peft: a fused model is LoRA + encoder + projector; PEFT holds only the "
@@ -44,7 +44,7 @@ def main(argv):
     metrics = loop.evaluate_split(config, workdir, _SPLIT.value)
   print(json.dumps(metrics, indent=2))
   if _COMPARE_TO.value:
-    print(loop.format_comparison(loop.compare_runs(workdir, _COMPARE_TO.value, _SPLIT.value)))
+    print(predictions.format_comparison(predictions.compare(workdir, _COMPARE_TO.value, _SPLIT.value)))
 
 
 if __name__ == "__main__":

@@ -309,7 +309,7 @@ def markdown(result: dict) -> str:
     if m.get("paired"):
       lines += ["", f"Paired comparisons, {key} (bootstrap over the same prompts, 1000 draws shared by both variants "
                 "and all their seeds; AUC x100 averaged over the seeds):", "",
-                "| shots | steps | A | B | seeds | AUC A | AUC B | A - B | 95% interval | draws where A is not better |",
+                "| shots | steps | A | B | seeds | AUC A | AUC B | A - B | 95% interval | draws with A not better |",
                 "|" + " --- |" * 10]
       lines += [f"| {c['shots']} | {c['steps']} | {c['a']} | {c['b']} | {','.join(map(str, c['seeds']))} | "
                 f"{100 * c['auc_a']:.2f} | {100 * c['auc_b']:.2f} | {100 * c['difference']:+.2f} | "

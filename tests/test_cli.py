@@ -71,8 +71,9 @@ def test_tiny_fused_recipe_then_eval_scores_the_saved_model(tmp_path, data_root)
 def test_user_errors_are_one_line_without_traceback(tmp_path):
   r = _run("train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.data.files.train=nope.json",
            "--config.data.files.valid=nope.json", "--config.data.test_size=0")
-  assert r.returncode == 1 and r.stderr.strip() == ("error: config.data.files.train='nope.json': no such file (looked "
-                                                    "in the working directory and in CLCLM_DATA); give an absolute path")
+  assert r.returncode == 1 and r.stderr.strip() == (
+      "error: config.data.files.train='nope.json': no such file (looked in the working directory and in "
+      "CLCLM_DATA); give an absolute path")
   r = _run("eval.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", f"--compare_to={tmp_path / 'other'}")
   assert r.returncode == 1 and "score that run first" in r.stderr and "Traceback" not in r.stderr
 

@@ -10,7 +10,7 @@ from clclm_jax.contrastive import feedback
 from clclm_jax.data import prompts, tallrec
 from clclm_jax.data.errors import DataError
 from clclm_jax.data.records import Catalogue, Interaction, Item
-from clclm_jax.train import checkpoint, loop
+from clclm_jax.train import checkpoint, loop, predictions
 from clclm_jax.train.errors import ConfigError
 from configs import tiny
 
@@ -102,7 +102,8 @@ def _tallrec_files(folder, sizes=(("train", 24), ("valid", 12), ("test", 12))):
 
 def _files_config(files, **data):
   c = tiny.get_config()
-  c.data.files.train, c.data.files.valid, c.data.files.test = (str(files.get(k, "")) for k in ("train", "valid", "test"))
+  for k in ("train", "valid", "test"):
+    c.data.files[k] = str(files.get(k, ""))
   c.data.shots, c.data.valid_size, c.data.test_size = 16, -1, -1
   c.train.num_epochs, c.train.eval_every = 1, 2
   for k, v in data.items():
@@ -150,17 +151,17 @@ def test_fused_pretraining_reads_histories_of_own_files_not_movielens(tmp_path):
 def test_compare_runs_pairs_predictions_by_record(tmp_path):
   labels, rng = np.arange(40) % 2, np.random.default_rng(1)
   records = rng.permutation(100)[:40]
-  loop.write_predictions(tmp_path / "a", "test", records, labels, labels * 0.6 + rng.random(40) * 0.5)
-  loop.write_predictions(tmp_path / "b", "test", records[::-1], labels[::-1], rng.random(40))  # any row order
-  c = loop.compare_runs(tmp_path / "a", tmp_path / "b", resamples=200)
+  predictions.write(tmp_path / "a", "test", records, labels, labels * 0.6 + rng.random(40) * 0.5)
+  predictions.write(tmp_path / "b", "test", records[::-1], labels[::-1], rng.random(40))  # any row order
+  c = predictions.compare(tmp_path / "a", tmp_path / "b", resamples=200)
   assert c["n"] == 40 and c["difference"] == pytest.approx(c["auc_a"] - c["auc_b"]) and c["auc_a"] > c["auc_b"]
-  text = loop.format_comparison(c)
+  text = predictions.format_comparison(c)
   assert f"A {c['auc_a']:.4f}" in text and "paired bootstrap over 40 prompts" in text
-  loop.write_predictions(tmp_path / "c", "test", records[:30], labels[:30], rng.random(30))
+  predictions.write(tmp_path / "c", "test", records[:30], labels[:30], rng.random(30))
   with pytest.raises(ConfigError, match="scored different test prompts"):
-    loop.compare_runs(tmp_path / "a", tmp_path / "c")
+    predictions.compare(tmp_path / "a", tmp_path / "c")
   with pytest.raises(FileNotFoundError, match=r"score that run first .*--split=valid"):
-    loop.compare_runs(tmp_path / "a", tmp_path / "b", split="valid")
+    predictions.compare(tmp_path / "a", tmp_path / "b", split="valid")
 
 
 def test_resume_and_scoring_check_the_runs_config(tmp_path, data_root):

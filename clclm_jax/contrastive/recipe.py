@@ -22,7 +22,7 @@ from clclm_jax.contrastive import feedback, joint
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig
 from clclm_jax.data import augment, fewshot, tallrec, tokenize
 from clclm_jax.data.records import Interaction
-from clclm_jax.train import checkpoint, curves, evaluate, loop, runconfig, state as state_lib
+from clclm_jax.train import checkpoint, curves, evaluate, loop, predictions, runconfig, state as state_lib
 
 
 @dataclasses.dataclass
@@ -99,7 +99,7 @@ def score_split(r: Recipe, split: str, workdir: pathlib.Path | None = None) -> d
   xs = [getattr(r.splits, split)[i] for i in positions]
   p, label = joint.score(r.model, r.eval_batches(xs, r.fused), *r.yes_no, desc=split)
   if workdir is not None and jax.process_index() == 0:
-    loop.write_predictions(workdir, split, positions, label, p)
+    predictions.write(workdir, split, positions, label, p)
   return {"auc": evaluate.auc(p, label), "n": len(xs), "like_ratio_auc": evaluate.like_ratio_auc(xs)}
 
 

@@ -25,7 +25,8 @@ from clclm_jax.data.records import Interaction
 from clclm_jax.model import loading, lora, peft
 from clclm_jax.model.config import LoraConfig, presets
 from clclm_jax.model.llama import Llama
-from clclm_jax.train import checkpoint, curves, evaluate, runconfig, sharding, state as state_lib, step as step_lib
+from clclm_jax.train import (checkpoint, curves, evaluate, predictions, runconfig, sharding, state as state_lib,
+                             step as step_lib)
 from clclm_jax.train.errors import ConfigError
 
 
@@ -105,7 +106,7 @@ def _data_file(config: ConfigDict, name: str) -> pathlib.Path | None:
   if not path.is_absolute() and under_data.is_file():
     return under_data
   raise ConfigError(f"config.data.files.{name}={given!r}: no such file (looked in the working directory "
-                          f"and in CLCLM_DATA); give an absolute path")
+                    f"and in CLCLM_DATA); give an absolute path")
 
 
 def rec_splits(config: ConfigDict) -> tallrec.TallrecSplits:
@@ -116,7 +117,7 @@ def rec_splits(config: ConfigDict) -> tallrec.TallrecSplits:
   missing = [k for k in ("train", "valid") if not d.files[k]]
   if missing:
     raise ConfigError(f"config.data.files: set {' and '.join(missing)} too (train and valid are needed, test is "
-                     "optional)")
+                      "optional)")
   if not d.files.test and d.test_size != 0:
     raise ConfigError("config.data.files.test is empty: set it, or data.test_size=0 to skip the test evaluation")
   return tallrec.tallrec_files(d.domain, *(_data_file(config, k) for k in ("train", "valid", "test")))
@@ -128,7 +129,7 @@ def _positions(config: ConfigDict, sp: tallrec.TallrecSplits, split: str, field:
   n, size = config.data[field], len(getattr(sp, split))
   if n > size:
     raise ConfigError(f"config.data.{field}={n}, but the {split} split has {size} prompts: lower it, or "
-                     f"set it <= 0 for all of them")
+                      f"set it <= 0 for all of them")
   return fewshot.fewshot_positions(size, n if n > 0 else None, config.data.fewshot_seed)
 
 
@@ -147,20 +148,6 @@ def eval_interactions(config: ConfigDict, sp: tallrec.TallrecSplits, split: str)
 def train_interactions(config: ConfigDict, sp: tallrec.TallrecSplits) -> list[Interaction]:
   """The few-shot training set: `data.shots` prompts of the training pool (all when <= 0)."""
   return [sp.train[i] for i in _positions(config, sp, "train", "shots")]
-
-
-def write_predictions(workdir: pathlib.Path, split: str, records: np.ndarray, labels: np.ndarray,
-                      p_yes: np.ndarray) -> pathlib.Path:
-  """WORKDIR/eval/<split>_predictions.jsonl, one row per scored prompt in record order (`record`: its index
-  in the split, `label`, `p_yes`): for paired comparisons of runs; written whole or not at all."""
-  path = workdir / "eval" / f"{split}_predictions.jsonl"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  order = np.argsort(records, kind="stable")
-  rows = (json.dumps({"record": int(records[i]), "label": int(labels[i]), "p_yes": float(p_yes[i])}) for i in order)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text("".join(r + "\n" for r in rows))
-  tmp.replace(path)
-  return path
 
 
 def like_ratio_references(config: ConfigDict, splits=("valid", "test"), sp=None) -> dict[str, float]:
@@ -312,36 +299,6 @@ def train_stage(config: ConfigDict, workdir: pathlib.Path, stage: str, model, to
   return summary, state["params"]
 
 
-def read_predictions(workdir: str | pathlib.Path, split: str) -> dict[int, tuple[int, float]]:
-  """{record: (label, P(Yes))} from WORKDIR/eval/<split>_predictions.jsonl (`write_predictions`)."""
-  path = pathlib.Path(workdir) / "eval" / f"{split}_predictions.jsonl"
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} does not exist: score that run first (python eval.py --config=... "
-                            f"--workdir={workdir} --split={split})")
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  return {r["record"]: (r["label"], r["p_yes"]) for r in rows}
-
-
-def compare_runs(workdir_a: str | pathlib.Path, workdir_b: str | pathlib.Path, split: str = "test",
-                 resamples: int = 1000) -> dict:
-  """`evaluate.paired_bootstrap` of two runs' predictions on `split`; they must have scored the same prompts."""
-  a, b = read_predictions(workdir_a, split), read_predictions(workdir_b, split)
-  if a.keys() != b.keys() or any(a[k][0] != b[k][0] for k in a):
-    raise ConfigError(f"{workdir_a} and {workdir_b} scored different {split} prompts ({len(a)} and {len(b)}): "
-                     f"score both with the same data.domain, data.{split}_size, data.fewshot_seed and data files")
-  records = sorted(a)
-  labels, p_a, p_b = (np.array([run[k][j] for k in records]) for run, j in ((a, 0), (a, 1), (b, 1)))
-  return {"split": split, "a": str(workdir_a), "b": str(workdir_b),
-          **evaluate.paired_bootstrap(p_a, p_b, labels, resamples=resamples)}
-
-
-def format_comparison(c: dict) -> str:
-  lo, hi = c["ci95"]
-  return (f"{c['split']} AUC  A {c['auc_a']:.4f} ({c['a']})  B {c['auc_b']:.4f} ({c['b']})\n"
-          f"A - B {c['difference']:+.4f}, 95% interval {lo:+.4f} .. {hi:+.4f} (paired bootstrap over {c['n']} "
-          f"prompts, {c['resamples']} resamples; A not better in {100 * c['share_a_not_better']:.1f}% of them)")
-
-
 def best_params(workdir: pathlib.Path, model, mesh):
   """(params, meta) of the best checkpoint in `workdir`, sharded like the model's trainable state."""
   _, params, _ = state_lib.split_model(model)
@@ -384,7 +341,7 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   reference = like_ratio_references(config, (split,), sp)[f"{split}_like_ratio_auc"]
   metrics = {**scores.metrics(), "like_ratio_auc": reference, "best_step": meta["step"], "wall_s": time.time() - t0}
   if jax.process_index() == 0:
-    write_predictions(workdir, split, eval_positions(config, sp, split)[scores.index], scores.label, scores.p_yes)
+    predictions.write(workdir, split, eval_positions(config, sp, split)[scores.index], scores.label, scores.p_yes)
     (workdir / "eval" / f"{split}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
   return metrics
 
