@@ -28,6 +28,7 @@ def main(argv):
   workdir = _WORKDIR.value or f"runs/{config.name}"
   summary = recipe.train(config, workdir) if "fusion" in config else loop.train(config, workdir)
   print(loop.format_summary(summary))
+  print(f"{'run folder':<18}{workdir} (config.json, metrics.jsonl, curves.png, eval/: metrics and predictions)")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def test_tiny_train_then_eval_under_a_minute(tmp_path, data_root):
   assert test["n"] == 64 and 0.0 <= test["auc"] <= 1.0 and 0.0 <= test["like_ratio_auc"] <= 1.0
   assert "test AUC" in train.stdout and "valid AUC" in train.stdout
   assert f"history like-ratio on the same prompts: {test['like_ratio_auc']:.4f}" in train.stdout
+  assert f"run folder        {tmp_path} (config.json" in train.stdout
   assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
   assert list((tmp_path / "tensorboard").glob("events.*"))
   preds = [json.loads(l) for l in (tmp_path / "eval" / "test_predictions.jsonl").read_text().splitlines()]
