@@ -146,11 +146,12 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
   log(f"{domain}: loaded in {time.time() - t0:.0f}s; {args.split} {len(test)} of {total}; "
       f"like-share AUC {100 * evaluate.like_ratio_auc(test):.2f}")
 
-  def test_auc(spec, what: str) -> tuple[float, float, list[float]]:
-    """(AUC x100, seconds, P(Yes) per prompt of `test`, in its order: model outputs, no labels)."""
+  def test_auc(spec, what: str) -> tuple[float, float, str]:
+    """(AUC x100, seconds, P(Yes) per prompt of `test` in its order, as one comma-separated line: model outputs,
+    no labels)."""
     t = time.time()
     p, label = joint.score(r.model, evals[spec.num_soft_tokens], *r.yes_no, desc=f"scoring {domain} {what}")
-    return 100 * evaluate.auc(p, label), time.time() - t, [round(float(x), 5) for x in p]
+    return 100 * evaluate.auc(p, label), time.time() - t, ",".join(f"{x:.5f}" for x in p)
 
   def train(spec, steps, weights, seed, pool) -> float:
     last = time.time()
@@ -223,9 +224,10 @@ def paired(rows: list[dict], labels: list[int], reference: str, resamples: int =
   cells = common.group_by([x for x in rows if x["variant"] not in UNTRAINED],
                           lambda x: (x["shots"], x["stage1_steps"], x["stage2_steps"]))
   for (shots, s1, s2), rs in sorted(cells.items()):
-    ref = {x["seed"]: x["p_yes"] for x in rs if x["variant"] == reference}
+    p_yes = lambda v: {x["seed"]: np.array(x["p_yes"].split(","), float) for x in rs if x["variant"] == v}  # noqa: E731
+    ref = p_yes(reference)
     for variant in sorted({x["variant"] for x in rs} - {reference}, key=VARIANTS.index):
-      other = {x["seed"]: x["p_yes"] for x in rs if x["variant"] == variant}
+      other = p_yes(variant)
       seeds = sorted(set(ref) & set(other))
       if seeds:
         c = evaluate.paired_bootstrap([ref[k] for k in seeds], [other[k] for k in seeds], labels,

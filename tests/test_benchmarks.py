@@ -210,9 +210,10 @@ def test_fused_quality_pairs_the_recipe_with_each_variant_on_the_same_prompts(tm
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, 200)
   cell = {"shots": 16, "stage1_steps": 8, "stage2_steps": 8}
-  rows = [{**cell, "variant": v, "seed": seed, "p_yes": list(labels * strength + rng.random(200))}
+  line = lambda p: ",".join(f"{x:.5f}" for x in p)  # noqa: E731  # as fused_quality stores P(Yes)
+  rows = [{**cell, "variant": v, "seed": seed, "p_yes": line(labels * strength + rng.random(200))}
           for seed in (0, 1) for v, strength in (("fused+align_cl", 0.6), ("fused", 0.2), ("text_only", 0.0))]
-  rows.append({**cell, "variant": "fused", "seed": 2, "p_yes": list(rng.random(200))})  # no recipe row to pair
+  rows.append({**cell, "variant": "fused", "seed": 2, "p_yes": line(rng.random(200))})  # no recipe row to pair
   pairs = fused_quality.paired(rows, list(labels), "fused+align_cl", resamples=200)
   assert [(c["b"], c["seeds"]) for c in pairs] == [("text_only", [0, 1]), ("fused", [0, 1])]
   assert all(c["difference"] > 0 and c["ci95"][0] > 0 and c["n"] == 200 for c in pairs)
