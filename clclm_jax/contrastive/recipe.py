@@ -114,10 +114,7 @@ def _bar_log(bar: tqdm.tqdm, rows: list[dict], stage: str) -> Callable[[int, dic
 
 def _write_metrics(workdir: pathlib.Path, rows: list[dict], title: str, valid_reference: float) -> None:
   """WORKDIR/metrics.jsonl (written whole: a rerun starts over) and curves.png."""
-  path = workdir / "metrics.jsonl"
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  tmp.replace(path)
+  path = checkpoint.write_text(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
   curves.write_curves(path, workdir / "curves.png", title=title, valid_reference=valid_reference)
 
 

@@ -14,6 +14,14 @@ import orbax.checkpoint as ocp
 from clclm_jax.train.state import TrainState
 
 
+def write_text(path: pathlib.Path, text: str) -> pathlib.Path:
+  """A small run file (config.json, metrics.jsonl, predictions) written whole: a temporary sibling, then a rename."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+  return path
+
+
 def _manager(directory: pathlib.Path) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
   return ocp.CheckpointManager(directory.absolute(), options=options)

@@ -5,7 +5,7 @@ import pathlib
 
 import numpy as np
 
-from clclm_jax.train import evaluate
+from clclm_jax.train import checkpoint, evaluate
 from clclm_jax.train.errors import ConfigError
 
 
@@ -17,10 +17,7 @@ def write(workdir: pathlib.Path, split: str, records: np.ndarray, labels: np.nda
   path.parent.mkdir(parents=True, exist_ok=True)
   order = np.argsort(records, kind="stable")
   rows = (json.dumps({"record": int(records[i]), "label": int(labels[i]), "p_yes": float(p_yes[i])}) for i in order)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text("".join(r + "\n" for r in rows))
-  tmp.replace(path)
-  return path
+  return checkpoint.write_text(path, "".join(r + "\n" for r in rows))
 
 
 def read(workdir: str | pathlib.Path, split: str) -> dict[int, tuple[int, float]]:

@@ -6,11 +6,11 @@ silently scales the adapter differently; both are stopped with the fields that d
 """
 
 import json
-import os
 import pathlib
 
 from ml_collections import ConfigDict
 
+from clclm_jax.train import checkpoint
 from clclm_jax.train.errors import ConfigError
 
 # Fields a resumed run may change: how long and how often, how scoring is batched, the hardware layout.
@@ -49,11 +49,8 @@ def _saved(workdir: pathlib.Path) -> dict | None:
 
 
 def save(config: ConfigDict, workdir: pathlib.Path) -> None:
-  """Writes WORKDIR/config.json whole (a temporary file, then a rename)."""
-  path = workdir / "config.json"
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  """Writes WORKDIR/config.json."""
+  checkpoint.write_text(workdir / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def check_resume(config: ConfigDict, workdir: pathlib.Path) -> None:
