@@ -136,6 +136,10 @@ def test_own_tallrec_files_errors_name_the_field_and_fix(tmp_path):
   c = _files_config(files, valid_size=50)
   with pytest.raises(ValueError, match=r"config.data.valid_size=50, but the valid split has 12 prompts"):
     loop.eval_interactions(c, loop.rec_splits(c), "valid")
+  files["valid"].write_text("[]")
+  with pytest.raises(DataError, match=r"valid.json: holds no records; fix: give it at least one TALLRec record"):
+    loop.rec_splits(_files_config(files))
+  files = _tallrec_files(tmp_path)
   files["test"].write_text(files["test"].read_text().replace("Whether the user will like", "Will the user like", 1))
   with pytest.raises(DataError, match=r"test.json record 0: input is not"):
     loop.rec_splits(_files_config(files))

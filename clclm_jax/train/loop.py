@@ -153,13 +153,13 @@ def train_interactions(config: ConfigDict, sp: tallrec.TallrecSplits) -> list[In
 def like_ratio_references(config: ConfigDict, splits=("valid", "test"), sp=None) -> dict[str, float]:
   """`{split}_like_ratio_auc`: the no-training reference (`evaluate.like_ratio_auc`) on the prompts each split
   scores, so a run's AUC can be read against what the histories alone give."""
-  sp = sp or rec_splits(config)
+  sp = rec_splits(config) if sp is None else sp
   return {f"{s}_like_ratio_auc": evaluate.like_ratio_auc(eval_interactions(config, sp, s)) for s in splits}
 
 
-def rec_data(config: ConfigDict, tokenizer, splits=("valid", "test")):
-  """(training examples, {split: eval batches}) for the TALLRec task of `config.data`."""
-  d, sp = config.data, rec_splits(config)
+def rec_data(config: ConfigDict, tokenizer, splits=("valid", "test"), sp=None):
+  """(training examples, {split: eval batches}) for the TALLRec task of `config.data` (of `sp` when given)."""
+  d, sp = config.data, rec_splits(config) if sp is None else sp
   encode = lambda xs: pipeline.tallrec_examples(  # noqa: E731
       xs, sp.catalogue, d.domain, tokenizer, cutoff_len=d.cutoff_len, train_on_inputs=d.train_on_inputs,
       template=d.template)
@@ -226,7 +226,8 @@ def train_stage(config: ConfigDict, workdir: pathlib.Path, stage: str, model, to
   t = config.train
   graphdef, params, frozen = state_lib.split_model(model)
   params = params if init_params is None else init_params
-  examples, evals = (rec_data if stage == "rec" else instruct_data)(config, tokenizer)
+  sp = rec_splits(config) if stage == "rec" else None
+  examples, evals = rec_data(config, tokenizer, sp=sp) if stage == "rec" else instruct_data(config, tokenizer)
   if t.batch_size % (t.micro_batch_size * jax.process_count()):
     raise ConfigError(f"config.train.batch_size={t.batch_size} must be a multiple of micro_batch_size x processes")
   total = t.max_steps if t.max_steps > 0 else t.num_epochs * max(1, len(examples) // t.batch_size)
@@ -289,7 +290,7 @@ def train_stage(config: ConfigDict, workdir: pathlib.Path, stage: str, model, to
     ckpts.save_best(int(state["step"]), state["params"], {"step": int(state["step"])})
   summary = {"stage": stage, "steps": int(state["step"]), "total_steps": total, "preempted": stop.is_set(),
              "best_step": stopper.best_step, "valid_auc": stopper.best,
-             **(like_ratio_references(config, ("valid",)) if "valid" in evals else {}),
+             **(like_ratio_references(config, ("valid",), sp) if "valid" in evals else {}),
              "tokens_per_s": n_tokens / max(wall, 1e-9), "wall_s": wall}
   log.close()
   ckpts.close()
@@ -331,13 +332,13 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   graphdef, params, frozen = state_lib.split_model(model)
   params_sh, frozen_sh = sharding.state_sharding(params, mesh), sharding.state_sharding(frozen, mesh)
   params, meta = best_params(workdir, model, mesh)
-  _, evals = rec_data(config, tokenizer, splits=(split,))
+  sp = rec_splits(config)
+  _, evals = rec_data(config, tokenizer, splits=(split,), sp=sp)
   eval_step = evaluate.compile_eval_step(graphdef, params_sh, frozen_sh, mesh,
                                          *tokenize.answer_token_ids(tokenizer, config.data.template))
   t0 = time.time()
   with jax.set_mesh(mesh):
     scores = evaluate.score(eval_step, params, sharding.put(frozen, frozen_sh), evals[split], mesh, desc=split)
-  sp = rec_splits(config)
   reference = like_ratio_references(config, (split,), sp)[f"{split}_like_ratio_auc"]
   metrics = {**scores.metrics(), "like_ratio_auc": reference, "best_step": meta["step"], "wall_s": time.time() - t0}
   if jax.process_index() == 0:
