@@ -1,6 +1,6 @@
 """What in a TALLRec prompt predicts its label without a language model: a yardstick for the quality goals.
 
-  python benchmarks/label_signal.py [--out benchmarks/results] [--domains movie book]
+  python benchmarks/label_signal.py [--out benchmarks/results] [--domains movie book] [--no-encoder]
 
 Each signal is read from the prompt alone or from the histories of all prompts (train pool, valid, test;
 never a target's label, nor the user's own rating of the target item where it sits in a later prompt's
@@ -8,16 +8,22 @@ history; each user's rating counted once): the history like-ratio; the target it
 other users and its author's among other prompts; whether the user's history holds the target's author;
 TF-IDF title similarity of the target to the liked minus the disliked history items. A logistic regression
 over all of them is fitted on the same few-shot samples as `fused_quality.py` (16/64/256, seeds 0-2) and on
-the whole pool. All AUCs are on the whole test set. Writes label_signal.{json,md} into --out.
+the whole pool. With the encoder (default), the fused recipe's pretrained sequence encoder (configs/fused_<domain>.py,
+seed 0; trained on those histories, stopped on valid) adds its P(like target), the hint that `hint_kd` distils, and
+its rank correlation with the like-ratio says how much it knows beyond it. All AUCs are on the whole test set.
+Writes label_signal.{json,md} into --out.
 """
 
 import argparse
 import collections
+import importlib
 import pathlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import scipy.stats
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -28,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from clclm_jax.contrastive import feedback, recipe  # pylint: disable=wrong-import-position
 from clclm_jax.data import fewshot, tallrec  # pylint: disable=wrong-import-position
 from clclm_jax.data.records import Interaction  # pylint: disable=wrong-import-position
 from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
@@ -37,7 +44,8 @@ SIGNALS = {"like_ratio": "history like-ratio (smoothed)",
            "author_prior": "target author's like share in other prompts' histories (book)",
            "author_liked": "target's author among the user's liked items (book)",
            "author_disliked": "target's author among the user's disliked items (book, sign flipped)",
-           "title_similarity": "TF-IDF title similarity: to liked minus to disliked items"}
+           "title_similarity": "TF-IDF title similarity: to liked minus to disliked items",
+           "encoder": "pretrained sequence encoder's P(like), the fused recipe's hint (seed 0)"}
 SHOTS, SEEDS = (16, 64, 256), (0, 1, 2)
 
 
@@ -93,11 +101,24 @@ class Signals:
             "title_similarity": self._similarity(x.target_id, liked) - self._similarity(x.target_id, disliked)}
 
 
-def domain_result(domain: str) -> dict[str, Any]:
-  splits = tallrec.tallrec_splits(domain)
+def encoder_signal(domain: str) -> tuple[tallrec.TallrecSplits, Callable[[Interaction], float]]:
+  """The fused recipe's encoder, pretrained as `train.py --config=configs/fused_<domain>.py` does (seed 0), and
+  its logit of P(like target) per prompt of the splits it read."""
+  config = importlib.import_module(f"configs.fused_{domain}").get_config()
+  r = recipe.build(config)
+  recipe.pretrain_encoder(r, log=lambda _: None)
+  prompts = list(r.splits.train) + list(r.splits.test)
+  p = np.clip(feedback.like_probabilities(r.model, prompts), 1e-6, 1 - 1e-6)
+  logit = dict(zip(map(id, prompts), np.log(p / (1 - p)).tolist()))
+  return r.splits, lambda x: logit[id(x)]
+
+
+def domain_result(domain: str, encoder: bool = True) -> dict[str, Any]:
+  splits, score = encoder_signal(domain) if encoder else (tallrec.tallrec_splits(domain), None)
   signals = Signals(splits)
-  names = list(SIGNALS) if domain == "book" else [n for n in SIGNALS if "author" not in n]
-  features = lambda xs: np.asarray([[s[n] for n in names] for s in map(signals, xs)])
+  names = [n for n in SIGNALS if (domain == "book" or "author" not in n) and (encoder or n != "encoder")]
+  row = lambda x: {**signals(x), **({"encoder": score(x)} if score else {})}
+  features = lambda xs: np.asarray([[s[n] for n in names] for s in map(row, xs)])
   test_x, test_y = features(splits.test), np.asarray([x.label for x in splits.test])
   single = {n: evaluate.auc(test_x[:, k], test_y) for k, n in enumerate(names)}
   fitted = {}
@@ -110,18 +131,26 @@ def domain_result(domain: str) -> dict[str, Any]:
       model.fit(features(train), y)
       aucs.append(evaluate.auc(model.decision_function(test_x), test_y))
     fitted["all" if shots is None else str(shots)] = aucs
-  return {"domain": domain, "test_n": len(splits.test), "pool_n": len(splits.train), "signals": single,
-          "logistic_regression": fitted}
+  out = {"domain": domain, "test_n": len(splits.test), "pool_n": len(splits.train), "signals": single,
+         "logistic_regression": fitted}
+  if encoder:
+    out["encoder_like_ratio_spearman"] = float(
+        scipy.stats.spearmanr(test_x[:, names.index("encoder")], test_x[:, names.index("like_ratio")])[0])
+  return out
 
 
 def markdown(results: list[dict[str, Any]], machine: dict[str, Any]) -> str:
   domains = [r["domain"] for r in results]
   rows = [[SIGNALS[n], *(f"{100 * r['signals'][n]:.2f}" if n in r["signals"] else "-" for r in results)]
-          for n in SIGNALS]
+          for n in SIGNALS if any(n in r["signals"] for r in results)]
   for key in (*map(str, SHOTS), "all"):
     label = "the whole pool" if key == "all" else f"{key} shots, seeds 0-2"
     rows.append([f"logistic regression on all signals, fitted on {label}",
                  *(common.mean_std([100 * a for a in r["logistic_regression"][key]]) for r in results)])
+  if any("encoder_like_ratio_spearman" in r for r in results):
+    rows.append(["rank correlation (Spearman) of the encoder's P(like) with the like-ratio, test set",
+                 *(f"{r['encoder_like_ratio_spearman']:.3f}" if "encoder_like_ratio_spearman" in r else "-"
+                   for r in results)])
   pools = ", ".join(f"{r['domain']} {r['pool_n']}" for r in results)
   return "\n".join([
       "# What predicts a TALLRec label without a language model", "",
@@ -134,8 +163,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="benchmarks/results")
   p.add_argument("--domains", nargs="+", default=["movie", "book"], choices=("movie", "book"))
+  p.add_argument("--encoder", action=argparse.BooleanOptionalAction, default=True,
+                 help="add the fused recipe's pretrained encoder as a signal (loads the LLM; ~1-3 min a domain)")
   args = p.parse_args(argv)
-  result = {"machine": common.machine(), "results": [domain_result(d) for d in args.domains]}
+  result = {"machine": common.machine(), "results": [domain_result(d, args.encoder) for d in args.domains]}
   common.write_result(args.out, "label_signal", result, markdown(result["results"], result["machine"]))
   return result
 

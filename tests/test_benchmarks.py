@@ -413,3 +413,17 @@ def test_label_signals_count_histories_never_targets():
   s = signals(train[0])  # target by Bob, whose "Green Sea" this user disliked
   assert (s["author_liked"], s["author_disliked"]) == (0, -1)
   assert s["author_prior"] == pytest.approx(0.0)  # Bob elsewhere: liked once, disliked once
+
+
+def test_label_signal_table_shows_the_encoder_where_it_ran():
+  fitted = {k: [0.6, 0.7] for k in ("16", "64", "256", "all")}
+  movie = {"domain": "movie", "pool_n": 8, "signals": {"like_ratio": 0.7, "encoder": 0.78},
+           "logistic_regression": fitted, "encoder_like_ratio_spearman": 0.705}
+  book = {"domain": "book", "pool_n": 4, "signals": {"like_ratio": 0.69}, "logistic_regression": fitted}
+  machine = {"cpu": "test cpu", "cores": 2, "memory_gib": 1.0, "jax_backend": "cpu", "device": "cpu",
+             "device_count": 1, "versions": {}}
+  md = label_signal.markdown([movie, book], machine)
+  enc = next(l for l in md.splitlines() if l.startswith("| pretrained sequence encoder"))
+  assert enc.endswith("| 78.00 | - |")
+  assert next(l for l in md.splitlines() if l.startswith("| rank correlation")).endswith("| 0.705 | - |")
+  assert "encoder" not in label_signal.markdown([book], machine)

@@ -45,3 +45,24 @@ def test_a_failed_save_leaves_the_previous_png(tmp_path, monkeypatch):
   with pytest.raises(OSError, match="disk full"):
     curves.write_curves(path, out)
   assert out.read_bytes() == before and not (tmp_path / "curves.png.tmp").exists()
+
+
+def test_a_torn_last_line_is_dropped_and_resume_keeps_the_rows_before_it(tmp_path):
+  from clclm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  path = _metrics(tmp_path / "metrics.jsonl", [{"step": s, "train/loss": 1.0 / s} for s in (1, 2, 3)])
+  with path.open("a") as f:
+    f.write('{"step": 4, "train/lo')  # the run was killed while writing step 4
+  assert [r["step"] for r in curves.read_rows(path)] == [1, 2, 3]
+  log = loop.MetricsLog(tmp_path, resume_step=2)
+  log.write({"step": 3, "train/loss": 0.5})
+  log.close()
+  assert [(r["step"], r["train/loss"]) for r in curves.read_rows(path)] == [(1, 1.0), (2, 0.5), (3, 0.5)]
+  assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_bad_line_inside_metrics_names_the_file_and_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not JSON"):
+    curves.read_rows(path)
+  assert curves.read_rows(tmp_path / "absent.jsonl") == []

@@ -140,14 +140,18 @@ def prompt_arrays(xs: Sequence[Interaction], history_len: int) -> tuple[np.ndarr
   return ids, fb, np.asarray([x.target_id for x in xs], np.int32)
 
 
-def encoder_auc(model: FusedRec, xs: Sequence[Interaction], batch_size: int = 512) -> float:
-  """AUC of the encoder alone (no LLM) on prompts: P(like target) against their labels."""
+def like_probabilities(model: FusedRec, xs: Sequence[Interaction], batch_size: int = 512) -> np.ndarray:
+  """The encoder's P(like target) for each prompt (no LLM): the hint that `hint_kd` distils."""
   graphdef, params, rest = nnx.split(model, _is_encoder_param, ...)
   ids, fb, target = prompt_arrays(xs, model.config.max_len - 1)
-  p = np.concatenate([np.asarray(like_probability(params, rest, ids[i:i + batch_size], fb[i:i + batch_size],
-                                                  target[i:i + batch_size], graphdef=graphdef))
-                      for i in range(0, len(xs), batch_size)])
-  return evaluate.auc(p, np.asarray([x.label for x in xs]))
+  return np.concatenate([np.asarray(like_probability(params, rest, ids[i:i + batch_size], fb[i:i + batch_size],
+                                                     target[i:i + batch_size], graphdef=graphdef))
+                         for i in range(0, len(xs), batch_size)])
+
+
+def encoder_auc(model: FusedRec, xs: Sequence[Interaction], batch_size: int = 512) -> float:
+  """AUC of the encoder alone (no LLM) on prompts: P(like target) against their labels."""
+  return evaluate.auc(like_probabilities(model, xs, batch_size), np.asarray([x.label for x in xs]))
 
 
 def pretrain(model: FusedRec, seqs: Sequences, valid: Sequence[Interaction], cfg: PretrainConfig,

@@ -6,7 +6,18 @@ import pathlib
 
 
 def read_rows(metrics_path: pathlib.Path) -> list[dict]:
-  return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+  """metrics.jsonl's rows ([] if absent); a last line cut short by a killed run is dropped, any other bad line
+  fails naming the file and line."""
+  lines = [l for l in metrics_path.read_text().splitlines() if l.strip()] if metrics_path.exists() else []
+  rows = []
+  for k, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if k == len(lines) - 1:
+        break
+      raise ValueError(f"{metrics_path}, line {k + 1}: not JSON ({e.msg}); delete that line or the file") from e
+  return rows
 
 
 def write_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, title: str = "",

@@ -193,8 +193,8 @@ class MetricsLog:
     if not self.on:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    rows = [json.loads(l) for l in self.path.read_text().splitlines()] if self.path.exists() else []
-    self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
+    kept = [r for r in curves.read_rows(self.path) if r["step"] <= resume_step]
+    checkpoint.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, row: dict) -> None:
