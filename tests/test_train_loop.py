@@ -1,5 +1,6 @@
 """Trainer guards: a non-finite loss stops with the step and loss term; nothing non-finite is saved."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -187,3 +188,49 @@ def test_resume_and_scoring_check_the_runs_config(tmp_path, data_root):
     loop.evaluate_split(wider, run, "valid")
   with pytest.raises(ConfigError, match=r"lora.r: 4 in the run, 8 now"):
     loop.export_best_peft(wider, run, tmp_path / "adapter")
+
+
+def test_fused_recipe_goes_on_after_the_last_finished_stage(tmp_path, data_root, monkeypatch):
+  from clclm_jax.contrastive import recipe  # pylint: disable=g-import-not-at-top
+  from configs import tiny_fused  # pylint: disable=g-import-not-at-top
+  c = tiny_fused.get_config()
+  c.data.test_size, c.fusion.pretrain.epochs = 0, 0  # no pretraining here: its meta is checked below
+  whole = recipe.train(c, tmp_path / "whole", log=lambda _: None)
+  fit_stage, calls = recipe.fit_stage, []
+
+  def killed_in_stage2(r, spec, *args, **kwargs):
+    calls.append(spec.num_soft_tokens)
+    if spec.num_soft_tokens:
+      raise KeyboardInterrupt  # killed during stage 2
+    return fit_stage(r, spec, *args, **kwargs)
+  monkeypatch.setattr(recipe, "fit_stage", killed_in_stage2)
+  with pytest.raises(KeyboardInterrupt):
+    recipe.train(c, tmp_path / "run", log=lambda _: None)
+  rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["stage"] for r in rows] == ["stage1", "stage1"]  # stage 1's rows are on disk
+  monkeypatch.setattr(recipe, "fit_stage", fit_stage)
+  monkeypatch.setattr(recipe, "pretrain_encoder", lambda *a: pytest.fail("pretraining ran again"))
+  said = []
+  resumed = recipe.train(c, tmp_path / "run", log=said.append)
+  assert said == [f"resuming {tmp_path / 'run'} after stage 1"]
+  assert {k: resumed[k] for k in ("valid_auc", "encoder_valid_auc", "steps")} == {
+      k: whole[k] for k in ("valid_auc", "encoder_valid_auc", "steps")}
+  same = lambda name: (tmp_path / "whole" / name).read_text() == (tmp_path / "run" / name).read_text()
+  assert same("metrics.jsonl") and same("config.json")
+  c.stage2.steps = 3
+  with pytest.raises(ConfigError, match=r"stage2.steps: 2 in the run, 3 now"):
+    recipe.train(c, tmp_path / "run")
+
+
+def test_stage_checkpoints_keep_the_last_stage_and_what_a_resume_needs(tmp_path):
+  ckpts = checkpoint.Checkpoints(tmp_path)
+  assert ckpts.restore_stage({"w": jnp.zeros(3)}) is None and not (tmp_path / "checkpoints" / "stages").exists()
+  encoder = {"best_valid_auc": np.float64(0.68), "epochs": [{"epoch": 1, "loss": 0.8, "valid_auc": 0.68}],
+             "config": dataclasses.asdict(feedback.PretrainConfig()), "seconds": 22.0}
+  ckpts.save_stage(1, {"w": jnp.zeros(3)}, {"rows": [], "encoder": encoder})
+  ckpts.save_stage(2, {"w": jnp.arange(3.0)}, {"rows": [{"step": 1, "stage": "stage1"}], "encoder": encoder})
+  ckpts.close()
+  k, params, meta = checkpoint.Checkpoints(tmp_path).restore_stage({"w": jnp.zeros(3)})
+  assert k == 2 and params["w"].tolist() == [0.0, 1.0, 2.0] and meta["rows"] == [{"step": 1, "stage": "stage1"}]
+  assert meta["encoder"]["best_valid_auc"] == 0.68 and meta["encoder"]["config"]["window"] == 11
+  assert [p.name for p in (tmp_path / "checkpoints" / "stages").iterdir()] == ["2"]

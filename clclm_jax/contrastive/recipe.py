@@ -113,7 +113,7 @@ def _bar_log(bar: tqdm.tqdm, rows: list[dict], stage: str) -> Callable[[int, dic
 
 
 def _write_metrics(workdir: pathlib.Path, rows: list[dict], title: str, valid_reference: float) -> None:
-  """WORKDIR/metrics.jsonl (written whole: a rerun starts over) and curves.png."""
+  """WORKDIR/metrics.jsonl (written whole, after each stage and at the end) and curves.png."""
   path = checkpoint.write_text(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
   curves.write_curves(path, workdir / "curves.png", title=title, valid_reference=valid_reference)
 
@@ -121,26 +121,45 @@ def _write_metrics(workdir: pathlib.Path, rows: list[dict], title: str, valid_re
 def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], None] = print) -> dict:
   """Pretrain, stage 1, stage 2 on `data.shots` examples; saves the params as the best checkpoint in
   `workdir`, scores valid (and test unless `data.test_size == 0`); returns and writes the summary.
-  Stages are short (16 steps), so there is no resuming or early stopping: a rerun starts over."""
+  The params after each stage are kept (`checkpoint.Checkpoints.save_stage`): run the same command again after
+  a kill and it goes on after the last finished stage (a stage is a few dozen steps and reruns whole)."""
   workdir, t0, d = pathlib.Path(workdir), time.time(), config.data
   workdir.mkdir(parents=True, exist_ok=True)
+  runconfig.check_resume(config, workdir)
   if jax.process_index() == 0:
     runconfig.save(config, workdir)
   r = build(config)
-  encoder = pretrain_encoder(r, log)
   pool = loop.train_interactions(config, r.splits)
-  stages, rows = [("stage1", r.text, config.stage1), ("stage2", r.fused, config.stage2)], []
-  for name, spec, stage in stages:
-    with tqdm.tqdm(total=stage.steps, desc=name) as bar:
-      fit_stage(r, spec, pool + fewshot.history_targets(pool, stage.history_targets, config.seed), stage.steps,
-                dict(stage.loss_weights), config.seed, _bar_log(bar, rows, name))
+  valid_reference = evaluate.like_ratio_auc(loop.eval_interactions(config, r.splits, "valid"))
+  stages = [("stage1", r.text, config.stage1), ("stage2", r.fused, config.stage2)]
   steps = sum(stage.steps for _, _, stage in stages)
-  valid = score_split(r, "valid")
-  summary = {"stage": "fused", "steps": steps, "best_step": steps, "shots": len(pool),
-             "encoder_valid_auc": None if encoder is None else encoder["best_valid_auc"],
-             "valid_auc": valid["auc"], "valid_like_ratio_auc": valid["like_ratio_auc"]}
+  s1 = config.stage1.steps
+  title = f"{config.name}: stage 1 (text) steps 1-{s1}, stage 2 (fused) {s1 + 1}-{steps}"
   ckpts = checkpoint.Checkpoints(workdir)
   try:
+    done, rows, encoder = 0, [], None
+    resumed = ckpts.restore_stage(state_lib.split_model(r.model)[1])
+    if resumed is not None:
+      done, params, meta = resumed
+      nnx.update(r.model, params)
+      rows, encoder = meta["rows"], meta["encoder"]
+      log(f"resuming {workdir} after {('encoder pretraining', 'stage 1', 'stage 2')[done - 1]}")
+    if done < 1:
+      encoder = pretrain_encoder(r, log)
+      ckpts.save_stage(1, state_lib.split_model(r.model)[1], {"rows": rows, "encoder": encoder})
+    for k, (name, spec, stage) in enumerate(stages, start=2):
+      if done >= k:
+        continue
+      with tqdm.tqdm(total=stage.steps, desc=name) as bar:
+        fit_stage(r, spec, pool + fewshot.history_targets(pool, stage.history_targets, config.seed), stage.steps,
+                  dict(stage.loss_weights), config.seed, _bar_log(bar, rows, name))
+      ckpts.save_stage(k, state_lib.split_model(r.model)[1], {"rows": rows, "encoder": encoder})
+      if jax.process_index() == 0 and rows:
+        _write_metrics(workdir, rows, title, valid_reference)
+    valid = score_split(r, "valid")
+    summary = {"stage": "fused", "steps": steps, "best_step": steps, "shots": len(pool),
+               "encoder_valid_auc": None if encoder is None else encoder["best_valid_auc"],
+               "valid_auc": valid["auc"], "valid_like_ratio_auc": valid["like_ratio_auc"]}
     ckpts.save_best(steps, state_lib.split_model(r.model)[1], {"step": steps, "valid": {"auc": summary["valid_auc"]}})
   finally:
     ckpts.close()
@@ -149,12 +168,10 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
     summary.update(test_auc=test["auc"], test_like_ratio_auc=test["like_ratio_auc"])
   summary["wall_s"] = time.time() - t0
   if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    checkpoint.write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if rows:
       rows[-1]["valid/auc"] = summary["valid_auc"]
-      s1 = config.stage1.steps
-      _write_metrics(workdir, rows, f"{config.name}: stage 1 (text) steps 1-{s1}, stage 2 (fused) {s1 + 1}-{steps}",
-                     summary["valid_like_ratio_auc"])
+      _write_metrics(workdir, rows, title, valid_reference)
   return summary
 
 

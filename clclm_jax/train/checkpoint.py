@@ -1,4 +1,5 @@
-"""orbax checkpoints: the latest train state (for exact resume) and the best trainable params.
+"""orbax checkpoints: the latest train state (for exact resume), the best trainable params, and the params at
+the end of each of the fused recipe's stages (its resume points).
 
 Saved: trainable params, optimizer state, step, random key, data-iterator state and a JSON `meta`
 (config, early stopping, metrics). Not saved: the frozen base, which is rebuilt from its source.
@@ -40,13 +41,27 @@ def check_finite(tree, what: str) -> None:
     raise FloatingPointError(f"not saving {what}: non-finite values in {bad[:3]}")
 
 
+def _save_params(manager: ocp.CheckpointManager, step: int, params, meta: dict[str, Any], what: str) -> None:
+  check_finite(params, what)
+  manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)),
+               force=True)
+
+
+def _restore_params(manager: ocp.CheckpointManager, step: int, target_params) -> tuple[Any, dict]:
+  r = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract(target_params)),
+                                                     meta=ocp.args.JsonRestore()))
+  return r["params"], r["meta"]
+
+
 class Checkpoints:
-  """`WORKDIR/checkpoints/latest/<step>` (full state) and `WORKDIR/checkpoints/best/<step>` (params)."""
+  """`WORKDIR/checkpoints/latest/<step>` (full state), `best/<step>` (params) and, for the fused recipe,
+  `stages/<k>` (params after its k-th stage)."""
 
   def __init__(self, workdir: str | pathlib.Path):
-    root = pathlib.Path(workdir) / "checkpoints"
-    self.latest = _manager(root / "latest")
-    self.best = _manager(root / "best")
+    self.root = pathlib.Path(workdir) / "checkpoints"
+    self.latest = _manager(self.root / "latest")
+    self.best = _manager(self.root / "best")
+    self._stages = None
 
   def save_latest(self, state: TrainState, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
     check_finite(state["params"], "the latest checkpoint")
@@ -68,9 +83,7 @@ class Checkpoints:
     return r["state"], r["data"], r["meta"]
 
   def save_best(self, step: int, params, meta: dict[str, Any]) -> None:
-    check_finite(params, "the best checkpoint")
-    self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                 meta=ocp.args.JsonSave(meta)), force=True)
+    _save_params(self.best, step, params, meta, "the best checkpoint")
 
   def best_step(self) -> int | None:
     return self.best.latest_step()
@@ -80,10 +93,25 @@ class Checkpoints:
     step = self.best.latest_step()
     if step is None:
       raise FileNotFoundError(f"no best checkpoint under {self.best.directory}: train first")
-    r = self.best.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract(target_params)), meta=ocp.args.JsonRestore()))
-    return r["params"], r["meta"]
+    return _restore_params(self.best, step, target_params)
+
+  @property
+  def stages(self) -> ocp.CheckpointManager:
+    if self._stages is None:
+      self._stages = _manager(self.root / "stages")
+    return self._stages
+
+  def save_stage(self, k: int, params, meta: dict[str, Any]) -> None:
+    """The params after the fused recipe's k-th stage (1 = encoder pretraining), with what a resume needs."""
+    _save_params(self.stages, k, params, meta, f"stage {k}'s checkpoint")
+
+  def restore_stage(self, target_params) -> tuple[int, Any, dict] | None:
+    """(k, params, meta) of the last finished stage, or None when no stage has finished."""
+    if not (self.root / "stages").is_dir() or (k := self.stages.latest_step()) is None:
+      return None
+    return (k, *_restore_params(self.stages, k, target_params))
 
   def close(self) -> None:
-    self.latest.close()
-    self.best.close()
+    for manager in (self.latest, self.best, self._stages):
+      if manager is not None:
+        manager.close()
