@@ -25,7 +25,7 @@ def get_config() -> ConfigDict:
   c.lora = ConfigDict(dict(r=8, alpha=16.0, dropout=0.05, targets=("q_proj", "v_proj"),
                            init_from=""))  # a PEFT adapter folder to start from
   c.data = ConfigDict(dict(
-      domain="book",
+      domain="book",  # the item word of the prompts: built-in data for movie and book, own files any word
       shots=64,  # TALLRec few-shot training set size; <= 0 for the whole pool
       fewshot_seed=0,
       split_seed=0,
@@ -38,8 +38,8 @@ def get_config() -> ConfigDict:
       pad_multiple=64,  # fewer distinct shapes, fewer compiles of the 30-layer model
       eval_widths=6,  # evaluation pads to at most this many widths chosen from the data; 0: pad_multiple
       # Your own TALLRec-format JSON files (TALLRec's --train_data_path / --val_data_path) instead of the
-      # built-in splits; parsed with `domain`'s instruction. Absolute, or relative to the working directory
-      # or CLCLM_DATA; test may stay empty with test_size=0.
+      # built-in splits, about items of any `domain` word ("game": "...like the target game..."). Absolute, or
+      # relative to the working directory or CLCLM_DATA; test may stay empty with test_size=0.
       files=ConfigDict(dict(train="", valid="", test="")),
   ))
   c.instruct = ConfigDict(dict(file="instruct/alpaca_data_1k.json", num_examples=-1, batch_size=16,

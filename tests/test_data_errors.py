@@ -7,7 +7,7 @@ import pytest
 from clclm_jax.data import instruct, prompts, tallrec
 from clclm_jax.data.errors import DataError
 
-INSTR = prompts.INSTRUCTIONS["movie"]
+INSTR = prompts.instruction("movie")
 GOOD_INPUT = 'User Preference: "A (1990)"\nUser Unpreference: \nWhether the user will like the target movie "B (1991)"?'
 
 
@@ -35,7 +35,7 @@ def _records(*records) -> str:
      r"bad.json record 0: keys \['output'\] are not strings"),
     (_records({"instruction": INSTR, "input": "User Preference: A\nWhat?", "output": "No."}),
      r"bad.json record 0: input is not `User Preference: .*; fix: render inputs with prompts.render_tallrec"),
-    (_records({"instruction": prompts.INSTRUCTIONS["book"], "input": GOOD_INPUT, "output": "No."}),
+    (_records({"instruction": prompts.instruction("book"), "input": GOOD_INPUT, "output": "No."}),
      r"bad.json record 0: instruction is not TALLRec's movie instruction"),
 ])
 def test_bad_tallrec_json(tmp_path, content, message):

@@ -35,7 +35,7 @@ def test_render_movie_and_book():
       'User Preference: \nUser Unpreference: "Rising Sun" written by MICHAEL CRICHTON\n'
       'Whether the user will like the target book ""Friday" written by Robert Heinlein"?')
   assert prompts.tallrec_record(b, BOOKS, "book")["output"] == "Yes."
-  assert prompts.INSTRUCTIONS["movie"] == ("Given the user's preference and unpreference, identify whether the user "
+  assert prompts.instruction("movie") == ("Given the user's preference and unpreference, identify whether the user "
                                            'will like the target movie by answering "Yes." or "No.".')
 
 

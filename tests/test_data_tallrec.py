@@ -107,7 +107,7 @@ def test_command_line_writes_three_files(tmp_path):
   assert "train=" in done.stdout
   assert sorted(p.name for p in out.iterdir()) == ["test.json", "train.json", "valid.json"]
   records = json.loads((out / "train.json").read_text())
-  assert records[0]["instruction"] == prompts.INSTRUCTIONS["book"]
+  assert records[0]["instruction"] == prompts.instruction("book")
   assert '" written by Author ' in records[0]["input"] + records[1]["input"]
 
 
@@ -131,7 +131,7 @@ def test_atomic_write_failure_leaves_no_file(tmp_path):
 
 def test_unknown_item_with_catalogue(tmp_path):
   path = tmp_path / "x.json"
-  record = {"instruction": prompts.INSTRUCTIONS["movie"], "output": "Yes.",
+  record = {"instruction": prompts.instruction("movie"), "output": "Yes.",
             "input": 'User Preference: "A (1990)"\nUser Unpreference: \n'
                      'Whether the user will like the target movie "B (1991)"?'}
   path.write_text(json.dumps([record]))

@@ -38,7 +38,7 @@ def test_answer_index_and_masks():
 def test_fits_without_truncation():
   enc = tokenize.encode_interaction(ByteTokenizer(), USER, CATALOGUE, "movie", cutoff_len=1024)
   text = ByteTokenizer().decode(enc.tokens)
-  assert text == prompts.template("alpaca").prompt(prompts.INSTRUCTIONS["movie"],
+  assert text == prompts.template("alpaca").prompt(prompts.instruction("movie"),
                                                    prompts.render_tallrec(USER, CATALOGUE, "movie")) + "Yes."
 
 

@@ -70,6 +70,17 @@ def test_pretraining_learns_feedback_and_touches_only_the_encoder():
     assert (not np.array_equal(old, np.asarray(new))) == name.startswith(("encoder", "feedback_head")), name
 
 
+def test_pretraining_on_fewer_windows_than_a_batch_still_steps():
+  rng = np.random.default_rng(0)
+  model = _model()
+  prompts = [Interaction(0, (1, 2), (True, False), 3, 1), Interaction(0, (4, 5), (False, True), 6, 0)]
+  cfg = feedback.PretrainConfig(epochs=1, batch_size=256, window=7, stride=3, patience=1)
+  result = feedback.pretrain(model, _synthetic(5, rng), prompts, cfg, log=lambda _: None)
+  assert result["windows"] < 256 and np.isfinite(result["epochs"][0]["loss"])  # one batch of every window
+  with pytest.raises(ValueError, match=r"no behaviour sequences .* set config.fusion.pretrain.epochs=0"):
+    feedback.pretrain(model, [], prompts, cfg, log=lambda _: None)
+
+
 def _ml100k(root, rows):
   (root / "ml-100k").mkdir(parents=True)
   (root / "ml-100k" / "u.item").write_bytes(

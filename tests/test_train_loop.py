@@ -85,10 +85,11 @@ def test_like_ratio_references_score_the_same_prompts_as_evaluation(data_root):
   assert refs["test_like_ratio_auc"] == pytest.approx(pairs)
 
 
-def _tallrec_files(folder, sizes=(("train", 24), ("valid", 12), ("test", 12))):
-  """Synthetic TALLRec book files (no licensed data): Yes prompts have 5 of 6 history items liked, No prompts 1."""
+def _tallrec_files(folder, sizes=(("train", 24), ("valid", 12), ("test", 12)), domain="book"):
+  """Synthetic TALLRec files (no licensed data): Yes prompts have 5 of 6 history items liked, No prompts 1."""
   rng = np.random.default_rng(0)
-  catalogue = Catalogue(Item(i, f"Book number {i}", f"Author {i % 5}") for i in range(1, 31))
+  catalogue = Catalogue(Item(i, f"{domain.title()} number {i}", f"Author {i % 5}" if domain == "book" else None)
+                        for i in range(1, 31))
   files = {}
   for name, n in sizes:
     xs = []
@@ -97,7 +98,7 @@ def _tallrec_files(folder, sizes=(("train", 24), ("valid", 12), ("test", 12))):
       xs.append(Interaction(0, tuple(int(i) for i in rng.choice(np.arange(1, 31), 6, replace=False)), likes,
                             int(rng.integers(1, 31)), int(k % 2)))
     files[name] = folder / f"{name}.json"
-    files[name].write_text(tallrec.dumps_tallrec([prompts.tallrec_record(x, catalogue, "book") for x in xs]))
+    files[name].write_text(tallrec.dumps_tallrec([prompts.tallrec_record(x, catalogue, domain) for x in xs]))
   return files
 
 
@@ -144,6 +145,24 @@ def test_own_tallrec_files_errors_name_the_field_and_fix(tmp_path):
   files["test"].write_text(files["test"].read_text().replace("Whether the user will like", "Will the user like", 1))
   with pytest.raises(DataError, match=r"test.json record 0: input is not"):
     loop.rec_splits(_files_config(files))
+
+
+def test_own_files_may_hold_any_item_domain(tmp_path):
+  files = _tallrec_files(tmp_path, domain="board game")
+  record = json.loads(files["train"].read_text())[0]
+  assert "the target board game by answering" in record["instruction"]
+  assert record["input"].endswith('Whether the user will like the target board game "Board Game number 28"?')
+  sp = loop.rec_splits(_files_config(files, domain="board game"))
+  assert [prompts.tallrec_record(x, sp.catalogue, "board game") for x in sp.train] == json.loads(
+      files["train"].read_text())  # parsed and rendered back to the same records
+  with pytest.raises(DataError, match=r"train.json record 0: instruction is not TALLRec's movie instruction \(it "
+                     r"asks about the target board game\); fix: set config.data.domain='board game'"):
+    loop.rec_splits(_files_config(files, domain="movie"))
+  with pytest.raises(ConfigError, match=r"config.data.domain='board game': the built-in data is movie and book; "
+                     r"for other items give your own TALLRec-format files"):
+    loop.rec_splits(_files_config({}, domain="board game"))
+  with pytest.raises(ConfigError, match=r"config.data.domain 'game!' is not an item word"):
+    loop.rec_splits(_files_config(files, domain="game!"))
 
 
 def test_fused_pretraining_reads_histories_of_own_files_not_movielens(tmp_path):

@@ -159,7 +159,11 @@ def pretrain(model: FusedRec, seqs: Sequences, valid: Sequence[Interaction], cfg
   """Trains `model.encoder` and `model.feedback_head` in place; keeps the epoch with the best valid AUC."""
   if not model.config.target_aware:
     raise ValueError("feedback pretraining needs FusionConfig(target_aware=True)")
+  if not seqs:
+    raise ValueError("no behaviour sequences to pretrain the encoder on (every prompt's history is empty): set "
+                     "config.fusion.pretrain.epochs=0")
   ids, fb = windows(seqs, cfg.window, cfg.stride)
+  batch_size = min(cfg.batch_size, len(ids))  # small data: one batch of every window rather than no step
   tx = optax.adamw(cfg.lr, weight_decay=0.0)
   graphdef, params, rest = nnx.split(model, _is_encoder_param, ...)
   opt_state = tx.init(params)
@@ -169,8 +173,8 @@ def pretrain(model: FusedRec, seqs: Sequences, valid: Sequence[Interaction], cfg
     if cfg.shuffle_order:
       ids, fb = windows(shuffled(seqs, rng), cfg.window, cfg.stride)
     order, losses = rng.permutation(len(ids)), []
-    for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-      rows = order[i:i + cfg.batch_size]
+    for i in range(0, len(order) - batch_size + 1, batch_size):
+      rows = order[i:i + batch_size]
       key, step_key = jax.random.split(key)
       params, opt_state, loss = train_step(params, opt_state, rest, ids[rows], fb[rows], step_key,
                                            graphdef=graphdef, tx=tx, cl_weight=cfg.cl_weight,

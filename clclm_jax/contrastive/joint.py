@@ -75,7 +75,7 @@ def encode_fused(tokenizer: tokenize.Tokenizer, x: Interaction, catalogue: Catal
   tmpl = prompts.template(spec.template)
   for drop in range(len(x.history_ids) + 1):  # Oldest history items go first, as in tokenize.encode_interaction.
     y = x.drop_oldest(drop)
-    prompt = tmpl.prompt(prompts.INSTRUCTIONS[spec.domain],
+    prompt = tmpl.prompt(prompts.instruction(spec.domain),
                          fused_input(y, catalogue, spec.domain, spec.placeholder * spec.num_soft_tokens))
     try:
       enc = tokenize.encode_example(tokenizer, prompt, prompts.ANSWERS[y.label], cutoff_len=spec.cutoff_len,

@@ -7,6 +7,7 @@ formatting accident that costs tokens); `tallrec_verbatim` keeps the comment for
 """
 
 import dataclasses
+import re
 from collections.abc import Sequence
 
 from clclm_jax.data.records import Catalogue, Interaction, Item
@@ -39,11 +40,25 @@ TEMPLATES: dict[str, Template] = {
 
 ANSWERS = ("No.", "Yes.")  # indexed by label: 0 No, 1 Yes.
 
-INSTRUCTIONS: dict[str, str] = {
-    domain: ("Given the user's preference and unpreference, identify whether the user will like the "
-             f'target {domain} by answering "Yes." or "No.".')
-    for domain in ("movie", "book")
-}
+_DOMAIN_WORD = re.compile(r"[A-Za-z][A-Za-z0-9 -]*")
+
+
+def check_domain(domain: str) -> str:
+  """`domain` if it can be the item word of TALLRec's prompts ("the target movie"); ValueError if not."""
+  if not isinstance(domain, str) or not _DOMAIN_WORD.fullmatch(domain):
+    raise ValueError(f"domain {domain!r} is not an item word (letters, digits, spaces, hyphens: 'movie', 'book', "
+                     "'game', ...)")
+  return domain
+
+
+def instruction(domain: str) -> str:
+  """TALLRec's instruction for items of `domain`; only the item word changes between domains."""
+  return ("Given the user's preference and unpreference, identify whether the user will like the "
+          f'target {check_domain(domain)} by answering "Yes." or "No.".')
+
+
+INSTRUCTION_RE = re.compile(r"Given the user's preference and unpreference, identify whether the user will like "
+                            r'the target (.+) by answering "Yes\." or "No\."\.')
 
 
 def template(name: str) -> Template:
@@ -53,7 +68,8 @@ def template(name: str) -> Template:
 
 
 def render_item(item: Item, domain: str) -> str:
-  """A history item as TALLRec writes it: `"Title"`, or `"Title" written by Author` for books."""
+  """A history item as TALLRec writes it: `"Title"` (movies, and any domain but books), or `"Title" written by
+  Author` for books."""
   if domain == "book":
     return f'"{item.title}" written by {item.author}'
   return f'"{item.title}"'
@@ -68,8 +84,7 @@ def render_target(item: Item, domain: str) -> str:
 
 def render_input(history: Sequence[tuple[Item, bool]], target: Item, domain: str) -> str:
   """TALLRec's `input` text from (item, liked) pairs, oldest first: liked items, disliked items, target."""
-  if domain not in INSTRUCTIONS:
-    raise KeyError(f"unknown domain {domain!r}; choose one of {sorted(INSTRUCTIONS)}")
+  check_domain(domain)
   liked = ", ".join(render_item(item, domain) for item, like in history if like)
   disliked = ", ".join(render_item(item, domain) for item, like in history if not like)
   return (f"User Preference: {liked}\nUser Unpreference: {disliked}\n"
@@ -84,5 +99,5 @@ def render_tallrec(interaction: Interaction, catalogue: Catalogue, domain: str) 
 
 def tallrec_record(interaction: Interaction, catalogue: Catalogue, domain: str) -> dict[str, str]:
   """The `{instruction, input, output}` record TALLRec stores for one interaction."""
-  return {"instruction": INSTRUCTIONS[domain], "input": render_tallrec(interaction, catalogue, domain),
+  return {"instruction": instruction(domain), "input": render_tallrec(interaction, catalogue, domain),
           "output": ANSWERS[interaction.label]}

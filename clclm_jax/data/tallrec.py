@@ -143,12 +143,13 @@ def book_interactions(ratings: Sequence[tuple[int, int, int]], *, seed: int = 42
 # --- TALLRec JSON -> records ---------------------------------------------------------------------
 
 _INPUT_RE = re.compile(r"User Preference: (.*)\nUser Unpreference: (.*)\n"
-                       r"Whether the user will like the target (movie|book) (.*)\?")
+                       r'Whether the user will like the target (.+?) (".*")\?')
 _BOOK_ITEM_RE = re.compile(r'"(.*)" written by (.*)')
 
 
 def _split_items(text: str, domain: str) -> list[tuple[str, str | None]] | None:
-  """`"A", "B"` (movie) or `"A" written by X, "B" written by Y` (book) as (title, author) pairs."""
+  """`"A", "B"` (movie, any domain but books) or `"A" written by X, "B" written by Y` (book) as (title, author)
+  pairs."""
   if not text:
     return []
   out, piece = [], ""
@@ -157,7 +158,7 @@ def _split_items(text: str, domain: str) -> list[tuple[str, str | None]] | None:
     if domain == "book" and (m := _BOOK_ITEM_RE.fullmatch(piece)):
       out.append((m[1], m[2]))
       piece = ""
-    elif domain == "movie" and len(piece) >= 2 and piece[0] == piece[-1] == '"':
+    elif domain != "book" and len(piece) >= 2 and piece[0] == piece[-1] == '"':
       out.append((piece[1:-1], None))
       piece = ""
   return None if piece else out
@@ -166,7 +167,7 @@ def _split_items(text: str, domain: str) -> list[tuple[str, str | None]] | None:
 def _parse_target(text: str, domain: str) -> tuple[str, str | None] | None:
   if len(text) < 2 or text[0] != '"' or text[-1] != '"':
     return None
-  if domain == "movie":
+  if domain != "book":
     return text[1:-1], None
   m = _BOOK_ITEM_RE.fullmatch(text[1:-1])
   return (m[1], m[2]) if m else None
@@ -198,9 +199,12 @@ def parse_tallrec(records: Sequence[dict], domain: str, ids: ItemIds, path=None)
   """TALLRec records back to interactions; history is liked then disliked items, as the prompt lists them."""
   out = []
   for i, r in enumerate(records):
-    if r["instruction"] != prompts.INSTRUCTIONS[domain]:
-      raise DataError(path, i, f"instruction is not TALLRec's {domain} instruction",
-                      "parse each file with the domain it was made for (movie or book)")
+    if r["instruction"] != prompts.instruction(domain):
+      m = prompts.INSTRUCTION_RE.fullmatch(r["instruction"])
+      raise DataError(path, i, f"instruction is not TALLRec's {domain} instruction" +
+                      (f" (it asks about the target {m[1]})" if m else ""),
+                      f"set config.data.domain={m[1]!r}" if m else
+                      "TALLRec's wording with your item word: " + prompts.instruction("<item word>"))
     if r["output"] not in prompts.ANSWERS:
       raise DataError(path, i, f"output {r['output']!r} is not 'Yes.' or 'No.'", "label every record Yes. or No.")
     m = _INPUT_RE.fullmatch(r["input"])
@@ -259,10 +263,9 @@ def tallrec_splits(domain: str, root: str | os.PathLike | None = None, *, seed: 
 def tallrec_files(domain: str, train: str | os.PathLike, valid: str | os.PathLike,
                   test: str | os.PathLike | None = None) -> TallrecSplits:
   """Splits from your own TALLRec-format JSON files (what TALLRec's `--train_data_path` / `--val_data_path`
-  take), parsed with `domain`'s instruction; items are numbered across the three files from their text.
-  Without `test`, the test split is empty."""
-  if domain not in DOMAINS:
-    raise KeyError(f"unknown domain {domain!r}; choose one of {DOMAINS}")
+  take), parsed with `domain`'s instruction (any item word: "movie", "book", "game", ...); items are numbered
+  across the three files from their text. Without `test`, the test split is empty."""
+  prompts.check_domain(domain)
   ids = ItemIds()
   train_xs, valid_xs = read_tallrec(train, domain, ids), read_tallrec(valid, domain, ids)
   test_xs = read_tallrec(test, domain, ids) if test else []

@@ -61,7 +61,7 @@ def encode_interaction(tokenizer: Tokenizer, interaction: Interaction, catalogue
   tmpl = prompts.template(template)
   for drop in range(len(interaction.history_ids) + 1):
     x = interaction.drop_oldest(drop)
-    prompt = tmpl.prompt(prompts.INSTRUCTIONS[domain], prompts.render_tallrec(x, catalogue, domain))
+    prompt = tmpl.prompt(prompts.instruction(domain), prompts.render_tallrec(x, catalogue, domain))
     try:
       return encode_example(tokenizer, prompt, prompts.ANSWERS[x.label], cutoff_len=cutoff_len,
                             train_on_inputs=train_on_inputs)
@@ -73,7 +73,7 @@ def encode_interaction(tokenizer: Tokenizer, interaction: Interaction, catalogue
 
 def answer_token_ids(tokenizer: Tokenizer, template: str = "alpaca") -> tuple[int, int]:
   """(yes_id, no_id): the first token of "Yes." and "No." right after a Response header, in context."""
-  prompt = prompts.template(template).prompt(prompts.INSTRUCTIONS["movie"], "User Preference: \"A\"")
+  prompt = prompts.template(template).prompt(prompts.instruction("movie"), "User Preference: \"A\"")
   yes, no = (encode_example(tokenizer, prompt, a, cutoff_len=1 << 30) for a in ("Yes.", "No."))
   yes_id, no_id = int(yes.tokens[yes.answer_index + 1]), int(no.tokens[no.answer_index + 1])
   if yes_id == no_id:

@@ -20,7 +20,7 @@ from ml_collections import ConfigDict
 import tqdm
 import transformers
 
-from clclm_jax.data import fewshot, instruct, paths, pipeline, tallrec, tokenize
+from clclm_jax.data import fewshot, instruct, paths, pipeline, prompts, tallrec, tokenize
 from clclm_jax.data.records import Interaction
 from clclm_jax.model import loading, lora, peft
 from clclm_jax.model.config import LoraConfig, presets
@@ -113,7 +113,14 @@ def rec_splits(config: ConfigDict) -> tallrec.TallrecSplits:
   """The TALLRec splits of `data.domain`: built in (MovieLens-100K / TALLRec's book files), or `data.files`."""
   d = config.data
   if not uses_files(config):
+    if d.domain not in tallrec.DOMAINS:
+      raise ConfigError(f"config.data.domain={d.domain!r}: the built-in data is {' and '.join(tallrec.DOMAINS)}; "
+                        "for other items give your own TALLRec-format files (config.data.files.train / valid / test)")
     return tallrec.tallrec_splits(d.domain, seed=d.split_seed, book_valid_size=d.book_valid_size)
+  try:
+    prompts.check_domain(d.domain)
+  except ValueError as e:
+    raise ConfigError(f"config.data.{e}") from None
   missing = [k for k in ("train", "valid") if not d.files[k]]
   if missing:
     raise ConfigError(f"config.data.files: set {' and '.join(missing)} too (train and valid are needed, test is "
