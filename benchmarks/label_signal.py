@@ -1,6 +1,6 @@
-"""What in a TALLRec prompt predicts its label without a language model: a yardstick for the quality goals.
+"""What in a TALLRec prompt predicts its label without tuning a language model: a yardstick for the quality goals.
 
-  python benchmarks/label_signal.py [--out benchmarks/results] [--domains movie book] [--no-encoder]
+  python benchmarks/label_signal.py [--out benchmarks/results] [--domains movie book] [--no-encoder] [--llm_titles]
 
 Each signal is read from the prompt alone or from the histories of all prompts (train pool, valid, test;
 never a target's label, nor the user's own rating of the target item where it sits in a later prompt's
@@ -10,8 +10,10 @@ TF-IDF title similarity of the target to the liked minus the disliked history it
 over all of them is fitted on the same few-shot samples as `fused_quality.py` (16/64/256, seeds 0-2) and on
 the whole pool. With the encoder (default), the fused recipe's pretrained sequence encoder (configs/fused_<domain>.py,
 seed 0; trained on those histories, stopped on valid) adds its P(like target), the hint that `hint_kd` distils, and
-its rank correlation with the like-ratio says how much it knows beyond it. All AUCs are on the whole test set.
-Writes label_signal.{json,md} into --out.
+its rank correlation with the like-ratio says how much it knows beyond it. `--llm_titles` adds the LLM's own
+view of the titles (SmolLM2's final hidden states averaged over each item's text: the best cosine to a liked
+item minus the best to a disliked one; ~20 min for book's 25k items on 2 CPU cores). All AUCs are on the whole
+test set. Writes label_signal.{json,md} into --out.
 """
 
 import argparse
@@ -22,8 +24,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 import scipy.stats
+import tqdm
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -35,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from clclm_jax.contrastive import feedback, recipe  # pylint: disable=wrong-import-position
-from clclm_jax.data import fewshot, tallrec  # pylint: disable=wrong-import-position
+from clclm_jax.data import fewshot, prompts, tallrec  # pylint: disable=wrong-import-position
 from clclm_jax.data.records import Interaction  # pylint: disable=wrong-import-position
 from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
 
@@ -45,7 +49,10 @@ SIGNALS = {"like_ratio": "history like-ratio (smoothed)",
            "author_liked": "target's author among the user's liked items (book)",
            "author_disliked": "target's author among the user's disliked items (book, sign flipped)",
            "title_similarity": "TF-IDF title similarity: to liked minus to disliked items",
+           "llm_title_similarity": "LLM title similarity (SmolLM2 hidden states): to liked minus to disliked items",
            "encoder": "pretrained sequence encoder's P(like), the fused recipe's hint (seed 0)"}
+OPTIONAL = ("llm_title_similarity", "encoder")  # signals that need the LLM or the encoder: flags turn them on
+SHORT = {"llm_title_similarity": "LLM title similarity", "encoder": "the encoder's P(like)"}
 SHOTS, SEEDS = (16, 64, 256), (0, 1, 2)
 
 
@@ -101,23 +108,56 @@ class Signals:
             "title_similarity": self._similarity(x.target_id, liked) - self._similarity(x.target_id, disliked)}
 
 
-def encoder_signal(domain: str) -> tuple[tallrec.TallrecSplits, Callable[[Interaction], float]]:
-  """The fused recipe's encoder, pretrained as `train.py --config=configs/fused_<domain>.py` does (seed 0), and
-  its logit of P(like target) per prompt of the splits it read."""
-  config = importlib.import_module(f"configs.fused_{domain}").get_config()
-  r = recipe.build(config)
+def encoder_signal(r: recipe.Recipe) -> Callable[[Interaction], float]:
+  """The fused recipe's encoder, pretrained as `train.py --config=configs/fused_<domain>.py` does (seed 0): its
+  logit of P(like target) per prompt of the training pool and the test set."""
   recipe.pretrain_encoder(r, log=lambda _: None)
-  prompts = list(r.splits.train) + list(r.splits.test)
-  p = np.clip(feedback.like_probabilities(r.model, prompts), 1e-6, 1 - 1e-6)
-  logit = dict(zip(map(id, prompts), np.log(p / (1 - p)).tolist()))
-  return r.splits, lambda x: logit[id(x)]
+  xs = list(r.splits.train) + list(r.splits.test)
+  p = np.clip(feedback.like_probabilities(r.model, xs), 1e-6, 1 - 1e-6)
+  logit = dict(zip(map(id, xs), np.log(p / (1 - p)).tolist()))
+  return lambda x: logit[id(x)]
 
 
-def domain_result(domain: str, encoder: bool = True) -> dict[str, Any]:
-  splits, score = encoder_signal(domain) if encoder else (tallrec.tallrec_splits(domain), None)
+def title_embeddings(llm, tokenizer, texts: list[str], batch_size: int = 64, max_tokens: int = 32) -> np.ndarray:
+  """`[n, d]`: the LLM's final-normed hidden states averaged over each text's tokens, unit length."""
+  ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+  forward = jax.jit(lambda tokens, mask: llm.hidden_states(tokens, None, mask))
+  out = np.zeros((len(texts), llm.config.hidden_size), np.float32)
+  order = np.argsort([len(t) for t in ids], kind="stable")
+  for start in tqdm.trange(0, len(order), batch_size, desc="title embeddings"):
+    rows = order[start:start + batch_size]
+    width = -(-max(len(ids[k]) for k in rows) // 8) * 8
+    tokens, mask = np.zeros((batch_size, width), np.int32), np.zeros((batch_size, width), np.int32)
+    for j, k in enumerate(rows):
+      tokens[j, :len(ids[k])], mask[j, :len(ids[k])] = ids[k], 1
+    h = np.asarray(forward(tokens, mask), np.float32)
+    for j, k in enumerate(rows):
+      out[k] = h[j, :len(ids[k])].mean(axis=0)
+  return out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-9)
+
+
+def llm_title_signal(r: recipe.Recipe, domain: str) -> Callable[[Interaction], float]:
+  """Best cosine of the target's title embedding to a liked history item minus the best to a disliked one."""
+  xs = list(r.splits.train) + list(r.splits.test)
+  items = sorted({i for x in xs for i in (*x.history_ids, x.target_id)})
+  emb = dict(zip(items, title_embeddings(r.model.llm, r.tokenizer,
+                                         [prompts.render_item(r.splits.catalogue[i], domain) for i in items])))
+
+  def score(x: Interaction) -> float:
+    cos = [(float(emb[i] @ emb[x.target_id]), like) for i, like in zip(x.history_ids, x.history_likes)]
+    best = lambda liked: max((c for c, like in cos if like == liked), default=0.0)
+    return best(True) - best(False)
+  return score
+
+
+def domain_result(domain: str, encoder: bool = True, llm_titles: bool = False) -> dict[str, Any]:
+  r = recipe.build(importlib.import_module(f"configs.fused_{domain}").get_config()) if encoder or llm_titles else None
+  splits = tallrec.tallrec_splits(domain) if r is None else r.splits
+  extra = {**({"llm_title_similarity": llm_title_signal(r, domain)} if llm_titles else {}),
+           **({"encoder": encoder_signal(r)} if encoder else {})}
   signals = Signals(splits)
-  names = [n for n in SIGNALS if (domain == "book" or "author" not in n) and (encoder or n != "encoder")]
-  row = lambda x: {**signals(x), **({"encoder": score(x)} if score else {})}
+  names = [n for n in SIGNALS if (domain == "book" or "author" not in n) and (n in extra or n not in OPTIONAL)]
+  row = lambda x: {**signals(x), **{n: f(x) for n, f in extra.items()}}
   features = lambda xs: np.asarray([[s[n] for n in names] for s in map(row, xs)])
   test_x, test_y = features(splits.test), np.asarray([x.label for x in splits.test])
   single = {n: evaluate.auc(test_x[:, k], test_y) for k, n in enumerate(names)}
@@ -133,13 +173,14 @@ def domain_result(domain: str, encoder: bool = True) -> dict[str, Any]:
     fitted["all" if shots is None else str(shots)] = aucs
   out = {"domain": domain, "test_n": len(splits.test), "pool_n": len(splits.train), "signals": single,
          "logistic_regression": fitted}
-  if encoder:
-    out["encoder_like_ratio_spearman"] = float(
-        scipy.stats.spearmanr(test_x[:, names.index("encoder")], test_x[:, names.index("like_ratio")])[0])
+  out["like_ratio_spearman"] = {n: float(scipy.stats.spearmanr(test_x[:, names.index(n)],
+                                                                 test_x[:, names.index("like_ratio")])[0])
+                                 for n in extra}
   return out
 
 
-def markdown(results: list[dict[str, Any]], machine: dict[str, Any]) -> str:
+def markdown(results: list[dict[str, Any]], machine: dict[str, Any],
+             command: str = "python benchmarks/label_signal.py") -> str:
   domains = [r["domain"] for r in results]
   rows = [[SIGNALS[n], *(f"{100 * r['signals'][n]:.2f}" if n in r["signals"] else "-" for r in results)]
           for n in SIGNALS if any(n in r["signals"] for r in results)]
@@ -147,15 +188,16 @@ def markdown(results: list[dict[str, Any]], machine: dict[str, Any]) -> str:
     label = "the whole pool" if key == "all" else f"{key} shots, seeds 0-2"
     rows.append([f"logistic regression on all signals, fitted on {label}",
                  *(common.mean_std([100 * a for a in r["logistic_regression"][key]]) for r in results)])
-  if any("encoder_like_ratio_spearman" in r for r in results):
-    rows.append(["rank correlation (Spearman) of the encoder's P(like) with the like-ratio, test set",
-                 *(f"{r['encoder_like_ratio_spearman']:.3f}" if "encoder_like_ratio_spearman" in r else "-"
-                   for r in results)])
+  for n in OPTIONAL:
+    if any(n in r.get("like_ratio_spearman", {}) for r in results):
+      rows.append([f"rank correlation (Spearman) with the like-ratio, test set: {SHORT[n]}",
+                   *(f"{r['like_ratio_spearman'][n]:.3f}" if n in r.get("like_ratio_spearman", {}) else "-"
+                     for r in results)])
   pools = ", ".join(f"{r['domain']} {r['pool_n']}" for r in results)
   return "\n".join([
-      "# What predicts a TALLRec label without a language model", "",
+      "# What predicts a TALLRec label without tuning a language model", "",
       f"AUC x100 on the whole test sets. Training pools: {pools} prompts. {common.machine_line(machine)}. "
-      "Produced by `python benchmarks/label_signal.py`.", "",
+      f"Produced by `{command}`.", "",
       common.markdown_table(["signal", *domains], rows), ""])
 
 
@@ -165,9 +207,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--domains", nargs="+", default=["movie", "book"], choices=("movie", "book"))
   p.add_argument("--encoder", action=argparse.BooleanOptionalAction, default=True,
                  help="add the fused recipe's pretrained encoder as a signal (loads the LLM; ~1-3 min a domain)")
+  p.add_argument("--llm_titles", action="store_true",
+                 help="add the LLM's title similarity as a signal (~20 min for book on 2 CPU cores)")
   args = p.parse_args(argv)
-  result = {"machine": common.machine(), "results": [domain_result(d, args.encoder) for d in args.domains]}
-  common.write_result(args.out, "label_signal", result, markdown(result["results"], result["machine"]))
+  command = " ".join(["python benchmarks/label_signal.py", *(["--no-encoder"] if not args.encoder else []),
+                       *(["--llm_titles"] if args.llm_titles else []),
+                       *(["--domains", *args.domains] if args.domains != ["movie", "book"] else [])])
+  result = {"machine": common.machine(), "command": command,
+            "results": [domain_result(d, args.encoder, args.llm_titles) for d in args.domains]}
+  common.write_result(args.out, "label_signal", result, markdown(result["results"], result["machine"], command))
   return result
 
 

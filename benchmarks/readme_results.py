@@ -66,7 +66,7 @@ def _body(md: str) -> str:
 
 def label_signal_section(md: str) -> list[str]:
   """benchmarks/label_signal.py's table: how much of each label the prompt's structure predicts, no LLM."""
-  return ["### What predicts a TALLRec label without a language model", "",
+  return ["### What predicts a TALLRec label without tuning a language model", "",
           "A yardstick for the goals above: the history like-ratio, item and author priors, title overlap and "
           "the fused recipe's own pretrained encoder need no language model. On movie the encoder knows more than "
           "the like-ratio (rank correlation 0.7) and a regression over all signals reaches 78; on book the encoder "

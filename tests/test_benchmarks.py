@@ -418,12 +418,25 @@ def test_label_signals_count_histories_never_targets():
 def test_label_signal_table_shows_the_encoder_where_it_ran():
   fitted = {k: [0.6, 0.7] for k in ("16", "64", "256", "all")}
   movie = {"domain": "movie", "pool_n": 8, "signals": {"like_ratio": 0.7, "encoder": 0.78},
-           "logistic_regression": fitted, "encoder_like_ratio_spearman": 0.705}
+           "logistic_regression": fitted, "like_ratio_spearman": {"encoder": 0.705}}
   book = {"domain": "book", "pool_n": 4, "signals": {"like_ratio": 0.69}, "logistic_regression": fitted}
   machine = {"cpu": "test cpu", "cores": 2, "memory_gib": 1.0, "jax_backend": "cpu", "device": "cpu",
              "device_count": 1, "versions": {}}
   md = label_signal.markdown([movie, book], machine)
   enc = next(l for l in md.splitlines() if l.startswith("| pretrained sequence encoder"))
   assert enc.endswith("| 78.00 | - |")
-  assert next(l for l in md.splitlines() if l.startswith("| rank correlation")).endswith("| 0.705 | - |")
+  corr = [l for l in md.splitlines() if l.startswith("| rank correlation")]
+  assert len(corr) == 1 and corr[0].endswith("the encoder's P(like) | 0.705 | - |")
   assert "encoder" not in label_signal.markdown([book], machine)
+
+
+def test_llm_title_embeddings_do_not_depend_on_their_batch():
+  import train_helpers  # pylint: disable=g-import-not-at-top
+  llm = train_helpers.tiny_model(dropout=0.0)
+  tokenizer = lambda text, add_special_tokens: {"input_ids": [3 + b % 200 for b in text.encode()]}
+  texts = ['"Dune" written by Frank Herbert', '"It"', '"The Left Hand of Darkness" written by Ursula K. Le Guin']
+  together = label_signal.title_embeddings(llm, tokenizer, texts, batch_size=4)
+  alone = np.concatenate([label_signal.title_embeddings(llm, tokenizer, [t], batch_size=1) for t in texts])
+  np.testing.assert_allclose(together, alone, atol=1e-5)  # padding never reaches a title's states
+  np.testing.assert_allclose(np.linalg.norm(together, axis=-1), 1.0, atol=1e-5)
+  assert abs(float(together[0] @ together[2])) < 0.999  # different titles, different vectors

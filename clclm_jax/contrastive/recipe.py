@@ -118,11 +118,40 @@ def _write_metrics(workdir: pathlib.Path, rows: list[dict], title: str, valid_re
   curves.write_curves(path, workdir / "curves.png", title=title, valid_reference=valid_reference)
 
 
+STAGES = ("encoder pretraining", "stage 1", "stage 2")  # the resume points of `train`, numbered from 1
+
+
+def run_stages(r: Recipe, ckpts: checkpoint.Checkpoints, pool: Sequence[Interaction],
+               after_stage: Callable[[list[dict]], None], log: Callable[[str], None] = print
+               ) -> tuple[list[dict], dict | None]:
+  """Encoder pretraining, stage 1 (text) and stage 2 (fused), saving the params after each; the stages that
+  `ckpts` shows finished are restored, not rerun. Returns the metrics rows and the pretraining result."""
+  done, rows, encoder = 0, [], None
+  resumed = ckpts.restore_stage(state_lib.split_model(r.model)[1])
+  if resumed is not None:
+    done, params, meta = resumed
+    nnx.update(r.model, params)
+    rows, encoder = meta["rows"], meta["encoder"]
+    log(f"resuming {ckpts.root.parent} after {STAGES[done - 1]}")
+  if done < 1:
+    encoder = pretrain_encoder(r, log)
+    ckpts.save_stage(1, state_lib.split_model(r.model)[1], {"rows": rows, "encoder": encoder})
+  c = r.config
+  for k, (name, spec, stage) in enumerate([("stage1", r.text, c.stage1), ("stage2", r.fused, c.stage2)], start=2):
+    if done >= k:
+      continue
+    with tqdm.tqdm(total=stage.steps, desc=name) as bar:
+      fit_stage(r, spec, pool + fewshot.history_targets(pool, stage.history_targets, c.seed), stage.steps,
+                dict(stage.loss_weights), c.seed, _bar_log(bar, rows, name))
+    ckpts.save_stage(k, state_lib.split_model(r.model)[1], {"rows": rows, "encoder": encoder})
+    after_stage(rows)
+  return rows, encoder
+
+
 def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], None] = print) -> dict:
   """Pretrain, stage 1, stage 2 on `data.shots` examples; saves the params as the best checkpoint in
   `workdir`, scores valid (and test unless `data.test_size == 0`); returns and writes the summary.
-  The params after each stage are kept (`checkpoint.Checkpoints.save_stage`): run the same command again after
-  a kill and it goes on after the last finished stage (a stage is a few dozen steps and reruns whole)."""
+  Run the same command again after a kill and it goes on after the last finished stage (`run_stages`)."""
   workdir, t0, d = pathlib.Path(workdir), time.time(), config.data
   workdir.mkdir(parents=True, exist_ok=True)
   runconfig.check_resume(config, workdir)
@@ -131,31 +160,15 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
   r = build(config)
   pool = loop.train_interactions(config, r.splits)
   valid_reference = evaluate.like_ratio_auc(loop.eval_interactions(config, r.splits, "valid"))
-  stages = [("stage1", r.text, config.stage1), ("stage2", r.fused, config.stage2)]
-  steps = sum(stage.steps for _, _, stage in stages)
-  s1 = config.stage1.steps
+  s1, steps = config.stage1.steps, config.stage1.steps + config.stage2.steps
   title = f"{config.name}: stage 1 (text) steps 1-{s1}, stage 2 (fused) {s1 + 1}-{steps}"
+
+  def write_metrics(rows: list[dict]) -> None:
+    if jax.process_index() == 0 and rows:
+      _write_metrics(workdir, rows, title, valid_reference)
   ckpts = checkpoint.Checkpoints(workdir)
   try:
-    done, rows, encoder = 0, [], None
-    resumed = ckpts.restore_stage(state_lib.split_model(r.model)[1])
-    if resumed is not None:
-      done, params, meta = resumed
-      nnx.update(r.model, params)
-      rows, encoder = meta["rows"], meta["encoder"]
-      log(f"resuming {workdir} after {('encoder pretraining', 'stage 1', 'stage 2')[done - 1]}")
-    if done < 1:
-      encoder = pretrain_encoder(r, log)
-      ckpts.save_stage(1, state_lib.split_model(r.model)[1], {"rows": rows, "encoder": encoder})
-    for k, (name, spec, stage) in enumerate(stages, start=2):
-      if done >= k:
-        continue
-      with tqdm.tqdm(total=stage.steps, desc=name) as bar:
-        fit_stage(r, spec, pool + fewshot.history_targets(pool, stage.history_targets, config.seed), stage.steps,
-                  dict(stage.loss_weights), config.seed, _bar_log(bar, rows, name))
-      ckpts.save_stage(k, state_lib.split_model(r.model)[1], {"rows": rows, "encoder": encoder})
-      if jax.process_index() == 0 and rows:
-        _write_metrics(workdir, rows, title, valid_reference)
+    rows, encoder = run_stages(r, ckpts, pool, write_metrics, log)
     valid = score_split(r, "valid")
     summary = {"stage": "fused", "steps": steps, "best_step": steps, "shots": len(pool),
                "encoder_valid_auc": None if encoder is None else encoder["best_valid_auc"],
@@ -171,7 +184,7 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
     checkpoint.write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if rows:
       rows[-1]["valid/auc"] = summary["valid_auc"]
-      _write_metrics(workdir, rows, title, valid_reference)
+      write_metrics(rows)
   return summary
 
 
