@@ -24,10 +24,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 import scipy.stats
-import tqdm
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -38,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from clclm_jax.contrastive import feedback, recipe  # pylint: disable=wrong-import-position
+from clclm_jax.contrastive import feedback, fusion, recipe  # pylint: disable=wrong-import-position
 from clclm_jax.data import fewshot, prompts, tallrec  # pylint: disable=wrong-import-position
 from clclm_jax.data.records import Interaction  # pylint: disable=wrong-import-position
 from clclm_jax.train import evaluate  # pylint: disable=wrong-import-position
@@ -118,30 +116,12 @@ def encoder_signal(r: recipe.Recipe) -> Callable[[Interaction], float]:
   return lambda x: logit[id(x)]
 
 
-def title_embeddings(llm, tokenizer, texts: list[str], batch_size: int = 64, max_tokens: int = 32) -> np.ndarray:
-  """`[n, d]`: the LLM's final-normed hidden states averaged over each text's tokens, unit length."""
-  ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
-  forward = jax.jit(lambda tokens, mask: llm.hidden_states(tokens, None, mask))
-  out = np.zeros((len(texts), llm.config.hidden_size), np.float32)
-  order = np.argsort([len(t) for t in ids], kind="stable")
-  for start in tqdm.trange(0, len(order), batch_size, desc="title embeddings"):
-    rows = order[start:start + batch_size]
-    width = -(-max(len(ids[k]) for k in rows) // 8) * 8
-    tokens, mask = np.zeros((batch_size, width), np.int32), np.zeros((batch_size, width), np.int32)
-    for j, k in enumerate(rows):
-      tokens[j, :len(ids[k])], mask[j, :len(ids[k])] = ids[k], 1
-    h = np.asarray(forward(tokens, mask), np.float32)
-    for j, k in enumerate(rows):
-      out[k] = h[j, :len(ids[k])].mean(axis=0)
-  return out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-9)
-
-
 def llm_title_signal(r: recipe.Recipe, domain: str) -> Callable[[Interaction], float]:
   """Best cosine of the target's title embedding to a liked history item minus the best to a disliked one."""
   xs = list(r.splits.train) + list(r.splits.test)
   items = sorted({i for x in xs for i in (*x.history_ids, x.target_id)})
-  emb = dict(zip(items, title_embeddings(r.model.llm, r.tokenizer,
-                                         [prompts.render_item(r.splits.catalogue[i], domain) for i in items])))
+  emb = dict(zip(items, fusion.text_embeddings(r.model.llm, r.tokenizer,
+                                               [prompts.render_item(r.splits.catalogue[i], domain) for i in items])))
 
   def score(x: Interaction) -> float:
     cos = [(float(emb[i] @ emb[x.target_id]), like) for i, like in zip(x.history_ids, x.history_likes)]

@@ -428,15 +428,3 @@ def test_label_signal_table_shows_the_encoder_where_it_ran():
   corr = [l for l in md.splitlines() if l.startswith("| rank correlation")]
   assert len(corr) == 1 and corr[0].endswith("the encoder's P(like) | 0.705 | - |")
   assert "encoder" not in label_signal.markdown([book], machine)
-
-
-def test_llm_title_embeddings_do_not_depend_on_their_batch():
-  import train_helpers  # pylint: disable=g-import-not-at-top
-  llm = train_helpers.tiny_model(dropout=0.0)
-  tokenizer = lambda text, add_special_tokens: {"input_ids": [3 + b % 200 for b in text.encode()]}
-  texts = ['"Dune" written by Frank Herbert', '"It"', '"The Left Hand of Darkness" written by Ursula K. Le Guin']
-  together = label_signal.title_embeddings(llm, tokenizer, texts, batch_size=4)
-  alone = np.concatenate([label_signal.title_embeddings(llm, tokenizer, [t], batch_size=1) for t in texts])
-  np.testing.assert_allclose(together, alone, atol=1e-5)  # padding never reaches a title's states
-  np.testing.assert_allclose(np.linalg.norm(together, axis=-1), 1.0, atol=1e-5)
-  assert abs(float(together[0] @ together[2])) < 0.999  # different titles, different vectors

@@ -9,7 +9,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 import train_helpers
-from clclm_jax.contrastive import joint
+from clclm_jax.contrastive import fusion, joint
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig, place_soft_tokens
 from clclm_jax.data.records import Catalogue, Interaction, Item
 from clclm_jax.model.llama import QInt8
@@ -265,3 +265,32 @@ def test_packed_augmentation_keeps_likes_with_items():
   for view in (v1, v2):
     for row, orig in zip(np.asarray(view), np.asarray(ids * 4 + fb)):
       assert set(row[row > 0].tolist()) <= set(orig[orig > 0].tolist()) | {21 * 4}
+
+
+def _char_tokenizer(text, add_special_tokens):
+  return {"input_ids": CharTokenizer().encode(text, add_special_tokens)}
+
+
+def test_text_embeddings_do_not_depend_on_their_batch():
+  llm = train_helpers.tiny_model(dropout=0.0)
+  texts = ['"Dune" written by Frank Herbert', '"It"', '"The Left Hand of Darkness" written by Ursula K. Le Guin']
+  together = fusion.text_embeddings(llm, _char_tokenizer, texts, batch_size=4)
+  alone = np.concatenate([fusion.text_embeddings(llm, _char_tokenizer, [t], batch_size=1) for t in texts])
+  np.testing.assert_allclose(together, alone, atol=1e-5)  # padding never reaches a text's states
+  np.testing.assert_allclose(np.linalg.norm(together, axis=-1), 1.0, atol=1e-5)
+  assert abs(float(together[0] @ together[2])) < 0.999  # different texts, different vectors
+
+
+def test_item_text_table_is_a_frozen_encoder_table():
+  llm = train_helpers.tiny_model(dropout=0.0)
+  catalogue = Catalogue([Item(1, "Dune", "Frank Herbert"), Item(3, "It", "Stephen King")])  # id 2 unused
+  table = fusion.item_text_table(llm, _char_tokenizer, catalogue, "book")
+  assert table.shape == (5, llm.config.hidden_size)  # pad, ids 1..3, mask
+  assert not table[[0, 2, 4]].any()
+  np.testing.assert_allclose(table[3], fusion.text_embeddings(llm, _char_tokenizer, ['"It" written by Stephen King'])[0],
+                             atol=1e-5)
+  cfg = FusionConfig(num_items=3, placeholder_id=PH_ID, num_soft_tokens=K, encoder_hidden=16, projector_hidden=16)
+  model = FusedRec(llm, cfg, item_init=table, rngs=nnx.Rngs(0))
+  trainable = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  assert "encoder/item_proj/kernel" in trainable and not any("embed_items" in p for p in trainable)
+  np.testing.assert_array_equal(model.encoder.embed_items[...], table)

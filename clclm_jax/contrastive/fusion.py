@@ -9,15 +9,49 @@ on its state predicts the like, which `contrastive/feedback.py` pretrains on beh
 """
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import tqdm
 from flax import nnx
 
 from clclm_jax.contrastive.encoder import SeqEncoder, pool
+from clclm_jax.data import prompts
+from clclm_jax.data.records import Catalogue
 from clclm_jax.model.llama import Llama
 
 FEEDBACK_BITS = 4  # history ids are packed as id * 4 + feedback (0 pad/unknown, 1 liked, 2 disliked)
+
+
+def text_embeddings(llm: Llama, tokenizer, texts: Sequence[str], batch_size: int = 64,
+                    max_tokens: int = 32) -> np.ndarray:
+  """`[n, d]`: the LLM's final-normed hidden states averaged over each text's tokens, unit length; texts are
+  batched by length and padding never reaches a text's states."""
+  ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] or [0] for t in texts]
+  forward = jax.jit(lambda tokens, mask: llm.hidden_states(tokens, None, mask))
+  out = np.zeros((len(texts), llm.config.hidden_size), np.float32)
+  order = np.argsort([len(t) for t in ids], kind="stable")
+  for start in tqdm.trange(0, len(order), batch_size, desc="text embeddings", disable=len(order) <= batch_size):
+    rows = order[start:start + batch_size]
+    width = -(-max(len(ids[k]) for k in rows) // 8) * 8
+    tokens, mask = np.zeros((batch_size, width), np.int32), np.zeros((batch_size, width), np.int32)
+    for j, k in enumerate(rows):
+      tokens[j, :len(ids[k])], mask[j, :len(ids[k])] = ids[k], 1
+    h = np.asarray(forward(tokens, mask), np.float32)
+    for j, k in enumerate(rows):
+      out[k] = h[j, :len(ids[k])].mean(axis=0)
+  return out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-9)
+
+
+def item_text_table(llm: Llama, tokenizer, catalogue: Catalogue, domain: str) -> np.ndarray:
+  """`[max_id + 2, d]` for `FusedRec(item_init=...)`: each item's text as the prompts write it, embedded by
+  the LLM (`text_embeddings`); the padding row, the mask row and ids without an item stay zero."""
+  items = list(catalogue)
+  table = np.zeros((catalogue.max_id + 2, llm.config.hidden_size), np.float32)
+  table[[it.id for it in items]] = text_embeddings(llm, tokenizer, [prompts.render_item(it, domain) for it in items])
+  return table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,13 +153,16 @@ class FusedRec(nnx.Module):
   (left-padded, most recent last) and `feedback_bl` fills the placeholders with soft tokens.
   """
 
-  def __init__(self, llm: Llama, cfg: FusionConfig, *, item_corr=None, rngs: nnx.Rngs):
+  def __init__(self, llm: Llama, cfg: FusionConfig, *, item_corr=None, item_init=None, rngs: nnx.Rngs):
+    """`item_init` `[num_items + 2, d]` (e.g. `item_text_table`): a frozen item table the encoder projects,
+    instead of learned item ids."""
     self.config = cfg
     self.llm = llm
     d_llm = llm.config.hidden_size
     self.encoder = SeqEncoder(cfg.num_items + 2, hidden=cfg.encoder_hidden, num_layers=cfg.encoder_layers,
                               num_heads=cfg.encoder_heads, max_len=cfg.max_len, dropout=cfg.encoder_dropout,
-                              attn_dropout=cfg.encoder_dropout, use_feedback=True, rngs=rngs)
+                              attn_dropout=cfg.encoder_dropout, item_init=item_init,
+                              freeze_item_init=item_init is not None, use_feedback=True, rngs=rngs)
     table_vd = llm.embed_tokens.embedding[...].astype(jnp.float32)
     out_rms = float(jnp.sqrt(jnp.mean(table_vd * table_vd)))
     per_input = cfg.num_soft_tokens if cfg.source == "user" else 1

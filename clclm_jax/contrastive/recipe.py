@@ -18,11 +18,12 @@ import tqdm
 from flax import nnx
 from ml_collections import ConfigDict
 
-from clclm_jax.contrastive import feedback, joint
+from clclm_jax.contrastive import feedback, fusion, joint
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig
 from clclm_jax.data import augment, fewshot, tallrec, tokenize
 from clclm_jax.data.records import Interaction
 from clclm_jax.train import checkpoint, curves, evaluate, loop, predictions, runconfig, state as state_lib
+from clclm_jax.train.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -63,7 +64,10 @@ def build(config: ConfigDict) -> Recipe:
                       align_temperature=f.align_temperature, target_aware=f.target_aware,
                       prompt_dropout=f.prompt_dropout, hint_scale=f.hint_scale,
                       answer_hint=tokenize.answer_token_ids(tokenizer, d.template) if f.answer_hint else None)
-  model = FusedRec(llm, fcfg, item_corr=corr, rngs=nnx.Rngs(config.seed))
+  if f.item_init not in ("", "titles"):
+    raise ConfigError(f"config.fusion.item_init={f.item_init!r}: use '' (learned item ids) or 'titles'")
+  item_init = fusion.item_text_table(llm, tokenizer, splits.catalogue, d.domain) if f.item_init else None
+  model = FusedRec(llm, fcfg, item_corr=corr, item_init=item_init, rngs=nnx.Rngs(config.seed))
   text = joint.PromptSpec(d.domain, f.placeholder, placeholder_id, 0, cutoff_len=d.cutoff_len,
                           train_on_inputs=d.train_on_inputs, template=d.template, history_len=f.history_len,
                           view_len=f.view_len)
