@@ -28,14 +28,15 @@ FEEDBACK_BITS = 4  # history ids are packed as id * 4 + feedback (0 pad/unknown,
 def text_embeddings(llm: Llama, tokenizer, texts: Sequence[str], batch_size: int = 64,
                     max_tokens: int = 32) -> np.ndarray:
   """`[n, d]`: the LLM's final-normed hidden states averaged over each text's tokens, unit length; texts are
-  batched by length and padding never reaches a text's states."""
+  batched by length, padded to half or all of `max_tokens` (two compiled shapes: a compile costs more than the
+  padding), and padding never reaches a text's states."""
   ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] or [0] for t in texts]
   forward = jax.jit(lambda tokens, mask: llm.hidden_states(tokens, None, mask))
   out = np.zeros((len(texts), llm.config.hidden_size), np.float32)
   order = np.argsort([len(t) for t in ids], kind="stable")
   for start in tqdm.trange(0, len(order), batch_size, desc="text embeddings", disable=len(order) <= batch_size):
     rows = order[start:start + batch_size]
-    width = -(-max(len(ids[k]) for k in rows) // 8) * 8
+    width = max_tokens // 2 if max(len(ids[k]) for k in rows) <= max_tokens // 2 else max_tokens
     tokens, mask = np.zeros((batch_size, width), np.int32), np.zeros((batch_size, width), np.int32)
     for j, k in enumerate(rows):
       tokens[j, :len(ids[k])], mask[j, :len(ids[k])] = ids[k], 1
