@@ -158,7 +158,8 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
   Run the same command again after a kill and it goes on after the last finished stage (`run_stages`)."""
   workdir, t0, d = pathlib.Path(workdir), time.time(), config.data
   workdir.mkdir(parents=True, exist_ok=True)
-  runconfig.check_resume(config, workdir)
+  if (workdir / "checkpoints" / "stages").is_dir():  # a run to go on with: its config must match
+    runconfig.check_resume(config, workdir)
   if jax.process_index() == 0:
     runconfig.save(config, workdir)
   r = build(config)
@@ -206,6 +207,5 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   nnx.update(r.model, params)
   metrics = {**score_split(r, split, workdir), "best_step": meta["step"], "wall_s": time.time() - t0}
   if jax.process_index() == 0:
-    (workdir / "eval").mkdir(parents=True, exist_ok=True)
-    (workdir / "eval" / f"{split}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    predictions.write_metrics(workdir, split, metrics)
   return metrics

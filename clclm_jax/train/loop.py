@@ -350,7 +350,7 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   metrics = {**scores.metrics(), "like_ratio_auc": reference, "best_step": meta["step"], "wall_s": time.time() - t0}
   if jax.process_index() == 0:
     predictions.write(workdir, split, eval_positions(config, sp, split)[scores.index], scores.label, scores.p_yes)
-    (workdir / "eval" / f"{split}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    predictions.write_metrics(workdir, split, metrics)
   return metrics
 
 

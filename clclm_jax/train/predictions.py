@@ -1,4 +1,5 @@
-"""WORKDIR/eval/<split>_predictions.jsonl: P(Yes) per scored prompt, and paired comparisons of two runs by it."""
+"""WORKDIR/eval/<split>_predictions.jsonl (P(Yes) per scored prompt) and <split>_metrics.json, and paired
+comparisons of two runs by their predictions."""
 
 import json
 import pathlib
@@ -18,6 +19,13 @@ def write(workdir: pathlib.Path, split: str, records: np.ndarray, labels: np.nda
   order = np.argsort(records, kind="stable")
   rows = (json.dumps({"record": int(records[i]), "label": int(labels[i]), "p_yes": float(p_yes[i])}) for i in order)
   return checkpoint.write_text(path, "".join(r + "\n" for r in rows))
+
+
+def write_metrics(workdir: pathlib.Path, split: str, metrics: dict) -> pathlib.Path:
+  """WORKDIR/eval/<split>_metrics.json, written whole or not at all."""
+  path = workdir / "eval" / f"{split}_metrics.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return checkpoint.write_text(path, json.dumps(metrics, indent=2) + "\n")
 
 
 def read(workdir: str | pathlib.Path, split: str) -> dict[int, tuple[int, float]]:
