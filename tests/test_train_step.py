@@ -3,7 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 import train_helpers
 from clclm_jax.train import sharding, state as state_lib, step as step_lib
@@ -72,3 +74,43 @@ def test_schedule_warms_up_then_decays():
   sched = state_lib.make_schedule(train_helpers.optim_config(lr=1.0, warmup_steps=4, total_steps=12))
   assert float(sched(0)) == 0.0 and float(sched(4)) == pytest.approx(1.0)
   assert float(sched(8)) == pytest.approx(0.5) and float(sched(12)) == pytest.approx(0.0)
+
+
+def test_unequal_micro_batches_accumulate_to_the_full_batch_gradient():
+  """Micro-batch 0 (rows 0, 2) holds 15 answer tokens per row, micro-batch 1 (rows 1, 3) one: averaging the
+  two micro-batch means would weigh each of the latter's tokens 15 times more than the full-batch mean."""
+  batch = train_helpers.synthetic_batches(1, batch=4)[0]
+  batch["loss_mask"] = batch["attention_mask"].copy()
+  batch["tokens"][:, :] = np.maximum(batch["tokens"], 3)
+  batch["attention_mask"][:] = 1
+  batch["positions"] = np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16)).copy()
+  batch["loss_mask"][:] = 1
+  batch["loss_mask"][1::2, :-1] = 0  # rows 1 and 3: only the last token is a target
+  model = train_helpers.tiny_model(dropout=0.0)
+  graphdef, params, frozen = state_lib.split_model(model)
+  tx = state_lib.make_optimizer(train_helpers.optim_config())
+  mesh = sharding.make_mesh((-1, 1, 1))
+
+  def grads_and_loss(accum_steps):
+    state = state_lib.init_state(params, tx, seed=0, mesh=mesh)
+    fn = jax.jit(lambda s, b, f: step_lib.train_step(s, b, f, graphdef=graphdef, tx=optax.identity(),
+                                                      loss_weights={"lm": 1.0}, accum_steps=accum_steps))
+    # With the identity optimizer the update is the gradient itself: new params - old params.
+    new, metrics = fn(dict(state, opt_state=optax.identity().init(params)), batch, frozen)
+    return jax.tree.map(lambda a, b: np.asarray(a - b), new["params"], params), float(metrics["loss"])
+
+  full, full_loss = grads_and_loss(1)
+  accumulated, accumulated_loss = grads_and_loss(2)
+  assert accumulated_loss == pytest.approx(full_loss, rel=1e-6)
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(accumulated)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  assert any(np.abs(a).max() > 0 for a in jax.tree.leaves(full))
+  # The mean of per-micro-batch means (the old accumulation) is another number here.
+  rows = [slice(0, 4, 2), slice(1, 4, 2)]
+  per_micro = [grads_and_loss_for({k: v[r] for k, v in batch.items()}, graphdef, params, frozen) for r in rows]
+  assert abs(np.mean(per_micro) - full_loss) > 1e-3
+
+
+def grads_and_loss_for(batch, graphdef, params, frozen):
+  model = nnx.merge(graphdef, params, frozen)
+  return float(step_lib.loss_terms(model, batch, None, ["lm"])["lm"])

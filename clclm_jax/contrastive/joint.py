@@ -195,7 +195,7 @@ def left_to_right(seq_bl: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.take_along_axis(seq_bl, idx_bl, axis=1), n_b
 
 
-@register_loss("text_lm")
+@register_loss("text_lm", per_token=("text_lm",))
 def text_lm_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
   """Next-token CE of the text-only prompt: step.py's `lm` with the LM head on the target rows only."""
   h_btd = model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"], dropout_key=key)
@@ -209,7 +209,7 @@ def fused_hidden(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array
                              target_ids_b=batch["target_ids"], dropout_key=key, **kw)
 
 
-@register_loss("fused_lm", "hint_kd")
+@register_loss("fused_lm", "hint_kd", per_token=("fused_lm",))
 def fused_losses(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array,
                  names: Sequence[str]) -> dict[str, jax.Array]:
   """The fused prompt's terms from one forward: `fused_lm` (its next-token CE) and `hint_kd` (CE of its

@@ -15,16 +15,20 @@ from clclm_jax.train.state import TrainState
 LossFn = Callable[..., jax.Array | dict[str, jax.Array]]
 LOSSES: dict[str, LossFn] = {}
 SHARED: dict[str, tuple[str, ...]] = {}  # name -> every name its function computes
+PER_TOKEN: set[str] = set()  # losses that are means over the batch's target tokens (`loss_mask`)
 
 
-def register_loss(*names: str) -> Callable[[LossFn], LossFn]:
+def register_loss(*names: str, per_token: Sequence[str] = ()) -> Callable[[LossFn], LossFn]:
   """Adds `fn(model, batch, key) -> scalar` to the registry under one name; under several names,
-  `fn(model, batch, key, names) -> {name: scalar}` computes the asked terms together (one shared forward)."""
+  `fn(model, batch, key, names) -> {name: scalar}` computes the asked terms together (one shared forward).
+  `per_token` names the ones that are means over the target tokens: accumulated micro-batches weigh by them."""
   def add(fn: LossFn) -> LossFn:
     for name in names:
       if name in LOSSES:
         raise ValueError(f"loss {name!r} is already registered")
       LOSSES[name], SHARED[name] = fn, names
+      if name in per_token:
+        PER_TOKEN.add(name)
     return fn
   return add
 
@@ -49,7 +53,7 @@ def attention_mask(batch: Mapping[str, jax.Array]) -> jax.Array | None:
   return batch["segment_ids"] if "segment_ids" in batch else batch.get("attention_mask")
 
 
-@register_loss("lm")
+@register_loss("lm", per_token=("lm",))
 def lm_loss(model: nnx.Module, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
   """Next-token cross-entropy averaged over the tokens where `loss_mask` is 1."""
   tokens_bt = batch["tokens"]
@@ -60,9 +64,17 @@ def lm_loss(model: nnx.Module, batch: Mapping[str, jax.Array], key: jax.Array) -
   return jnp.sum(ce_bt * w_bt) / jnp.maximum(jnp.sum(w_bt), 1.0)
 
 
-def _loss_terms(params, frozen, micro, key, *, graphdef, loss_weights):
+def target_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Tokens a per-token loss averages over: `loss_mask` after the first position (float32 scalar)."""
+  return jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+
+
+def _loss_terms(params, frozen, micro, key, token_share, *, graphdef, loss_weights, accum_steps):
+  """This micro-batch's share of the batch objective: per-token terms scaled by its share of the batch's
+  target tokens, the others by 1 / accum_steps; summed over micro-batches they are the whole batch's terms."""
   model = nnx.merge(graphdef, params, frozen)
   terms = loss_terms(model, micro, key, list(loss_weights))
+  terms = {n: v * (token_share if n in PER_TOKEN else 1.0 / accum_steps) for n, v in terms.items()}
   total = sum(loss_weights[name] * terms[name] for name in terms)
   return total, terms
 
@@ -76,20 +88,25 @@ def _split_micro(x: jax.Array, accum_steps: int) -> jax.Array:
 def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: nnx.State, *,
                graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                loss_weights: Mapping[str, float], accum_steps: int = 1) -> tuple[TrainState, dict]:
-  """One optimizer update from a global batch, averaged over `accum_steps` micro-batches."""
+  """One optimizer update from a global batch of `accum_steps` micro-batches: the gradient of the whole
+  batch's objective, so micro-batches holding more answer tokens weigh more in the per-token losses."""
   rng, step_key = jax.random.split(state["rng"])
-  grad_fn = jax.value_and_grad(
-      functools.partial(_loss_terms, graphdef=graphdef, loss_weights=loss_weights), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(_loss_terms, graphdef=graphdef, loss_weights=loss_weights,
+                                                 accum_steps=accum_steps), has_aux=True)
   micro_bs = jax.tree.map(functools.partial(_split_micro, accum_steps=accum_steps), batch)
+  if "loss_mask" in batch:
+    tokens_a = jax.vmap(target_tokens)(micro_bs)
+    share_a = tokens_a / jnp.maximum(jnp.sum(tokens_a), 1.0)
+  else:
+    share_a = jnp.full((accum_steps,), 1.0 / accum_steps)
 
   def accumulate(carry, xs):
-    i, micro = xs
-    (loss, terms), grads = grad_fn(state["params"], frozen, micro, jax.random.fold_in(step_key, i))
+    i, micro, share = xs
+    (loss, terms), grads = grad_fn(state["params"], frozen, micro, jax.random.fold_in(step_key, i), share)
     return jax.tree.map(jnp.add, carry, (grads, loss, terms)), None
 
   zeros = jax.tree.map(jnp.zeros_like, (state["params"], jnp.zeros(()), {n: jnp.zeros(()) for n in loss_weights}))
-  sums, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro_bs))
-  grads, loss, terms = jax.tree.map(lambda x: x / accum_steps, sums)
+  (grads, loss, terms), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro_bs, share_a))
 
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
