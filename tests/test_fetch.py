@@ -251,3 +251,8 @@ def test_command_line(server, tmp_path, capsys):
   with pytest.raises(SystemExit):
     cli.main(["fetch", "--only", "books"])
   assert "choose from movie,book,beauty,instruct" in capsys.readouterr().err
+
+
+def test_fetch_errors_print_as_one_line_in_the_trainer():
+  from clclm_jax.train import cli as train_cli
+  assert issubclass(fetch.FetchError, train_cli.USER_ERRORS)

@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == "fetch":
-      done = fetch.fetch(args.only, args.out, mirror=args.mirror, progress=not args.quiet)
+      try:
+        done = fetch.fetch(args.only, args.out, mirror=args.mirror, progress=not args.quiet)
+      except OSError as e:  # e.g. --out not writable: the OS's message names the path
+        print(f"error: {e}; fix: choose another --out", file=sys.stderr)
+        return 1
       print(" ".join(f"{how}={n}" for how, n in Counter(done.values()).items()), "->", args.out)
       return 0
     counts = tallrec.build_tallrec(args.dataset, args.raw, args.out, seed=args.seed)

@@ -223,6 +223,7 @@ def download(url: str, dest: pathlib.Path, sha256: str | None, progress: bool = 
         _get(url, part, progress)
         break
       except _BrokenOff as e:
+        continued = True  # what is appended next may not fit what came before: a wrong sum gets a fresh try
         if attempt == RETRIES:
           raise FetchError(dest, f"the download from {url} broke off {RETRIES + 1} times ({e})",
                            "run the fetch again: it goes on from the partial file") from None
@@ -323,7 +324,7 @@ def ensure_data(groups: Sequence[str], progress: bool = True) -> pathlib.Path:
     absent = missing(root, groups)
     if absent:
       raise FetchError(root, f"is missing {len(absent)} file(s): {', '.join(absent)}",
-                       f"python -m clclm_jax.data fetch --only {','.join(parse_groups(groups))} --out {root}, "
+                       f"run python -m clclm_jax.data fetch --only {','.join(parse_groups(groups))} --out {root}, "
                        "or set CLCLM_DATA to a complete copy")
     return root
   if not all(is_good(cache, rel) for rel in files_of(groups)):
