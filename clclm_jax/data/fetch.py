@@ -16,7 +16,6 @@ import csv
 import hashlib
 import html
 import http.client
-import io
 import json
 import os
 import pathlib
