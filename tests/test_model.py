@@ -14,7 +14,7 @@ from flax import nnx
 
 from clclm_jax.model import config as config_lib
 from clclm_jax.model.errors import ModelError
-from clclm_jax.model.llama import (Frozen, Llama, QInt8, QScale, attend, causal_query_block, dropout, frozen_matmul,
+from clclm_jax.model.llama import (Frozen, Llama, QInt8, QScale, attend, attention, causal_query_block, dropout, frozen_matmul,
                                    linear_cross_entropy, mask_and_positions, swiglu)
 from clclm_jax.model.loading import load_model
 from clclm_jax.model.lora import add_lora, merge_lora
@@ -123,7 +123,7 @@ def test_rows_b_runs_one_query_in_the_last_layer_and_matches_the_full_forward(ti
 def test_bfloat16_close_to_float32(tiny):
   _, model32, path = tiny
   model16, _ = load_model(path, dtype="bfloat16")
-  assert model16.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+  assert model16.layers.self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
   lg16 = np.asarray(model16(jnp.asarray(TOKENS)))
   lg32 = np.asarray(model32(jnp.asarray(TOKENS)))
   assert lg16.dtype == np.float32
@@ -135,13 +135,17 @@ def test_variable_types_decide_what_trains():
   assert not jax.tree.leaves(nnx.state(model, nnx.Param))
   add_lora(model, config_lib.LoraConfig(r=4, targets=("q_proj", "down_proj")), jax.random.key(0))
   trainable = nnx.state(model, nnx.Param)
-  assert len(jax.tree.leaves(trainable)) == 2 * 2 * 2  # layers x targets x (A, B)
-  q = model.layers[0].self_attn.q_proj
-  assert isinstance(q.kernel, QInt8) and q.kernel[...].dtype == jnp.int8
+  assert len(jax.tree.leaves(trainable)) == 2 * 2  # targets x (A, B), each stacked over the layers
+  q = model.layers.self_attn.q_proj
+  assert isinstance(q.kernel, QInt8) and q.kernel[...].dtype == jnp.int8 and q.kernel.shape == (2, 64, 64)
   assert isinstance(q.scale, QScale) and isinstance(model.norm.weight, Frozen)
-  assert q.lora_a.get_metadata()["out_sharding"] == ("embed", "lora_rank")
+  assert q.scale.shape == (2, 2, 64) and model.layers.input_layernorm.weight.shape == (2, 64)
+  assert q.lora_a.get_metadata()["out_sharding"] == ("layers", "embed", "lora_rank")
+  assert q.lora_a.shape == (2, 64, 4) and q.lora_b.shape == (2, 4, 64)
   specs = nnx.get_partition_spec(nnx.state(model))
-  assert specs["layers"][1]["mlp"]["down_proj"]["kernel"].get_value() == jax.P("mlp", "embed")
+  assert specs["layers"]["mlp"]["down_proj"]["kernel"].get_value() == jax.P("layers", "mlp", "embed")
+  assert specs["layers"]["post_attention_layernorm"]["weight"].get_value() == jax.P("layers", "norm")
+  assert specs["norm"]["weight"].get_value() == jax.P("norm")
   assert specs["embed_tokens"]["embedding"].get_value() == jax.P("vocab", "embed")
 
 
@@ -248,8 +252,9 @@ def test_frozen_matmul_backward_is_one_dot_in_the_weight_dtype():
   np.testing.assert_allclose(np.asarray(gb, np.float32), ref, atol=0.1, rtol=0.05)
 
 
-def test_remat_changes_no_loss_or_gradient_and_checkpoints_each_layer():
-  model = Llama(config_lib.presets["tiny"], quantize="int8", rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
+def test_remat_changes_no_loss_or_gradient_and_checkpoints_each_layer(scan_layers):
+  model = Llama(config_lib.presets["tiny"], quantize="int8", scan_layers=scan_layers, rngs=nnx.Rngs(0))
   add_lora(model, config_lib.LoraConfig(r=4, targets=("q_proj", "up_proj")), jax.random.key(0))
   _randomize_lora(model, jax.random.key(1))
   graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
@@ -260,13 +265,18 @@ def test_remat_changes_no_loss_or_gradient_and_checkpoints_each_layer():
     m.remat = remat
     return jnp.mean(jax.nn.log_softmax(m(tokens, dropout_key=jax.random.key(3)))[..., 7])
 
-  outs = {r: jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, r) for r in (False, True)}
-  np.testing.assert_allclose(outs[True][0], outs[False][0], rtol=1e-6)
-  for g1, g0 in zip(jax.tree.leaves(outs[True][1]), jax.tree.leaves(outs[False][1])):
-    assert np.abs(np.asarray(g0)).max() > 0
-    np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-7)
-  remats = {r: _count_remat(jax.make_jaxpr(loss, static_argnums=1)(params, r).jaxpr) for r in (False, True)}
-  assert remats == {False: 0, True: len(model.layers)}
+  policies = (False, True, "full", "dots")
+  outs = {r: jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, r) for r in policies}
+  for r in policies[1:]:
+    np.testing.assert_allclose(outs[r][0], outs[False][0], rtol=1e-6)
+    for g1, g0 in zip(jax.tree.leaves(outs[r][1]), jax.tree.leaves(outs[False][1])):
+      assert np.abs(np.asarray(g0)).max() > 0
+      np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-7)
+  remats = {r: _count_remat(jax.make_jaxpr(loss, static_argnums=1)(params, r).jaxpr) for r in policies}
+  per_layer = 1 if scan_layers else model.config.num_hidden_layers  # the scanned body is checkpointed once
+  assert remats == {False: 0, True: per_layer, "full": per_layer, "dots": per_layer}
+  with pytest.raises(ModelError, match="remat='some' is not one of"):
+    loss(params, "some")
 
 
 def _count_remat(jaxpr) -> int:
@@ -373,3 +383,151 @@ def test_token_nll_equals_ce_of_lm_logits(tie):
   targets = jnp.arange(9) * 7
   np.testing.assert_allclose(model.token_nll(h, targets, chunk=4),
                              optax.softmax_cross_entropy_with_integer_labels(model.lm_logits(h), targets), rtol=1e-5)
+
+
+def _lora_model(layers: int = 3, **kw) -> Llama:
+  """A float32 tiny-width model with `layers` decoder layers and random LoRA on every projection."""
+  cfg = dataclasses.replace(config_lib.presets["tiny"], num_hidden_layers=layers)
+  model = Llama(cfg, rngs=nnx.Rngs(0), **kw)
+  add_lora(model, config_lib.LoraConfig(r=4, dropout=0.1, targets=config_lib.LORA_TARGETS), jax.random.key(0))
+  _randomize_lora(model, jax.random.key(1))
+  return model
+
+
+def _run_as(model, fn, **attrs):
+  """`fn(model)` jitted, on a copy of `model` with attributes (`scan_layers`, `attention_impl`) changed."""
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def run(params):
+    m = nnx.merge(graphdef, params, frozen)
+    for k, v in attrs.items():
+      setattr(m, k, v)
+    return fn(m)
+
+  return run(params)
+
+
+def _lora_grads(model, tokens, mask, **attrs):
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  w = jnp.asarray(np.random.default_rng(2).normal(size=(*tokens.shape, model.config.vocab_size)), jnp.float32)
+
+  def loss(params):
+    m = nnx.merge(graphdef, params, frozen)
+    for k, v in attrs.items():
+      setattr(m, k, v)
+    logits = m(tokens, attention_mask_bt=mask, dropout_key=jax.random.key(5))
+    return jnp.sum(jax.nn.log_softmax(logits) * w * (mask > 0)[..., None])
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _assert_close_at_scale(got, want, tol: float = 1e-5):
+  """Equal up to `tol` times the largest |want|: float32 reassociation of a sum over 33 x 256 logits."""
+  got, want = np.asarray(got), np.asarray(want)
+  assert np.abs(got - want).max() <= tol * np.abs(want).max(), (np.abs(got - want).max(), np.abs(want).max())
+
+
+PAD_MASK = np.array([[1] * 11, [0] * 4 + [1] * 7, [0] + [1] * 10])  # left padding
+SEG_MASK = np.array([[1] * 5 + [2] * 4 + [0] * 2, [1] * 11, [1] * 3 + [2] * 3 + [3] * 5])  # packing
+
+
+@pytest.mark.parametrize("mask", [PAD_MASK, SEG_MASK], ids=["left_padding", "packed"])
+def test_scan_and_unrolled_layers_give_equal_logits_and_lora_gradients(mask):
+  model = _lora_model()
+  tokens, mask = jnp.asarray(TOKENS), jnp.asarray(mask)
+  forward = lambda m: m(tokens, attention_mask_bt=mask, dropout_key=jax.random.key(4))  # noqa: E731
+  scan, unrolled = (_run_as(model, forward, scan_layers=s) for s in (True, False))
+  real = np.asarray(mask) > 0
+  np.testing.assert_allclose(np.asarray(scan)[real], np.asarray(unrolled)[real], atol=1e-5, rtol=0)
+  (l1, g1), (l0, g0) = (_lora_grads(model, tokens, mask, scan_layers=s) for s in (True, False))
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    assert a.shape[0] == model.config.num_hidden_layers and np.abs(np.asarray(b)).max() > 0
+    _assert_close_at_scale(a, b)
+
+
+def test_scan_and_unrolled_layers_agree_with_prefix_kv_and_rows_b():
+  model = _lora_model()
+  tokens = jnp.asarray(TOKENS)
+  mask = jnp.asarray(np.arange(11)[None] < np.array([[11], [7], [9]]), jnp.int32)
+  rows = jnp.array([6, 2, 4])
+
+  def prefixed(m):
+    cache = m.prefix_cache(tokens[0, :4])
+    rest = jnp.broadcast_to(tokens[0, 4:], (3, 7))
+    return cache, m.hidden_states(rest, attention_mask_bt=mask[:, 4:], prefix_kv=cache, rows_b=rows)
+
+  (cache1, h1), (cache0, h0) = (_run_as(model, prefixed, scan_layers=s) for s in (True, False))
+  assert cache1[0].shape == (3, 1, 4, 2, 16)  # [layers, 1, prefix, kv_heads, head_dim]
+  for a, b in zip(cache1, cache0):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+  assert h1.shape == (3, 64)
+  np.testing.assert_allclose(h1, h0, atol=1e-5, rtol=0)
+  full = model.hidden_states(tokens[:1])  # row 0 continues the prefix with its own tokens: the full forward
+  np.testing.assert_allclose(h1[0], full[0, rows[0] + 4], atol=1e-5, rtol=0)
+
+
+def test_one_layer_model_with_rows_b():
+  """With one layer and `rows_b`, the scan runs no layer and only the last (here the first) one runs."""
+  model = _lora_model(layers=1)
+  tokens = jnp.asarray(TOKENS)
+  rows = jnp.array([10, 3, 0])
+  for scan in (True, False):
+    full = _run_as(model, lambda m: m.hidden_states(tokens), scan_layers=scan)
+    picked = _run_as(model, lambda m: m.hidden_states(tokens, rows_b=rows), scan_layers=scan)
+    np.testing.assert_allclose(picked, full[jnp.arange(3), rows], atol=1e-5, rtol=0)
+
+
+CPU_ATTENTION = ("custom", "xla")  # "cudnn" needs a GPU
+
+
+@pytest.mark.parametrize("impl", CPU_ATTENTION[1:])
+@pytest.mark.parametrize("prefix, rows", [(0, False), (3, False), (3, True)])
+def test_attention_implementations_agree_in_values_and_gradients(impl, prefix, rows):
+  b, t, k, g, d = 3, 11, 2, 3, 16
+  seg = jnp.asarray([[1] * 11, [0] * 3 + [1] * 8, [1] * 5 + [2] * 6])  # left padding and packing
+  allowed = jnp.concatenate([jnp.ones((b, t, prefix), bool), mask_and_positions(seg)[0]], axis=-1)
+  rng = np.random.default_rng(0)
+  q, kk, v = (jnp.asarray(rng.normal(size=shape), jnp.float32)
+              for shape in ((b, t, k * g, d), (b, prefix + t, k, d), (b, prefix + t, k, d)))
+  if rows:  # one query per row, as the last layer runs with `rows_b` (not causal-blocked)
+    pick = jnp.array([[10], [5], [7]])
+    q, allowed, seg = q[jnp.arange(b)[:, None], pick], allowed[jnp.arange(b)[:, None], pick], seg[jnp.arange(b)[:, None], pick]
+  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * (seg > 0)[:, :, None, None]  # padded queries: no loss
+
+  def run(name):
+    out, vjp = jax.vjp(lambda *x: attention(*x, allowed, name, causal=not rows), q, kk, v)
+    return out * (w != 0), vjp(w)
+
+  want_out, want_grads = run("custom")
+  out, grads = run(impl)
+  np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=0)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", CPU_ATTENTION[1:])
+def test_model_attention_implementations_agree(impl):
+  model = _lora_model(layers=2)
+  tokens, mask = jnp.asarray(TOKENS), jnp.asarray(SEG_MASK * np.array([[1], [1], [0]]) + PAD_MASK * np.array([[0], [0], [1]]))
+  forward = lambda m: m(tokens, attention_mask_bt=mask, dropout_key=jax.random.key(4))  # noqa: E731
+  ours, theirs = (_run_as(model, forward, attention_impl=a) for a in ("custom", impl))
+  real = np.asarray(mask) > 0
+  np.testing.assert_allclose(np.asarray(theirs)[real], np.asarray(ours)[real], atol=1e-5, rtol=0)
+  (l1, g1), (l0, g0) = (_lora_grads(model, tokens, mask, attention_impl=a) for a in (impl, "custom"))
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    _assert_close_at_scale(a, b)
+  with pytest.raises(ModelError, match="attention_impl='flash' is not one of"):
+    _run_as(model, forward, attention_impl="flash")
+
+
+def test_hf_layer_i_is_slice_i_of_the_stacked_weights(tiny):
+  hf, model, _ = tiny
+  sd = hf.state_dict()
+  for path, lin in model.projections():
+    for i in range(model.config.num_hidden_layers):
+      np.testing.assert_array_equal(np.asarray(lin.kernel[...][i]), sd[f"model.{path.format(i=i)}.weight"].numpy().T)
+  np.testing.assert_array_equal(np.asarray(model.layers.post_attention_layernorm.weight[...][1]),
+                                sd["model.layers.1.post_attention_layernorm.weight"].numpy())

@@ -83,3 +83,29 @@ def test_load_peft_errors(tiny_dir, tmp_path):
   (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10\x00garbage")
   with pytest.raises(ModelError, match="adapter_model.safetensors: corrupt or unreadable"):
     load_peft(model, tmp_path)
+
+
+def test_export_names_every_layer_and_is_the_same_for_scan_and_unrolled(tiny_dir, tmp_path):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  lora = LoraConfig(r=4, alpha=8.0, targets=("q_proj", "up_proj"))
+  model, _ = load_model(tiny_dir, lora=lora, lora_seed=3)
+  for j, (_, lin) in enumerate(model.projections(lora.targets)):
+    lin.lora_b.set_value(0.05 * jax.random.normal(jax.random.key(j), lin.lora_b.shape))
+  model.scan_layers = True
+  scan = load_file(str(export_peft(model, tmp_path / "scan") / "adapter_model.safetensors"))
+  model.scan_layers = False
+  unrolled = load_file(str(export_peft(model, tmp_path / "unrolled") / "adapter_model.safetensors"))
+  layers = model.config.num_hidden_layers
+  assert sorted(scan) == sorted(
+      f"base_model.model.model.layers.{i}.{block}.lora_{w}.weight"
+      for i in range(layers) for block in ("self_attn.q_proj", "mlp.up_proj") for w in "AB")
+  for name, w in scan.items():
+    np.testing.assert_array_equal(w, unrolled[name])
+  q = model.layers.self_attn.q_proj
+  np.testing.assert_array_equal(scan["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"],
+                                np.asarray(q.lora_b[...][1]).T)
+  reloaded, _ = load_model(tiny_dir)
+  load_peft(reloaded, tmp_path / "scan")
+  again = load_file(str(export_peft(reloaded, tmp_path / "again") / "adapter_model.safetensors"))
+  for name, w in scan.items():
+    np.testing.assert_array_equal(w, again[name])

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clclm_jax.model.config import LORA_TARGETS, LlamaConfig, LoraConfig
+from clclm_jax.model.errors import ModelError
 from clclm_jax.model.quant import dequantize, quantize_int8
 
 
@@ -71,10 +72,14 @@ def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
 
 
 class Linear(nnx.Module):
-  """Bias-free projection `x @ W` with a frozen float or int8 `W [in, out]` and optional LoRA."""
+  """Bias-free projection `x @ W` with a frozen float or int8 `W [in, out]` and optional LoRA.
+
+  With `layers=L` it holds one projection per decoder layer, stacked: every variable has a leading
+  `[L, ...]` axis named "layers". `__call__` runs one layer's slice (the scan or the loop in `Llama`
+  slices the stacked variables before calling), so its code sees `[in, out]` either way."""
 
   def __init__(self, in_features: int, out_features: int, names: tuple[str, str], *,
-               dtype=jnp.float32, quantize: str | None = None, rngs: nnx.Rngs):
+               dtype=jnp.float32, quantize: str | None = None, layers: int | None = None, rngs: nnx.Rngs):
     self.names = names
     self.dtype = dtype
     self.quantize = quantize
@@ -82,33 +87,51 @@ class Linear(nnx.Module):
     self.lora_b = nnx.data(None)
     self.lora_scaling = 0.0
     self.lora_dropout = 0.0
-    self.set_kernel(_normal(rngs, (in_features, out_features)))
+    lead = () if layers is None else (layers,)
+    self.set_kernel(_normal(rngs, (*lead, in_features, out_features)))
 
-  def set_kernel(self, w_io: jax.Array):
-    """Stores a float `[in, out]` weight, quantising it when the layer is int8."""
-    if self.quantize == "int8":
-      q_io, scale_go, zero_go = quantize_int8(w_io)
-      self.kernel = variable(QInt8, q_io, self.names)
-      self.scale = variable(QScale, scale_go, (None, self.names[1]))
-      self.zero = variable(QScale, zero_go, (None, self.names[1]))
+  def _names(self, ndim: int, names: tuple) -> tuple:
+    """Logical names of a variable of rank `ndim` whose last axes are `names`: leading axes are "layers"."""
+    return ("layers",) * (ndim - len(names)) + tuple(names)
+
+  def set_kernel(self, w_io: jax.Array | list[jax.Array]):
+    """Stores float weights `[..., in, out]` (or a list of per-layer `[in, out]`, stacked in order),
+    quantising them when the layer is int8; a list is quantised one layer at a time, so loading holds
+    one float layer besides the stored ones."""
+    if isinstance(w_io, (list, tuple)):
+      parts = [self._stored(w) for w in w_io]
+      stored = [None if p[0] is None else jnp.stack(p) for p in zip(*parts)]
     else:
-      self.kernel = variable(Frozen, jnp.asarray(w_io, self.dtype), self.names)
+      stored = self._stored(w_io)
+    kernel, scale, zero = stored
+    if self.quantize == "int8":
+      self.kernel = variable(QInt8, kernel, self._names(kernel.ndim, self.names))
+      self.scale = variable(QScale, scale, self._names(scale.ndim, (None, self.names[1])))
+      self.zero = variable(QScale, zero, self._names(zero.ndim, (None, self.names[1])))
+    else:
+      self.kernel = variable(Frozen, kernel, self._names(kernel.ndim, self.names))
       self.scale = nnx.data(None)
       self.zero = nnx.data(None)
 
+  def _stored(self, w_io):
+    if self.quantize == "int8":
+      return quantize_int8(w_io)
+    return jnp.asarray(w_io, self.dtype), None, None
+
   def weight(self, dtype=jnp.float32) -> jax.Array:
-    """The float base weight `[in, out]`, dequantised on the fly if int8."""
+    """The float base weight `[..., in, out]`, dequantised on the fly if int8."""
     if self.scale is None:
       return self.kernel[...].astype(dtype)
     return dequantize(self.kernel[...], self.scale[...], self.zero[...], dtype)
 
   def add_lora(self, cfg: LoraConfig, key: jax.Array):
-    """Attaches LoRA: A `[in, r]` ~ N(0, 1/in), B `[r, out]` = 0, so the model is unchanged."""
-    d_in, d_out = self.kernel.shape
-    a = jax.random.normal(key, (d_in, cfg.r), jnp.float32) / jnp.sqrt(d_in)
-    self.lora_a = variable(nnx.LoRAParam, a, (self.names[0], "lora_rank"))
-    self.lora_b = variable(nnx.LoRAParam, jnp.zeros((cfg.r, d_out), jnp.float32),
-                           ("lora_rank", self.names[1]))
+    """Attaches LoRA: A `[..., in, r]` ~ N(0, 1/in), B `[..., r, out]` = 0, so the model is unchanged
+    (one A and B per stacked layer, drawn together from `key`)."""
+    *lead, d_in, d_out = self.kernel.shape
+    a = jax.random.normal(key, (*lead, d_in, cfg.r), jnp.float32) / jnp.sqrt(d_in)
+    self.lora_a = variable(nnx.LoRAParam, a, self._names(a.ndim, (self.names[0], "lora_rank")))
+    b = jnp.zeros((*lead, cfg.r, d_out), jnp.float32)
+    self.lora_b = variable(nnx.LoRAParam, b, self._names(b.ndim, ("lora_rank", self.names[1])))
     self.lora_scaling = cfg.scaling
     self.lora_dropout = cfg.dropout
 
@@ -126,11 +149,12 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * weight, computed in float32."""
+  """x / rms(x) * weight, computed in float32; `layers=L` stacks L weights `[L, dim]`."""
 
-  def __init__(self, dim: int, eps: float):
+  def __init__(self, dim: int, eps: float, layers: int | None = None):
     self.eps = eps
-    self.weight = variable(Frozen, jnp.ones((dim,), jnp.float32), ("norm",))
+    lead = () if layers is None else (layers,)
+    self.weight = variable(Frozen, jnp.ones((*lead, dim), jnp.float32), ("layers",) * len(lead) + ("norm",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
@@ -241,22 +265,46 @@ def _attend_bwd(causal_block, res, dout_btkgd):
 attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+ATTENTION_IMPLS = ("custom", "xla", "cudnn")
+
+
+def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, allowed_bts: jax.Array,
+              impl: str = "custom", causal: bool = True) -> jax.Array:
+  """Grouped-query softmax attention `[b, t, heads, d]` of unscaled queries over `[b, s, kv_heads, d]` keys
+  where `allowed_bts` (padding, causality, segments and prefix keys in one mask), the softmax in float32.
+
+  `impl`: "custom" is `attend` (custom VJP saving row statistics, not probabilities; causal query blocks
+  when `causal`, i.e. the queries are the last t keys under a causal mask); "xla" and "cudnn" are
+  `jax.nn.dot_product_attention` with that implementation (cuDNN: GPU, 16-bit inputs only)."""
+  b, t, h, d = q_bthd.shape
+  k_heads = k_bskd.shape[2]
+  if impl == "custom":
+    q_btkgd = q_bthd.reshape(b, t, k_heads, h // k_heads, d) * d**-0.5
+    out_btkgd = attend(q_btkgd, k_bskd, v_bskd, allowed_bts, causal_query_block(t) if causal else None)
+    return out_btkgd.reshape(b, t, h, d)
+  if impl not in ATTENTION_IMPLS:
+    raise ModelError(f"attention_impl={impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+  return jax.nn.dot_product_attention(q_bthd, k_bskd.astype(q_bthd.dtype), v_bskd.astype(q_bthd.dtype),
+                                      mask=allowed_bts[:, None], scale=d**-0.5, implementation=impl)
+
+
 class Attention(nnx.Module):
   """Grouped-query causal self-attention with float32 softmax."""
 
-  def __init__(self, cfg: LlamaConfig, *, dtype, quantize, rngs: nnx.Rngs):
+  def __init__(self, cfg: LlamaConfig, *, dtype, quantize, layers=None, rngs: nnx.Rngs):
     d, hd = cfg.hidden_size, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = (
         cfg.num_attention_heads, cfg.num_key_value_heads, hd)
-    kw = dict(dtype=dtype, quantize=quantize, rngs=rngs)
+    kw = dict(dtype=dtype, quantize=quantize, layers=layers, rngs=rngs)
     self.q_proj = Linear(d, self.num_heads * hd, ("embed", "heads"), **kw)
     self.k_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
     self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
     self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), **kw)
 
-  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, keys, prefix_kv=None, rows_b=None):
+  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, keys, prefix_kv=None, rows_b=None, impl="custom"):
     """Returns (output, (k, v)); `prefix_kv` = roped (k, v) `[1, p, kv_heads, d]` attended before x.
-    With `rows_b`, only the query at position `rows_b[i]` of row i runs: the output is `[b, 1, d]`."""
+    With `rows_b`, only the query at position `rows_b[i]` of row i runs: the output is `[b, 1, d]`.
+    `impl` picks the attention kernel (`attention`)."""
     b, t, _ = x_btd.shape
     k_heads, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
     xq_btd, cos_q, sin_q = x_btd, cos_btd, sin_btd
@@ -272,9 +320,8 @@ class Attention(nnx.Module):
     if prefix_kv is not None:
       k_btkd, v_btkd = (jnp.concatenate([jnp.broadcast_to(p, (b, *p.shape[1:])).astype(x.dtype), x], axis=1)
                         for p, x in zip(prefix_kv, kv))
-    q_btkgd = q_bthd.reshape(b, tq, k_heads, groups, self.head_dim) * self.head_dim**-0.5
-    out_btkgd = attend(q_btkgd, k_btkd, v_btkd, allowed_bts, None if rows_b is not None else causal_query_block(tq))
-    return self.o_proj(out_btkgd.reshape(b, tq, -1), keys[3]), kv
+    out_bthd = attention(q_bthd, k_btkd, v_btkd, allowed_bts, impl, causal=rows_b is None)
+    return self.o_proj(out_bthd.reshape(b, tq, -1), keys[3]), kv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -302,9 +349,9 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 class MLP(nnx.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-  def __init__(self, cfg: LlamaConfig, *, dtype, quantize, rngs: nnx.Rngs):
+  def __init__(self, cfg: LlamaConfig, *, dtype, quantize, layers=None, rngs: nnx.Rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
-    kw = dict(dtype=dtype, quantize=quantize, rngs=rngs)
+    kw = dict(dtype=dtype, quantize=quantize, layers=layers, rngs=rngs)
     self.gate_proj = Linear(d, f, ("embed", "mlp"), **kw)
     self.up_proj = Linear(d, f, ("embed", "mlp"), **kw)
     self.down_proj = Linear(f, d, ("mlp", "embed"), **kw)
@@ -316,19 +363,23 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm attention block then pre-norm MLP block, each with a residual."""
+  """Pre-norm attention block then pre-norm MLP block, each with a residual.
 
-  def __init__(self, cfg: LlamaConfig, *, dtype, quantize, rngs: nnx.Rngs):
-    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-    self.self_attn = Attention(cfg, dtype=dtype, quantize=quantize, rngs=rngs)
-    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-    self.mlp = MLP(cfg, dtype=dtype, quantize=quantize, rngs=rngs)
+  With `layers=L` every variable is stacked `[L, ...]` (one module holds all decoder layers); `Llama`
+  calls it on one layer's slice of them at a time."""
 
-  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, dropout_key=None, prefix_kv=None, rows_b=None):
+  def __init__(self, cfg: LlamaConfig, *, dtype, quantize, layers: int | None = None, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, layers)
+    self.self_attn = Attention(cfg, dtype=dtype, quantize=quantize, layers=layers, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, layers)
+    self.mlp = MLP(cfg, dtype=dtype, quantize=quantize, layers=layers, rngs=rngs)
+
+  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, dropout_key=None, prefix_kv=None, rows_b=None,
+               attention_impl="custom"):
     """Returns (output, this layer's roped (k, v) of x); with `rows_b` the output is those rows `[b, 1, d]`."""
     keys = [None] * 7 if dropout_key is None else list(jax.random.split(dropout_key, 7))
     attn_btd, kv = self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, allowed_bts, keys[:4],
-                                  prefix_kv, rows_b)
+                                  prefix_kv, rows_b, attention_impl)
     x_btd = (x_btd if rows_b is None else take_rows(x_btd, rows_b)) + attn_btd
     return x_btd + self.mlp(self.post_attention_layernorm(x_btd), keys[4:]), kv
 
@@ -399,27 +450,53 @@ def _linear_ce_bwd(chunk, dh_nd, g_n):
 linear_cross_entropy.defvjp(_linear_ce_fwd, _linear_ce_bwd)
 
 
-def _run_layer(layer: DecoderLayer, *args):
-  return layer(*args)
+REMAT_POLICIES = {
+    "": None,  # no remat: the backward pass keeps every layer's activations
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep each layer's input only, recompute the rest
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # also keep the projections' outputs
+}
 
 
-_remat_layer = nnx.remat(_run_layer, graph_updates=False)
+def remat_policy_name(remat: bool | str | None) -> str:
+  """`Llama.remat` as a `REMAT_POLICIES` key: False / None / "" / "none" -> "", True -> "full"."""
+  if remat is True:
+    return "full"
+  if remat in (False, None, "none"):
+    return ""
+  if remat not in REMAT_POLICIES:
+    raise ModelError(f"remat={remat!r} is not one of True, False, {', '.join(repr(k) for k in REMAT_POLICIES)}")
+  return remat
+
+
+def _layer_slice(tree, i):
+  """Layer `i` (an int or a slice) of stacked variables / keys / prefix kv; None stays None."""
+  return jax.tree.map(lambda x: x[i], tree)
 
 
 class Llama(nnx.Module):
   """LLaMA causal LM; `dtype` is the compute dtype, `quantize="int8"` stores projections as int8.
-  `remat=True` keeps only each decoder layer's input for the backward pass and recomputes the rest
-  (gradient checkpointing: a third more forward work for activations of one layer instead of all)."""
+
+  The decoder layers are one `DecoderLayer` with stacked `[num_layers, ...]` variables (`model.layers`;
+  Hugging Face's `model.layers.{i}.<name>` is slice i). `scan_layers=True` runs them under `jax.lax.scan`:
+  one layer is compiled, however deep the model; `False` runs the same weights in a Python loop (each
+  layer compiled separately; the same numbers, for tests and comparisons).
+  `remat` (gradient checkpointing of each layer, the scanned body under scan): False/"" (none), True or
+  "full" (keep only each layer's input: a third more forward work for activations of one layer instead of
+  all), "dots" (also keep the matmul outputs that have no batch dimensions, i.e. the projections; recompute
+  attention and the elementwise work). `attention_impl`: see `attention` ("custom" default on CPU)."""
 
   def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, quantize: str | None = None,
-               remat: bool = False, rngs: nnx.Rngs):
+               remat: bool | str = False, scan_layers: bool = True, attention_impl: str = "custom",
+               rngs: nnx.Rngs):
     self.config = cfg
     self.lora_config: LoraConfig | None = None
     self.dtype = jnp.dtype(dtype)
+    remat_policy_name(remat)  # validates
     self.remat = remat
+    self.scan_layers = scan_layers
+    self.attention_impl = attention_impl
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, quantize=quantize, rngs=rngs)
-                            for _ in range(cfg.num_hidden_layers)])
+    self.layers = DecoderLayer(cfg, dtype=dtype, quantize=quantize, layers=cfg.num_hidden_layers, rngs=rngs)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     self.lm_head = nnx.data(None)
     if not cfg.tie_word_embeddings:
@@ -427,13 +504,13 @@ class Llama(nnx.Module):
                             quantize=quantize, rngs=rngs)
 
   def projections(self, targets=LORA_TARGETS) -> list[tuple[str, "Linear"]]:
-    """`(hf_path, Linear)` for the named projections of every layer, e.g. `layers.3.self_attn.q_proj`."""
+    """`(hf_path, Linear)` for the named projections, one stacked `Linear` (weights `[num_layers, ...]`) per
+    name, e.g. `("layers.{i}.self_attn.q_proj", lin)`: `hf_path.format(i=i)` names slice i of its weights."""
     out = []
-    for i, layer in enumerate(self.layers):
-      for name in LORA_TARGETS:
-        block = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-        if name in targets:
-          out.append((f"layers.{i}.{block}.{name}", getattr(getattr(layer, block), name)))
+    for name in LORA_TARGETS:
+      block = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+      if name in targets:
+        out.append((f"layers.{{i}}.{block}.{name}", getattr(getattr(self.layers, block), name)))
     return out
 
   def embed(self, tokens_bt: jax.Array) -> jax.Array:
@@ -450,8 +527,9 @@ class Llama(nnx.Module):
     return self._forward(tokens_bt, positions_bt, attention_mask_bt, inputs_embeds_btd, dropout_key,
                          prefix_kv, rows_b)[0]
 
-  def prefix_cache(self, prefix_tokens_p: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
-    """Per-layer roped (k, v) `[1, p, kv_heads, head_dim]` of a token prefix, for `hidden_states`."""
+  def prefix_cache(self, prefix_tokens_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Roped (k, v) of a token prefix for every layer, stacked `[num_layers, 1, p, kv_heads, head_dim]`,
+    for `hidden_states(..., prefix_kv=)` (callers treat it as opaque)."""
     return self._forward(prefix_tokens_p[None], None, None, None, None, None)[1]
 
   def _forward(self, tokens_bt, positions_bt, attention_mask_bt, inputs_embeds_btd, dropout_key, prefix_kv,
@@ -463,19 +541,47 @@ class Llama(nnx.Module):
       attention_mask_bt = jnp.ones((b, t), jnp.int32)
     allowed_bts, default_positions_bt = mask_and_positions(attention_mask_bt)
     if prefix_kv is not None:
-      p = prefix_kv[0][0].shape[1]
+      p = prefix_kv[0].shape[2]
       allowed_bts = jnp.concatenate([jnp.ones((b, t, p), bool), allowed_bts], axis=-1)
       default_positions_bt = default_positions_bt + p
     positions_bt = default_positions_bt if positions_bt is None else positions_bt
     cos_btd, sin_btd = rope_tables(positions_bt, self.config.head_dim, self.config.rope_theta)
-    kvs, run_layer = [], _remat_layer if self.remat else _run_layer
-    for i, layer in enumerate(self.layers):
-      key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      last_rows = rows_b if i == len(self.layers) - 1 else None
-      x_btd, kv = run_layer(layer, x_btd, cos_btd, sin_btd, allowed_bts, key,
-                            None if prefix_kv is None else prefix_kv[i], last_rows)
-      kvs.append(kv)
-    return self.norm(x_btd if rows_b is None else x_btd[:, 0]), kvs
+    x_btd, kv = self._decoder(x_btd, cos_btd, sin_btd, allowed_bts, dropout_key, prefix_kv, rows_b)
+    return self.norm(x_btd if rows_b is None else x_btd[:, 0]), kv
+
+  def _decoder(self, x_btd, cos_btd, sin_btd, allowed_bts, dropout_key, prefix_kv, rows_b):
+    """All decoder layers; returns (output, stacked (k, v) `[L, b, t, kv_heads, head_dim]`). Layer i gets
+    dropout key fold_in(dropout_key, i), under scan and in the loop alike."""
+    n = self.config.num_hidden_layers
+    graphdef, stacked = nnx.split(self.layers)
+    keys_l = None if dropout_key is None else jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(jnp.arange(n))
+    impl = self.attention_impl
+
+    def layer(x_btd, layer_state, key, layer_prefix_kv, rows_b):
+      return nnx.merge(graphdef, layer_state)(x_btd, cos_btd, sin_btd, allowed_bts, key, layer_prefix_kv, rows_b,
+                                              impl)
+
+    policy = remat_policy_name(self.remat)
+    if policy:
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[policy])
+    # With `rows_b` the last layer runs only those rows: it is called apart, after the others.
+    body_n = n if rows_b is None else n - 1
+    per_layer = (stacked, keys_l, prefix_kv)
+    if self.scan_layers:
+      def body(x_btd, xs):
+        return layer(x_btd, *xs, None)
+      x_btd, kv = jax.lax.scan(body, x_btd, _layer_slice(per_layer, slice(0, body_n)))
+      kvs = [kv]
+    else:
+      kvs = []
+      for i in range(body_n):
+        x_btd, kv = layer(x_btd, *_layer_slice(per_layer, i), None)
+        kvs.append(jax.tree.map(lambda a: a[None], kv))
+    if rows_b is not None:
+      x_btd, kv = layer(x_btd, *_layer_slice(per_layer, n - 1), rows_b)
+      kvs.append(jax.tree.map(lambda a: a[None], kv))
+    kv = kvs[0] if len(kvs) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *kvs)
+    return x_btd, kv
 
   def token_nll(self, h_nd: jax.Array, targets_n: jax.Array, chunk: int = 1024) -> jax.Array:
     """-log p(target) per row of hidden states `[n, d]`, as `lm_logits` then cross-entropy but without

@@ -69,13 +69,16 @@ def build(cfg: LlamaConfig, get: Getter, *, dtype=jnp.float32, quantize=None, so
 
   emb = model.embed_tokens.embedding
   emb.set_value(jnp.asarray(take("model.embed_tokens.weight", emb.shape), dtype))
-  for path, lin in model.projections():
-    d_in, d_out = lin.kernel.shape
-    lin.set_kernel(jnp.asarray(take(f"model.{path}.weight", (d_out, d_in)), jnp.float32).T)
-  norms = [(f"model.layers.{i}.{n}", getattr(layer, n)) for i, layer in enumerate(model.layers)
-           for n in ("input_layernorm", "post_attention_layernorm")] + [("model.norm", model.norm)]
-  for name, norm in norms:
-    norm.weight.set_value(jnp.asarray(take(f"{name}.weight", norm.weight.shape), jnp.float32))
+  n = cfg.num_hidden_layers
+  for path, lin in model.projections():  # layer i of HF's model.layers.{i}.* is slice i of the stacked weights
+    _, d_in, d_out = lin.kernel.shape
+    lin.set_kernel([jnp.asarray(take(f"model.{path.format(i=i)}.weight", (d_out, d_in)), jnp.float32).T
+                    for i in range(n)])
+  for name in ("input_layernorm", "post_attention_layernorm"):
+    weight = getattr(model.layers, name).weight
+    weight.set_value(jnp.asarray(np.stack([take(f"model.layers.{i}.{name}.weight", weight.shape[1:])
+                                           for i in range(n)]), jnp.float32))
+  model.norm.weight.set_value(jnp.asarray(take("model.norm.weight", model.norm.weight.shape), jnp.float32))
   if model.lm_head is not None:
     d_in, d_out = model.lm_head.kernel.shape
     model.lm_head.set_kernel(jnp.asarray(take("lm_head.weight", (d_out, d_in)), jnp.float32).T)

@@ -8,7 +8,8 @@ from clclm_jax.model.llama import Llama
 
 
 def add_lora(model: Llama, cfg: LoraConfig, key: jax.Array) -> Llama:
-  """Adds LoRA A/B (`nnx.LoRAParam`) to every target projection, in place; returns the model."""
+  """Adds LoRA A/B (`nnx.LoRAParam`) to every target projection, in place; returns the model. Each target's
+  A and B are stacked over the decoder layers (`[layers, in, r]`, `[layers, r, out]`)."""
   for j, (_, lin) in enumerate(model.projections(cfg.targets)):
     lin.add_lora(cfg, jax.random.fold_in(key, j))
   model.lora_config = cfg
@@ -23,7 +24,7 @@ def merge_lora(model: Llama) -> Llama:
   """
   for _, lin in model.projections():
     if lin.lora_a is not None:
-      delta_io = lin.lora_a[...] @ lin.lora_b[...] * lin.lora_scaling
+      delta_io = lin.lora_a[...] @ lin.lora_b[...] * lin.lora_scaling  # batched over the stacked layers
       lin.set_kernel(lin.weight(jnp.float32) + delta_io)
       lin.lora_a = None
       lin.lora_b = None

@@ -29,10 +29,12 @@ def export_peft(model: Llama, out_dir: str | os.PathLike, base_model_name_or_pat
   if cfg is None:
     raise ModelError(f"{out_dir}: the model has no LoRA adapters to export (use add_lora first)")
   tensors = {}
-  for path, lin in model.projections(cfg.targets):
-    prefix = f"base_model.model.model.{path}"
-    tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(np.asarray(lin.lora_a[...], np.float32).T)
-    tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(np.asarray(lin.lora_b[...], np.float32).T)
+  for path, lin in model.projections(cfg.targets):  # stacked [layers, ...]: slice i is layers.{i}
+    a_lir, b_lro = (np.asarray(v[...], np.float32) for v in (lin.lora_a, lin.lora_b))
+    for i in range(a_lir.shape[0]):
+      prefix = f"base_model.model.model.{path.format(i=i)}"
+      tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a_lir[i].T)
+      tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b_lro[i].T)
   peft_cfg = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
       "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets), "bias": "none",
@@ -62,13 +64,17 @@ def load_peft(model: Llama, adapter_dir: str | os.PathLike) -> Llama:
   add_lora(model, cfg, jax.random.key(0))
   for path, lin in model.projections(cfg.targets):
     for which, var in (("A", lin.lora_a), ("B", lin.lora_b)):
-      w = tensors.pop((path, which), None)
-      if w is None:
-        raise ModelError(f"{folder}: adapter has no lora_{which} for {path}")
-      if w.T.shape != var.shape:
-        raise ModelError(f"{folder}: lora_{which} of {path} has shape {w.shape}, "
-                         f"expected {var.shape[::-1]}")
-      var.set_value(jnp.asarray(w.T, jnp.float32))
+      layers = []
+      for i in range(var.shape[0]):  # stacked [layers, ...]: slice i is layers.{i}
+        name = path.format(i=i)
+        w = tensors.pop((name, which), None)
+        if w is None:
+          raise ModelError(f"{folder}: adapter has no lora_{which} for {name}")
+        if w.T.shape != var.shape[1:]:
+          raise ModelError(f"{folder}: lora_{which} of {name} has shape {w.shape}, "
+                           f"expected {var.shape[1:][::-1]}")
+        layers.append(w.T)
+      var.set_value(jnp.asarray(np.stack(layers), jnp.float32))
   if tensors:
     raise ModelError(f"{folder}: adapter weights for modules the model lacks: {sorted(tensors)[:3]}")
   return model

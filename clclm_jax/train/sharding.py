@@ -21,6 +21,7 @@ RULES = {
     "vocab": "tensor",
     "lora_rank": None,
     "norm": None,
+    "layers": None,
 }
 
 
