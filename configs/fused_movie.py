@@ -15,7 +15,12 @@ def fused_overrides(c: ConfigDict) -> ConfigDict:
   c.optim.warmup_steps = 2
   c.train.batch_size = 8
   c.train.micro_batch_size = 8
+  # Stage 2 is validated once, after its last step: few-shot validation subsets are too small to pick a step by.
+  c.train.eval_every = 0
   with c.unlocked():
+    # The recipe's stages are its own (encoder pretraining, stage1, stage2 below): TALLRec's stage list, loss
+    # weights, instruction data and epoch-based lengths do nothing here.
+    del c.stages, c.loss_weights, c.instruct, c.train.num_epochs, c.train.max_steps
     c.fusion = ConfigDict(dict(
         num_soft_tokens=4, placeholder="<reponame>",  # a SmolLM2 special token that TALLRec text never holds
         source="user", projector_hidden=256, encoder_hidden=64, encoder_layers=2, encoder_heads=2,

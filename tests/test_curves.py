@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from clclm_jax.train import curves
+from clclm_jax.train import curves, trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -48,12 +48,11 @@ def test_a_failed_save_leaves_the_previous_png(tmp_path, monkeypatch):
 
 
 def test_a_torn_last_line_is_dropped_and_resume_keeps_the_rows_before_it(tmp_path):
-  from clclm_jax.train import loop  # pylint: disable=g-import-not-at-top
   path = _metrics(tmp_path / "metrics.jsonl", [{"step": s, "train/loss": 1.0 / s} for s in (1, 2, 3)])
   with path.open("a") as f:
     f.write('{"step": 4, "train/lo')  # the run was killed while writing step 4
   assert [r["step"] for r in curves.read_rows(path)] == [1, 2, 3]
-  log = loop.MetricsLog(tmp_path, resume_step=2)
+  log = trainer.MetricsLog(tmp_path, resume_step=2)
   log.write({"step": 3, "train/loss": 0.5})
   log.close()
   assert [(r["step"], r["train/loss"]) for r in curves.read_rows(path)] == [(1, 1.0), (2, 0.5), (3, 0.5)]

@@ -1,5 +1,7 @@
 """Target-aware encoder inputs and the feedback pretraining of the fused model's encoder."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from flax import nnx
 
 import train_helpers
 from clclm_jax.contrastive import feedback
+from clclm_jax.contrastive.joint import left_pad as joint_left_pad
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig, encoder_inputs
 from clclm_jax.data.records import Catalogue, Interaction, Item
 from clclm_jax.data.tallrec import TallrecSplits
@@ -53,7 +56,7 @@ def _synthetic(n_users: int, rng) -> list[tuple[np.ndarray, np.ndarray]]:
   return seqs
 
 
-def test_pretraining_learns_feedback_and_touches_only_the_encoder():
+def test_pretraining_learns_feedback_and_touches_only_the_encoder(tmp_path):
   rng = np.random.default_rng(0)
   model = _model()
   prompts = [Interaction(0, tuple(int(i) for i in s[:6]), tuple(bool(f == feedback.LIKED) for f in c[:6]),
@@ -61,7 +64,7 @@ def test_pretraining_learns_feedback_and_touches_only_the_encoder():
   before = jax.tree.map(np.array, nnx.state(model, nnx.Param))
   auc0 = feedback.encoder_auc(model, prompts)
   cfg = feedback.PretrainConfig(epochs=30, batch_size=32, lr=3e-3, window=7, stride=3, cl_weight=0.1, patience=30)
-  result = feedback.pretrain(model, _synthetic(200, rng), prompts, cfg, log=lambda _: None)
+  result = feedback.pretrain(model, _synthetic(200, rng), prompts, cfg, tmp_path)
   assert result["best_valid_auc"] > 0.95 > auc0
   assert feedback.encoder_auc(model, prompts) == result["best_valid_auc"]  # the best epoch is kept
   after = jax.tree.leaves(nnx.state(model, nnx.Param))
@@ -70,15 +73,17 @@ def test_pretraining_learns_feedback_and_touches_only_the_encoder():
     assert (not np.array_equal(old, np.asarray(new))) == name.startswith(("encoder", "feedback_head")), name
 
 
-def test_pretraining_on_fewer_windows_than_a_batch_still_steps():
+def test_pretraining_on_fewer_windows_than_a_batch_still_steps(tmp_path):
   rng = np.random.default_rng(0)
   model = _model()
   prompts = [Interaction(0, (1, 2), (True, False), 3, 1), Interaction(0, (4, 5), (False, True), 6, 0)]
   cfg = feedback.PretrainConfig(epochs=1, batch_size=256, window=7, stride=3, patience=1)
-  result = feedback.pretrain(model, _synthetic(5, rng), prompts, cfg, log=lambda _: None)
-  assert result["windows"] < 256 and np.isfinite(result["epochs"][0]["loss"])  # one batch of every window
+  result = feedback.pretrain(model, _synthetic(5, rng), prompts, cfg, tmp_path)
+  assert result["steps"] == 1  # one batch of every window
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert len(rows) == 1 and np.isfinite(rows[0]["train/loss/feedback"])
   with pytest.raises(ValueError, match=r"no behaviour sequences .* set config.fusion.pretrain.epochs=0"):
-    feedback.pretrain(model, [], prompts, cfg, log=lambda _: None)
+    feedback.pretrain(model, [], prompts, cfg, tmp_path)
 
 
 def _ml100k(root, rows):
@@ -127,10 +132,22 @@ def test_answer_hint_is_the_first_soft_token(hint_scale):
     FusionConfig(num_items=NUM_ITEMS, placeholder_id=5, answer_hint=(11, 12))
 
 
-def test_shuffled_permutes_each_sequence_keeping_items_with_their_likes():
-  seqs = [(np.arange(10, 20, dtype=np.int32), np.where(np.arange(10) < 6, feedback.LIKED, feedback.DISLIKED)),
-          (np.array([3], np.int32), np.array([feedback.LIKED], np.int32))]
-  out = feedback.shuffled(seqs, np.random.default_rng(0))
-  assert not np.array_equal(out[0][0], seqs[0][0])  # liked-then-disliked order is gone
-  assert sorted(zip(out[0][0].tolist(), out[0][1].tolist())) == list(zip(seqs[0][0].tolist(), seqs[0][1].tolist()))
-  assert out[1][0].tolist() == [3] and out[1][1].tolist() == [feedback.LIKED]
+@pytest.mark.parametrize("shuffle_order", [False, True])
+def test_window_batches_permute_and_hide_items_keeping_likes_with_them(shuffle_order):
+  ids = np.stack([joint_left_pad(np.arange(10, 20), 12), joint_left_pad(np.array([3]), 12)])
+  fb = np.stack([joint_left_pad(np.where(np.arange(10) < 6, feedback.LIKED, feedback.DISLIKED), 12),
+                 joint_left_pad(np.array([feedback.LIKED]), 12)])
+  cfg = feedback.PretrainConfig(item_mask_rate=0.5, shuffle_order=shuffle_order, seed=1)
+  batches = feedback.window_batches(ids, fb, cfg, mask_id=99, batch_size=2)
+  seen = [next(batches) for _ in range(4)]  # two epochs
+  for b in seen:
+    for i, f, x in zip(b["history_ids"], b["history_feedback"], b["input_ids"]):
+      row = 0 if (i > 3).any() else 1
+      assert sorted(zip(i[i > 0].tolist(), f[i > 0].tolist())) == sorted(zip(ids[row][ids[row] > 0].tolist(),
+                                                                           fb[row][ids[row] > 0].tolist()))
+      assert ((i == 0) == (x == 0)).all() and set(x[(x != i)].tolist()) <= {99}  # padding stays, items hidden
+  long_rows = [b["history_ids"][np.argmax((b["history_ids"] > 3).any(1))] for b in seen]
+  assert any(not np.array_equal(r, ids[0]) for r in long_rows) == shuffle_order  # liked-then-disliked order gone
+  assert 0 < np.mean([(b["input_ids"] == 99).sum() / (b["history_ids"] > 0).sum() for b in seen]) < 1
+  again = feedback.window_batches(ids, fb, cfg, mask_id=99, batch_size=2)
+  np.testing.assert_array_equal(next(again)["input_ids"], seen[0]["input_ids"])  # seeded

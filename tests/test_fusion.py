@@ -1,5 +1,7 @@
 """Fused soft tokens (exact placement, text-only equivalence) and the joint losses (gradients, switches)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,8 @@ from clclm_jax.contrastive import fusion, joint
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig, place_soft_tokens
 from clclm_jax.data.records import Catalogue, Interaction, Item
 from clclm_jax.model.llama import QInt8
-from clclm_jax.train import evaluate, step as step_lib
+from clclm_jax.train import evaluate, sharding, step as step_lib, trainer
+from clclm_jax.train.errors import ConfigError
 
 PH, PH_ID, K = "<ph>", 5, 3
 
@@ -144,21 +147,32 @@ def test_gradients_flow_only_where_intended(names, nonzero):
   assert any(isinstance(v, QInt8) for v in jax.tree.leaves(frozen, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def test_losses_finite_and_switching_off_removes_term():
+OPTIM = ConfigDict(dict(lr=1e-2, warmup_steps=0, schedule="constant", max_grad_norm=1.0, b1=0.9, b2=0.999,
+                        weight_decay=0.0))
+
+
+def _fit(model, xs, cat, workdir, loss_weights, steps=2, views=True):
+  """`steps` updates of every `nnx.Param` through the one trainer; returns the metrics rows."""
+  stage = trainer.Stage("fused", workdir, lambda: joint.train_batches(xs, cat, CharTokenizer(), _spec(), batch_size=4,
+                                                                     seed=0, views=views),
+                        loss_weights, steps, OPTIM, 4, 4)
+  mesh = sharding.make_mesh((-1, 1, 1))
+  trainer.place(model, mesh)
+  trainer.run_stage(stage, model, mesh)
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_losses_finite_and_switching_off_removes_term(tmp_path):
   xs, cat = _data(8)
   model = _model(dropout=0.05)
-  logged = []
   before = np.asarray(model.projector.up_proj.kernel[...])
-  joint.fit(model, joint.train_batches(xs, cat, CharTokenizer(), _spec(), batch_size=4, seed=0, views=True),
-            steps=2, loss_weights={"fused_lm": 1.0, "seq_cl": 0.1, "text_cl": 0.0, "align_cl": 0.1},
-            optim=ConfigDict(dict(lr=1e-2, warmup_steps=0, schedule="constant", max_grad_norm=1.0, b1=0.9,
-                                  b2=0.999, weight_decay=0.0)), seed=0, log=lambda i, m: logged.append(m))
-  terms = {k for k in logged[0] if k.startswith("loss/")}
-  assert terms == {"loss/fused_lm", "loss/seq_cl", "loss/align_cl"}
+  logged = _fit(model, xs, cat, tmp_path, {"fused_lm": 1.0, "seq_cl": 0.1, "text_cl": 0.0, "align_cl": 0.1})
+  terms = {k for k in logged[0] if k.startswith("train/loss/")}
+  assert terms == {"train/loss/fused_lm", "train/loss/seq_cl", "train/loss/align_cl"} and len(logged) == 2
   for m in logged:
     assert all(np.isfinite(v) for v in m.values())
-    np.testing.assert_allclose(m["loss"], m["loss/fused_lm"] + 0.1 * (m["loss/seq_cl"] + m["loss/align_cl"]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(m["train/loss"], m["train/loss/fused_lm"] + 0.1 * (
+        m["train/loss/seq_cl"] + m["train/loss/align_cl"]), rtol=1e-5)
   assert not np.array_equal(np.asarray(model.projector.up_proj.kernel[...]), before)
 
 
@@ -173,7 +187,7 @@ def test_hint_kd_is_the_answer_cross_entropy_against_the_fixed_encoder_hint():
     if lin.lora_b is not None:
       lin.lora_b.set_value(jnp.full(lin.lora_b.shape, 0.01))
   b = _batch(views=False)
-  p_yes = np.asarray(joint.yes_probability(model, b, *yes_no))
+  p_yes = np.asarray(evaluate.yes_probability(model, b, *yes_no))
   z, _ = model.encode_history(b["history_ids"], b["history_feedback"], b["target_ids"])
   hint = 1 / (1 + np.exp(-2.0 * np.asarray(model.like_logit(z), np.float64)))
   want = -np.mean(hint * np.log(p_yes) + (1 - hint) * np.log(1 - p_yes))
@@ -183,7 +197,7 @@ def test_hint_kd_is_the_answer_cross_entropy_against_the_fixed_encoder_hint():
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def fixed_target(p):  # the hint as a constant: the encoder gets gradient only through the prompt's soft tokens
-    q = joint.yes_probability(nnx.merge(graphdef, p, rest), b, *yes_no)
+    q = evaluate.yes_probability(nnx.merge(graphdef, p, rest), b, *yes_no)
     return -jnp.mean(hint * jnp.log(q) + (1 - hint) * jnp.log(1 - q))
 
   got = jax.grad(lambda p: _hint_kd(nnx.merge(graphdef, p, rest), b))(params)
@@ -227,32 +241,33 @@ def test_target_ce_equals_the_full_logits_ce():
   np.testing.assert_allclose(got, (ce_bt * w_bt).sum() / w_bt.sum(), rtol=1e-5)
 
 
-def test_score_and_fit_reuse_their_compiled_functions():
+def test_one_scorer_for_fused_and_text_prompts_compiles_once_per_shape(tmp_path):
   xs, cat = _data(8)
   model, tok = _model(), CharTokenizer()
+  mesh = sharding.make_mesh((-1, 1, 1))
+  trainer.place(model, mesh)
+  scorer = evaluate.make_scorer(model, mesh, 7, 8, stop_token=PH_ID)
   evals = joint.eval_batches(xs, cat, tok, _spec(), batch_size=4)
-  first, labels = joint.score(model, evals, 7, 8)
-  hits = joint._yes_fns.cache_info().hits  # pylint: disable=protected-access
-  again, _ = joint.score(model, evals, 7, 8)
-  assert joint._yes_fns.cache_info().hits == hits + 1  # pylint: disable=protected-access
-  np.testing.assert_array_equal(first, again)
-  np.testing.assert_array_equal(labels, [x.label for x in xs])
-  plain, _ = joint.score(model, evals, 7, 8, share_prefix=False)  # the instruction prefix computed per row
-  np.testing.assert_allclose(first, plain, atol=1e-5)
+  first = scorer(model, evals)
+  compiled = scorer.step.batch._cache_size()  # pylint: disable=protected-access
+  again = scorer(model, evals)
+  assert scorer.step.batch._cache_size() == compiled  # pylint: disable=protected-access
+  np.testing.assert_array_equal(first.p_yes, again.p_yes)
+  np.testing.assert_array_equal(first.label, [x.label for x in xs])
+  direct = [float(p) for b in evals for p, i in zip(evaluate.yes_probability(model, b, 7, 8), b["index"]) if i >= 0]
+  np.testing.assert_allclose(first.p_yes, np.asarray(direct)[np.argsort([i for b in evals for i in b["index"]
+                                                                         if i >= 0])], atol=1e-5)
   one_width = joint.eval_batches(xs, cat, tok, _spec(), batch_size=4, max_widths=1)
   assert len({b["tokens"].shape[1] for b in one_width}) == 1
-  np.testing.assert_allclose(joint.score(model, one_width, 7, 8)[0], first, atol=1e-5)  # padding changes nothing
-  assert evaluate.shared_prefix(evals).size > 100
-  optim = ConfigDict(dict(lr=1e-2, warmup_steps=0, schedule="constant", max_grad_norm=1.0, b1=0.9, b2=0.999,
-                          weight_decay=0.0))
-  for _ in range(2):
-    joint.fit(model, joint.train_batches(xs, cat, tok, _spec(), batch_size=4, seed=0), steps=1,
-              loss_weights={"fused_lm": 1.0}, optim=optim, seed=0)
-  graphdef = nnx.split(model, nnx.Param, ...)[0]
-  step_fns = [v[1] for k, v in joint._STEP_FNS.items() if k[0] == graphdef]  # pylint: disable=protected-access
-  assert len(step_fns) == 1 and step_fns[0]._cache_size() == 1  # pylint: disable=protected-access
-  with pytest.raises(ValueError, match="unknown losses"):
-    joint.fit(model, iter(()), steps=1, loss_weights={"nope": 1.0}, optim=optim, seed=0)
+  np.testing.assert_allclose(scorer(model, one_width).p_yes, first.p_yes, atol=1e-5)  # padding changes nothing
+  assert evaluate.shared_prefix(list(evals)).size > 100  # the instruction runs once, cached
+  text = scorer(model, joint.eval_batches(xs, cat, tok, _spec(0), batch_size=4))  # text-only prompts: the LLM
+  llm_scorer = evaluate.make_scorer(model.llm, mesh, 7, 8)
+  plain = [{k: v for k, v in b.items() if k != "history_feedback"}  # TALLRec batches: no fused inputs
+           for b in joint.eval_batches(xs, cat, tok, _spec(0), batch_size=4)]
+  np.testing.assert_allclose(text.p_yes, llm_scorer(model.llm, plain).p_yes, atol=1e-5)
+  with pytest.raises(ConfigError, match="unknown losses"):
+    _fit(model, xs, cat, tmp_path, {"nope": 1.0})
 
 
 def test_packed_augmentation_keeps_likes_with_items():

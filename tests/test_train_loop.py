@@ -2,7 +2,10 @@
 
 import dataclasses
 import json
+import os
+import signal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,15 +14,15 @@ from clclm_jax.contrastive import feedback
 from clclm_jax.data import prompts, tallrec
 from clclm_jax.data.errors import DataError
 from clclm_jax.data.records import Catalogue, Interaction, Item
-from clclm_jax.train import checkpoint, loop, predictions
+from clclm_jax.train import checkpoint, loop, predictions, trainer
 from clclm_jax.train.errors import ConfigError
 from configs import tiny
 
 
 def test_non_finite_loss_names_step_and_term():
   with pytest.raises(FloatingPointError, match=r"step 7: .*loss/contrastive"):
-    loop._check_finite({"loss": np.nan, "loss/lm": 2.0, "loss/contrastive": np.inf, "grad_norm": np.nan}, 7)
-  loop._check_finite({"loss": 1.0, "loss/lm": 1.0}, 1)
+    trainer.check_finite({"loss": np.nan, "loss/lm": 2.0, "loss/contrastive": np.inf, "grad_norm": np.nan}, 7)
+  trainer.check_finite({"loss": 1.0, "loss/lm": 1.0}, 1)
 
 
 def test_non_finite_params_are_never_saved(tmp_path):
@@ -209,47 +212,96 @@ def test_resume_and_scoring_check_the_runs_config(tmp_path, data_root):
     loop.export_best_peft(wider, run, tmp_path / "adapter")
 
 
-def test_fused_recipe_goes_on_after_the_last_finished_stage(tmp_path, data_root, monkeypatch):
+class Killed(BaseException):
+  """The process dies here: nothing after this point runs (no save, no cleanup)."""
+
+
+class _DiesAt:
+  """A stage's batch iterator that dies when asked for batch `n` (after step n - 1 and its checkpoint)."""
+
+  def __init__(self, it, n: int, action):
+    self.it, self.n, self.action, self.count = it, n, action, 0
+
+  def __next__(self):
+    self.count += 1
+    if self.count == self.n:
+      self.action()
+    return next(self.it)
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
+def _recipe_params(workdir):
+  ckpts = checkpoint.Checkpoints(workdir)
+  try:
+    step = ckpts.best_step()
+    return ckpts.best.restore(step).params, step  # untyped restore: numpy leaves
+  finally:
+    ckpts.close()
+
+
+def _raise_killed():
+  raise Killed
+
+
+def test_fused_recipe_killed_inside_stage2_resumes_bitwise(tmp_path, data_root, monkeypatch):
   from clclm_jax.contrastive import recipe  # pylint: disable=g-import-not-at-top
   from configs import tiny_fused  # pylint: disable=g-import-not-at-top
   c = tiny_fused.get_config()
-  c.data.test_size, c.fusion.pretrain.epochs = 0, 0  # no pretraining here: its meta is checked below
+  c.data.test_size, c.stage2.steps, c.train.checkpoint_every = 0, 3, 1
   whole = recipe.train(c, tmp_path / "whole", log=lambda _: None)
-  fit_stage, calls = recipe.fit_stage, []
+  run_stage = trainer.run_stage
 
-  def killed_in_stage2(r, spec, *args, **kwargs):
-    calls.append(spec.num_soft_tokens)
-    if spec.num_soft_tokens:
-      raise KeyboardInterrupt  # killed during stage 2
-    return fit_stage(r, spec, *args, **kwargs)
-  monkeypatch.setattr(recipe, "fit_stage", killed_in_stage2)
-  with pytest.raises(KeyboardInterrupt):
+  def dying(action):
+    def run(stage, model, mesh):
+      if stage.name == "fused":
+        stage = dataclasses.replace(stage, batches=lambda b=stage.batches: _DiesAt(b(), 2, action))
+      return run_stage(stage, model, mesh)
+    return run
+  monkeypatch.setattr(trainer, "run_stage", dying(_raise_killed))
+  with pytest.raises(Killed):
     recipe.train(c, tmp_path / "run", log=lambda _: None)
-  rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["stage"] for r in rows] == ["stage1", "stage1"]  # stage 1's rows are on disk
-  monkeypatch.setattr(recipe, "fit_stage", fit_stage)
-  monkeypatch.setattr(recipe, "pretrain_encoder", lambda *a: pytest.fail("pretraining ran again"))
+  assert (tmp_path / "run" / "checkpoints" / "latest" / "1").is_dir()  # step 1 of stage 2 was saved
+  monkeypatch.setattr(trainer, "run_stage", run_stage)
   said = []
   resumed = recipe.train(c, tmp_path / "run", log=said.append)
-  assert said == [f"resuming {tmp_path / 'run'} after stage 1"]
-  assert {k: resumed[k] for k in ("valid_auc", "encoder_valid_auc", "steps")} == {
-      k: whole[k] for k in ("valid_auc", "encoder_valid_auc", "steps")}
-  same = lambda name: (tmp_path / "whole" / name).read_text() == (tmp_path / "run" / name).read_text()
-  assert same("metrics.jsonl") and same("config.json")
-  c.stage2.steps = 3
-  with pytest.raises(ConfigError, match=r"stage2.steps: 2 in the run, 3 now"):
+  assert said == ["encoder: finished before (step 18), its parameters restored",
+                  "text: finished before (step 2), its parameters restored"]
+  assert {k: resumed[k] for k in ("valid_auc", "encoder_valid_auc", "steps", "best_step")} == {
+      k: whole[k] for k in ("valid_auc", "encoder_valid_auc", "steps", "best_step")}
+  same = lambda name: (tmp_path / "whole" / name).read_text() == (tmp_path / "run" / name).read_text()  # noqa: E731
+  assert same("metrics.jsonl") and same("config.json") and same("text/metrics.jsonl")
+  (a, step_a), (b, step_b) = _recipe_params(tmp_path / "whole"), _recipe_params(tmp_path / "run")
+  assert step_a == step_b == 3
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  again = recipe.train(c, tmp_path / "run", log=said.append)  # a finished run says so and returns its summary
+  assert again == resumed and said[-1].endswith("is finished: its summary follows "
+                                                f"(delete {tmp_path / 'run' / 'summary.json'} to score it again)")
+  c.stage2.steps = 4
+  with pytest.raises(ConfigError, match=r"stage2.steps: 3 in the run, 4 now"):
     recipe.train(c, tmp_path / "run")
 
 
-def test_stage_checkpoints_keep_the_last_stage_and_what_a_resume_needs(tmp_path):
-  ckpts = checkpoint.Checkpoints(tmp_path)
-  assert ckpts.restore_stage({"w": jnp.zeros(3)}) is None and not (tmp_path / "checkpoints" / "stages").exists()
-  encoder = {"best_valid_auc": np.float64(0.68), "epochs": [{"epoch": 1, "loss": 0.8, "valid_auc": 0.68}],
-             "config": dataclasses.asdict(feedback.PretrainConfig()), "seconds": 22.0}
-  ckpts.save_stage(1, {"w": jnp.zeros(3)}, {"rows": [], "encoder": encoder})
-  ckpts.save_stage(2, {"w": jnp.arange(3.0)}, {"rows": [{"step": 1, "stage": "stage1"}], "encoder": encoder})
-  ckpts.close()
-  k, params, meta = checkpoint.Checkpoints(tmp_path).restore_stage({"w": jnp.zeros(3)})
-  assert k == 2 and params["w"].tolist() == [0.0, 1.0, 2.0] and meta["rows"] == [{"step": 1, "stage": "stage1"}]
-  assert meta["encoder"]["best_valid_auc"] == 0.68 and meta["encoder"]["config"]["window"] == 11
-  assert [p.name for p in (tmp_path / "checkpoints" / "stages").iterdir()] == ["2"]
+def test_sigterm_inside_stage1_saves_and_returns_preempted(tmp_path, data_root, monkeypatch):
+  from clclm_jax.contrastive import recipe  # pylint: disable=g-import-not-at-top
+  from configs import tiny_fused  # pylint: disable=g-import-not-at-top
+  c = tiny_fused.get_config()
+  c.data.test_size, c.fusion.pretrain.epochs, c.stage1.steps = 0, 0, 4
+  run_stage = trainer.run_stage
+
+  def preempted(stage, model, mesh):
+    if stage.name == "text":
+      term = lambda: os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+      stage = dataclasses.replace(stage, batches=lambda b=stage.batches: _DiesAt(b(), 2, term))
+    return run_stage(stage, model, mesh)
+  monkeypatch.setattr(trainer, "run_stage", preempted)
+  summary = recipe.train(c, tmp_path / "run", log=lambda _: None)
+  assert summary["preempted"] and summary["stage"] == "text" and summary["steps"] == 2
+  assert (tmp_path / "run" / "text" / "checkpoints" / "latest" / "2").is_dir()
+  assert not (tmp_path / "run" / "text" / trainer.DONE).exists() and not (tmp_path / "run" / "summary.json").exists()
+  assert "preempted at step 2 of text: run the same command again to continue" in loop.format_summary(summary)

@@ -10,20 +10,22 @@ left out. The trained encoder and feedback head go into the fused model before r
 import dataclasses
 import functools
 import pathlib
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from ml_collections import ConfigDict
 
 from clclm_jax.contrastive import joint
 from clclm_jax.contrastive.fusion import FusedRec, encoder_inputs
 from clclm_jax.data import paths, tallrec
 from clclm_jax.data.records import Interaction
-from clclm_jax.train import evaluate
+from clclm_jax.train import evaluate, sharding, trainer
+from clclm_jax.train.step import register_loss
 
 LIKED, DISLIKED = 1, 2  # feedback codes of `fusion.FusedRec` (0 is padding / unknown)
 Sequences = list[tuple[np.ndarray, np.ndarray]]  # (item ids, feedback codes), oldest first
@@ -81,49 +83,45 @@ def windows(seqs: Sequences, window: int, stride: int) -> tuple[np.ndarray, np.n
   return np.stack(ids), np.stack(fb)
 
 
-def shuffled(seqs: Sequences, rng: np.random.Generator) -> Sequences:
-  """Each sequence in a fresh random order, so next-feedback reads a set of likes, not their arrangement."""
-  out = []
-  for item_ids, codes in seqs:
-    perm = rng.permutation(len(item_ids))
-    out.append((item_ids[perm], codes[perm]))
-  return out
-
-
 def feedback_loss(model: FusedRec, ids_bl: jax.Array, fb_bl: jax.Array, key: jax.Array | None,
-                  item_mask_rate: float = 0.0) -> jax.Array:
-  """Mean BCE of like(t) from the state at item t over the real items of target-aware windows; with a key,
-  dropout is on and a share `item_mask_rate` of the items is replaced by the mask id."""
-  x_ids, x_fb = encoder_inputs(ids_bl, fb_bl)
-  if key is not None and item_mask_rate:
-    key, mask_key = jax.random.split(key)
-    hide_bl = jax.random.bernoulli(mask_key, item_mask_rate, ids_bl.shape) & (ids_bl > 0)
-    x_ids = jnp.where(hide_bl, model.config.mask_id, x_ids)
+                  input_ids_bl: jax.Array | None = None) -> jax.Array:
+  """Mean BCE of like(t) from the state at item t over the real items of target-aware windows; dropout is on
+  with a key. `input_ids_bl`: what the encoder reads in place of `ids_bl` (some items hidden as the mask id)."""
+  x_ids, x_fb = encoder_inputs(ids_bl if input_ids_bl is None else input_ids_bl, fb_bl)
   logits_bl = model.like_logit(model.encoder(x_ids, feedback_bl=x_fb, dropout_key=key))
   real_bl = (ids_bl > 0).astype(jnp.float32)
   bce_bl = optax.sigmoid_binary_cross_entropy(logits_bl, (fb_bl == LIKED).astype(jnp.float32))
   return jnp.sum(bce_bl * real_bl) / jnp.maximum(jnp.sum(real_bl), 1.0)
 
 
-def _is_encoder_param(path, value) -> bool:
+@register_loss("feedback")
+def feedback_term(model: FusedRec, batch, key: jax.Array) -> jax.Array:
+  """`feedback_loss` of a `window_batches` batch (history ids and likes; `input_ids` with items hidden)."""
+  return feedback_loss(model, batch["history_ids"], batch["history_feedback"], key, batch.get("input_ids"))
+
+
+def encoder_params(path, value) -> bool:
+  """The nnx filter of what encoder pretraining trains: the encoder and its feedback head."""
   return isinstance(value, nnx.Param) and path[0] in ("encoder", "feedback_head")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "cl_weight", "item_mask_rate"), donate_argnums=(0, 1))
-def train_step(params, opt_state, rest, ids_bl, fb_bl, key, *, graphdef, tx, cl_weight, item_mask_rate):
-  """One AdamW step on the encoder and feedback head; returns (params, opt_state, loss)."""
-  drop_key, cl_key = jax.random.split(key)
+def window_batches(ids: np.ndarray, fb: np.ndarray, cfg: "PretrainConfig", mask_id: int,
+                   batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """Endless shuffled batches of windows (a checkpointable grain iterator). Per window and epoch, from grain's
+  per-element generator: with `shuffle_order` its items are permuted (likes kept with their items), and a share
+  `item_mask_rate` of them is shown to the encoder as `mask_id` (`input_ids`), so likes are also read from
+  context. `history_ids` stay unmasked for the contrastive views."""
+  def example(j: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    x_ids, x_fb = ids[j].copy(), fb[j].copy()
+    real = np.flatnonzero(x_ids > 0)
+    if cfg.shuffle_order:
+      perm = rng.permutation(real)
+      x_ids[real], x_fb[real] = x_ids[perm], x_fb[perm]
+    hide = (rng.random(len(x_ids)) < cfg.item_mask_rate) & (x_ids > 0)
+    return {"history_ids": x_ids, "history_feedback": x_fb, "input_ids": np.where(hide, mask_id, x_ids)}
 
-  def loss_fn(p):
-    model = nnx.merge(graphdef, p, rest)
-    loss = feedback_loss(model, ids_bl, fb_bl, drop_key, item_mask_rate)
-    if cl_weight:
-      loss += cl_weight * joint.seq_cl_loss(model, {"history_ids": ids_bl, "history_feedback": fb_bl}, cl_key)
-    return loss
-
-  loss, grads = jax.value_and_grad(loss_fn)(params)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, loss
+  ds = grain.MapDataset.range(len(ids)).shuffle(cfg.seed).repeat(None).random_map(example, seed=cfg.seed)
+  return iter(ds.batch(batch_size, drop_remainder=True).to_iter_dataset())
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -142,7 +140,7 @@ def prompt_arrays(xs: Sequence[Interaction], history_len: int) -> tuple[np.ndarr
 
 def like_probabilities(model: FusedRec, xs: Sequence[Interaction], batch_size: int = 512) -> np.ndarray:
   """The encoder's P(like target) for each prompt (no LLM): the hint that `hint_kd` distils."""
-  graphdef, params, rest = nnx.split(model, _is_encoder_param, ...)
+  graphdef, params, rest = nnx.split(model, encoder_params, ...)
   ids, fb, target = prompt_arrays(xs, model.config.max_len - 1)
   return np.concatenate([np.asarray(like_probability(params, rest, ids[i:i + batch_size], fb[i:i + batch_size],
                                                      target[i:i + batch_size], graphdef=graphdef))
@@ -154,9 +152,11 @@ def encoder_auc(model: FusedRec, xs: Sequence[Interaction], batch_size: int = 51
   return evaluate.auc(like_probabilities(model, xs, batch_size), np.asarray([x.label for x in xs]))
 
 
-def pretrain(model: FusedRec, seqs: Sequences, valid: Sequence[Interaction], cfg: PretrainConfig,
-             log: Callable[[str], None] = print) -> dict:
-  """Trains `model.encoder` and `model.feedback_head` in place; keeps the epoch with the best valid AUC."""
+def pretrain_stage(model: FusedRec, seqs: Sequences, valid: Sequence[Interaction], cfg: PretrainConfig,
+                   workdir: pathlib.Path, config=None) -> trainer.Stage:
+  """Encoder pretraining as a stage of the one trainer: the encoder and feedback head train on behaviour
+  windows (next-feedback BCE + `cl_weight` x InfoNCE), validated each epoch by the encoder's AUC on the
+  `valid` prompts, stopping after `patience` epochs without a better one (the best epoch is kept)."""
   if not model.config.target_aware:
     raise ValueError("feedback pretraining needs FusionConfig(target_aware=True)")
   if not seqs:
@@ -164,33 +164,23 @@ def pretrain(model: FusedRec, seqs: Sequences, valid: Sequence[Interaction], cfg
                      "config.fusion.pretrain.epochs=0")
   ids, fb = windows(seqs, cfg.window, cfg.stride)
   batch_size = min(cfg.batch_size, len(ids))  # small data: one batch of every window rather than no step
-  tx = optax.adamw(cfg.lr, weight_decay=0.0)
-  graphdef, params, rest = nnx.split(model, _is_encoder_param, ...)
-  opt_state = tx.init(params)
-  rng, key = np.random.default_rng(cfg.seed), jax.random.key(cfg.seed)
-  best, best_params, history, t0, bad = -1.0, jax.tree.map(np.array, params), [], time.time(), 0
-  for epoch in range(1, cfg.epochs + 1):
-    if cfg.shuffle_order:
-      ids, fb = windows(shuffled(seqs, rng), cfg.window, cfg.stride)
-    order, losses = rng.permutation(len(ids)), []
-    for i in range(0, len(order) - batch_size + 1, batch_size):
-      rows = order[i:i + batch_size]
-      key, step_key = jax.random.split(key)
-      params, opt_state, loss = train_step(params, opt_state, rest, ids[rows], fb[rows], step_key,
-                                           graphdef=graphdef, tx=tx, cl_weight=cfg.cl_weight,
-                                           item_mask_rate=cfg.item_mask_rate)
-      losses.append(loss)
-    nnx.update(model, params)
-    auc = encoder_auc(model, valid)
-    history.append({"epoch": epoch, "loss": float(np.mean(jax.device_get(losses))), "valid_auc": auc})
-    log(f"  encoder epoch {epoch}: loss {history[-1]['loss']:.4f}, valid AUC {100 * auc:.2f} "
-        f"({time.time() - t0:.0f}s)")
-    if auc > best:
-      best, best_params, bad = auc, jax.tree.map(np.array, params), 0
-    else:
-      bad += 1
-      if bad >= cfg.patience:
-        break
-  nnx.update(model, best_params)
-  return {"sequences": len(seqs), "windows": len(ids), "items": int(sum(len(s[0]) for s in seqs)),
-          "best_valid_auc": best, "epochs": history, "seconds": time.time() - t0}
+  per_epoch = len(ids) // batch_size
+  optim = ConfigDict(dict(lr=cfg.lr, warmup_steps=0, schedule="constant", max_grad_norm=0.0, b1=0.9, b2=0.999,
+                          weight_decay=0.0))
+  return trainer.Stage(
+      "encoder", pathlib.Path(workdir),
+      lambda: window_batches(ids, fb, cfg, model.config.mask_id, batch_size),
+      {"feedback": 1.0, "seq_cl": cfg.cl_weight}, cfg.epochs * per_epoch, optim, batch_size, batch_size,
+      trains=encoder_params, validate=lambda m: {"auc": encoder_auc(m, valid)}, eval_every=per_epoch,
+      patience=cfg.patience, checkpoint_every=per_epoch, seed=cfg.seed, config=config,
+      title=f"encoder pretraining: {len(seqs)} sequences, {len(ids)} windows, {per_epoch} steps an epoch")
+
+
+def pretrain(model: FusedRec, seqs: Sequences, valid: Sequence[Interaction], cfg: PretrainConfig,
+             workdir: pathlib.Path, mesh=None) -> dict:
+  """Runs `pretrain_stage` on `model` (in place; the best epoch's parameters kept) on `mesh` (default: every
+  device on the data axis); returns the stage summary with the encoder's best valid AUC."""
+  mesh = mesh or sharding.make_mesh((-1, 1, 1))
+  trainer.place(model, mesh)
+  summary = trainer.run_stage(pretrain_stage(model, seqs, valid, cfg, workdir), model, mesh)
+  return summary | {"best_valid_auc": summary["valid_auc"], "sequences": len(seqs)}

@@ -1,4 +1,4 @@
-"""CLCLMRec rec tuning: fused-prompt batches, the joint losses (registered by name), scoring, training.
+"""CLCLMRec rec tuning: fused-prompt batches and the joint losses (registered by name for `train.step`).
 
 Losses, each weighted by `config.loss_weights[name]` and off when absent:
   `text_lm`   next-token CE on the text-only prompt where `loss_mask` is 1 (LM head on those rows only);
@@ -10,7 +10,7 @@ Losses, each weighted by `config.loss_weights[name]` and off when absent:
 Stage 1 trains `text_lm` on text-only prompts; stage 2 the others on fused prompts.
 """
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
 import functools
 import math
@@ -20,9 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
-from flax import nnx
-from ml_collections import ConfigDict
 
 from clclm_jax.contrastive import losses
 from clclm_jax.contrastive.fusion import FEEDBACK_BITS, FusedRec
@@ -30,7 +27,6 @@ from clclm_jax.data import augment, pipeline, prompts, textviews, tokenize
 from clclm_jax.data.errors import DataError
 from clclm_jax.data.records import Catalogue, Interaction
 from clclm_jax.model.llama import take_rows
-from clclm_jax.train import evaluate, sharding, state as state_lib, step as step_lib
 from clclm_jax.train.step import register_loss
 
 BEHAVIOR_LINE = "User Behavior Embedding:"
@@ -160,14 +156,13 @@ def train_batches(interactions: Sequence[Interaction], catalogue: Catalogue, tok
 
 
 def eval_batches(interactions: Sequence[Interaction], catalogue: Catalogue, tokenizer, spec: PromptSpec, *,
-                 batch_size: int, pad_multiple: int = 16, max_widths: int = 0) -> list[Batch]:
-  """Every interaction once, sorted by length, the last batch filled with index -1 rows; padded as
-  `pipeline.eval_dataset` pads (at most `max_widths` widths, or multiples of `pad_multiple` when 0)."""
-  examples = sorted((encode_fused(tokenizer, x, catalogue, spec, i) for i, x in enumerate(interactions)),
-                    key=lambda e: (len(e["tokens"]), int(e["index"])))
-  groups = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
-  return [collate_fused(g, pad_multiple=pad_multiple, batch_size=batch_size, width=w)
-          for g, w in zip(groups, pipeline.group_widths(groups, max_widths))]
+                 batch_size: int, pad_multiple: int = 16, max_widths: int = 0) -> grain.MapDataset:
+  """Every interaction once (this process's shard), sorted by length, the last batch filled with index -1
+  rows; padded as `pipeline.eval_dataset` pads (at most `max_widths` widths, or multiples of `pad_multiple`)."""
+  examples = grain.MapDataset.source(list(enumerate(interactions))).map(
+      lambda ix: encode_fused(tokenizer, ix[1], catalogue, spec, ix[0]))
+  return pipeline.eval_dataset(examples, batch_size=batch_size, pad_multiple=pad_multiple, max_widths=max_widths,
+                               collate_fn=collate_fused)
 
 
 # --- Losses ----------------------------------------------------------------------------------------
@@ -264,79 +259,3 @@ def align_cl_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Arra
   v_be = model.align_proj(_masked_mean(h_btd, batch["history_mask"]))
   z_be, _ = model.encode_history(batch["history_ids"], batch["history_feedback"], dropout_key=enc_key)
   return losses.info_nce(v_be, z_be, temperature=model.config.align_temperature, similarity="cosine")
-
-
-# --- Scoring and training --------------------------------------------------------------------------
-
-def yes_probability(model: FusedRec, batch: Mapping[str, jax.Array], yes_id: int, no_id: int,
-                    prefix_kv=None) -> jax.Array:
-  """P(Yes) from the (Yes, No) logits at `answer_index`, soft tokens placed when the prompt has slots;
-  with `prefix_kv` the batch holds only the tokens after the cached shared prefix."""
-  h_bd = fused_hidden(model, batch, prefix_kv=prefix_kv, rows_b=batch["answer_index"])
-  return evaluate.yes_share(model, h_bd, yes_id, no_id)
-
-
-@functools.lru_cache(maxsize=16)
-def _yes_fns(graphdef: nnx.GraphDef, yes_id: int, no_id: int):
-  """Jitted (scorer, prefix cache) per model structure, so repeated `score` calls reuse compiled shapes."""
-  return (jax.jit(lambda p, r, b, kv: yes_probability(nnx.merge(graphdef, p, r), b, yes_id, no_id, kv)),
-          jax.jit(lambda p, r, tokens_p: nnx.merge(graphdef, p, r).llm.prefix_cache(tokens_p)))
-
-
-def score(model: FusedRec, batches: Sequence[Batch], yes_id: int, no_id: int, *, share_prefix: bool = True,
-          min_prefix: int = 16, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(P(Yes), label) for the real rows of `batches`, ordered by record index. As `evaluate.score`, the token
-  prefix common to every prompt (up to the first placeholder) runs once when it has `min_prefix` tokens."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  fn, prefix_fn = _yes_fns(graphdef, yes_id, no_id)
-  prefix = evaluate.shared_prefix(list(batches)) if share_prefix else np.zeros(0, np.int32)
-  slot = np.flatnonzero(prefix == model.config.placeholder_id)
-  prefix = prefix[:slot[0]] if slot.size else prefix
-  kv = None
-  if prefix.size >= min_prefix:
-    kv = prefix_fn(params, rest, jnp.asarray(prefix))
-    batches = [evaluate.strip_prefix(b, prefix.size) for b in batches]
-  keys = ("tokens", "positions", "attention_mask", "answer_index", "history_ids", "history_feedback", "target_ids")
-  p, label, index = (np.concatenate(x) for x in zip(*[
-      (np.asarray(fn(params, rest, {k: b[k] for k in keys}, kv)), b["label"], b["index"])
-      for b in tqdm.tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None)]))
-  order = np.argsort(np.where(index >= 0, index, np.iinfo(np.int32).max), kind="stable")[:int((index >= 0).sum())]
-  return p[order], label[order]
-
-
-_STEP_FNS: dict[tuple, tuple] = {}
-
-
-def _train_step(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, mesh, optim: ConfigDict, steps: int,
-                weights: Mapping[str, float]):
-  """(tx, jitted `train.step.train_step`, frozen shardings), kept per structure, optimizer, steps, losses and mesh.
-
-  The frozen state is an argument (`step.jit_train_step`), so repeated `fit`s reuse compiled shapes.
-  """
-  optim_items = tuple(sorted(optim.to_dict().items()))
-  key = (graphdef, mesh, optim_items, steps, tuple(sorted(weights.items())))
-  if key not in _STEP_FNS:
-    tx = state_lib.make_optimizer(ConfigDict({**dict(optim_items), "total_steps": steps}))
-    state_sh, frozen_sh = state_lib.state_shardings(params, tx, mesh), sharding.state_sharding(frozen, mesh)
-    fn = step_lib.jit_train_step(graphdef, frozen_sh, tx, state_sh, mesh, loss_weights=weights)
-    _STEP_FNS[key] = (tx, fn, frozen_sh)
-  return _STEP_FNS[key]
-
-
-def fit(model: FusedRec, batches: Iterator[Batch], *, steps: int, loss_weights: Mapping[str, float],
-        optim: ConfigDict, seed: int, mesh=None, log: Callable[[int, dict], None] | None = None) -> FusedRec:
-  """`steps` updates of the trainable `nnx.Param`s with `train.step`; writes them back into `model`."""
-  weights = {k: float(v) for k, v in loss_weights.items() if v}  # unknown names: `step.jit_train_step` raises
-  mesh = mesh or sharding.make_mesh((-1, 1, 1))
-  graphdef, params, frozen = state_lib.split_model(model)
-  tx, step_fn, frozen_sh = _train_step(graphdef, params, frozen, mesh, optim, steps, weights)
-  state = state_lib.init_state(params, tx, seed, mesh)
-  frozen = sharding.put(frozen, frozen_sh)
-  with jax.set_mesh(mesh):
-    for i in range(1, steps + 1):
-      batch = next(batches)
-      state, metrics = step_fn(state, sharding.global_batch(batch, mesh), frozen)
-      if log is not None:
-        log(i, {k: float(v) for k, v in jax.device_get(metrics).items()})
-  nnx.update(model, jax.device_get(state["params"]))
-  return model

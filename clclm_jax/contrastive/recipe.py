@@ -1,7 +1,8 @@
-"""CLCLMRec from one config: encoder pretraining, stage 1 (text-only LoRA), stage 2 (fused soft tokens), AUC.
+"""CLCLMRec from one config as a stage list of the one trainer: encoder pretraining, stage 1 (text-only
+LoRA), stage 2 (fused soft tokens), then AUC.
 
 `train.py` and `eval.py` run `train` and `evaluate_split` for configs with a `fusion` block
-(configs/fused_movie.py, fused_book.py); `benchmarks/fused_quality.py` runs the same pieces per few-shot
+(configs/fused_movie.py, fused_book.py); `benchmarks/fused_quality.py` runs the same stages per few-shot
 cell and ablation.
 """
 
@@ -14,7 +15,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import tqdm
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -22,13 +22,14 @@ from clclm_jax.contrastive import feedback, fusion, joint
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig
 from clclm_jax.data import augment, fewshot, tallrec, tokenize
 from clclm_jax.data.records import Interaction
-from clclm_jax.train import checkpoint, curves, evaluate, loop, predictions, runconfig, state as state_lib
+from clclm_jax.train import checkpoint, evaluate, loop, predictions, runconfig, sharding, trainer
 from clclm_jax.train.errors import ConfigError
 
 
 @dataclasses.dataclass
 class Recipe:
-  """What every stage of a run shares: the fused model, its tokenizer, the data and both prompt layouts."""
+  """What every stage of a run shares: the fused model, its tokenizer, the data, both prompt layouts, the mesh
+  and the one scorer."""
 
   config: ConfigDict
   model: FusedRec
@@ -36,6 +37,8 @@ class Recipe:
   splits: tallrec.TallrecSplits
   text: joint.PromptSpec  # TALLRec prompts (stage 1, text-only scoring)
   fused: joint.PromptSpec  # the same prompts with k soft-token placeholders (stage 2)
+  mesh: Any
+  scorer: evaluate.Scorer
 
   @property
   def yes_no(self) -> tuple[int, int]:
@@ -43,14 +46,21 @@ class Recipe:
 
   def eval_batches(self, xs: Sequence[Interaction], spec: joint.PromptSpec, batch_size: int | None = None):
     return joint.eval_batches(xs, self.splits.catalogue, self.tokenizer, spec,
-                              batch_size=batch_size or self.config.train.eval_batch_size,
+                              batch_size=(batch_size or self.config.train.eval_batch_size) // jax.process_count(),
                               pad_multiple=self.config.data.pad_multiple, max_widths=self.config.data.eval_widths)
+
+  def score(self, xs: Sequence[Interaction], spec: joint.PromptSpec, desc: str | None = None,
+            batch_size: int | None = None) -> evaluate.Scores:
+    """P(Yes) of the model as it is now for the prompts `xs` (ordered as `xs`), with `spec`'s layout."""
+    return self.scorer(self.model, self.eval_batches(xs, spec, batch_size), desc=desc or "eval")
 
 
 def build(config: ConfigDict) -> Recipe:
   """Loads the LLM (`loop.build_model`: int8 base + LoRA), the TALLRec splits (`loop.rec_splits`) and a fresh
-  encoder/projector per `config.fusion`."""
+  encoder/projector per `config.fusion`, placed on the mesh of `config.mesh` with the run's scorer."""
   f, d = config.fusion, config.data
+  sharding.maybe_initialize_distributed(config)
+  mesh = sharding.make_mesh(config.mesh)
   llm, tokenizer = loop.build_model(config)
   splits = loop.rec_splits(config)
   num_items = splits.catalogue.max_id
@@ -71,29 +81,54 @@ def build(config: ConfigDict) -> Recipe:
   text = joint.PromptSpec(d.domain, f.placeholder, placeholder_id, 0, cutoff_len=d.cutoff_len,
                           train_on_inputs=d.train_on_inputs, template=d.template, history_len=f.history_len,
                           view_len=f.view_len)
-  return Recipe(config, model, tokenizer, splits, text, text.with_soft_tokens(f.num_soft_tokens))
+  trainer.place(model, mesh)
+  scorer = evaluate.make_scorer(model, mesh, *tokenize.answer_token_ids(tokenizer, d.template),
+                                stop_token=placeholder_id)
+  return Recipe(config, model, tokenizer, splits, text, text.with_soft_tokens(f.num_soft_tokens), mesh, scorer)
 
 
-def pretrain_encoder(r: Recipe, log: Callable[[str], None] = print) -> dict | None:
+def encoder_stage(r: Recipe, workdir: pathlib.Path) -> trainer.Stage | None:
   """Next-feedback + InfoNCE pretraining of the target-aware encoder (`config.fusion.pretrain`); None if off."""
   f = r.config.fusion
   if not (f.target_aware and f.pretrain.epochs > 0):
     return None
   pcfg = feedback.PretrainConfig(**f.pretrain.to_dict(), window=f.history_len + 1, seed=r.config.seed)
-  seqs = feedback.behaviour_sequences(r.config.data.domain, r.splits,
-                                     timelines=not loop.uses_files(r.config))
-  return feedback.pretrain(r.model, seqs, r.splits.valid, pcfg, log) | {"config": dataclasses.asdict(pcfg)}
+  seqs = feedback.behaviour_sequences(r.config.data.domain, r.splits, timelines=not loop.uses_files(r.config))
+  return feedback.pretrain_stage(r.model, seqs, r.splits.valid, pcfg, workdir, r.config)
 
 
-def fit_stage(r: Recipe, spec: joint.PromptSpec, pool: Sequence[Interaction], steps: int,
-              loss_weights: Mapping[str, float], seed: int, log: Callable[[int, dict], None] | None = None) -> float:
-  """`steps` joint updates on `pool` with `spec`'s prompts (text views only when `text_cl` is on); seconds."""
-  t0 = time.time()
+def rec_stage(r: Recipe, name: str, spec: joint.PromptSpec, pool: Sequence[Interaction], steps: int,
+              loss_weights: Mapping[str, float], workdir: pathlib.Path, *, trains=nnx.Param, seed: int | None = None,
+              validate: bool = True) -> trainer.Stage:
+  """`steps` joint updates on `pool` with `spec`'s prompts (text views only when `text_cl` is on), validated
+  on the `data.valid_size` subset with the same prompts (every `train.eval_every` steps, else at the end)."""
+  c = r.config
+  seed = c.seed if seed is None else seed
   views = loss_weights.get("text_cl", 0) > 0
-  batches = joint.train_batches(pool, r.splits.catalogue, r.tokenizer, spec, batch_size=r.config.train.batch_size,
-                                seed=seed, views=views, pad_multiple=r.config.data.pad_multiple)
-  joint.fit(r.model, batches, steps=steps, loss_weights=loss_weights, optim=r.config.optim, seed=seed, log=log)
-  return time.time() - t0
+  batches = lambda: joint.train_batches(  # noqa: E731
+      pool, r.splits.catalogue, r.tokenizer, spec, batch_size=c.train.batch_size, seed=seed, views=views,
+      pad_multiple=c.data.pad_multiple)
+  valid_xs = loop.eval_interactions(c, r.splits, "valid")
+  check = lambda model: r.scorer(model, r.eval_batches(valid_xs, spec), desc="valid").metrics()  # noqa: E731
+  return trainer.Stage(
+      name, workdir, batches, dict(loss_weights), steps, c.optim, c.train.batch_size,
+      min(c.train.micro_batch_size, c.train.batch_size), trains=trains, validate=check if validate else None,
+      eval_every=c.train.eval_every, patience=c.train.patience, checkpoint_every=c.train.checkpoint_every,
+      seed=seed, config=c, valid_reference=evaluate.like_ratio_auc(valid_xs), title=f"{c.name}: {name}")
+
+
+def stages(r: Recipe, workdir: pathlib.Path, pool: Sequence[Interaction]) -> list[trainer.Stage]:
+  """Encoder pretraining (WORKDIR/encoder), stage 1: text-only LoRA (WORKDIR/text), stage 2: fused prompts
+  training everything trainable (WORKDIR), validated for early stopping and the best checkpoint."""
+  c = r.config
+  out = [s for s in [encoder_stage(r, workdir / "encoder")] if s is not None]
+  for name, spec, block, folder, trains in [("text", r.text, c.stage1, workdir / "text", nnx.LoRAParam),
+                                             ("fused", r.fused, c.stage2, workdir, nnx.Param)]:
+    if block.steps > 0:
+      xs = list(pool) + fewshot.history_targets(pool, block.history_targets, c.seed)
+      out.append(rec_stage(r, name, spec, xs, block.steps, block.loss_weights, folder, trains=trains,
+                           validate=name == "fused"))
+  return out
 
 
 def score_split(r: Recipe, split: str, workdir: pathlib.Path | None = None) -> dict:
@@ -101,95 +136,50 @@ def score_split(r: Recipe, split: str, workdir: pathlib.Path | None = None) -> d
   on them; with `workdir`, also WORKDIR/eval/<split>_predictions.jsonl."""
   positions = loop.eval_positions(r.config, r.splits, split)
   xs = [getattr(r.splits, split)[i] for i in positions]
-  p, label = joint.score(r.model, r.eval_batches(xs, r.fused), *r.yes_no, desc=split)
+  scores = r.score(xs, r.fused, desc=split)
   if workdir is not None and jax.process_index() == 0:
-    predictions.write(workdir, split, positions, label, p)
-  return {"auc": evaluate.auc(p, label), "n": len(xs), "like_ratio_auc": evaluate.like_ratio_auc(xs)}
+    predictions.write(workdir, split, positions, scores.label, scores.p_yes)
+  return {"auc": evaluate.auc(scores.p_yes, scores.label), "n": len(xs), "like_ratio_auc": evaluate.like_ratio_auc(xs)}
 
 
-def _bar_log(bar: tqdm.tqdm, rows: list[dict], stage: str) -> Callable[[int, dict], None]:
-  """Shows the losses on `bar` and appends a metrics.jsonl row per step (steps count on across stages)."""
-  def log(_, metrics: dict) -> None:
-    bar.set_postfix({k.removeprefix("loss/"): f"{v:.4f}" for k, v in metrics.items() if k.startswith("loss")})
-    bar.update(1)
-    rows.append({"step": len(rows) + 1, "stage": stage, **{f"train/{k}": v for k, v in metrics.items()}})
-  return log
-
-
-def _write_metrics(workdir: pathlib.Path, rows: list[dict], title: str, valid_reference: float) -> None:
-  """WORKDIR/metrics.jsonl (written whole, after each stage and at the end) and curves.png."""
-  path = checkpoint.write_text(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-  curves.write_curves(path, workdir / "curves.png", title=title, valid_reference=valid_reference)
-
-
-STAGES = ("encoder pretraining", "stage 1", "stage 2")  # the resume points of `train`, numbered from 1
-
-
-def run_stages(r: Recipe, ckpts: checkpoint.Checkpoints, pool: Sequence[Interaction],
-               after_stage: Callable[[list[dict]], None], log: Callable[[str], None] = print
-               ) -> tuple[list[dict], dict | None]:
-  """Encoder pretraining, stage 1 (text) and stage 2 (fused), saving the params after each; the stages that
-  `ckpts` shows finished are restored, not rerun. Returns the metrics rows and the pretraining result."""
-  done, rows, encoder = 0, [], None
-  resumed = ckpts.restore_stage(state_lib.split_model(r.model)[1])
-  if resumed is not None:
-    done, params, meta = resumed
-    nnx.update(r.model, params)
-    rows, encoder = meta["rows"], meta["encoder"]
-    log(f"resuming {ckpts.root.parent} after {STAGES[done - 1]}")
-  if done < 1:
-    encoder = pretrain_encoder(r, log)
-    ckpts.save_stage(1, state_lib.split_model(r.model)[1], {"rows": rows, "encoder": encoder})
-  c = r.config
-  for k, (name, spec, stage) in enumerate([("stage1", r.text, c.stage1), ("stage2", r.fused, c.stage2)], start=2):
-    if done >= k:
-      continue
-    with tqdm.tqdm(total=stage.steps, desc=name) as bar:
-      fit_stage(r, spec, pool + fewshot.history_targets(pool, stage.history_targets, c.seed), stage.steps,
-                dict(stage.loss_weights), c.seed, _bar_log(bar, rows, name))
-    ckpts.save_stage(k, state_lib.split_model(r.model)[1], {"rows": rows, "encoder": encoder})
-    after_stage(rows)
-  return rows, encoder
+SUMMARY = "summary.json"
 
 
 def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], None] = print) -> dict:
-  """Pretrain, stage 1, stage 2 on `data.shots` examples; saves the params as the best checkpoint in
-  `workdir`, scores valid (and test unless `data.test_size == 0`); returns and writes the summary.
-  Run the same command again after a kill and it goes on after the last finished stage (`run_stages`)."""
+  """The stages of `stages` through the one trainer, then valid (from the last stage) and test AUC; returns and
+  writes the summary. Killed at any step, the same command goes on from the last checkpoint of the stage it
+  was in; run again once finished, it returns the saved summary."""
   workdir, t0, d = pathlib.Path(workdir), time.time(), config.data
-  workdir.mkdir(parents=True, exist_ok=True)
-  if (workdir / "checkpoints" / "stages").is_dir():  # a run to go on with: its config must match
+  if (workdir / SUMMARY).is_file():
     runconfig.check_resume(config, workdir)
-  if jax.process_index() == 0:
-    runconfig.save(config, workdir)
+    log(f"{workdir} is finished: its summary follows (delete {workdir / SUMMARY} to score it again)")
+    return json.loads((workdir / SUMMARY).read_text())
   r = build(config)
   pool = loop.train_interactions(config, r.splits)
-  valid_reference = evaluate.like_ratio_auc(loop.eval_interactions(config, r.splits, "valid"))
-  s1, steps = config.stage1.steps, config.stage1.steps + config.stage2.steps
-  title = f"{config.name}: stage 1 (text) steps 1-{s1}, stage 2 (fused) {s1 + 1}-{steps}"
-
-  def write_metrics(rows: list[dict]) -> None:
-    if jax.process_index() == 0 and rows:
-      _write_metrics(workdir, rows, title, valid_reference)
-  ckpts = checkpoint.Checkpoints(workdir)
-  try:
-    rows, encoder = run_stages(r, ckpts, pool, write_metrics, log)
-    valid = score_split(r, "valid")
-    summary = {"stage": "fused", "steps": steps, "best_step": steps, "shots": len(pool),
-               "encoder_valid_auc": None if encoder is None else encoder["best_valid_auc"],
-               "valid_auc": valid["auc"], "valid_like_ratio_auc": valid["like_ratio_auc"]}
-    ckpts.save_best(steps, state_lib.split_model(r.model)[1], {"step": steps, "valid": {"auc": summary["valid_auc"]}})
-  finally:
-    ckpts.close()
+  summaries = trainer.run(stages(r, workdir, pool), r.model, r.mesh, log)
+  by_stage = {s["stage"]: s for s in summaries}
+  if summaries and summaries[-1]["preempted"]:
+    return summaries[-1]
+  if "fused" not in by_stage:  # no stage 2: the model as stage 1 (or pretraining) left it
+    ckpts = checkpoint.Checkpoints(workdir)
+    try:
+      ckpts.save_best(0, nnx.split(r.model, nnx.Param, ...)[1], {"step": 0})
+    finally:
+      ckpts.close()
+  valid = by_stage.get("fused", {}).get("valid_auc")
+  reference = evaluate.like_ratio_auc(loop.eval_interactions(config, r.splits, "valid"))
+  encoder = by_stage.get("encoder")
+  summary = {"stage": "fused", "steps": sum(s["steps"] for s in summaries if s["stage"] != "encoder"),
+             "best_step": by_stage.get("fused", {}).get("best_step"), "shots": len(pool),
+             "encoder_valid_auc": None if encoder is None else encoder["valid_auc"],
+             "valid_auc": valid if valid is not None else score_split(r, "valid")["auc"],
+             "valid_like_ratio_auc": reference, "tokens_per_s": by_stage.get("fused", {}).get("tokens_per_s")}
   if d.test_size != 0:
     test = score_split(r, "test", workdir)
     summary.update(test_auc=test["auc"], test_like_ratio_auc=test["like_ratio_auc"])
   summary["wall_s"] = time.time() - t0
   if jax.process_index() == 0:
-    checkpoint.write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if rows:
-      rows[-1]["valid/auc"] = summary["valid_auc"]
-      write_metrics(rows)
+    checkpoint.write_text(workdir / SUMMARY, json.dumps(summary, indent=2) + "\n")
   return summary
 
 
@@ -201,7 +191,7 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   r = build(config)
   ckpts = checkpoint.Checkpoints(workdir)
   try:
-    params, meta = ckpts.restore_best(state_lib.split_model(r.model)[1])
+    params, meta = ckpts.restore_best(nnx.split(r.model, nnx.Param, ...)[1])
   finally:
     ckpts.close()
   nnx.update(r.model, params)

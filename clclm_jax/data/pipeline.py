@@ -83,11 +83,14 @@ def collate(examples: Sequence[Example], *, pad_multiple: int = 64, batch_size: 
   return batch
 
 
+PER_TOKEN_KEYS = ("tokens", "loss_mask", "history_mask")  # arrays as long as the example's tokens
+
+
 def _blank(like: Example) -> Example:
-  """A fill row: no tokens, index and label -1."""
-  return {"tokens": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.int32), "answer_index": np.int32(0),
-          "label": np.int32(-1), "user_ids": np.int32(0), "index": np.int32(-1),
-          "history_ids": np.zeros_like(like["history_ids"])}
+  """A fill row shaped like `like`: no tokens, index and label -1, every other array zero."""
+  blank = {k: np.zeros(0, np.int32) if k in PER_TOKEN_KEYS else np.zeros_like(v) for k, v in like.items()}
+  blank["label"], blank["index"] = np.int32(-1), np.int32(-1)
+  return blank
 
 
 def _shard(ds: grain.MapDataset, shard_index: int | None, shard_count: int | None) -> grain.MapDataset:
@@ -166,9 +169,11 @@ def group_widths(groups: Sequence[Sequence[Example]], max_widths: int) -> list[i
 
 
 def eval_dataset(examples: grain.MapDataset, *, batch_size: int, pad_multiple: int = 64, max_widths: int = 0,
-                 shard_index: int | None = None, shard_count: int | None = None) -> grain.MapDataset:
+                 shard_index: int | None = None, shard_count: int | None = None, collate_fn=collate
+                 ) -> grain.MapDataset:
   """Every example of this shard exactly once, sorted by length, in full batches (fill rows have index -1),
-  padded to at most `max_widths` widths chosen by `batch_widths` (0: to multiples of `pad_multiple`).
+  padded to at most `max_widths` widths chosen by `batch_widths` (0: to multiples of `pad_multiple`);
+  `collate_fn` is `collate` or one with its arguments that adds arrays (e.g. fused prompts').
 
   Every shard yields the same number of batches, so processes step through evaluation together.
   """
@@ -178,4 +183,4 @@ def eval_dataset(examples: grain.MapDataset, *, batch_size: int, pad_multiple: i
   blank = _blank(examples[0])
   batches = [shard[i * batch_size:(i + 1) * batch_size] or [blank] for i in range(num_batches)]
   return grain.MapDataset.source(list(zip(batches, group_widths(batches, max_widths)))).map(
-      lambda bw: collate(bw[0], pad_multiple=pad_multiple, batch_size=batch_size, width=bw[1]))
+      lambda bw: collate_fn(bw[0], pad_multiple=pad_multiple, batch_size=batch_size, width=bw[1]))

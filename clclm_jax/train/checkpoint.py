@@ -1,5 +1,5 @@
-"""orbax checkpoints: the latest train state (for exact resume), the best trainable params, and the params at
-the end of each of the fused recipe's stages (its resume points).
+"""orbax checkpoints of one stage (`train/trainer.py`): the latest train state (for exact resume) and the best
+trainable params.
 
 Saved: trainable params, optimizer state, step, random key, data-iterator state and a JSON `meta`
 (config, early stopping, metrics). Not saved: the frozen base, which is rebuilt from its source.
@@ -42,7 +42,10 @@ def check_finite(tree, what: str) -> None:
 
 
 def _save_params(manager: ocp.CheckpointManager, step: int, params, meta: dict[str, Any], what: str) -> None:
+  """Saves over a checkpoint of the same step (a run killed after this save and rerun reaches it again)."""
   check_finite(params, what)
+  if step in manager.all_steps():
+    manager.delete(step)
   manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)),
                force=True)
 
@@ -54,14 +57,12 @@ def _restore_params(manager: ocp.CheckpointManager, step: int, target_params) ->
 
 
 class Checkpoints:
-  """`WORKDIR/checkpoints/latest/<step>` (full state), `best/<step>` (params) and, for the fused recipe,
-  `stages/<k>` (params after its k-th stage)."""
+  """`WORKDIR/checkpoints/latest/<step>` (full state) and `best/<step>` (params)."""
 
   def __init__(self, workdir: str | pathlib.Path):
     self.root = pathlib.Path(workdir) / "checkpoints"
     self.latest = _manager(self.root / "latest")
     self.best = _manager(self.root / "best")
-    self._stages = None
 
   def save_latest(self, state: TrainState, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
     check_finite(state["params"], "the latest checkpoint")
@@ -95,23 +96,6 @@ class Checkpoints:
       raise FileNotFoundError(f"no best checkpoint under {self.best.directory}: train first")
     return _restore_params(self.best, step, target_params)
 
-  @property
-  def stages(self) -> ocp.CheckpointManager:
-    if self._stages is None:
-      self._stages = _manager(self.root / "stages")
-    return self._stages
-
-  def save_stage(self, k: int, params, meta: dict[str, Any]) -> None:
-    """The params after the fused recipe's k-th stage (1 = encoder pretraining), with what a resume needs."""
-    _save_params(self.stages, k, params, meta, f"stage {k}'s checkpoint")
-
-  def restore_stage(self, target_params) -> tuple[int, Any, dict] | None:
-    """(k, params, meta) of the last finished stage, or None when no stage has finished."""
-    if not (self.root / "stages").is_dir() or (k := self.stages.latest_step()) is None:
-      return None
-    return (k, *_restore_params(self.stages, k, target_params))
-
   def close(self) -> None:
-    for manager in (self.latest, self.best, self._stages):
-      if manager is not None:
-        manager.close()
+    for manager in (self.latest, self.best):
+      manager.close()

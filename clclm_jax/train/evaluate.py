@@ -52,14 +52,20 @@ def like_ratio_auc(interactions) -> float:
              np.array([x.label for x in interactions]))
 
 
+# Batch arrays a fused model (contrastive/fusion.py) reads beside the tokens, and its argument names.
+FUSED_INPUTS = {"history_ids": "history_ids_bl", "history_feedback": "feedback_bl", "target_ids": "target_ids_b"}
+
+
 def yes_probability(model: nnx.Module, batch: dict[str, jax.Array], yes_id: int, no_id: int,
                     prefix_kv=None) -> jax.Array:
-  """softmax over (Yes, No) logits at `answer_index`; the LM head runs on those [b, d] rows only.
+  """softmax over (Yes, No) logits at `answer_index`; the LM head runs on those [b, d] rows only. A fused
+  batch (with `history_feedback`) fills the prompt's soft tokens from its history.
 
   With `prefix_kv` (the cached shared prefix), the batch holds only the tokens after the prefix.
   """
+  fused = {arg: batch[k] for k, arg in FUSED_INPUTS.items()} if "history_feedback" in batch else {}
   h_bd = model.hidden_states(batch["tokens"], batch.get("positions"), attention_mask(batch),
-                            prefix_kv=prefix_kv, rows_b=batch["answer_index"])
+                            prefix_kv=prefix_kv, rows_b=batch["answer_index"], **fused)
   return yes_share(model, h_bd, yes_id, no_id)
 
 
@@ -75,7 +81,8 @@ def _eval_step(params, frozen, batch, prefix_kv, *, graphdef, yes_id, no_id):
 
 
 def _prefix_step(params, frozen, prefix_p, *, graphdef):
-  return nnx.merge(graphdef, params, frozen).prefix_cache(prefix_p)
+  model = nnx.merge(graphdef, params, frozen)
+  return getattr(model, "llm", model).prefix_cache(prefix_p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,15 +152,19 @@ class Scores:
 
 
 def score(eval_step: EvalStep, params, frozen, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
-          desc: str = "eval", share_prefix: bool = True, min_prefix: int = 16) -> Scores:
+          desc: str = "eval", share_prefix: bool = True, min_prefix: int = 16, stop_token: int | None = None
+          ) -> Scores:
   """P(Yes) for every real row (index >= 0) of the batches, ordered by record index; shows progress.
 
   With `share_prefix`, the token prefix common to all prompts (TALLRec's instruction) runs once and
-  its keys/values are reused by every batch, when it is at least `min_prefix` tokens long.
+  its keys/values are reused by every batch, when it is at least `min_prefix` tokens long; it ends before
+  the first `stop_token` (a soft-token placeholder, whose input is not the token's embedding).
   """
-  keep = ("tokens", "positions", "attention_mask", "answer_index", "label", "index")
+  keep = ("tokens", "positions", "attention_mask", "answer_index", "label", "index", *FUSED_INPUTS)
   batches = [{k: b[k] for k in keep if k in b} for b in batches]
   prefix = shared_prefix(batches) if share_prefix else np.zeros(0, np.int32)
+  if stop_token is not None and (stops := np.flatnonzero(prefix == stop_token)).size:
+    prefix = prefix[:stops[0]]
   prefix_kv = None
   if prefix.size >= min_prefix:
     prefix_kv = eval_step.prefix(params, frozen, jnp.asarray(prefix))
@@ -165,6 +176,29 @@ def score(eval_step: EvalStep, params, frozen, batches: Iterable[dict[str, np.nd
   real = index >= 0
   order = np.argsort(index[real], kind="stable")
   return Scores(p[real][order], label[real][order], index[real][order])
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+  """The one scorer of a run: P(Yes) of a plain or fused model over eval batches, compiled once per model
+  structure and mesh (`make_scorer`); `scorer(model, batches)` -> `Scores`."""
+
+  step: EvalStep
+  mesh: Mesh
+  stop_token: int | None = None
+
+  def __call__(self, model: nnx.Module, batches, desc: str = "eval") -> Scores:
+    _, params, frozen = nnx.split(model, nnx.Param, ...)
+    with jax.set_mesh(self.mesh):
+      return score(self.step, params, frozen, batches, self.mesh, desc=desc, stop_token=self.stop_token)
+
+
+def make_scorer(model: nnx.Module, mesh: Mesh, yes_id: int, no_id: int, stop_token: int | None = None) -> Scorer:
+  """A `Scorer` for `model`'s structure on `mesh` (trainable = `nnx.Param`, the rest frozen)."""
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  step = compile_eval_step(graphdef, sharding.state_sharding(params, mesh), sharding.state_sharding(frozen, mesh),
+                           mesh, yes_id, no_id)
+  return Scorer(step, mesh, stop_token)
 
 
 @dataclasses.dataclass(frozen=True)

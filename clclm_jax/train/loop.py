@@ -1,4 +1,4 @@
-"""The trainer: build model and data from a config, train with periodic validation AUC, resume exactly.
+"""TALLRec from a config: model, data and the stage list the one trainer (`train/trainer.py`) runs.
 
 Stages (`config.stages`): "instruct" (Alpaca instruction tuning, in WORKDIR/instruct) and "rec"
 (TALLRec rec tuning, in WORKDIR, initialised from the previous stage's LoRA). The last stage is
@@ -7,17 +7,13 @@ evaluated on the test split with its best checkpoint.
 
 import dataclasses
 import functools
-import json
 import pathlib
-import signal
-import threading
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
-import tqdm
 import transformers
 
 from clclm_jax.data import fewshot, instruct, paths, pipeline, prompts, tallrec, tokenize
@@ -25,8 +21,8 @@ from clclm_jax.data.records import Interaction
 from clclm_jax.model import loading, lora, peft
 from clclm_jax.model.config import LoraConfig, presets
 from clclm_jax.model.llama import Llama
-from clclm_jax.train import (checkpoint, curves, evaluate, predictions, runconfig, sharding, state as state_lib,
-                             step as step_lib)
+from clclm_jax.train import (checkpoint, evaluate, predictions, runconfig, sharding, state as state_lib,
+                             trainer)
 from clclm_jax.train.errors import ConfigError
 
 
@@ -182,129 +178,31 @@ def instruct_data(config: ConfigDict, tokenizer):
                                   train_on_inputs=config.data.train_on_inputs, template=config.data.template), {}
 
 
-def stage_config(config: ConfigDict, stage: str) -> ConfigDict:
-  """The instruct stage takes its batch size, steps and learning rate from `config.instruct`."""
-  c = ConfigDict(config.to_dict())
-  if stage == "instruct":
-    c.train.batch_size, c.train.max_steps = config.instruct.batch_size, config.instruct.max_steps
-    c.optim.lr, c.optim.warmup_steps = config.instruct.lr, config.instruct.warmup_steps
-  return c
-
-
-class MetricsLog:
-  """WORKDIR/metrics.jsonl and TensorBoard events, written by process 0."""
-
-  def __init__(self, workdir: pathlib.Path, resume_step: int):
-    self.on = jax.process_index() == 0
-    self.path = workdir / "metrics.jsonl"
-    if not self.on:
-      return
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    kept = [r for r in curves.read_rows(self.path) if r["step"] <= resume_step]
-    checkpoint.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-    self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
-
-  def write(self, row: dict) -> None:
-    if not self.on:
-      return
-    with self.path.open("a") as f:
-      f.write(json.dumps(row) + "\n")
-    for k, v in row.items():
-      if k != "step":
-        self.tb.add_scalar(k, v, row["step"])
-
-  def close(self) -> None:
-    if self.on:
-      self.tb.close()
-
-
-def _check_finite(metrics: dict, step: int) -> None:
-  bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
-  if bad:
-    terms = [k for k in bad if k.startswith("loss/")] or list(bad)
-    raise FloatingPointError(f"step {step}: non-finite {bad}; first bad loss term(s): {terms}. "
-                             "Lower optim.lr, check the batch at this step, or the loss weights.")
-
-
-def train_stage(config: ConfigDict, workdir: pathlib.Path, stage: str, model, tokenizer, mesh,
-                init_params=None) -> tuple[dict, nnx.State]:
-  """Trains one stage in `workdir`, resuming from its latest checkpoint; returns (summary, params)."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  t = config.train
-  graphdef, params, frozen = state_lib.split_model(model)
-  params = params if init_params is None else init_params
-  sp = rec_splits(config) if stage == "rec" else None
-  examples, evals = rec_data(config, tokenizer, sp=sp) if stage == "rec" else instruct_data(config, tokenizer)
-  if t.batch_size % (t.micro_batch_size * jax.process_count()):
-    raise ConfigError(f"config.train.batch_size={t.batch_size} must be a multiple of micro_batch_size x processes")
-  total = t.max_steps if t.max_steps > 0 else t.num_epochs * max(1, len(examples) // t.batch_size)
-  optim = ConfigDict({**config.optim.to_dict(), "total_steps": total})
-  tx = state_lib.make_optimizer(optim)
-  state = state_lib.init_state(params, tx, config.seed, mesh)
-  data_iter = iter(pipeline.train_dataset(examples, batch_size=t.batch_size // jax.process_count(),
-                                          seed=config.seed, pad_multiple=config.data.pad_multiple))
-  ckpts = checkpoint.Checkpoints(workdir)
-  if ckpts.latest.latest_step() is not None:
-    runconfig.check_resume(config, workdir)
-  if jax.process_index() == 0:
-    runconfig.save(config, workdir)
-  stopper = evaluate.EarlyStopping(t.patience)
-  restored = ckpts.restore_latest(state)
-  if restored is not None:
-    state, data_state, meta = restored
-    data_iter.set_state(data_state)
-    stopper = evaluate.EarlyStopping(**meta["early_stopping"])
-  start = int(state["step"])
-  log = MetricsLog(workdir, start)
-  state_sh = state_lib.state_shardings(params, tx, mesh)
-  train_step = step_lib.compile_train_step(graphdef, frozen, tx, state_sh, mesh, loss_weights=dict(config.loss_weights),
-                                           accum_steps=t.batch_size // t.micro_batch_size)
-  frozen = sharding.put(frozen, sharding.state_sharding(frozen, mesh))
-  yes_no = tokenize.answer_token_ids(tokenizer, config.data.template)
-  eval_step = evaluate.compile_eval_step(graphdef, state_sh["params"], sharding.state_sharding(frozen, mesh),
-                                         mesh, *yes_no)
-  stop = threading.Event()
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-  n_tokens, t0 = 0, time.time()
-  meta = lambda: {"config": config.to_dict(), "early_stopping": dataclasses.asdict(stopper)}  # noqa: E731
-  with jax.set_mesh(mesh), tqdm.tqdm(total=total, initial=start, desc=stage,
-                                      disable=jax.process_index() != 0) as bar:
-    for step in range(start + 1, total + 1):
-      batch = next(data_iter)
-      state, metrics = train_step(state, sharding.global_batch(batch, mesh))
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      _check_finite(metrics, step)
-      n_tokens += int(batch["loss_mask"].sum()) * jax.process_count()
-      row = {"step": step, **{f"train/{k}": v for k, v in metrics.items()}}
-      if "valid" in evals and (step % t.eval_every == 0 or step == total):
-        valid = evaluate.score(eval_step, state["params"], frozen, evals["valid"], mesh,
-                               desc="valid").metrics()
-        row.update({f"valid/{k}": v for k, v in valid.items()})
-        stopper = stopper.update(valid["auc"], step)
-        if stopper.best_step == step:
-          ckpts.save_best(step, state["params"], {"step": step, "valid": valid})
-      log.write(row)
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}", best_auc=f"{stopper.best:.4f}")
-      bar.update(1)
-      done = step == total or stopper.should_stop or stop.is_set()
-      if done or step % t.checkpoint_every == 0 or "valid/auc" in row:
-        ckpts.save_latest(state, data_iter.get_state(), meta())
-      if done:
-        break
-  signal.signal(signal.SIGTERM, previous_handler)
-  wall = time.time() - t0
-  if "valid" not in evals:  # Stages without validation keep their last params as the best.
-    ckpts.save_best(int(state["step"]), state["params"], {"step": int(state["step"])})
-  summary = {"stage": stage, "steps": int(state["step"]), "total_steps": total, "preempted": stop.is_set(),
-             "best_step": stopper.best_step, "valid_auc": stopper.best,
-             **(like_ratio_references(config, ("valid",), sp) if "valid" in evals else {}),
-             "tokens_per_s": n_tokens / max(wall, 1e-9), "wall_s": wall}
-  log.close()
-  ckpts.close()
-  if jax.process_index() == 0:
-    curves.write_curves(log.path, workdir / "curves.png", title=f"{config.name}: {stage} stage",
-                        valid_reference=summary.get("valid_like_ratio_auc"))
-  return summary, state["params"]
+def tallrec_stage(config: ConfigDict, name: str, workdir: pathlib.Path, tokenizer, scorer: evaluate.Scorer,
+                  sp: tallrec.TallrecSplits | None) -> trainer.Stage:
+  """A TALLRec stage as data: "instruct" (Alpaca instruction tuning; batch size, steps and learning rate from
+  `config.instruct`) or "rec" (Yes/No rec tuning on `data.shots` prompts, validated by AUC)."""
+  t, optim = config.train, config.optim
+  if name == "rec":
+    examples, evals = rec_data(config, tokenizer, splits=("valid",), sp=sp)
+    batch_size, max_steps = t.batch_size, t.max_steps
+    validate = lambda model: scorer(model, evals["valid"], desc="valid").metrics()  # noqa: E731
+  elif name == "instruct":
+    examples, _ = instruct_data(config, tokenizer)
+    batch_size, max_steps, validate = config.instruct.batch_size, config.instruct.max_steps, None
+    optim = ConfigDict({**optim.to_dict(), "lr": config.instruct.lr, "warmup_steps": config.instruct.warmup_steps})
+  else:
+    raise ConfigError(f"config.stages holds {name!r}: the TALLRec stages are 'instruct' and 'rec'")
+  steps = max_steps if max_steps > 0 else t.num_epochs * max(1, len(examples) // batch_size)
+  batches = lambda: iter(pipeline.train_dataset(  # noqa: E731
+      examples, batch_size=batch_size, seed=config.seed, pad_multiple=config.data.pad_multiple, shard_index=0,
+      shard_count=1))
+  reference = like_ratio_references(config, ("valid",), sp)["valid_like_ratio_auc"] if name == "rec" else None
+  return trainer.Stage(
+      name, workdir, batches, dict(config.loss_weights), steps, optim, batch_size,
+      min(t.micro_batch_size, batch_size), trains=nnx.Param, validate=validate, eval_every=t.eval_every,
+      patience=t.patience, checkpoint_every=t.checkpoint_every, seed=config.seed, config=config,
+      valid_reference=reference, title=f"{config.name}: {name} stage")
 
 
 def best_params(workdir: pathlib.Path, model, mesh):
@@ -328,7 +226,7 @@ def export_best_peft(config: ConfigDict, workdir: str | pathlib.Path, out_dir: s
 
 
 def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str = "test", model=None,
-                   tokenizer=None, mesh=None) -> dict:
+                   tokenizer=None, mesh=None, scorer: evaluate.Scorer | None = None) -> dict:
   """Scores `split` with the best checkpoint; writes WORKDIR/eval/<split>_metrics.json and
   <split>_predictions.jsonl (P(Yes) per prompt)."""
   workdir = pathlib.Path(workdir)
@@ -336,16 +234,15 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   mesh = mesh or sharding.make_mesh(config.mesh)
   if model is None:
     model, tokenizer = build_model(config)
-  graphdef, params, frozen = state_lib.split_model(model)
-  params_sh, frozen_sh = sharding.state_sharding(params, mesh), sharding.state_sharding(frozen, mesh)
+  if scorer is None:
+    trainer.place(model, mesh)
+    scorer = evaluate.make_scorer(model, mesh, *tokenize.answer_token_ids(tokenizer, config.data.template))
   params, meta = best_params(workdir, model, mesh)
+  nnx.update(model, params)
   sp = rec_splits(config)
   _, evals = rec_data(config, tokenizer, splits=(split,), sp=sp)
-  eval_step = evaluate.compile_eval_step(graphdef, params_sh, frozen_sh, mesh,
-                                         *tokenize.answer_token_ids(tokenizer, config.data.template))
   t0 = time.time()
-  with jax.set_mesh(mesh):
-    scores = evaluate.score(eval_step, params, sharding.put(frozen, frozen_sh), evals[split], mesh, desc=split)
+  scores = scorer(model, evals[split], desc=split)
   reference = like_ratio_references(config, (split,), sp)[f"{split}_like_ratio_auc"]
   metrics = {**scores.metrics(), "like_ratio_auc": reference, "best_step": meta["step"], "wall_s": time.time() - t0}
   if jax.process_index() == 0:
@@ -355,21 +252,25 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
 
 
 def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """All stages of `config`, then the test AUC of the last stage's best checkpoint; returns the summary."""
+  """All stages of `config` through the one trainer (`config.stages`; the last in `workdir`, the others in
+  WORKDIR/<stage>), then the test AUC of the last stage's best checkpoint; returns the summary."""
   workdir = pathlib.Path(workdir)
   sharding.maybe_initialize_distributed(config)
   mesh = sharding.make_mesh(config.mesh)
   model, tokenizer = build_model(config)
-  params, summary = None, {}
-  for i, stage in enumerate(config.stages):
-    last = i == len(config.stages) - 1
-    summary, params = train_stage(stage_config(config, stage), workdir if last else workdir / stage,
-                                  stage, model, tokenizer, mesh, init_params=params)
-    if summary["preempted"]:
-      return summary
-  if config.stages[-1] == "rec" and config.data.test_size != 0:
-    test = evaluate_split(config, workdir, "test", model, tokenizer, mesh)
-    summary.update(test_auc=test["auc"], test_like_ratio_auc=test["like_ratio_auc"])
+  scorer = evaluate.make_scorer(model, mesh, *tokenize.answer_token_ids(tokenizer, config.data.template))
+  sp = rec_splits(config) if "rec" in config.stages else None
+  names = list(config.stages)
+  stages = [tallrec_stage(config, name, workdir if i == len(names) - 1 else workdir / name, tokenizer, scorer, sp)
+            for i, name in enumerate(names)]
+  summary = trainer.run(stages, model, mesh)[-1]
+  if summary["preempted"]:
+    return summary
+  if names[-1] == "rec":
+    summary.update(like_ratio_references(config, ("valid",), sp))
+    if config.data.test_size != 0:
+      test = evaluate_split(config, workdir, "test", model, tokenizer, mesh, scorer)
+      summary.update(test_auc=test["auc"], test_like_ratio_auc=test["like_ratio_auc"])
   return summary
 
 
@@ -382,6 +283,9 @@ def format_summary(summary: dict) -> str:
     rows.insert(1, ("encoder valid AUC", summary["encoder_valid_auc"]))
   fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
   lines = []
+  if summary.get("preempted"):
+    lines.append(f"preempted at step {summary['steps']} of {summary['stage']}: run the same command again to "
+                 "continue")
   for k, v in rows:
     ref = summary.get(k.split()[0] + "_like_ratio_auc") if k in ("valid AUC", "test AUC") else None
     note = f"   history like-ratio on the same prompts: {ref:.4f}" if ref is not None and v is not None else ""

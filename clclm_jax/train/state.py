@@ -36,11 +36,12 @@ def make_schedule(config) -> optax.Schedule:
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with the warm-up schedule and global-norm gradient clipping (config = config.optim)."""
-  return optax.chain(
-      optax.clip_by_global_norm(config.max_grad_norm),
-      optax.adamw(make_schedule(config), b1=config.b1, b2=config.b2, weight_decay=config.weight_decay),
-  )
+  """AdamW with the warm-up schedule and global-norm gradient clipping (config = config.optim; no clipping when
+  `max_grad_norm` <= 0)."""
+  adamw = optax.adamw(make_schedule(config), b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+  if config.max_grad_norm <= 0:
+    return adamw
+  return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
 
 
 def _is_var(x) -> bool:

@@ -1,0 +1,247 @@
+"""The one trainer: a run is a list of `Stage`s, each trained by `run_stage` with the one jitted `train_step`.
+
+A stage is data: which parameters train, where its batches come from, the loss weights, the optimizer, the
+step budget and how it is validated. TALLRec (instruct -> rec, `train/loop.py`) and the CLCLMRec recipe
+(encoder pretraining -> text-only -> fused, `contrastive/recipe.py`) are stage lists. Every stage gets the
+mesh, gradient accumulation, the NaN guard, checkpoints inside the stage (resumed bitwise: train state and
+data-iterator state), SIGTERM / Ctrl-C saves, and early stopping on its validation metric.
+"""
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+import dataclasses
+import json
+import pathlib
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+from ml_collections import ConfigDict
+
+from clclm_jax.train import (checkpoint, curves, evaluate, runconfig, sharding, state as state_lib,
+                             step as step_lib)
+from clclm_jax.train.errors import ConfigError
+
+DONE = "stage.json"  # written last in a stage's folder: the stage is finished, this is its summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One training stage. `batches()` returns a checkpointable iterator (`get_state` / `set_state`, e.g. a
+  grain `DatasetIterator`) of global numpy batches of `batch_size` rows; `validate(model)` returns metrics
+  whose `metric` key is maximised (early stopping, best checkpoint)."""
+
+  name: str
+  workdir: pathlib.Path
+  batches: Callable[[], Iterator[dict[str, np.ndarray]]]
+  loss_weights: Mapping[str, float]
+  steps: int
+  optim: ConfigDict  # lr, warmup_steps, schedule, max_grad_norm (<= 0: no clipping), b1, b2, weight_decay
+  batch_size: int
+  micro_batch_size: int
+  trains: Any = nnx.Param  # an nnx filter: the parameters this stage updates; the rest stay frozen
+  validate: Callable[[nnx.Module], dict[str, float]] | None = None
+  metric: str = "auc"
+  eval_every: int = 0  # steps between validations; <= 0: after the last step only
+  patience: int = 0  # validations without a better metric before stopping; <= 0: never early
+  checkpoint_every: int = 0  # steps between latest checkpoints (also at each validation and the end)
+  seed: int = 0
+  config: ConfigDict | None = None  # the run's config: saved as config.json, checked on resume
+  valid_reference: float | None = None  # drawn dashed on the validation curve (e.g. the like-ratio AUC)
+  title: str = ""
+
+
+class MetricsLog:
+  """WORKDIR/metrics.jsonl and TensorBoard events, written by process 0; rows after `resume_step` are dropped
+  (a resumed stage writes them again)."""
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int):
+    self.on = jax.process_index() == 0
+    self.path = workdir / "metrics.jsonl"
+    if not self.on:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    kept = [r for r in curves.read_rows(self.path) if r["step"] <= resume_step]
+    checkpoint.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
+
+  def write(self, row: dict) -> None:
+    if not self.on:
+      return
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in row.items():
+      if isinstance(v, (int, float)) and k != "step":
+        self.tb.add_scalar(k, v, row["step"])
+
+  def close(self) -> None:
+    if self.on:
+      self.tb.close()
+
+
+def check_finite(metrics: dict, step: int) -> None:
+  """The NaN guard: stops at the first non-finite metric, naming the step and the loss terms."""
+  bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    terms = [k for k in bad if k.startswith("loss/")] or list(bad)
+    raise FloatingPointError(f"step {step}: non-finite {bad}; first bad loss term(s): {terms}. "
+                             "Lower optim.lr, check the batch at this step, or the loss weights.")
+
+
+def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's rows of a global batch: every process reads the same batches and keeps its slice, so a run
+  on n processes steps through the same global batches as on one."""
+  n, i = jax.process_count(), jax.process_index()
+  if n == 1:
+    return batch
+  return {k: v[i * len(v) // n:(i + 1) * len(v) // n] for k, v in batch.items()}
+
+
+class _Stop:
+  """SIGTERM (preemption) and Ctrl-C set a flag; the loop saves and returns at the end of the step."""
+
+  def __enter__(self):
+    self.event = threading.Event()
+    self.previous = {s: signal.signal(s, lambda *_: self.event.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    return self.event
+
+  def __exit__(self, *_):
+    for s, handler in self.previous.items():
+      signal.signal(s, handler)
+
+
+def place(model: nnx.Module, mesh) -> None:
+  """Puts every variable of `model` on the mesh once (the frozen base too): the train step and the scorers of
+  every stage then take these arrays as they are, with no second copy."""
+  state = nnx.state(model)
+  nnx.update(model, sharding.put(state, sharding.state_sharding(state, mesh)))
+
+
+def _check_stage(stage: Stage) -> int:
+  if stage.batch_size <= 0 or stage.micro_batch_size <= 0:
+    raise ConfigError(f"{stage.name}: batch_size={stage.batch_size} and micro_batch_size="
+                      f"{stage.micro_batch_size} must be positive")
+  if stage.batch_size % (stage.micro_batch_size * jax.process_count()):
+    raise ConfigError(f"{stage.name}: batch_size={stage.batch_size} must be a multiple of micro_batch_size="
+                      f"{stage.micro_batch_size} x {jax.process_count()} processes")
+  unknown = set(stage.loss_weights) - set(step_lib.LOSSES)
+  if unknown:
+    raise ConfigError(f"{stage.name}: loss weights name unknown losses {sorted(unknown)}; known: "
+                      f"{sorted(step_lib.LOSSES)}")
+  return stage.batch_size // stage.micro_batch_size
+
+
+def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
+  """Trains `stage.trains` of `model` in `stage.workdir`, resuming from its latest checkpoint; leaves the
+  best validated (or, without validation, the last) parameters in `model`; returns the stage's summary."""
+  accum_steps = _check_stage(stage)
+  workdir = stage.workdir
+  workdir.mkdir(parents=True, exist_ok=True)
+  graphdef, params, frozen = nnx.split(model, stage.trains, ...)
+  weights = {k: float(v) for k, v in stage.loss_weights.items() if v}
+  tx = state_lib.make_optimizer(ConfigDict({**stage.optim.to_dict(), "total_steps": stage.steps}))
+  state = state_lib.init_state(params, tx, stage.seed, mesh)
+  data_iter = stage.batches()
+  ckpts = checkpoint.Checkpoints(workdir)
+  if stage.config is not None:
+    if ckpts.latest.latest_step() is not None:
+      runconfig.check_resume(stage.config, workdir)
+    if jax.process_index() == 0:
+      runconfig.save(stage.config, workdir)
+  stopper = evaluate.EarlyStopping(stage.patience if stage.patience > 0 else stage.steps + 1)
+  restored = ckpts.restore_latest(state)
+  if restored is not None:
+    state, data_state, meta = restored
+    data_iter.set_state(data_state)
+    stopper = evaluate.EarlyStopping(**meta["early_stopping"])
+  start = int(state["step"])
+  log = MetricsLog(workdir, start)
+  state_sh = state_lib.state_shardings(params, tx, mesh)
+  train_step = step_lib.jit_train_step(graphdef, sharding.state_sharding(frozen, mesh), tx, state_sh, mesh,
+                                       loss_weights=weights, accum_steps=accum_steps)
+  n_tokens, t0 = 0, time.time()
+  meta = lambda: {"early_stopping": dataclasses.asdict(stopper)}  # noqa: E731
+  preempted, step = False, start
+  with _Stop() as stop, jax.set_mesh(mesh), tqdm.tqdm(total=stage.steps, initial=start, desc=stage.name,
+                                                      disable=jax.process_index() != 0) as bar:
+    for step in range(start + 1, stage.steps + 1):
+      batch = local_rows(next(data_iter))
+      state, metrics = train_step(state, sharding.global_batch(batch, mesh), frozen)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      check_finite(metrics, step)
+      if "loss_mask" in batch:
+        n_tokens += int(batch["loss_mask"].sum()) * jax.process_count()
+      row = {"step": step, **{f"train/{k}": v for k, v in metrics.items()}}
+      due = stage.eval_every > 0 and step % stage.eval_every == 0
+      if stage.validate is not None and (due or step == stage.steps):
+        valid = stage.validate(nnx.merge(graphdef, state["params"], frozen))
+        row.update({f"valid/{k}": v for k, v in valid.items()})
+        stopper = stopper.update(valid[stage.metric], step)
+        if stopper.best_step == step:
+          ckpts.save_best(step, state["params"], {"step": step, "valid": valid})
+      log.write(row)
+      bar.set_postfix({k.removeprefix("loss/"): f"{v:.4f}" for k, v in metrics.items() if k.startswith("loss")}
+                      | ({"best": f"{stopper.best:.4f}"} if stopper.best_step > 0 else {}))
+      bar.update(1)
+      preempted = stop.is_set()
+      done = step == stage.steps or stopper.should_stop or preempted
+      if done or (stage.checkpoint_every > 0 and step % stage.checkpoint_every == 0) or "valid/auc" in row:
+        ckpts.save_latest(state, data_iter.get_state(), meta())
+      if done:
+        break
+  wall = time.time() - t0
+  if stage.validate is None or stopper.best_step < 0:  # no validation: the last params are the stage's result
+    ckpts.save_best(int(state["step"]), state["params"], {"step": int(state["step"])})
+  summary = {"stage": stage.name, "steps": int(state["step"]), "total_steps": stage.steps,
+             "preempted": preempted, "best_step": stopper.best_step if stage.validate else int(state["step"]),
+             f"valid_{stage.metric}": stopper.best if stage.validate else None,
+             "tokens_per_s": n_tokens / max(wall, 1e-9), "wall_s": wall}
+  best, _ = ckpts.restore_best(state["params"])
+  nnx.update(model, best)
+  log.close()
+  ckpts.close()
+  if jax.process_index() == 0:
+    curves.write_curves(log.path, workdir / "curves.png", title=stage.title or stage.name,
+                        valid_reference=stage.valid_reference)
+    if not preempted:
+      checkpoint.write_text(workdir / DONE, json.dumps(summary, indent=2) + "\n")
+  return summary
+
+
+def finished(stage: Stage) -> dict | None:
+  """The summary of a stage that ran to its end in `stage.workdir`, or None."""
+  path = stage.workdir / DONE
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def restore_best(stage: Stage, model: nnx.Module) -> None:
+  """Puts a finished stage's best parameters into `model`."""
+  _, params, _ = nnx.split(model, stage.trains, ...)
+  ckpts = checkpoint.Checkpoints(stage.workdir)
+  try:
+    best, _ = ckpts.restore_best(params)
+  finally:
+    ckpts.close()
+  nnx.update(model, best)
+
+
+def run(stages: Sequence[Stage], model: nnx.Module, mesh, log: Callable[[str], None] = print) -> list[dict]:
+  """Runs the stages in order on `model` (placed on `mesh` once); a finished stage is not rerun: its best
+  parameters are restored. Stops after a preempted stage (its summary says so)."""
+  place(model, mesh)
+  summaries = []
+  for stage in stages:
+    summary = finished(stage)
+    if summary is not None:
+      restore_best(stage, model)
+      log(f"{stage.name}: finished before (step {summary['steps']}), its parameters restored")
+    else:
+      summary = run_stage(stage, model, mesh)
+    summaries.append(summary)
+    if summary["preempted"]:
+      break
+  return summaries
