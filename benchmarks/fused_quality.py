@@ -28,6 +28,7 @@ from clclm_jax.train import malloc
 if __name__ == "__main__":
   malloc.reexec_keeping_freed_memory()  # before the imports below, which a re-exec would pay twice
 
+import tempfile
 import argparse
 import dataclasses
 import json
@@ -45,7 +46,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from clclm_jax.contrastive import feedback, joint, recipe  # pylint: disable=wrong-import-position
+from clclm_jax.contrastive import feedback, recipe  # pylint: disable=wrong-import-position
 from clclm_jax.data import fewshot  # pylint: disable=wrong-import-position
 from clclm_jax.train import cli, evaluate  # pylint: disable=wrong-import-position
 from configs import fused_book, fused_movie  # pylint: disable=wrong-import-position
@@ -122,11 +123,12 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
   scratch = jax.tree.map(np.array, nnx.state(model, nnx.Param))
   test = test_subset(splits, args.test_size, args.test_seed, args.split)
   total = len(getattr(splits, args.split))
-  encoder = recipe.pretrain_encoder(r, log)
+  scratch_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"fused_quality_{domain}_"))
+  encoder = recipe.pretrain_encoder(r, scratch_dir / "encoder")
   if encoder is not None:
     encoder["test_auc"] = feedback.encoder_auc(model, test)
     encoder["full_test_auc"] = feedback.encoder_auc(model, splits.test)  # no LLM: the whole test set is cheap
-    log(f"{domain}: encoder pretrained on {encoder['items']} behaviour events in {encoder['seconds']:.0f}s; "
+    log(f"{domain}: encoder pretrained on {encoder['sequences']} behaviour sequences in {encoder['seconds']:.0f}s; "
         f"valid AUC {100 * encoder['best_valid_auc']:.2f}, {args.split} subset AUC {100 * encoder['test_auc']:.2f}, "
         f"full test AUC {100 * encoder['full_test_auc']:.2f}")
   initial = jax.tree.map(np.array, nnx.state(model, nnx.Param))
@@ -150,19 +152,12 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
     """(AUC x100, seconds, P(Yes) per prompt of `test` in its order, as one comma-separated line: model outputs,
     no labels)."""
     t = time.time()
-    p, label = joint.score(r.model, evals[spec.num_soft_tokens], *r.yes_no, desc=f"scoring {domain} {what}")
+    scores = r.scorer(r.model, evals[spec.num_soft_tokens], desc=f"scoring {domain} {what}")
+    p, label = scores.p_yes, scores.label
     return 100 * evaluate.auc(p, label), time.time() - t, ",".join(f"{x:.5f}" for x in p)
 
   def train(spec, steps, weights, seed, pool) -> float:
-    last = time.time()
-
-    def show(i, m):
-      nonlocal last
-      log(f"  step {i}/{steps} ({time.time() - last:.0f}s) " +
-          " ".join(f"{k}={v:.4f}" for k, v in m.items() if k.startswith("loss")))
-      last = time.time()
-
-    return recipe.fit_stage(r, spec, pool, steps, weights, seed, show)
+    return recipe.fit_stage(r, spec, pool, steps, weights, seed, pathlib.Path(tempfile.mkdtemp(dir=scratch_dir)))
 
   def record(row):
     emit(row)

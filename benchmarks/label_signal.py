@@ -16,6 +16,7 @@ item minus the best to a disliked one; ~20 min for book's 25k items on 2 CPU cor
 test set. Writes label_signal.{json,md} into --out.
 """
 
+import tempfile
 import argparse
 import collections
 import importlib
@@ -109,7 +110,7 @@ class Signals:
 def encoder_signal(r: recipe.Recipe) -> Callable[[Interaction], float]:
   """The fused recipe's encoder, pretrained as `train.py --config=configs/fused_<domain>.py` does (seed 0): its
   logit of P(like target) per prompt of the training pool and the test set."""
-  recipe.pretrain_encoder(r, log=lambda _: None)
+  recipe.pretrain_encoder(r, pathlib.Path(tempfile.mkdtemp(prefix="label_signal_encoder_")))
   xs = list(r.splits.train) + list(r.splits.test)
   p = np.clip(feedback.like_probabilities(r.model, xs), 1e-6, 1 - 1e-6)
   logit = dict(zip(map(id, xs), np.log(p / (1 - p)).tolist()))

@@ -5,14 +5,15 @@ which prompt features P(Yes) follows (rank correlation with prompt length, liked
   python benchmarks/probe_text_only.py --domain movie --shots 16 --seed 0 --steps 8
 """
 
+import tempfile
+import pathlib
 import argparse
-import time
 
 import numpy as np
 
 from fused_quality import CONFIGS, test_subset
 
-from clclm_jax.contrastive import joint, recipe
+from clclm_jax.contrastive import recipe
 from clclm_jax.data import fewshot, prompts
 from clclm_jax.train import evaluate
 
@@ -62,19 +63,15 @@ def main() -> None:
 
   def report(when: str) -> None:
     for name, xs in sets.items():
-      p, y = joint.score(r.model, r.eval_batches(xs, r.text, 16), *r.yes_no, desc=f"{when} {name}")
+      scores = r.score(xs, r.text, desc=f"{when} {name}", batch_size=16)
+      p, y = scores.p_yes, scores.label
       print(f"{when:>12} {name}: AUC {100 * evaluate.auc(p, y):6.2f}  mean P(Yes) | Yes {p[y == 1].mean():.3f}"
             f"  | No {p[y == 0].mean():.3f}  (share of Yes labels {y.mean():.2f}, n {len(y)}); rank corr with "
             + ", ".join(f"{k} {rank_corr(p, v):+.2f}" for k, v in features[name].items()), flush=True)
 
   report("zero-shot")
-  t0 = time.time()
-
-  def show(i, m):
-    eta = (time.time() - t0) / i * (args.steps - i)
-    print(f"  step {i}/{args.steps} loss {m['loss']:.4f} (ETA {eta:.0f}s)", flush=True)
-
-  recipe.fit_stage(r, r.text, sets["pool"], args.steps, dict(config.stage1.loss_weights), args.seed, show)
+  recipe.fit_stage(r, r.text, sets["pool"], args.steps, dict(config.stage1.loss_weights), args.seed,
+                   pathlib.Path(tempfile.mkdtemp(prefix="probe_text_only_")))
   report(f"{args.steps} steps")
 
 

@@ -117,6 +117,26 @@ def rec_stage(r: Recipe, name: str, spec: joint.PromptSpec, pool: Sequence[Inter
       seed=seed, config=c, valid_reference=evaluate.like_ratio_auc(valid_xs), title=f"{c.name}: {name}")
 
 
+def pretrain_encoder(r: Recipe, workdir: pathlib.Path) -> dict | None:
+  """Runs the encoder stage alone (benchmarks): its summary with `best_valid_auc`, or None when it is off."""
+  stage = encoder_stage(r, pathlib.Path(workdir))
+  if stage is None:
+    return None
+  summary = trainer.run_stage(stage, r.model, r.mesh)
+  return summary | {"best_valid_auc": summary["valid_auc"], "seconds": summary["wall_s"]}
+
+
+def fit_stage(r: Recipe, spec: joint.PromptSpec, pool: Sequence[Interaction], steps: int,
+              loss_weights: Mapping[str, float], seed: int, workdir: pathlib.Path) -> float:
+  """`steps` updates of every trainable parameter on `pool` with `spec`'s prompts, unvalidated (benchmarks run
+  their own scoring); returns the seconds taken."""
+  t0 = time.time()
+  name = "fused" if spec.num_soft_tokens else "text"
+  trainer.run_stage(rec_stage(r, name, spec, pool, steps, loss_weights, pathlib.Path(workdir), seed=seed,
+                              validate=False), r.model, r.mesh)
+  return time.time() - t0
+
+
 def stages(r: Recipe, workdir: pathlib.Path, pool: Sequence[Interaction]) -> list[trainer.Stage]:
   """Encoder pretraining (WORKDIR/encoder), stage 1: text-only LoRA (WORKDIR/text), stage 2: fused prompts
   training everything trainable (WORKDIR), validated for early stopping and the best checkpoint."""
