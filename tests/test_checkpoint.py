@@ -61,3 +61,17 @@ def test_sigterm_then_kill9_resume_is_bitwise_exact(tmp_path, data_root):
     np.testing.assert_array_equal(a, b)
   assert metrics == ref_metrics
   assert [json.loads(l)["step"] for l in metrics.splitlines()] == list(range(1, 9))
+
+
+def test_a_run_killed_between_the_best_and_the_latest_save_of_a_step_saves_that_step_again(tmp_path):
+  """Issue 52 item 1: the best params of step 8 were on disk, the latest state of step 8 not yet; the rerun
+  reaches step 8 again and saves its best over the old one instead of failing with StepAlreadyExistsError."""
+  from clclm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpts = checkpoint.Checkpoints(tmp_path)
+  ckpts.save_best(8, {"w": np.zeros(3, np.float32)}, {"step": 8})
+  ckpts.close()  # killed here
+  again = checkpoint.Checkpoints(tmp_path)
+  again.save_best(8, {"w": np.ones(3, np.float32)}, {"step": 8, "rerun": True})
+  params, meta = again.restore_best({"w": jax.numpy.zeros(3)})
+  again.close()
+  assert params["w"].tolist() == [1.0, 1.0, 1.0] and meta["rerun"]
