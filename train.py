@@ -1,7 +1,9 @@
 """Trains per `--config` (e.g. configs/book.py) in `--workdir` (default runs/<config name>), resuming there.
 
 Configs with a `fusion` block (configs/fused_movie.py, fused_book.py) run the CLCLMRec recipe instead:
-encoder pretraining, text-only stage 1, fused stage 2, then valid and test AUC (contrastive/recipe.py).
+encoder pretraining, text-only stage 1, fused stage 2, then valid and test AUC (contrastive/recipe.py);
+configs with a `dataset` (configs/pretrain_beauty.py, pretrain_ml100k.py) pretrain the sequence encoder
+(contrastive/pretrain.py). All of them are stage lists of the one trainer (train/trainer.py).
 """
 
 from clclm_jax.train import malloc
@@ -12,7 +14,8 @@ if __name__ == "__main__":
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clclm_jax.contrastive import recipe
+from clclm_jax.contrastive import pretrain, recipe
+from clclm_jax.data import sequences
 from clclm_jax.train import cli, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
@@ -26,6 +29,10 @@ def main(argv):
   cli.enable_compilation_cache()
   config = _CONFIG.value
   workdir = _WORKDIR.value or f"runs/{config.name}"
+  if "dataset" in config:  # encoder pretraining on sequences (configs/pretrain_*.py)
+    print(pretrain.format_summary(pretrain.train(config, sequences.load(config.dataset), workdir)))
+    print(f"{'run folder':<18}{workdir} (config.json, metrics.jsonl, curves.png, checkpoints)")
+    return
   summary = recipe.train(config, workdir) if "fusion" in config else loop.train(config, workdir)
   print(loop.format_summary(summary))
   print(f"{'run folder':<18}{workdir} (config.json, metrics.jsonl, curves.png, eval/: metrics and predictions)")

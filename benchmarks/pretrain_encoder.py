@@ -26,11 +26,12 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain_beauty.py")
 _OUT = flags.DEFINE_string("out", "benchmarks/results", "folder for pretrain_<dataset>.{json,md}")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics.jsonl; resumable); default a "
+                               "temporary one")
 
 # FEARec (SIGIR 2023) re-report, Beauty, leave-one-out, full ranking.
 REFERENCE = {"beauty": {"CL4SRec": {"HR@10": 0.0683, "NDCG@10": 0.0317},
                         "CoSeRec": {"HR@10": 0.0752, "NDCG@10": 0.0430}}}
-LOADERS = {"beauty": sequences.load_beauty, "ml100k": sequences.load_ml100k}
 
 
 def loss_text(cfg, num_items: int) -> str:
@@ -56,7 +57,7 @@ def markdown(cfg, summary) -> str:
   lines = [f"# Encoder pretraining: {summary['dataset']}", "",
            f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, jax devices x{jax.device_count()} "
            f"({jax.devices()[0].platform}); {summary['epochs']} epochs in {summary['train_seconds'] / 60:.1f} min "
-           f"({summary['epoch_seconds_median']:.1f} s/epoch median, first epoch includes compiles), "
+           f"({summary['epoch_seconds_mean']:.1f} s/epoch mean, compiles included; stopped by {summary['stopped']}), "
            f"best valid NDCG@10 at epoch {summary['best_epoch']} (validation every {cfg.eval_every} epochs).",
            f"hidden {cfg.hidden}, {cfg.num_layers} layers, {cfg.num_heads} heads, max_len {cfg.max_len}, "
            f"dropout {cfg.dropout}/{cfg.attn_dropout}, batch {cfg.batch_size}, lr {cfg.lr}, lambda {cfg.cl_weight}, "
@@ -75,8 +76,8 @@ def markdown(cfg, summary) -> str:
 
 def main(_):
   cfg = _CONFIG.value
-  data = LOADERS[cfg.dataset]()
-  summary = pretrain.train(cfg, data)
+  data = sequences.load(cfg.dataset)
+  summary = pretrain.train(cfg, data, _WORKDIR.value)
   summary["num_items"], summary["command"] = data.num_items, " ".join(["python"] + sys.argv)
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,10 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.name = "pretrain_beauty"  # the default run folder: runs/<name>
   c.dataset = "beauty"  # or "ml100k"
   c.seed = 0
+  c.mesh = (-1, 1, 1)  # (data, fsdp, tensor)
   c.max_len = 50
   c.buckets = (4, 6, 8, 12, 16, 24, 50)  # padded widths (fewer wasted positions, one compile each); last = max_len
   c.hidden, c.num_layers, c.num_heads = 64, 2, 2
@@ -21,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_epochs = 300
   c.eval_every = 2
   c.patience = 10  # evaluations without a better valid NDCG@10
-  c.time_budget_min = 70.0  # training loop only; compiles and the final valid/test pass come on top
+  c.time_budget_min = 70.0  # the training loop, its compiles and validations; the final valid/test pass on top
   c.cl_weight = 0.1  # lambda
   c.temperature = 1.0  # tau (CoSeRec)
   c.dropout_cl_weight = 0.1  # InfoNCE between two dropout passes of each sequence (DuoRec); 0 = off

@@ -7,7 +7,7 @@ from configs import pretrain_beauty
 
 def get_config() -> ml_collections.ConfigDict:
   c = pretrain_beauty.get_config()
-  c.dataset = "ml100k"
+  c.name, c.dataset = "pretrain_ml100k", "ml100k"
   c.buckets = (50,)  # ML-100K users have >= 20 ratings: every batch is full width
   c.dropout, c.attn_dropout = 0.2, 0.2
   c.batch_size, c.lr = 128, 1e-3

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -17,6 +16,7 @@ from clclm_jax.contrastive import losses, metrics, pretrain
 from clclm_jax.contrastive.encoder import SeqEncoder, pool
 from clclm_jax.data import sequences
 from clclm_jax.model.llama import Frozen
+from clclm_jax.train import sharding, state as state_lib, step as step_lib
 
 VOCAB = 22  # padding, items 1..20, mask id 21
 
@@ -253,14 +253,27 @@ def _tiny_data():
 
 
 def _tiny_step(cfg):
-  """Initial state, jitted step and one batch of the tiny data (identity item correlations)."""
-  data, tx = _tiny_data(), optax.adam(cfg.lr)
-  graphdef, state = pretrain.init_state(pretrain.build_model(cfg, data.vocab_size), tx, 0)
-  corr = jnp.zeros((data.vocab_size, 1), jnp.int32) + jnp.arange(data.vocab_size)[:, None]
-  step = pretrain.make_train_step(graphdef, tx, corr, cfg, data.mask_id, pretrain.item_counts(data))
+  """Initial state, the one jitted train step (pretraining's losses by name) and one batch of the tiny data
+  (identity item correlations)."""
+  data = _tiny_data()
+  model = pretrain.NextItemRec(cfg, data, item_corr=np.arange(data.vocab_size)[:, None])
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = state_lib.make_optimizer(ml_collections.ConfigDict(dict(
+      lr=cfg.lr, warmup_steps=0, schedule="constant", max_grad_norm=0.0, b1=0.9, b2=0.999, weight_decay=0.0,
+      total_steps=100)))
+  mesh = sharding.make_mesh((-1, 1, 1))
+  weights = {k: v for k, v in pretrain.loss_weights(cfg).items() if v}
+  step = step_lib.jit_train_step(graphdef, sharding.state_sharding(rest, mesh), tx,
+                                 state_lib.state_shardings(params, tx, mesh), mesh, loss_weights=weights)
   same = sequences.same_target_index(data) if cfg.get("same_target_cl_weight", 0.0) else None
   batch = next(sequences.train_batches(data, 16, np.random.default_rng(0), buckets=(8,), same_target=same))
-  return state, step, batch
+  state = state_lib.init_state(params, tx, 0, mesh)
+  return state, lambda st, b: step(st, b, rest), batch
+
+
+def _total(aux, cfg):
+  return (aux["loss/next_item"] + cfg.cl_weight * aux["loss/aug_cl"] + cfg.dropout_cl_weight * aux.get(
+      "loss/dropout_cl", 0.0) + cfg.same_target_cl_weight * aux.get("loss/same_target_cl", 0.0))
 
 
 @pytest.mark.parametrize("negatives,sampling,dropout_cl,same_cl", [
@@ -274,12 +287,13 @@ def test_train_step_is_pure_jitted_and_learns(negatives, sampling, dropout_cl, s
   first = None
   for _ in range(40):
     state, aux = step(state, batch)
-    first = first if first is not None else float(aux["ce"])
-  assert int(state["step"]) == 40 and set(aux) == {"loss", "ce", "cl", "cl_dropout", "cl_same", "targets"}
-  assert float(aux["ce"]) < 0.5 * first
-  assert (float(aux["cl_dropout"]) > 0) == (dropout_cl > 0) and (float(aux["cl_same"]) > 0) == (same_cl > 0)
-  np.testing.assert_allclose(aux["loss"], aux["ce"] + 0.1 * aux["cl"] + dropout_cl * aux["cl_dropout"]
-                             + same_cl * aux["cl_same"], rtol=1e-6)
+    first = first if first is not None else float(aux["loss/next_item"])
+  terms = {"loss/next_item", "loss/aug_cl"} | ({"loss/dropout_cl"} if dropout_cl else set()) | (
+      {"loss/same_target_cl"} if same_cl else set())
+  assert int(state["step"]) == 40 and set(aux) == {"loss", "grad_norm"} | terms
+  assert float(aux["loss/next_item"]) < 0.5 * first
+  assert all(float(aux[t]) > 0 for t in terms)
+  np.testing.assert_allclose(aux["loss"], _total(aux, cfg), rtol=1e-6)
 
 
 def test_dropout_views_at_sampled_positions_train():
@@ -289,17 +303,18 @@ def test_dropout_views_at_sampled_positions_train():
   state, first = step(state, batch)
   for _ in range(40):
     state, aux = step(state, batch)
-  assert float(aux["ce"]) < 0.5 * float(first["ce"])
-  assert all(0 < float(a["cl_dropout"]) < np.log(2 * 32 - 1) + 1e-3 for a in (first, aux))  # 32 pairs, finite
-  np.testing.assert_allclose(aux["loss"], aux["ce"] + 0.1 * aux["cl"] + 0.1 * aux["cl_dropout"], rtol=1e-6)
+  assert float(aux["loss/next_item"]) < 0.5 * float(first["loss/next_item"])
+  assert all(0 < float(a["loss/dropout_cl"]) < np.log(2 * 32 - 1) + 1e-3 for a in (first, aux))  # 32 pairs, finite
+  np.testing.assert_allclose(aux["loss"], _total(aux, cfg), rtol=1e-6)
 
 
 @pytest.mark.parametrize("negatives", [0, 8])
-def test_train_summary_has_valid_and_test_metrics(negatives):
+def test_train_summary_has_valid_and_test_metrics(negatives, tmp_path):
   cfg = _tiny_config()
   cfg.ce_negatives = negatives
-  summary = pretrain.train(cfg, _tiny_data())
-  assert summary["epochs"] == 2 and 1 <= summary["best_epoch"] <= 2
+  summary = pretrain.train(cfg, _tiny_data(), tmp_path)
+  assert summary["epochs"] == 2 and 1 <= summary["best_epoch"] <= 2 and summary["stopped"] == "last step"
+  assert "test_history_excluded" in pretrain.format_summary(summary)
   for part in ("valid", "test"):
     assert set(summary[part]) == {f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)}
     assert 0.0 <= summary[part]["NDCG@10"] <= summary[part]["HR@10"] <= 1.0

@@ -84,6 +84,14 @@ def load_ml100k(path: str | os.PathLike | None = None) -> SequenceData:
   return _reindex("ml100k", [s.tolist() for s in np.split(item, starts[1:])])
 
 
+def load(dataset: str) -> SequenceData:
+  """The built-in sequence data named by a pretraining config's `dataset`."""
+  loaders = {"beauty": load_beauty, "ml100k": load_ml100k}
+  if dataset not in loaders:
+    raise ValueError(f"config.dataset={dataset!r}: the built-in sequence data is {' or '.join(loaders)}")
+  return loaders[dataset]()
+
+
 def split(data: SequenceData, part: str) -> tuple[list[np.ndarray], list[np.ndarray] | np.ndarray]:
   """Leave-one-out inputs and targets: 'train' (a target per position), 'valid' or 'test' (one each)."""
   if part == "train":
@@ -191,6 +199,34 @@ def train_batches(data: SequenceData, batch_size: int, rng: np.random.Generator,
     if same_target is not None:
       batch["same_target"] = pad(views, width)[0]
     yield batch
+
+
+class EpochBatches:
+  """Endless epochs of batches, `make_epoch(epoch)` each (seeded by the epoch, e.g. `train_batches` with
+  `np.random.default_rng([seed, epoch])`); checkpointable like a grain iterator: the state is (epoch, batch)."""
+
+  def __init__(self, make_epoch):
+    self.make_epoch, self.epoch, self.index = make_epoch, 0, 0
+    self.batches = make_epoch(0)
+    if not self.batches:
+      raise ValueError("an epoch holds no batch: fewer training sequences than batch_size")
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.index == len(self.batches):
+      self.set_state({"epoch": self.epoch + 1, "index": 0})
+    self.index += 1
+    return self.batches[self.index - 1]
+
+  def get_state(self) -> dict[str, int]:
+    return {"epoch": self.epoch, "index": self.index}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    if state["epoch"] != self.epoch:
+      self.batches = self.make_epoch(state["epoch"])
+    self.epoch, self.index = state["epoch"], state["index"]
 
 
 def eval_batches(data: SequenceData, part: str, batch_size: int, *, buckets: tuple[int, ...] = (4, 8, 16, 50)):

@@ -49,6 +49,7 @@ class Stage:
   eval_every: int = 0  # steps between validations; <= 0: after the last step only
   patience: int = 0  # validations without a better metric before stopping; <= 0: never early
   checkpoint_every: int = 0  # steps between latest checkpoints (also at each validation and the end)
+  max_seconds: float = 0.0  # > 0: the stage ends after the step that passes this much training time
   seed: int = 0
   config: ConfigDict | None = None  # the run's config: saved as config.json, checked on resume
   valid_reference: float | None = None  # drawn dashed on the validation curve (e.g. the like-ratio AUC)
@@ -165,7 +166,7 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
                                        loss_weights=weights, accum_steps=accum_steps)
   n_tokens, t0 = 0, time.time()
   meta = lambda: {"early_stopping": dataclasses.asdict(stopper)}  # noqa: E731
-  preempted, step = False, start
+  preempted, out_of_time, step = False, False, start
   with _Stop() as stop, jax.set_mesh(mesh), tqdm.tqdm(total=stage.steps, initial=start, desc=stage.name,
                                                       disable=jax.process_index() != 0) as bar:
     for step in range(start + 1, stage.steps + 1):
@@ -188,7 +189,8 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
                       | ({"best": f"{stopper.best:.4f}"} if stopper.best_step > 0 else {}))
       bar.update(1)
       preempted = stop.is_set()
-      done = step == stage.steps or stopper.should_stop or preempted
+      out_of_time = 0 < stage.max_seconds < time.time() - t0
+      done = step == stage.steps or stopper.should_stop or preempted or out_of_time
       if done or (stage.checkpoint_every > 0 and step % stage.checkpoint_every == 0) or "valid/auc" in row:
         ckpts.save_latest(state, data_iter.get_state(), meta())
       if done:
@@ -196,8 +198,10 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
   wall = time.time() - t0
   if stage.validate is None or stopper.best_step < 0:  # no validation: the last params are the stage's result
     ckpts.save_best(int(state["step"]), state["params"], {"step": int(state["step"])})
+  stopped = ("preempted" if preempted else "early stopping" if stopper.should_stop else
+             "time budget" if int(state["step"]) < stage.steps else "last step")
   summary = {"stage": stage.name, "steps": int(state["step"]), "total_steps": stage.steps,
-             "preempted": preempted, "best_step": stopper.best_step if stage.validate else int(state["step"]),
+             "preempted": preempted, "stopped": stopped, "best_step": stopper.best_step if stage.validate else int(state["step"]),
              f"valid_{stage.metric}": stopper.best if stage.validate else None,
              "tokens_per_s": n_tokens / max(wall, 1e-9), "wall_s": wall}
   best, _ = ckpts.restore_best(state["params"])
