@@ -21,8 +21,8 @@ def _worker(*args, env=None):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
 
 
-def _result(proc):
-  out, err = proc.communicate(timeout=300)
+def _result(proc, timeout: int = 300):
+  out, err = proc.communicate(timeout=timeout)
   assert proc.returncode == 0, err[-3000:]
   return json.loads(out.strip().splitlines()[-1])
 
@@ -73,3 +73,20 @@ def test_processes_agree_on_batch_widths_by_right_padding_with_zeros():
   np.testing.assert_array_equal(out["tokens"][:, 3:], 0)
   np.testing.assert_array_equal(out["tokens"][:, :3], 1)
   assert sharding.agree_widths(batch, widths)["tokens"] is batch["tokens"]
+
+
+def test_the_recipe_on_8_devices_in_3_meshes_matches_one_device(tmp_path, data_root):
+  """Encoder pretraining, the text stage and the fused stage (data, fsdp and tensor splits of the LLM, the
+  encoder and the batch), then scoring: the same losses and AUCs as on one device."""
+  one = _worker("recipe", str(tmp_path / "one"), json.dumps([[1, 1, 1]]),
+                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  meshes = [[8, 1, 1], [2, 2, 2], [1, 2, 4]]
+  eight = _result(_worker("recipe", str(tmp_path / "eight"), json.dumps(meshes),
+                          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}), timeout=1200)
+  ref = _result(one, timeout=1200)["(1, 1, 1)"]
+  assert len(ref["losses"]["encoder"]) > 10 and len(ref["losses"]["fused"]) == 2
+  for shape, got in eight.items():
+    for stage, losses in ref["losses"].items():
+      np.testing.assert_allclose(got["losses"][stage], losses, rtol=1e-5, err_msg=f"{shape} {stage}")
+    for k in ("encoder_valid_auc", "valid_auc", "test_auc"):
+      assert abs(got[k] - ref[k]) < 1e-6, (shape, k, got[k], ref[k])

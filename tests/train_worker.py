@@ -4,6 +4,7 @@ Used by the sharding tests in a subprocess (8 simulated CPU devices, or 2 proces
 """
 
 import json
+import pathlib
 import sys
 
 import jax
@@ -71,12 +72,33 @@ def last_eval_batch_shape(mesh_shape) -> list[int]:
     return list(sharding.global_batch(batches[len(batches) - 1], mesh)["tokens"].shape)
 
 
+def recipe_run(mesh_shape, workdir, **distributed) -> dict:
+  """The CLCLMRec recipe on the tiny model (encoder pretraining, 1 text step, 2 fused steps) on a mesh: every
+  stage's losses, and the encoder's, valid and test AUCs."""
+  from clclm_jax.contrastive import recipe  # pylint: disable=g-import-not-at-top
+  from configs import tiny_fused  # pylint: disable=g-import-not-at-top
+  c = tiny_fused.get_config()
+  c.mesh, c.train.batch_size, c.train.micro_batch_size, c.train.eval_batch_size = tuple(mesh_shape), 8, 8, 8
+  c.stage1.steps, c.stage2.steps = 1, 2
+  c.update(distributed)
+  summary = recipe.train(c, workdir, log=lambda _: None)
+  losses = {sub or "fused": [json.loads(line)["train/loss"] for line in
+                             (pathlib.Path(workdir) / sub / "metrics.jsonl").read_text().splitlines()]
+            for sub in ("encoder", "text", "")}
+  return {"losses": losses, **{k: summary[k] for k in ("encoder_valid_auc", "valid_auc", "test_auc")}}
+
+
 def main(argv):
   if argv[1] == "meshes":
     out = {"1": trajectory((1, 1, 1), jax.devices()[:1])}
     for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
       out[str(shape)] = trajectory(shape)
     out["eval"] = {"1": eval_scores((1, 1, 1), jax.devices()[:1]), "(2, 2, 2)": eval_scores((2, 2, 2))}
+  elif argv[1] == "recipe":  # "recipe <workdir> <mesh shapes as JSON>"
+    out = {str(tuple(m)): recipe_run(m, pathlib.Path(argv[2]) / "x".join(map(str, m))) for m in json.loads(argv[3])}
+  elif argv[1] == "recipe_process":  # "recipe_process <workdir> <id> <port>": one of two processes
+    out = recipe_run((-1, 1, 1), argv[2], coordinator_address=f"localhost:{argv[4]}", num_processes=2,
+                     process_id=int(argv[3]))
   else:  # "process <id> <port>": one of two processes with one CPU device each.
     jax.distributed.initialize(f"localhost:{argv[3]}", num_processes=2, process_id=int(argv[2]))
     out = {"losses": trajectory((-1, 1, 1)), "eval": eval_scores((-1, 1, 1)),
