@@ -128,7 +128,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
   if encoder is not None:
     encoder["test_auc"] = feedback.encoder_auc(model, test)
     encoder["full_test_auc"] = feedback.encoder_auc(model, splits.test)  # no LLM: the whole test set is cheap
-    log(f"{domain}: encoder pretrained on {encoder['sequences']} behaviour sequences in {encoder['seconds']:.0f}s; "
+    log(f"{domain}: encoder pretrained for {encoder['steps']} steps in {encoder['seconds']:.0f}s; "
         f"valid AUC {100 * encoder['best_valid_auc']:.2f}, {args.split} subset AUC {100 * encoder['test_auc']:.2f}, "
         f"full test AUC {100 * encoder['full_test_auc']:.2f}")
   initial = jax.tree.map(np.array, nnx.state(model, nnx.Param))

@@ -10,7 +10,7 @@ from flax import nnx
 
 import train_helpers
 from clclm_jax.contrastive import feedback
-from clclm_jax.contrastive.joint import left_pad as joint_left_pad
+from clclm_jax.data.fused import left_pad as joint_left_pad
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig, encoder_inputs
 from clclm_jax.data.records import Catalogue, Interaction, Item
 from clclm_jax.data.tallrec import TallrecSplits

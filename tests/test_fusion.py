@@ -11,7 +11,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 import train_helpers
-from clclm_jax.contrastive import fusion, joint
+from clclm_jax.contrastive import fusion, losses
+from clclm_jax.data import augment, fused
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig, place_soft_tokens
 from clclm_jax.data.records import Catalogue, Interaction, Item
 from clclm_jax.model.llama import QInt8
@@ -42,8 +43,8 @@ def _data(n: int = 4):
   return xs, catalogue
 
 
-def _spec(k: int = K) -> joint.PromptSpec:
-  return joint.PromptSpec("movie", PH, PH_ID, num_soft_tokens=k, cutoff_len=1024, history_len=6, view_len=64)
+def _spec(k: int = K) -> fused.PromptSpec:
+  return fused.PromptSpec("movie", PH, PH_ID, num_soft_tokens=k, cutoff_len=1024, history_len=6, view_len=64)
 
 
 def _model(dropout: float = 0.0, encoder_dropout: float = 0.0, prompt_dropout: bool = True, **fusion) -> FusedRec:
@@ -57,7 +58,7 @@ def _model(dropout: float = 0.0, encoder_dropout: float = 0.0, prompt_dropout: b
 def _batch(k: int = K, views: bool = True):
   xs, cat = _data()
   tok = CharTokenizer()
-  batch = next(joint.train_batches(xs, cat, tok, _spec(k), batch_size=4, seed=0, views=views))
+  batch = next(fused.train_batches(xs, cat, tok, _spec(k), batch_size=4, seed=0, views=views))
   return {key: jnp.asarray(v) for key, v in batch.items()}
 
 
@@ -153,7 +154,7 @@ OPTIM = ConfigDict(dict(lr=1e-2, warmup_steps=0, schedule="constant", max_grad_n
 
 def _fit(model, xs, cat, workdir, loss_weights, steps=2, views=True):
   """`steps` updates of every `nnx.Param` through the one trainer; returns the metrics rows."""
-  stage = trainer.Stage("fused", workdir, lambda: joint.train_batches(xs, cat, CharTokenizer(), _spec(), batch_size=4,
+  stage = trainer.Stage("fused", workdir, lambda: fused.train_batches(xs, cat, CharTokenizer(), _spec(), batch_size=4,
                                                                      seed=0, views=views),
                         loss_weights, steps, OPTIM, 4, 4)
   mesh = sharding.make_mesh((-1, 1, 1))
@@ -212,8 +213,8 @@ def test_fused_lm_and_hint_kd_share_one_forward(monkeypatch):
   b, key = _batch(views=False), jax.random.key(3)
   alone = {n: step_lib.loss_terms(model, b, key, [n])[n] for n in ("fused_lm", "hint_kd")}
   calls = []
-  forward = joint.fused_hidden
-  monkeypatch.setattr(joint, "fused_hidden", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+  forward = losses.fused_hidden
+  monkeypatch.setattr(losses, "fused_hidden", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
   both = step_lib.loss_terms(model, b, key, ["hint_kd", "fused_lm", "seq_cl"])
   assert len(calls) == 1 and set(both) == {"fused_lm", "hint_kd", "seq_cl"}
   for n, v in alone.items():  # same dropout draw: the pair takes the key of its first name, as each alone
@@ -247,7 +248,7 @@ def test_one_scorer_for_fused_and_text_prompts_compiles_once_per_shape(tmp_path)
   mesh = sharding.make_mesh((-1, 1, 1))
   trainer.place(model, mesh)
   scorer = evaluate.make_scorer(model, mesh, 7, 8, stop_token=PH_ID)
-  evals = joint.eval_batches(xs, cat, tok, _spec(), batch_size=4)
+  evals = fused.eval_batches(xs, cat, tok, _spec(), batch_size=4)
   first = scorer(model, evals)
   compiled = scorer.step.batch._cache_size()  # pylint: disable=protected-access
   again = scorer(model, evals)
@@ -257,14 +258,14 @@ def test_one_scorer_for_fused_and_text_prompts_compiles_once_per_shape(tmp_path)
   direct = [float(p) for b in evals for p, i in zip(evaluate.yes_probability(model, b, 7, 8), b["index"]) if i >= 0]
   np.testing.assert_allclose(first.p_yes, np.asarray(direct)[np.argsort([i for b in evals for i in b["index"]
                                                                          if i >= 0])], atol=1e-5)
-  one_width = joint.eval_batches(xs, cat, tok, _spec(), batch_size=4, max_widths=1)
+  one_width = fused.eval_batches(xs, cat, tok, _spec(), batch_size=4, max_widths=1)
   assert len({b["tokens"].shape[1] for b in one_width}) == 1
   np.testing.assert_allclose(scorer(model, one_width).p_yes, first.p_yes, atol=1e-5)  # padding changes nothing
   assert evaluate.shared_prefix(list(evals)).size > 100  # the instruction runs once, cached
-  text = scorer(model, joint.eval_batches(xs, cat, tok, _spec(0), batch_size=4))  # text-only prompts: the LLM
+  text = scorer(model, fused.eval_batches(xs, cat, tok, _spec(0), batch_size=4))  # text-only prompts: the LLM
   llm_scorer = evaluate.make_scorer(model.llm, mesh, 7, 8)
   plain = [{k: v for k, v in b.items() if k != "history_feedback"}  # TALLRec batches: no fused inputs
-           for b in joint.eval_batches(xs, cat, tok, _spec(0), batch_size=4)]
+           for b in fused.eval_batches(xs, cat, tok, _spec(0), batch_size=4)]
   np.testing.assert_allclose(text.p_yes, llm_scorer(model.llm, plain).p_yes, atol=1e-5)
   with pytest.raises(ConfigError, match="unknown losses"):
     _fit(model, xs, cat, tmp_path, {"nope": 1.0})
@@ -273,10 +274,10 @@ def test_one_scorer_for_fused_and_text_prompts_compiles_once_per_shape(tmp_path)
 def test_packed_augmentation_keeps_likes_with_items():
   ids = jnp.array([[0, 0, 3, 4, 5, 6], [0, 7, 8, 9, 10, 11]])
   fb = jnp.array([[0, 0, 1, 2, 1, 2], [0, 2, 2, 1, 1, 2]])
-  right, n = joint.left_to_right(ids * 4 + fb)
+  right, n = losses.left_to_right(ids * 4 + fb)
   np.testing.assert_array_equal(n, [4, 5])
   np.testing.assert_array_equal(right[0], [13, 18, 21, 26, 0, 0])
-  v1, _, v2, _ = joint.augment.two_views_batch(jax.random.key(0), right, n, _model().packed_corr(), mask_id=21 * 4)
+  v1, _, v2, _ = augment.two_views_batch(jax.random.key(0), right, n, _model().packed_corr(), mask_id=21 * 4)
   for view in (v1, v2):
     for row, orig in zip(np.asarray(view), np.asarray(ids * 4 + fb)):
       assert set(row[row > 0].tolist()) <= set(orig[orig > 0].tolist()) | {21 * 4}

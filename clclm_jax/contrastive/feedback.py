@@ -1,7 +1,7 @@
 """Pretraining the fused model's encoder on behaviour sequences: next-feedback BCE + lambda x InfoNCE.
 
 A target-aware encoder (`fusion.encoder_inputs`) predicts, at every item, whether the user liked it from
-the items and likes before it; InfoNCE between augmented views (`joint.seq_cl_loss`) is the contrastive
+the items and likes before it; InfoNCE between augmented views (`losses.seq_cl_loss`) is the contrastive
 part. Sequences never hold a valid or test target: MovieLens-100K timelines are cut before each user's
 first valid/test target; for books (no raw ratings here) they are the histories of all prompts, targets
 left out. The trained encoder and feedback head go into the fused model before rec tuning.
@@ -20,9 +20,9 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from clclm_jax.contrastive import joint
+from clclm_jax.contrastive import losses  # noqa: F401 (registers seq_cl)
 from clclm_jax.contrastive.fusion import FusedRec, encoder_inputs
-from clclm_jax.data import paths, tallrec
+from clclm_jax.data import fused, paths, tallrec
 from clclm_jax.data.records import Interaction
 from clclm_jax.train import evaluate, sharding, trainer
 from clclm_jax.train.step import register_loss
@@ -78,8 +78,8 @@ def windows(seqs: Sequences, window: int, stride: int) -> tuple[np.ndarray, np.n
     ends = sorted(set(range(min(window, len(item_ids)), len(item_ids) + 1, stride)) | {len(item_ids)})
     for end in ends:
       start = max(0, end - window)
-      ids.append(joint.left_pad(item_ids[start:end], window))
-      fb.append(joint.left_pad(codes[start:end], window))
+      ids.append(fused.left_pad(item_ids[start:end], window))
+      fb.append(fused.left_pad(codes[start:end], window))
   return np.stack(ids), np.stack(fb)
 
 
@@ -133,8 +133,8 @@ def like_probability(params, rest, ids_bl, fb_bl, target_b, *, graphdef):
 
 
 def prompt_arrays(xs: Sequence[Interaction], history_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  ids = np.stack([joint.left_pad(x.history_ids, history_len) for x in xs])
-  fb = np.stack([joint.left_pad(_codes(x.history_likes), history_len) for x in xs])
+  ids = np.stack([fused.left_pad(x.history_ids, history_len) for x in xs])
+  fb = np.stack([fused.left_pad(_codes(x.history_likes), history_len) for x in xs])
   return ids, fb, np.asarray([x.target_id for x in xs], np.int32)
 
 

@@ -57,7 +57,7 @@ def item_text_table(llm: Llama, tokenizer, catalogue: Catalogue, domain: str) ->
 
 @dataclasses.dataclass(frozen=True)
 class FusionConfig:
-  """Soft-token placement, encoder shape, and the contrastive losses' settings (read by `joint.py`)."""
+  """Soft-token placement, encoder shape, and the contrastive losses' settings (read by `losses.py`)."""
 
   num_items: int
   placeholder_id: int

@@ -18,9 +18,10 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from clclm_jax.contrastive import feedback, fusion, joint
+from clclm_jax.contrastive import feedback, fusion, losses  # noqa: F401 (losses: registers the joint losses)
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig
 from clclm_jax.data import augment, fewshot, tallrec, tokenize
+from clclm_jax.data import fused as fused_data
 from clclm_jax.data.records import Interaction
 from clclm_jax.train import checkpoint, evaluate, loop, predictions, runconfig, sharding, trainer
 from clclm_jax.train.errors import ConfigError
@@ -35,8 +36,8 @@ class Recipe:
   model: FusedRec
   tokenizer: Any
   splits: tallrec.TallrecSplits
-  text: joint.PromptSpec  # TALLRec prompts (stage 1, text-only scoring)
-  fused: joint.PromptSpec  # the same prompts with k soft-token placeholders (stage 2)
+  text: fused_data.PromptSpec  # TALLRec prompts (stage 1, text-only scoring)
+  fused: fused_data.PromptSpec  # the same prompts with k soft-token placeholders (stage 2)
   mesh: Any
   scorer: evaluate.Scorer
 
@@ -44,12 +45,12 @@ class Recipe:
   def yes_no(self) -> tuple[int, int]:
     return tokenize.answer_token_ids(self.tokenizer, self.config.data.template)
 
-  def eval_batches(self, xs: Sequence[Interaction], spec: joint.PromptSpec, batch_size: int | None = None):
-    return joint.eval_batches(xs, self.splits.catalogue, self.tokenizer, spec,
+  def eval_batches(self, xs: Sequence[Interaction], spec: fused_data.PromptSpec, batch_size: int | None = None):
+    return fused_data.eval_batches(xs, self.splits.catalogue, self.tokenizer, spec,
                               batch_size=(batch_size or self.config.train.eval_batch_size) // jax.process_count(),
                               pad_multiple=self.config.data.pad_multiple, max_widths=self.config.data.eval_widths)
 
-  def score(self, xs: Sequence[Interaction], spec: joint.PromptSpec, desc: str | None = None,
+  def score(self, xs: Sequence[Interaction], spec: fused_data.PromptSpec, desc: str | None = None,
             batch_size: int | None = None) -> evaluate.Scores:
     """P(Yes) of the model as it is now for the prompts `xs` (ordered as `xs`), with `spec`'s layout."""
     return self.scorer(self.model, self.eval_batches(xs, spec, batch_size), desc=desc or "eval")
@@ -78,7 +79,7 @@ def build(config: ConfigDict) -> Recipe:
     raise ConfigError(f"config.fusion.item_init={f.item_init!r}: use '' (learned item ids) or 'titles'")
   item_init = fusion.item_text_table(llm, tokenizer, splits.catalogue, d.domain) if f.item_init else None
   model = FusedRec(llm, fcfg, item_corr=corr, item_init=item_init, rngs=nnx.Rngs(config.seed))
-  text = joint.PromptSpec(d.domain, f.placeholder, placeholder_id, 0, cutoff_len=d.cutoff_len,
+  text = fused_data.PromptSpec(d.domain, f.placeholder, placeholder_id, 0, cutoff_len=d.cutoff_len,
                           train_on_inputs=d.train_on_inputs, template=d.template, history_len=f.history_len,
                           view_len=f.view_len)
   trainer.place(model, mesh)
@@ -97,15 +98,15 @@ def encoder_stage(r: Recipe, workdir: pathlib.Path) -> trainer.Stage | None:
   return feedback.pretrain_stage(r.model, seqs, r.splits.valid, pcfg, workdir, r.config)
 
 
-def rec_stage(r: Recipe, name: str, spec: joint.PromptSpec, pool: Sequence[Interaction], steps: int,
+def rec_stage(r: Recipe, name: str, spec: fused_data.PromptSpec, pool: Sequence[Interaction], steps: int,
               loss_weights: Mapping[str, float], workdir: pathlib.Path, *, trains=nnx.Param, seed: int | None = None,
               validate: bool = True) -> trainer.Stage:
-  """`steps` joint updates on `pool` with `spec`'s prompts (text views only when `text_cl` is on), validated
+  """`steps` updates on `pool` with `spec`'s prompts (text views only when `text_cl` is on), validated
   on the `data.valid_size` subset with the same prompts (every `train.eval_every` steps, else at the end)."""
   c = r.config
   seed = c.seed if seed is None else seed
   views = loss_weights.get("text_cl", 0) > 0
-  batches = lambda: joint.train_batches(  # noqa: E731
+  batches = lambda: fused_data.train_batches(  # noqa: E731
       pool, r.splits.catalogue, r.tokenizer, spec, batch_size=c.train.batch_size, seed=seed, views=views,
       pad_multiple=c.data.pad_multiple)
   valid_xs = loop.eval_interactions(c, r.splits, "valid")
@@ -126,7 +127,7 @@ def pretrain_encoder(r: Recipe, workdir: pathlib.Path) -> dict | None:
   return summary | {"best_valid_auc": summary["valid_auc"], "seconds": summary["wall_s"]}
 
 
-def fit_stage(r: Recipe, spec: joint.PromptSpec, pool: Sequence[Interaction], steps: int,
+def fit_stage(r: Recipe, spec: fused_data.PromptSpec, pool: Sequence[Interaction], steps: int,
               loss_weights: Mapping[str, float], seed: int, workdir: pathlib.Path) -> float:
   """`steps` updates of every trainable parameter on `pool` with `spec`'s prompts, unvalidated (benchmarks run
   their own scoring); returns the seconds taken."""
