@@ -15,11 +15,19 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clclm_jax.contrastive import pretrain, recipe
-from clclm_jax.data import sequences
+from clclm_jax.data import fetch, sequences
 from clclm_jax.train import cli, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics.jsonl); default runs/<config name>.")
+
+
+def data_groups(config) -> list[str]:
+  """The built-in data a config reads (`python -m clclm_jax.data fetch --only ...` groups)."""
+  if "dataset" in config:
+    return ["movie" if config.dataset == "ml100k" else config.dataset]
+  groups = [] if loop.uses_files(config) else [config.data.domain]
+  return groups + (["instruct"] if "instruct" in config.get("stages", ()) else [])
 
 
 def main(argv):
@@ -29,6 +37,8 @@ def main(argv):
   cli.enable_compilation_cache()
   config = _CONFIG.value
   workdir = _WORKDIR.value or f"runs/{config.name}"
+  if groups := [g for g in data_groups(config) if g in fetch.GROUPS]:
+    fetch.ensure_data(groups)  # with no data folder: downloads what the config reads into the cache, and says so
   if "dataset" in config:  # encoder pretraining on sequences (configs/pretrain_*.py)
     print(pretrain.format_summary(pretrain.train(config, sequences.load(config.dataset), workdir)))
     print(f"{'run folder':<18}{workdir} (config.json, metrics.jsonl, curves.png, checkpoints)")

@@ -168,3 +168,18 @@ def test_compilation_cache_drops_least_recently_used_beyond_its_cap(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   total, entries = map(int, r.stdout.split())
   assert total <= 10_000 and 0 < entries < 12
+
+
+def test_train_checks_the_data_a_config_reads_before_building_anything(tmp_path):
+  r = _run("train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", env={"CLCLM_DATA": str(tmp_path / "no")})
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  assert r.stderr.strip().endswith(f"python -m clclm_jax.data fetch --only book --out {tmp_path / 'no'}")
+  import train  # pylint: disable=g-import-not-at-top
+  from configs import fused_movie, pretrain_ml100k, tiny  # pylint: disable=g-import-not-at-top
+  two = tiny.get_config()
+  two.stages = ("instruct", "rec")
+  assert train.data_groups(two) == ["book", "instruct"] and train.data_groups(fused_movie.get_config()) == ["movie"]
+  assert train.data_groups(pretrain_ml100k.get_config()) == ["movie"]
+  own = tiny.get_config()
+  own.data.files.train = "mine.json"
+  assert train.data_groups(own) == []
