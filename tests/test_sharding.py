@@ -7,10 +7,14 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from clclm_jax.contrastive.encoder import SeqEncoder
+from clclm_jax.contrastive.fusion import named_linear
 from clclm_jax.train import sharding
 
 HERE = pathlib.Path(__file__).parent
@@ -90,3 +94,15 @@ def test_the_recipe_on_8_devices_in_3_meshes_matches_one_device(tmp_path, data_r
       np.testing.assert_allclose(got["losses"][stage], losses, rtol=1e-5, err_msg=f"{shape} {stage}")
     for k in ("encoder_valid_auc", "valid_auc", "test_auc"):
       assert abs(got[k] - ref[k]) < 1e-6, (shape, k, got[k], ref[k])
+
+
+def test_the_encoder_and_the_fused_heads_carry_logical_axes():
+  enc = SeqEncoder(30, hidden=16, num_layers=1, num_heads=2, max_len=8, use_feedback=True, rngs=nnx.Rngs(0))
+  specs = {jax.tree_util.keystr(p): sharding._variable_spec(v)  # pylint: disable=protected-access
+           for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(enc), is_leaf=lambda x: isinstance(x, nnx.Variable))}
+  assert specs["['embed_items']"] == P("tensor", None)  # items like the vocabulary
+  assert specs["['layers'][0]['self_attn']['q_proj']['kernel']"] == P(None, "tensor")  # heads
+  assert specs["['layers'][0]['down_proj']['kernel']"] == P("tensor", None)  # MLP
+  assert specs["['embed_layernorm']['scale']"] == P(None)  # the hidden width stays whole
+  head = named_linear(16, 32, ("enc_embed", "mlp"), rngs=nnx.Rngs(0))
+  assert sharding._variable_spec(head.kernel) == P(None, "tensor")  # pylint: disable=protected-access

@@ -24,8 +24,23 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
-def _linear(d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, kernel_init=_init, rngs=rngs)
+def _named(init, names: tuple[str | None, ...]):
+  """An initializer whose variable carries logical axis names (mapped to the mesh by `train/sharding.py`)."""
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def _linear(d_in: int, d_out: int, rngs: nnx.Rngs, names: tuple[str | None, str | None]) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, kernel_init=_named(_init, names),
+                    bias_init=_named(nnx.initializers.zeros_init(), names[1:]), rngs=rngs)
+
+
+def _layernorm(hidden: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(hidden, epsilon=1e-12, scale_init=_named(nnx.initializers.ones_init(), ("enc_embed",)),
+                       bias_init=_named(nnx.initializers.zeros_init(), ("enc_embed",)), rngs=rngs)
+
+
+def _param(cls, value: jax.Array, names: tuple[str | None, ...]):
+  return cls(value, out_sharding=names, eager_sharding=False)
 
 
 class SelfAttention(nnx.Module):
@@ -33,8 +48,9 @@ class SelfAttention(nnx.Module):
 
   def __init__(self, hidden: int, num_heads: int, attn_dropout: float, *, rngs: nnx.Rngs):
     self.num_heads, self.attn_dropout = num_heads, attn_dropout
-    self.q_proj, self.k_proj = _linear(hidden, hidden, rngs), _linear(hidden, hidden, rngs)
-    self.v_proj, self.o_proj = _linear(hidden, hidden, rngs), _linear(hidden, hidden, rngs)
+    heads, out = ("enc_embed", "enc_heads"), ("enc_heads", "enc_embed")
+    self.q_proj, self.k_proj = _linear(hidden, hidden, rngs, heads), _linear(hidden, hidden, rngs, heads)
+    self.v_proj, self.o_proj = _linear(hidden, hidden, rngs, heads), _linear(hidden, hidden, rngs, out)
 
   def __call__(self, x_bld: jax.Array, allowed_bll: jax.Array, key: jax.Array | None) -> jax.Array:
     b, l, d = x_bld.shape
@@ -53,9 +69,10 @@ class Block(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, dropout_rate: float, attn_dropout: float, *, rngs: nnx.Rngs):
     self.dropout_rate = dropout_rate
     self.self_attn = SelfAttention(hidden, num_heads, attn_dropout, rngs=rngs)
-    self.attention_layernorm = nnx.LayerNorm(hidden, epsilon=1e-12, rngs=rngs)
-    self.up_proj, self.down_proj = _linear(hidden, 4 * hidden, rngs), _linear(4 * hidden, hidden, rngs)
-    self.mlp_layernorm = nnx.LayerNorm(hidden, epsilon=1e-12, rngs=rngs)
+    self.attention_layernorm = _layernorm(hidden, rngs)
+    self.up_proj = _linear(hidden, 4 * hidden, rngs, ("enc_embed", "enc_mlp"))
+    self.down_proj = _linear(4 * hidden, hidden, rngs, ("enc_mlp", "enc_embed"))
+    self.mlp_layernorm = _layernorm(hidden, rngs)
 
   def __call__(self, x_bld: jax.Array, allowed_bll: jax.Array, key: jax.Array | None) -> jax.Array:
     keys = jax.random.split(key, 3) if key is not None else (None,) * 3
@@ -80,16 +97,19 @@ class SeqEncoder(nnx.Module):
       raise ValueError(f"hidden {hidden} must be divisible by num_heads {num_heads}")
     self.max_len, self.dropout_rate = max_len, dropout
     if item_init is None:
-      self.embed_items = nnx.Param(_init(rngs.params(), (vocab_size, hidden)))
+      self.embed_items = _param(nnx.Param, _init(rngs.params(), (vocab_size, hidden)), ("items", "enc_embed"))
       self.item_proj = None
     else:
       if item_init.shape[0] != vocab_size:
         raise ValueError(f"item_init has {item_init.shape[0]} rows, expected vocab_size {vocab_size} (pad, items, mask)")
-      self.embed_items = (Frozen if freeze_item_init else nnx.Param)(jnp.asarray(item_init, jnp.float32))
-      self.item_proj = _linear(item_init.shape[1], hidden, rngs) if item_init.shape[1] != hidden else None
-    self.embed_positions = nnx.Param(_init(rngs.params(), (max_len, hidden)))
-    self.embed_feedback = nnx.Param(_init(rngs.params(), (NUM_FEEDBACK, hidden))) if use_feedback else None
-    self.embed_layernorm = nnx.LayerNorm(hidden, epsilon=1e-12, rngs=rngs)
+      self.embed_items = _param(Frozen if freeze_item_init else nnx.Param, jnp.asarray(item_init, jnp.float32),
+                                ("items", None))
+      self.item_proj = (_linear(item_init.shape[1], hidden, rngs, (None, "enc_embed"))
+                        if item_init.shape[1] != hidden else None)
+    self.embed_positions = _param(nnx.Param, _init(rngs.params(), (max_len, hidden)), (None, "enc_embed"))
+    self.embed_feedback = (_param(nnx.Param, _init(rngs.params(), (NUM_FEEDBACK, hidden)), (None, "enc_embed"))
+                           if use_feedback else None)
+    self.embed_layernorm = _layernorm(hidden, rngs)
     self.layers = nnx.List([Block(hidden, num_heads, dropout, attn_dropout, rngs=rngs) for _ in range(num_layers)])
 
   def item_table(self) -> jax.Array:

@@ -22,6 +22,12 @@ RULES = {
     "lora_rank": None,
     "norm": None,
     "layers": None,
+    # The behaviour encoder (contrastive/encoder.py) and the fused model's heads: the item table like the
+    # vocabulary, the encoder's heads and MLP like the LLM's; its hidden width (64) stays whole.
+    "items": "tensor",
+    "enc_embed": None,
+    "enc_heads": "tensor",
+    "enc_mlp": "tensor",
 }
 
 
