@@ -6,7 +6,7 @@ from configs import base
 def get_config():
   c = base.get_config()
   c.name = "tiny"
-  c.model.preset, c.model.tokenizer = "tiny", "bytes"
+  c.model.source, c.model.preset, c.model.tokenizer = "", "tiny", "bytes"
   c.lora.r, c.lora.alpha = 4, 8.0
   c.data.shots, c.data.valid_size, c.data.test_size = 16, 32, 64
   c.data.cutoff_len, c.data.pad_multiple = 1024, 256  # bytes: few padded shapes, few compiles

@@ -6,7 +6,7 @@ from configs import fused_book
 def get_config():
   c = fused_book.get_config()
   c.name = "tiny_fused"
-  c.model.preset, c.model.tokenizer = "tiny", "smollm2"  # the placeholder token needs SmolLM2's vocabulary
+  c.model.source, c.model.preset, c.model.tokenizer = "", "tiny", "smollm2"  # the placeholder token needs SmolLM2's vocabulary
   c.lora.r, c.lora.alpha = 4, 8.0
   c.data.shots, c.data.valid_size, c.data.test_size = 16, 16, 16
   c.data.eval_widths = 1  # one scoring program per split: compiles cost more than padding here

@@ -305,3 +305,34 @@ def test_sigterm_inside_stage1_saves_and_returns_preempted(tmp_path, data_root, 
   assert (tmp_path / "run" / "text" / "checkpoints" / "latest" / "2").is_dir()
   assert not (tmp_path / "run" / "text" / trainer.DONE).exists() and not (tmp_path / "run" / "summary.json").exists()
   assert "preempted at step 2 of text: run the same command again to continue" in loop.format_summary(summary)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("optim.lr", 0.0, r"config.optim.lr=0.0: use a learning rate in \(0, 1\]"),
+    ("optim.lr", -1e-3, r"config.optim.lr=-0.001: use a learning rate"),
+    ("optim.lr", 1e30, r"config.optim.lr=1e\+30: use a learning rate"),
+    ("optim.warmup_steps", -1, r"config.optim.warmup_steps=-1: use 0 or more"),
+    ("train.batch_size", 0, r"config.train.batch_size=0: use a positive whole number"),
+    ("train.micro_batch_size", 0, r"config.train.micro_batch_size=0: use a positive whole number"),
+    ("train.eval_batch_size", 0, r"config.train.eval_batch_size=0: use a positive whole number"),
+    ("train.batch_size", 6, r"config.train.batch_size=6: use a multiple of train.micro_batch_size=4"),
+    ("model.dtype", "float16", r"config.model.dtype='float16': use one of \['bfloat16', 'float32'\]"),
+    ("model.source", "my/llama", r"config.model.source='my/llama': model.preset='tiny' builds a random model"),
+])
+def test_bad_config_values_stop_before_anything_is_built(field, value, message, tmp_path):
+  c = tiny.get_config()
+  c.train.micro_batch_size = 4
+  block, name = field.split(".")
+  c[block][name] = value
+  with pytest.raises(ConfigError, match=message):
+    loop.train(c, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_second_training_in_the_same_folder_stops_naming_the_first(tmp_path):
+  with trainer.RunLock(tmp_path):
+    with pytest.raises(ConfigError, match=rf"{tmp_path} is in use by process {os.getpid()} \(a training is running"):
+      with trainer.RunLock(tmp_path):
+        pass
+  with trainer.RunLock(tmp_path):  # released when the first run ends
+    pass

@@ -170,7 +170,14 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
   """The stages of `stages` through the one trainer, then valid (from the last stage) and test AUC; returns and
   writes the summary. Killed at any step, the same command goes on from the last checkpoint of the stage it
   was in; run again once finished, it returns the saved summary."""
-  workdir, t0, d = pathlib.Path(workdir), time.time(), config.data
+  workdir, t0 = pathlib.Path(workdir), time.time()
+  runconfig.validate(config)
+  with trainer.RunLock(workdir):
+    return _train(config, workdir, t0, log)
+
+
+def _train(config: ConfigDict, workdir: pathlib.Path, t0: float, log: Callable[[str], None]) -> dict:
+  d = config.data
   if (workdir / SUMMARY).is_file():
     runconfig.check_resume(config, workdir)
     log(f"{workdir} is finished: its summary follows (delete {workdir / SUMMARY} to score it again)")

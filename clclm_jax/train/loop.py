@@ -255,23 +255,25 @@ def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
   """All stages of `config` through the one trainer (`config.stages`; the last in `workdir`, the others in
   WORKDIR/<stage>), then the test AUC of the last stage's best checkpoint; returns the summary."""
   workdir = pathlib.Path(workdir)
+  runconfig.validate(config)
   sharding.maybe_initialize_distributed(config)
   mesh = sharding.make_mesh(config.mesh)
-  model, tokenizer = build_model(config)
-  scorer = evaluate.make_scorer(model, mesh, *tokenize.answer_token_ids(tokenizer, config.data.template))
-  sp = rec_splits(config) if "rec" in config.stages else None
-  names = list(config.stages)
-  stages = [tallrec_stage(config, name, workdir if i == len(names) - 1 else workdir / name, tokenizer, scorer, sp)
-            for i, name in enumerate(names)]
-  summary = trainer.run(stages, model, mesh)[-1]
-  if summary["preempted"]:
+  with trainer.RunLock(workdir):
+    model, tokenizer = build_model(config)
+    scorer = evaluate.make_scorer(model, mesh, *tokenize.answer_token_ids(tokenizer, config.data.template))
+    sp = rec_splits(config) if "rec" in config.stages else None
+    names = list(config.stages)
+    stages = [tallrec_stage(config, name, workdir if i == len(names) - 1 else workdir / name, tokenizer, scorer,
+                            sp) for i, name in enumerate(names)]
+    summary = trainer.run(stages, model, mesh)[-1]
+    if summary["preempted"]:
+      return summary
+    if names[-1] == "rec":
+      summary.update(like_ratio_references(config, ("valid",), sp))
+      if config.data.test_size != 0:
+        test = evaluate_split(config, workdir, "test", model, tokenizer, mesh, scorer)
+        summary.update(test_auc=test["auc"], test_like_ratio_auc=test["like_ratio_auc"])
     return summary
-  if names[-1] == "rec":
-    summary.update(like_ratio_references(config, ("valid",), sp))
-    if config.data.test_size != 0:
-      test = evaluate_split(config, workdir, "test", model, tokenizer, mesh, scorer)
-      summary.update(test_auc=test["auc"], test_like_ratio_auc=test["like_ratio_auc"])
-  return summary
 
 
 def format_summary(summary: dict) -> str:

@@ -6,6 +6,7 @@ silently scales the adapter differently; both are stopped with the fields that d
 """
 
 import json
+import math
 import pathlib
 
 from ml_collections import ConfigDict
@@ -73,3 +74,38 @@ def check_model(config: ConfigDict, workdir: pathlib.Path) -> None:
   if diff:
     raise ConfigError(f"{workdir} was trained with another model ({'; '.join(diff)}): score it with the config "
                       f"it trained with (see {workdir / 'config.json'})")
+
+
+def _fail(field: str, value, why: str) -> None:
+  raise ConfigError(f"config.{field}={value!r}: {why}")
+
+
+def validate(config: ConfigDict) -> None:
+  """Checks the fields a TALLRec or fused run reads before anything is built: each bad value stops with one line
+  naming the field and what it takes (a rate of 0 or below trains nothing or climbs the loss, a size of 0
+  divides by zero later, a preset ignores `model.source`)."""
+  from clclm_jax.model import loading  # pylint: disable=g-import-not-at-top
+  o, t, m = config.optim, config.train, config.model
+  if not (isinstance(o.lr, (int, float)) and math.isfinite(o.lr) and 0 < o.lr <= 1.0):
+    _fail("optim.lr", o.lr, "use a learning rate in (0, 1] (LoRA: 1e-4 .. 3e-3)")
+  for field in ("warmup_steps",):
+    if o[field] < 0:
+      _fail(f"optim.{field}", o[field], "use 0 or more")
+  for field in ("b1", "b2"):
+    if not 0 <= o[field] < 1:
+      _fail(f"optim.{field}", o[field], "use a value in [0, 1)")
+  if o.weight_decay < 0:
+    _fail("optim.weight_decay", o.weight_decay, "use 0 or more")
+  for field in ("batch_size", "micro_batch_size", "eval_batch_size"):
+    if not isinstance(t[field], int) or t[field] <= 0:
+      _fail(f"train.{field}", t[field], "use a positive whole number")
+  if t.batch_size % t.micro_batch_size:
+    _fail("train.batch_size", t.batch_size, f"use a multiple of train.micro_batch_size={t.micro_batch_size}")
+  for field in ("checkpoint_every", "eval_every"):
+    if not isinstance(t[field], int):
+      _fail(f"train.{field}", t[field], "use a whole number (0: only at the end)")
+  if m.dtype not in loading.DTYPES:
+    _fail("model.dtype", m.dtype, f"use one of {sorted(loading.DTYPES)}")
+  if m.preset and m.source:
+    _fail("model.source", m.source, f"model.preset={m.preset!r} builds a random model and reads no source: set "
+          "one of the two (--config.model.preset='' to load the source)")

@@ -10,6 +10,7 @@ data-iterator state), SIGTERM / Ctrl-C saves, and early stopping on its validati
 from collections.abc import Callable, Iterator, Mapping, Sequence
 import dataclasses
 import json
+import os
 import pathlib
 import signal
 import threading
@@ -231,6 +232,35 @@ def restore_best(stage: Stage, model: nnx.Module) -> None:
   finally:
     ckpts.close()
   nnx.update(model, best)
+
+
+class RunLock:
+  """An exclusive lock on a run folder (WORKDIR/.lock, holding the owner's pid), so that a second training in the
+  same folder stops at once instead of interleaving metrics.jsonl and checkpoints with the first."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.path = pathlib.Path(workdir) / ".lock"
+
+  def __enter__(self):
+    import fcntl  # pylint: disable=g-import-not-at-top
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.file = self.path.open("a+")
+    try:
+      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self.file.seek(0)
+      owner = self.file.read().strip() or "another process"
+      self.file.close()
+      raise ConfigError(f"{self.path.parent} is in use by process {owner} (a training is running there): wait "
+                        "for it, or pass another --workdir") from None
+    self.file.seek(0)
+    self.file.truncate()
+    self.file.write(str(os.getpid()))
+    self.file.flush()
+    return self
+
+  def __exit__(self, *_):
+    self.file.close()  # closing releases the lock
 
 
 def run(stages: Sequence[Stage], model: nnx.Module, mesh, log: Callable[[str], None] = print) -> list[dict]:
