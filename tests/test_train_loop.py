@@ -63,6 +63,11 @@ def test_rec_stage_starts_from_stage_one_or_an_imported_peft_adapter(tmp_path, d
   two, imported, scratch = (_losses(tmp_path / d) for d in ("two", "peft", "scratch"))
   np.testing.assert_allclose(imported, two, rtol=1e-6)  # the same LoRA start, data and keys
   assert abs(scratch[0] - two[0]) > 1e-4
+  wider = _tiny(init_from=str(adapter))
+  wider.lora.r, wider.lora.alpha = 8, 16.0
+  with pytest.raises(ConfigError, match=r"does not fit the config \(lora.r: 4 in the adapter, 8 in the config; "
+                                        r"lora.alpha: 8.0 in the adapter, 16.0 in the config\)"):
+    loop.train(wider, tmp_path / "wider")
 
 
 def test_summary_puts_the_like_ratio_reference_beside_each_auc():

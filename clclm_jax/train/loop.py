@@ -6,6 +6,7 @@ evaluated on the test split with its best checkpoint.
 """
 
 import dataclasses
+import json
 import functools
 import pathlib
 import time
@@ -73,8 +74,27 @@ def build_model(config: ConfigDict):
                                           lora=lora_cfg, lora_seed=config.seed)
   model.remat = m.remat
   if lc.init_from:
+    check_adapter(config, lc.init_from)
     peft.load_peft(model, lc.init_from)
   return model, tokenizer
+
+
+def check_adapter(config: ConfigDict, adapter_dir: str) -> None:
+  """Refuses a PEFT adapter (`lora.init_from`) of another rank, alpha or targets than `config.lora`: it would
+  train at the adapter's shape while the run records the config's, and scoring would then fail."""
+  path = pathlib.Path(adapter_dir) / peft.CONFIG_FILE
+  if not path.is_file():
+    raise ConfigError(f"config.lora.init_from={adapter_dir!r}: no {peft.CONFIG_FILE} there (a PEFT adapter folder)")
+  saved, lc = json.loads(path.read_text()), config.lora
+  pairs = [("r", "r", lc.r), ("alpha", "lora_alpha", lc.alpha)]
+  diff = [f"lora.{name}: {saved.get(key)!r} in the adapter, {value!r} in the config" for name, key, value in pairs
+          if saved.get(key) is not None and float(saved[key]) != float(value)]
+  targets = saved.get("target_modules")
+  if targets is not None and sorted(targets) != sorted(lc.targets):
+    diff.append(f"lora.targets: {sorted(targets)} in the adapter, {sorted(lc.targets)} in the config")
+  if diff:
+    raise ConfigError(f"config.lora.init_from={adapter_dir!r} does not fit the config ({'; '.join(diff)}): set "
+                      "the config's lora fields to the adapter's")
 
 
 def _eval_batches(examples, config: ConfigDict):
