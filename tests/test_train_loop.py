@@ -153,6 +153,12 @@ def test_own_tallrec_files_errors_name_the_field_and_fix(tmp_path):
   files["test"].write_text(files["test"].read_text().replace("Whether the user will like", "Will the user like", 1))
   with pytest.raises(DataError, match=r"test.json record 0: input is not"):
     loop.rec_splits(_files_config(files))
+  files = _tallrec_files(tmp_path)
+  files["valid"].write_text(files["valid"].read_text().replace('"output": "No."', '"output": "Yes."'))
+  with pytest.raises(ConfigError, match=r"config.data.files.valid='.*valid.json': the prompts valid scores all have "
+                                        r"the label 'Yes.', and AUC needs both"):
+    loop.train(_files_config(files), tmp_path / "one_class")  # before any training step
+  assert not (tmp_path / "one_class" / "metrics.jsonl").exists()
 
 
 def test_own_files_may_hold_any_item_domain(tmp_path):

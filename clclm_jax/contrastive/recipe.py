@@ -183,6 +183,7 @@ def _train(config: ConfigDict, workdir: pathlib.Path, t0: float, log: Callable[[
     log(f"{workdir} is finished: its summary follows (delete {workdir / SUMMARY} to score it again)")
     return json.loads((workdir / SUMMARY).read_text())
   r = build(config)
+  loop.check_eval_labels(config, r.splits)
   pool = loop.train_interactions(config, r.splits)
   summaries = trainer.run(stages(r, workdir, pool), r.model, r.mesh, log)
   by_stage = {s["stage"]: s for s in summaries}

@@ -168,6 +168,19 @@ def eval_interactions(config: ConfigDict, sp: tallrec.TallrecSplits, split: str)
   return [getattr(sp, split)[i] for i in eval_positions(config, sp, split)]
 
 
+def check_eval_labels(config: ConfigDict, sp: tallrec.TallrecSplits) -> None:
+  """AUC needs both labels among the prompts each split scores: checked before training, not after it."""
+  for split in ("valid", "test"):
+    if split == "test" and (config.data.test_size == 0 or not getattr(sp, split)):
+      continue
+    labels = {x.label for x in eval_interactions(config, sp, split)}
+    if len(labels) < 2:
+      source = (f"config.data.files.{split}={config.data.files[split]!r}" if uses_files(config)
+                else f"the built-in {config.data.domain} {split} split")
+      raise ConfigError(f"{source}: the prompts {split} scores all have the label {prompts.ANSWERS[labels.pop()]!r}, "
+                        f"and AUC needs both; give {split} prompts of both labels, or a larger data.{split}_size")
+
+
 def train_interactions(config: ConfigDict, sp: tallrec.TallrecSplits) -> list[Interaction]:
   """The few-shot training set: `data.shots` prompts of the training pool (all when <= 0)."""
   return [sp.train[i] for i in _positions(config, sp, "train", "shots")]
@@ -282,6 +295,8 @@ def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
     model, tokenizer = build_model(config)
     scorer = evaluate.make_scorer(model, mesh, *tokenize.answer_token_ids(tokenizer, config.data.template))
     sp = rec_splits(config) if "rec" in config.stages else None
+    if sp is not None:
+      check_eval_labels(config, sp)
     names = list(config.stages)
     stages = [tallrec_stage(config, name, workdir if i == len(names) - 1 else workdir / name, tokenizer, scorer,
                             sp) for i, name in enumerate(names)]
