@@ -109,3 +109,21 @@ def test_export_names_every_layer_and_is_the_same_for_scan_and_unrolled(tiny_dir
   again = load_file(str(export_peft(reloaded, tmp_path / "again") / "adapter_model.safetensors"))
   for name, w in scan.items():
     np.testing.assert_array_equal(w, again[name])
+
+
+def test_export_never_deletes_a_folder_that_is_not_an_adapter(tiny_dir, tmp_path):
+  """Issue 52 item 2: exporting into a run folder (or any folder of other files) refused, nothing touched; an
+  adapter folder is replaced whole; an empty folder is filled."""
+  model, _ = load_model(str(tiny_dir), lora=LoraConfig(r=2, alpha=4))
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "metrics.jsonl").write_text("{}\n")
+  with pytest.raises(ModelError, match=r"run: exists and is not a PEFT adapter folder .* nothing written"):
+    export_peft(model, run)
+  assert [p.name for p in run.iterdir()] == ["metrics.jsonl"] and not list(tmp_path.glob(".run.*"))
+  adapter = export_peft(model, tmp_path / "adapter")
+  (adapter / "stale.txt").write_text("from an older export")
+  export_peft(model, adapter)  # replaced whole
+  assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+  (tmp_path / "empty").mkdir()
+  assert (export_peft(model, tmp_path / "empty") / "adapter_config.json").is_file()

@@ -42,6 +42,9 @@ def export_peft(model: Llama, out_dir: str | os.PathLike, base_model_name_or_pat
       "base_model_name_or_path": base_model_name_or_path,
   }
   out = pathlib.Path(out_dir)
+  if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / CONFIG_FILE).is_file())):
+    raise ModelError(f"{out}: exists and is not a PEFT adapter folder (no {CONFIG_FILE}); nothing written: "
+                     "choose a new or empty folder, or an adapter folder to replace")
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
   (tmp / CONFIG_FILE).write_text(json.dumps(peft_cfg, indent=2))
