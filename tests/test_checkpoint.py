@@ -10,6 +10,7 @@ import time
 import numpy as np
 import jax
 import orbax.checkpoint as ocp
+import pytest
 
 ROOT = pathlib.Path(__file__).parents[1]
 ARGS = ["--config=configs/tiny.py", "--config.data.test_size=0", "--config.train.checkpoint_every=1",
@@ -75,3 +76,31 @@ def test_a_run_killed_between_the_best_and_the_latest_save_of_a_step_saves_that_
   params, meta = again.restore_best({"w": jax.numpy.zeros(3)})
   again.close()
   assert params["w"].tolist() == [1.0, 1.0, 1.0] and meta["rerun"]
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  """Issue 52 item 4: the newest checkpoint damaged (a disk that filled mid-save): the previous one is restored
+  with one line, the damaged one deleted; with none readable, the error names the folder to delete."""
+  from clclm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from clclm_jax.train.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  state = lambda v: {"params": {"w": jax.numpy.full(3, v)}, "step": jax.numpy.int32(v)}  # noqa: E731
+  ckpts = checkpoint.Checkpoints(tmp_path)
+  for step in (4, 8):
+    ckpts.save_latest(state(step), {"epoch": step}, {"step": step})
+  ckpts.close()
+  for f in (tmp_path / "checkpoints" / "latest" / "8" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"\0" * 7)  # damaged
+  said = []
+  again = checkpoint.Checkpoints(tmp_path)
+  restored, data, meta = again.restore_latest(state(0), log=said.append)
+  assert int(restored["step"]) == 4 and data == {"epoch": 4} and meta == {"step": 4}
+  assert len(said) == 1 and said[0].endswith("deleted, going on from step 4") and "latest/8 is unreadable" in said[0]
+  assert sorted(p.name for p in (tmp_path / "checkpoints" / "latest").iterdir() if p.name.isdigit()) == ["4"]
+  again.save_latest(state(8), {"epoch": 8}, {"step": 8})  # the rerun saves step 8 anew
+  again.close()
+  for f in (tmp_path / "checkpoints" / "latest").rglob("*"):
+    if f.is_file() and "state" in f.parts:
+      f.write_bytes(b"\0" * 7)
+  with pytest.raises(ConfigError, match=r"no readable checkpoint in .*latest \(step 4: .*\): delete that folder"):
+    checkpoint.Checkpoints(tmp_path).restore_latest(state(0), log=said.append)

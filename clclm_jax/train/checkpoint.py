@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from clclm_jax.train.errors import ConfigError
 from clclm_jax.train.state import TrainState
 
 
@@ -23,8 +24,8 @@ def write_text(path: pathlib.Path, text: str) -> pathlib.Path:
   return path
 
 
-def _manager(directory: pathlib.Path) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+def _manager(directory: pathlib.Path, max_to_keep: int = 1) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False)
   return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
@@ -61,7 +62,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str | pathlib.Path):
     self.root = pathlib.Path(workdir) / "checkpoints"
-    self.latest = _manager(self.root / "latest")
+    self.latest = _manager(self.root / "latest", max_to_keep=2)  # the previous one too: a fallback
     self.best = _manager(self.root / "best")
 
   def save_latest(self, state: TrainState, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -73,15 +74,27 @@ class Checkpoints:
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)))
 
-  def restore_latest(self, target: TrainState) -> tuple[TrainState, dict, dict] | None:
-    """(state, data-iterator state, meta) of the newest complete checkpoint, or None."""
-    step = self.latest.latest_step()
-    if step is None:
-      return None
-    r = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract(target)), data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
-    return r["state"], r["data"], r["meta"]
+  def restore_latest(self, target: TrainState, log=print) -> tuple[TrainState, dict, dict] | None:
+    """(state, data-iterator state, meta) of the newest checkpoint that reads back, or None when there is none.
+    An unreadable newest one (a disk that filled mid-save, a damaged file) is passed over for the previous one,
+    with one line saying so; when none reads, the error names the folder to delete."""
+    steps = sorted(self.latest.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        r = self.latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract(target)), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds for a damaged checkpoint)
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if i + 1 < len(steps):
+          log(f"checkpoint {self.latest.directory}/{step} is unreadable ({why}): deleted, going on from step "
+              f"{steps[i + 1]}")
+          self.latest.delete(step)  # the rerun reaches this step again and saves it anew
+          continue
+        raise ConfigError(f"no readable checkpoint in {self.latest.directory} (step {step}: {why}): delete that "
+                          "folder to start this stage again") from None
+      return r["state"], r["data"], r["meta"]
+    return None
 
   def save_best(self, step: int, params, meta: dict[str, Any]) -> None:
     _save_params(self.best, step, params, meta, "the best checkpoint")
