@@ -79,21 +79,43 @@ def test_processes_agree_on_batch_widths_by_right_padding_with_zeros():
   assert sharding.agree_widths(batch, widths)["tokens"] is batch["tokens"]
 
 
-def test_the_recipe_on_8_devices_in_3_meshes_matches_one_device(tmp_path, data_root):
-  """Encoder pretraining, the text stage and the fused stage (data, fsdp and tensor splits of the LLM, the
-  encoder and the batch), then scoring: the same losses and AUCs as on one device."""
-  one = _worker("recipe", str(tmp_path / "one"), json.dumps([[1, 1, 1]]),
+@pytest.fixture(scope="module")
+def recipe_one_device(tmp_path_factory, data_root):
+  one = _worker("recipe", str(tmp_path_factory.mktemp("one")), json.dumps([[1, 1, 1]]),
                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
-  meshes = [[8, 1, 1], [2, 2, 2], [1, 2, 4]]
-  eight = _result(_worker("recipe", str(tmp_path / "eight"), json.dumps(meshes),
-                          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}), timeout=1200)
   ref = _result(one, timeout=1200)["(1, 1, 1)"]
   assert len(ref["losses"]["encoder"]) > 10 and len(ref["losses"]["fused"]) == 2
+  return ref
+
+
+def _same_recipe_run(got, ref, what):
+  for stage, losses in ref["losses"].items():
+    np.testing.assert_allclose(got["losses"][stage], losses, rtol=1e-5, err_msg=f"{what} {stage}")
+  for k in ("encoder_valid_auc", "valid_auc", "test_auc"):
+    assert abs(got[k] - ref[k]) < 1e-6, (what, k, got[k], ref[k])
+
+
+def test_the_recipe_on_8_devices_in_3_meshes_matches_one_device(tmp_path, recipe_one_device):
+  """Encoder pretraining, the text stage and the fused stage (data, fsdp and tensor splits of the LLM, the
+  encoder and the batch), then scoring: the same losses and AUCs as on one device."""
+  meshes = [[8, 1, 1], [2, 2, 2], [1, 2, 4]]
+  eight = _result(_worker("recipe", str(tmp_path), json.dumps(meshes),
+                          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}), timeout=1200)
+  assert len(eight) == 3
   for shape, got in eight.items():
-    for stage, losses in ref["losses"].items():
-      np.testing.assert_allclose(got["losses"][stage], losses, rtol=1e-5, err_msg=f"{shape} {stage}")
-    for k in ("encoder_valid_auc", "valid_auc", "test_auc"):
-      assert abs(got[k] - ref[k]) < 1e-6, (shape, k, got[k], ref[k])
+    _same_recipe_run(got, recipe_one_device, shape)
+
+
+def test_the_recipe_on_two_processes_matches_one_process(tmp_path, recipe_one_device):
+  """Two processes (gloo) share the run folder: each reads the global batches and keeps its rows, scores its
+  shard of the prompts; process 0 writes the files."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = str(s.getsockname()[1])
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  procs = [_worker("recipe_process", str(tmp_path), str(i), port, env=env) for i in range(2)]
+  for i, proc in enumerate(procs):
+    _same_recipe_run(_result(proc, timeout=1200), recipe_one_device, f"process {i}")
 
 
 def test_the_encoder_and_the_fused_heads_carry_logical_axes():

@@ -172,6 +172,7 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
   was in; run again once finished, it returns the saved summary."""
   workdir, t0 = pathlib.Path(workdir), time.time()
   runconfig.validate(config)
+  sharding.maybe_initialize_distributed(config)
   with trainer.RunLock(workdir):
     return _train(config, workdir, t0, log)
 

@@ -34,7 +34,7 @@ RULES = {
 def maybe_initialize_distributed(config) -> None:
   """Joins a multi-process run when `config.distributed` or JAX_COORDINATOR_ADDRESS asks for it."""
   address = config.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if not address:
+  if not address or jax.distributed.is_initialized():  # not asked for, or joined already (idempotent)
     return
   num_processes = config.get("num_processes") or int(os.environ["JAX_NUM_PROCESSES"])
   process_id = config.get("process_id")

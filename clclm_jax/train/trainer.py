@@ -127,9 +127,9 @@ def _check_stage(stage: Stage) -> int:
   if stage.batch_size <= 0 or stage.micro_batch_size <= 0:
     raise ConfigError(f"{stage.name}: batch_size={stage.batch_size} and micro_batch_size="
                       f"{stage.micro_batch_size} must be positive")
-  if stage.batch_size % (stage.micro_batch_size * jax.process_count()):
+  if stage.batch_size % stage.micro_batch_size or stage.batch_size % jax.process_count():
     raise ConfigError(f"{stage.name}: batch_size={stage.batch_size} must be a multiple of micro_batch_size="
-                      f"{stage.micro_batch_size} x {jax.process_count()} processes")
+                      f"{stage.micro_batch_size} and of the {jax.process_count()} processes")
   unknown = set(stage.loss_weights) - set(step_lib.LOSSES)
   if unknown:
     raise ConfigError(f"{stage.name}: loss weights name unknown losses {sorted(unknown)}; known: "
@@ -243,6 +243,9 @@ class RunLock:
 
   def __enter__(self):
     import fcntl  # pylint: disable=g-import-not-at-top
+    self.file = None
+    if jax.process_index() != 0:  # the processes of one run share the folder: process 0 holds the lock
+      return self
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self.file = self.path.open("a+")
     try:
@@ -260,7 +263,8 @@ class RunLock:
     return self
 
   def __exit__(self, *_):
-    self.file.close()  # closing releases the lock
+    if self.file is not None:
+      self.file.close()  # closing releases the lock
 
 
 def run(stages: Sequence[Stage], model: nnx.Module, mesh, log: Callable[[str], None] = print) -> list[dict]:
