@@ -14,6 +14,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import compile_time  # pylint: disable=g-import-not-at-top,wrong-import-position
 import eval_padding  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fused_quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 import label_signal  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -428,3 +429,18 @@ def test_label_signal_table_shows_the_encoder_where_it_ran():
   corr = [l for l in md.splitlines() if l.startswith("| rank correlation")]
   assert len(corr) == 1 and corr[0].endswith("the encoder's P(like) | 0.705 | - |")
   assert "encoder" not in label_signal.markdown([book], machine)
+
+
+def test_compile_time_script_on_tiny_model(tmp_path):
+  baseline = tmp_path / "llama_copy.py"  # any llama.py works as the baseline; here this checkout's
+  baseline.write_text((pathlib.Path(compile_time.__file__).parent.parent / "clclm_jax/model/llama.py").read_text())
+  result = compile_time.main(["--preset", "tiny", "--batch", "2", "--length", "16", "--repeats", "1",
+                              "--out", str(tmp_path), "--step-time", "--step-repeats", "1", "--baseline", str(baseline)])
+  labels = {(r["label"], r["step"]) for r in result["compiles"]}
+  assert ("tiny scan", "train") in labels and ("tiny baseline", "score") in labels and ("32-layer scan", "train") in labels
+  assert set(result["verdicts"]) == {"scan_speedup_train", "scan_speedup_score", "scan_speedup_train_xla",
+                                     "scan_speedup_score_xla", "scan_speedup_train_vs_baseline",
+                                     "scan_speedup_score_vs_baseline", "depth_ratio"}
+  assert {r["case"] for r in result["step_times"]} >= {"train scan", "score unrolled", "train scan xla", "train baseline"}
+  text = (tmp_path / "compile_time_cpu.md").read_text()
+  assert "32-layer / 2-layer scan compile" in text and "Steady-state step time" in text

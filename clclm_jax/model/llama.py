@@ -306,7 +306,7 @@ class Attention(nnx.Module):
     With `rows_b`, only the query at position `rows_b[i]` of row i runs: the output is `[b, 1, d]`.
     `impl` picks the attention kernel (`attention`)."""
     b, t, _ = x_btd.shape
-    k_heads, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
+    k_heads = self.num_kv_heads
     xq_btd, cos_q, sin_q = x_btd, cos_btd, sin_btd
     if rows_b is not None:
       xq_btd, cos_q, sin_q, allowed_bts = (take_rows(a, rows_b) for a in (x_btd, cos_btd, sin_btd, allowed_bts))
