@@ -314,7 +314,7 @@ def test_train_summary_has_valid_and_test_metrics(negatives, tmp_path):
   cfg.ce_negatives = negatives
   summary = pretrain.train(cfg, _tiny_data(), tmp_path)
   assert summary["epochs"] == 2 and 1 <= summary["best_epoch"] <= 2 and summary["stopped"] == "last step"
-  assert "test_history_excluded" in pretrain.format_summary(summary)
+  assert "test, history out" in pretrain.format_summary(summary)
   for part in ("valid", "test"):
     assert set(summary[part]) == {f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)}
     assert 0.0 <= summary[part]["NDCG@10"] <= summary[part]["HR@10"] <= 1.0
