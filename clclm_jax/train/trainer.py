@@ -274,6 +274,10 @@ def run(stages: Sequence[Stage], model: nnx.Module, mesh, log: Callable[[str], N
   summaries = []
   for stage in stages:
     summary = finished(stage)
+    if summary is not None and stage.config is not None:
+      runconfig.check_resume(stage.config, stage.workdir)  # a finished run rerun with other values stops too
+    if summary is not None and summary.get("stopped") == "last step" and stage.steps > summary["total_steps"]:
+      summary = None  # finished at its old length: a longer run goes on from its last checkpoint
     if summary is not None:
       restore_best(stage, model)
       log(f"{stage.name}: finished before (step {summary['steps']}), its parameters restored")
