@@ -13,8 +13,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from clclm_jax.contrastive.encoder import SeqEncoder
-from clclm_jax.contrastive.fusion import named_linear
+from clclm_jax.contrastive.encoder import SeqEncoder, named_linear
 from clclm_jax.train import sharding
 
 HERE = pathlib.Path(__file__).parent

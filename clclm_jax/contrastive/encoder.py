@@ -29,9 +29,15 @@ def _named(init, names: tuple[str | None, ...]):
   return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
-def _linear(d_in: int, d_out: int, rngs: nnx.Rngs, names: tuple[str | None, str | None]) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, kernel_init=_named(_init, names),
+def named_linear(d_in: int, d_out: int, names: tuple[str | None, str | None], *, rngs: nnx.Rngs,
+                 kernel_init=_init) -> nnx.Linear:
+  """`nnx.Linear` whose kernel and bias carry logical axis names (mapped to the mesh by `train/sharding.py`)."""
+  return nnx.Linear(d_in, d_out, kernel_init=_named(kernel_init, names),
                     bias_init=_named(nnx.initializers.zeros_init(), names[1:]), rngs=rngs)
+
+
+def _linear(d_in: int, d_out: int, rngs: nnx.Rngs, names: tuple[str | None, str | None]) -> nnx.Linear:
+  return named_linear(d_in, d_out, names, rngs=rngs)
 
 
 def _layernorm(hidden: int, rngs: nnx.Rngs) -> nnx.LayerNorm:

@@ -17,11 +17,12 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from clclm_jax.contrastive.encoder import SeqEncoder, pool
+from clclm_jax.contrastive.encoder import SeqEncoder, named_linear, pool
 from clclm_jax.data import prompts
 from clclm_jax.data.records import Catalogue
 from clclm_jax.model.llama import Llama
 
+LECUN = nnx.initializers.lecun_normal()  # nnx.Linear's default kernel initializer
 FEEDBACK_BITS = 4  # history ids are packed as id * 4 + feedback (0 pad/unknown, 1 liked, 2 disliked)
 
 
@@ -133,20 +134,12 @@ def encoder_inputs(ids_bl: jax.Array, feedback_bl: jax.Array,
   return jnp.concatenate([ids_bl, target_b[:, None].astype(ids_bl.dtype)], axis=1), shifted_bl
 
 
-def named_linear(d_in: int, d_out: int, names: tuple[str | None, str | None], *, rngs: nnx.Rngs,
-                 kernel_init=nnx.initializers.lecun_normal()) -> nnx.Linear:
-  """`nnx.Linear` whose kernel and bias carry logical axis names (mapped to the mesh by `train/sharding.py`)."""
-  named = lambda init, axes: nnx.with_partitioning(init, axes, eager_sharding=False)  # noqa: E731
-  return nnx.Linear(d_in, d_out, kernel_init=named(kernel_init, names),
-                    bias_init=named(nnx.initializers.zeros_init(), names[1:]), rngs=rngs)
-
-
 class Projector(nnx.Module):
   """MLP (Linear, GELU, Linear) into the LLM input space, RMS-normalised to the token embeddings' scale."""
 
   def __init__(self, d_in: int, d_out: int, num_out: int, hidden: int, out_rms: float, *, rngs: nnx.Rngs):
     self.num_out, self.d_out, self.out_rms = num_out, d_out, out_rms
-    self.up_proj = named_linear(d_in, hidden, ("enc_embed", "mlp"), rngs=rngs)
+    self.up_proj = named_linear(d_in, hidden, ("enc_embed", "mlp"), rngs=rngs, kernel_init=LECUN)
     self.down_proj = named_linear(hidden, num_out * d_out, ("mlp", "embed"), rngs=rngs,
                                   kernel_init=nnx.initializers.normal(0.02))
 
@@ -177,8 +170,8 @@ class FusedRec(nnx.Module):
     out_rms = float(jnp.sqrt(jnp.mean(table_vd * table_vd)))
     per_input = cfg.num_soft_tokens if cfg.source == "user" else 1
     self.projector = Projector(cfg.encoder_hidden, d_llm, per_input, cfg.projector_hidden, out_rms, rngs=rngs)
-    self.align_proj = named_linear(d_llm, cfg.encoder_hidden, ("embed", "enc_embed"), rngs=rngs)
-    self.feedback_head = named_linear(cfg.encoder_hidden, 1, ("enc_embed", None), rngs=rngs)
+    self.align_proj = named_linear(d_llm, cfg.encoder_hidden, ("embed", "enc_embed"), rngs=rngs, kernel_init=LECUN)
+    self.feedback_head = named_linear(cfg.encoder_hidden, 1, ("enc_embed", None), rngs=rngs, kernel_init=LECUN)
     if item_corr is None:
       item_corr = jnp.arange(cfg.num_items + 2, dtype=jnp.int32)[:, None]
     if item_corr.shape[0] != cfg.num_items + 2:
