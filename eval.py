@@ -1,4 +1,9 @@
-"""Scores a split with the best checkpoint in `--workdir` (WORKDIR/eval/<split>_metrics.json), or exports its LoRA."""
+"""Scores a split with the best checkpoint in `--workdir` (WORKDIR/eval/<split>_metrics.json), or exports its LoRA.
+
+Cross-domain (TALLRec's generalisation test): a text-only run scores another domain's test set with
+`--config.data.domain=book` (files WORKDIR/eval/test_book_*); a fused run refuses, its encoder knowing only
+the items of the domain it trained on.
+"""
 
 from clclm_jax.train import malloc
 
@@ -6,12 +11,13 @@ if __name__ == "__main__":
   malloc.reexec_keeping_freed_memory()  # before the imports below, which a re-exec would pay twice
 
 import json
+import pathlib
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clclm_jax.contrastive import recipe
-from clclm_jax.train import cli, loop, predictions, sharding
+from clclm_jax.train import cli, loop, predictions, runconfig, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder of train.py; default runs/<config name>.")
@@ -30,8 +36,9 @@ def main(argv):
   config = _CONFIG.value
   sharding.maybe_initialize_distributed(config)
   workdir = _WORKDIR.value or f"runs/{config.name}"
+  name = runconfig.eval_name(config, pathlib.Path(workdir), _SPLIT.value)  # <split>, or <split>_<domain> across domains
   if _COMPARE_TO.value:
-    predictions.read(_COMPARE_TO.value, _SPLIT.value)  # fail before scoring, not after
+    predictions.read(_COMPARE_TO.value, name)  # fail before scoring, not after
   if "fusion" in config:
     if _EXPORT_PEFT.value:
       raise app.UsageError("--export_peft: a fused model is LoRA + encoder + projector; PEFT holds only the "
@@ -44,7 +51,7 @@ def main(argv):
     metrics = loop.evaluate_split(config, workdir, _SPLIT.value)
   print(json.dumps(metrics, indent=2))
   if _COMPARE_TO.value:
-    print(predictions.format_comparison(predictions.compare(workdir, _COMPARE_TO.value, _SPLIT.value)))
+    print(predictions.format_comparison(predictions.compare(workdir, _COMPARE_TO.value, name)))
 
 
 if __name__ == "__main__":

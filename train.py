@@ -1,9 +1,10 @@
-"""Trains per `--config` (e.g. configs/book.py) in `--workdir` (default runs/<config name>), resuming there.
+"""Trains per `--config` (default configs/book.py) in `--workdir` (default runs/<config name>), resuming there.
 
-Configs with a `fusion` block (configs/fused_movie.py, fused_book.py) run the CLCLMRec recipe instead:
-encoder pretraining, text-only stage 1, fused stage 2, then valid and test AUC (contrastive/recipe.py);
-configs with a `dataset` (configs/pretrain_beauty.py, pretrain_ml100k.py) pretrain the sequence encoder
-(contrastive/pretrain.py). All of them are stage lists of the one trainer (train/trainer.py).
+Configs with a `fusion` block (configs/book.py, movie.py) run the CLCLMRec recipe: encoder pretraining,
+text-only stage 1, fused stage 2, then valid and test AUC (contrastive/recipe.py); the others without a
+`dataset` (configs/tallrec_book.py, tallrec_movie.py, tiny.py) TALLRec's instruct -> rec LoRA tuning
+(train/loop.py); configs with a `dataset` (configs/pretrain_beauty.py, pretrain_ml100k.py) pretrain the
+sequence encoder (contrastive/pretrain.py). All of them are stage lists of the one trainer (train/trainer.py).
 """
 
 from clclm_jax.train import malloc
@@ -44,8 +45,7 @@ def main(argv):
     print(f"{'run folder':<18}{workdir} (config.json, metrics.jsonl, curves.png, checkpoints)")
     return
   summary = recipe.train(config, workdir) if "fusion" in config else loop.train(config, workdir)
-  print(loop.format_summary(summary))
-  print(f"{'run folder':<18}{workdir} (config.json, metrics.jsonl, curves.png, eval/: metrics and predictions)")
+  print(loop.format_summary(summary, config, workdir, config_flags.get_config_filename(flags.FLAGS["config"])))
 
 
 if __name__ == "__main__":

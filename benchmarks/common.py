@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clclm_jax.data import tallrec
 from clclm_jax.train import malloc
 
-# TALLRec (arXiv 2305.00447), its few-shot table: test AUC x 100 of LLaMA-7B rec tuning, by training shots.
-TALLREC_PUBLISHED = {"movie": {16: 67.24, 64: 67.48, 256: 71.98}, "book": {16: 56.36, 64: 60.39, 256: 64.38}}
+TALLREC_PUBLISHED = tallrec.PUBLISHED_AUC  # LLaMA-7B, test AUC x 100 by shots
 FUSED_GOALS = {"movie": {16: 74, 64: 75, 256: 77}, "book": {16: 71, 64: 72, 256: 74}}  # issue 5, mean of 3 seeds
-RECIPES = {"movie": "fused+align_cl", "book": "fused+hint_kd"}  # fused_quality's name of configs/fused_<domain>.py
+RECIPES = {"movie": "fused+align_cl", "book": "fused+hint_kd"}  # fused_quality's name of configs/<domain>.py
 SHARP_HINT_SCALE = 3.0  # fused_quality's `fused+sharp_hint`: the hint's P(like) from this x the encoder's logit
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft", "numpy")
 

@@ -16,9 +16,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from clclm_jax.train import evaluate, loop  # pylint: disable=wrong-import-position
-from configs import book, movie  # pylint: disable=wrong-import-position
+from configs import tallrec_book, tallrec_movie  # pylint: disable=wrong-import-position
 
-CONFIGS = {"movie": movie, "book": book}
+CONFIGS = {"movie": tallrec_movie, "book": tallrec_book}
 
 
 def padding(batches) -> dict[str, Any]:

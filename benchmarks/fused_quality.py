@@ -49,9 +49,9 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from clclm_jax.contrastive import feedback, recipe  # pylint: disable=wrong-import-position
 from clclm_jax.data import fewshot  # pylint: disable=wrong-import-position
 from clclm_jax.train import cli, evaluate  # pylint: disable=wrong-import-position
-from configs import fused_book, fused_movie  # pylint: disable=wrong-import-position
+from configs import book, movie  # pylint: disable=wrong-import-position
 
-CONFIGS = {"movie": fused_movie, "book": fused_book}
+CONFIGS = {"movie": movie, "book": book}
 
 @dataclasses.dataclass(frozen=True)
 class Ablation:
@@ -64,8 +64,8 @@ class Ablation:
   history_targets: int = 0
 
 
-ALIGN_CL = {"align_cl": fused_movie.ALIGN_CL_WEIGHT}  # the movie recipe's alignment
-HINT_KD = {"hint_kd": fused_book.HINT_KD_WEIGHT}  # the book recipe's distillation
+ALIGN_CL = {"align_cl": movie.ALIGN_CL_WEIGHT}  # the movie recipe's alignment
+HINT_KD = {"hint_kd": book.HINT_KD_WEIGHT}  # the book recipe's distillation
 FUSED = {
     "fused": Ablation(),
     "fused-seq_cl": Ablation(loss_weights={"seq_cl": 0.0}),

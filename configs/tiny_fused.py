@@ -1,10 +1,10 @@
 """The CLCLMRec recipe on a tiny random Llama (SmolLM2 vocabulary) and a small slice of the book data."""
 
-from configs import fused_book
+from configs import book
 
 
 def get_config():
-  c = fused_book.get_config()
+  c = book.get_config()
   c.name = "tiny_fused"
   c.model.source, c.model.preset, c.model.tokenizer = "", "tiny", "smollm2"  # the placeholder token needs SmolLM2's vocabulary
   c.lora.r, c.lora.alpha = 4, 8.0

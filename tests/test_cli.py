@@ -46,6 +46,15 @@ def test_tiny_train_then_eval_under_a_minute(tmp_path, data_root):
   assert len(preds) == 64 and records == sorted(set(records)) and all(0 <= r["p_yes"] <= 1 for r in preds)
   assert evaluate.auc([r["p_yes"] for r in preds], [r["label"] for r in preds]) == pytest.approx(test["auc"])
   assert wall < 60, f"tiny train + eval took {wall:.0f}s"
+  # TALLRec's cross-domain test: the book-trained run scores movie prompts, keeping its own book files.
+  own = (tmp_path / "eval" / "test_metrics.json").read_text()
+  ev = _run("eval.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.data.domain=movie")
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  movie = json.loads((tmp_path / "eval" / "test_movie_metrics.json").read_text())
+  assert movie["n"] == 64 and movie["domain"] == "movie" and movie["trained_on"] == "book"
+  assert (tmp_path / "eval" / "test_metrics.json").read_text() == own
+  preds = [json.loads(l) for l in (tmp_path / "eval" / "test_movie_predictions.jsonl").read_text().splitlines()]
+  assert evaluate.auc([r["p_yes"] for r in preds], [r["label"] for r in preds]) == pytest.approx(movie["auc"])
 
 
 def test_tiny_fused_recipe_then_eval_scores_the_saved_model(tmp_path, data_root):
@@ -67,6 +76,9 @@ def test_tiny_fused_recipe_then_eval_scores_the_saved_model(tmp_path, data_root)
   assert abs(test["auc"] - summary["test_auc"]) < 1e-6  # the restored encoder, projector and LoRA score the same
   preds = [json.loads(l) for l in (tmp_path / "eval" / "test_predictions.jsonl").read_text().splitlines()]
   assert len(preds) == 16 and evaluate.auc([r["p_yes"] for r in preds], [r["label"] for r in preds]) == test["auc"]
+  other = _run("eval.py", "--config=configs/tiny_fused.py", f"--workdir={tmp_path}", "--config.data.domain=movie")
+  assert other.returncode == 1 and "Traceback" not in other.stderr
+  assert "was trained on book: its encoder's item table holds book's item ids" in other.stderr
   r = _run("eval.py", "--config=configs/tiny_fused.py", f"--workdir={tmp_path}", "--export_peft=/tmp/x")
   assert r.returncode != 0 and "encoder + projector" in r.stderr and "Traceback" not in r.stderr
 
@@ -175,10 +187,10 @@ def test_train_checks_the_data_a_config_reads_before_building_anything(tmp_path)
   assert r.returncode == 1 and "Traceback" not in r.stderr
   assert r.stderr.strip().endswith(f"python -m clclm_jax.data fetch --only book --out {tmp_path / 'no'}")
   import train  # pylint: disable=g-import-not-at-top
-  from configs import fused_movie, pretrain_ml100k, tiny  # pylint: disable=g-import-not-at-top
+  from configs import movie, pretrain_ml100k, tiny  # pylint: disable=g-import-not-at-top
   two = tiny.get_config()
   two.stages = ("instruct", "rec")
-  assert train.data_groups(two) == ["book", "instruct"] and train.data_groups(fused_movie.get_config()) == ["movie"]
+  assert train.data_groups(two) == ["book", "instruct"] and train.data_groups(movie.get_config()) == ["movie"]
   assert train.data_groups(pretrain_ml100k.get_config()) == ["movie"]
   own = tiny.get_config()
   own.data.files.train = "mine.json"

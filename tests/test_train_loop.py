@@ -79,6 +79,21 @@ def test_summary_puts_the_like_ratio_reference_beside_each_auc():
   assert "like-ratio" not in loop.format_summary({"valid_auc": 0.6, "test_auc": None, "test_like_ratio_auc": 0.7})
 
 
+def test_summary_names_tallrecs_published_auc_only_for_its_test_set_and_shots(tmp_path):
+  from configs import book  # pylint: disable=g-import-not-at-top
+  config, summary = book.get_config(), {"test_auc": 0.6839, "test_like_ratio_auc": 0.70, "shots": 64, "wall_s": 2061.0}
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "eval" / "test_predictions.jsonl").write_text("")
+  text = loop.format_summary(summary, config, tmp_path, "configs/book.py")
+  assert "TALLRec, LLaMA-7B, 64-shot (published): 0.6039" in text and "34 min 21 s" in text
+  assert f"predictions       {tmp_path / 'eval' / 'test_predictions.jsonl'}" in text
+  assert f"python eval.py --config=configs/book.py --workdir={tmp_path} --compare_to=" in text
+  assert "export_peft" not in text  # a fused model is more than a PEFT adapter
+  assert "published" not in loop.format_summary({**summary, "shots": 100}, config)  # not a shot count of the paper
+  config.data.test_size = 500
+  assert "published" not in loop.format_summary(summary, config)  # not the whole test set
+
+
 def test_like_ratio_references_score_the_same_prompts_as_evaluation(data_root):
   c = tiny.get_config()
   sp = loop.rec_splits(c)

@@ -2,7 +2,7 @@
 LoRA), stage 2 (fused soft tokens), then AUC.
 
 `train.py` and `eval.py` run `train` and `evaluate_split` for configs with a `fusion` block
-(configs/fused_movie.py, fused_book.py); `benchmarks/fused_quality.py` runs the same stages per few-shot
+(configs/movie.py, book.py); `benchmarks/fused_quality.py` runs the same stages per few-shot
 cell and ablation.
 """
 
@@ -218,6 +218,12 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   and <split>_predictions.jsonl."""
   workdir, t0 = pathlib.Path(workdir), time.time()
   runconfig.check_model(config, workdir)
+  trained = runconfig.trained_domain(workdir)
+  if trained not in (None, config.data.domain):
+    raise ConfigError(f"{workdir} was trained on {trained}: its encoder's item table holds {trained}'s item ids "
+                      f"and none of {config.data.domain}'s, so its soft tokens would read other items. Score a "
+                      f"text-only run across domains instead (python eval.py --config=configs/tallrec_{trained}.py "
+                      f"--workdir=<its run> --config.data.domain={config.data.domain})")
   r = build(config)
   ckpts = checkpoint.Checkpoints(workdir)
   try:

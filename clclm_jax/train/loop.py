@@ -261,7 +261,8 @@ def export_best_peft(config: ConfigDict, workdir: str | pathlib.Path, out_dir: s
 def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str = "test", model=None,
                    tokenizer=None, mesh=None, scorer: evaluate.Scorer | None = None) -> dict:
   """Scores `split` with the best checkpoint; writes WORKDIR/eval/<split>_metrics.json and
-  <split>_predictions.jsonl (P(Yes) per prompt)."""
+  <split>_predictions.jsonl (P(Yes) per prompt). With another `data.domain` than the run trained on (TALLRec's
+  cross-domain test), the files are <split>_<domain>_*."""
   workdir = pathlib.Path(workdir)
   runconfig.check_model(config, workdir)
   mesh = mesh or sharding.make_mesh(config.mesh)
@@ -277,10 +278,12 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   t0 = time.time()
   scores = scorer(model, evals[split], desc=split)
   reference = like_ratio_references(config, (split,), sp)[f"{split}_like_ratio_auc"]
-  metrics = {**scores.metrics(), "like_ratio_auc": reference, "best_step": meta["step"], "wall_s": time.time() - t0}
+  metrics = {**scores.metrics(), "like_ratio_auc": reference, "best_step": meta["step"], "wall_s": time.time() - t0,
+             "domain": config.data.domain, "trained_on": runconfig.trained_domain(workdir) or config.data.domain}
   if jax.process_index() == 0:
-    predictions.write(workdir, split, eval_positions(config, sp, split)[scores.index], scores.label, scores.p_yes)
-    predictions.write_metrics(workdir, split, metrics)
+    name = runconfig.eval_name(config, workdir, split)
+    predictions.write(workdir, name, eval_positions(config, sp, split)[scores.index], scores.label, scores.p_yes)
+    predictions.write_metrics(workdir, name, metrics)
   return metrics
 
 
@@ -311,11 +314,21 @@ def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
     return summary
 
 
-def format_summary(summary: dict) -> str:
-  """The end-of-run table; AUCs carry the history like-ratio on the same prompts beside them."""
+def published_auc(config: ConfigDict | None, shots: int | None) -> float | None:
+  """TALLRec-7B's published test AUC (x 100) for the run's domain and shots, where the run scores TALLRec's
+  whole built-in test set at one of the paper's shot counts; else None."""
+  if config is None or uses_files(config) or config.data.test_size > 0:
+    return None
+  return tallrec.PUBLISHED_AUC.get(config.data.domain, {}).get(shots)
+
+
+def format_summary(summary: dict, config: ConfigDict | None = None, workdir: str | pathlib.Path | None = None,
+                   config_file: str | None = None) -> str:
+  """The end-of-run table: AUCs with the history like-ratio on the same prompts (and TALLRec-7B's published
+  figure for the same shots) beside them, wall time, where the model and predictions are, what to run next."""
+  shots = summary.get("shots", None if config is None else config.data.shots)
   rows = [("best step", summary.get("best_step")), ("valid AUC", summary.get("valid_auc")),
-          ("test AUC", summary.get("test_auc")), ("tokens/s (train)", summary.get("tokens_per_s")),
-          ("wall time (s)", summary.get("wall_s"))]
+          ("test AUC", summary.get("test_auc")), ("tokens/s (train)", summary.get("tokens_per_s"))]
   if "encoder_valid_auc" in summary:  # fused runs (contrastive/recipe.py)
     rows.insert(1, ("encoder valid AUC", summary["encoder_valid_auc"]))
   fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
@@ -327,4 +340,20 @@ def format_summary(summary: dict) -> str:
     ref = summary.get(k.split()[0] + "_like_ratio_auc") if k in ("valid AUC", "test AUC") else None
     note = f"   history like-ratio on the same prompts: {ref:.4f}" if ref is not None and v is not None else ""
     lines.append(f"{k:<18}{fmt(v):>12}{note}")
+  published = published_auc(config, shots)
+  if published is not None and summary.get("test_auc") is not None:
+    lines.append(f"{'':<30}   TALLRec, LLaMA-7B, {shots}-shot (published): {published / 100:.4f}")
+  if (wall := summary.get("wall_s")) is not None:
+    lines.append(f"{'wall time':<18}{f'{int(wall // 60)} min {wall % 60:02.0f} s':>12}")
+  if workdir is not None:
+    w = pathlib.Path(workdir)
+    lines.append(f"{'run folder':<18}{w} (config.json, metrics.jsonl, curves.png, checkpoints/)")
+    if (w / "eval" / "test_predictions.jsonl").is_file():
+      lines.append(f"{'predictions':<18}{w / 'eval' / 'test_predictions.jsonl'} (record, label, p_yes)")
+    if config_file and not summary.get("preempted"):
+      again = f"python eval.py --config={config_file} --workdir={w}"
+      lines += [f"{'score again':<18}{again} [--split=valid]",
+                f"{'compare':<18}{again} --compare_to=<another run folder>  (paired 95% interval)"]
+      if "fusion" not in config:
+        lines.append(f"{'export':<18}{again} --export_peft=<folder>  (a PEFT adapter for transformers)")
   return "\n".join(lines)

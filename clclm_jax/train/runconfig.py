@@ -76,6 +76,19 @@ def check_model(config: ConfigDict, workdir: pathlib.Path) -> None:
                       f"it trained with (see {workdir / 'config.json'})")
 
 
+def trained_domain(workdir: pathlib.Path) -> str | None:
+  """The `data.domain` WORKDIR's run trained on (None without a config.json)."""
+  saved = _saved(pathlib.Path(workdir))
+  return None if saved is None else saved.get("data.domain")
+
+
+def eval_name(config: ConfigDict, workdir: pathlib.Path, split: str) -> str:
+  """The name of a scoring's files in WORKDIR/eval: the split, or `<split>_<domain>` when the run is scored on
+  another domain than it trained on (TALLRec's cross-domain test), so its own domain's files are kept."""
+  trained = trained_domain(workdir)
+  return split if trained in (None, config.data.domain) else f"{split}_{config.data.domain}"
+
+
 def _fail(field: str, value, why: str) -> None:
   raise ConfigError(f"config.{field}={value!r}: {why}")
 
