@@ -368,14 +368,16 @@ def test_readme_results_only_touches_the_marked_section(tmp_path):
           "temp_bytes": 2**22, "peak_bytes": 2**23, "compile_s": 1.0}
   common.write_text(results / "memory_plan_cpu.md", memory_plan.markdown(
       {"backend": "cpu", "machine": common.machine(), "plans": [plan], "remat_dots": {"without": 3, "with": 3}}))
-  readme = tmp_path / "README.md"
+  readme, docs = tmp_path / "README.md", tmp_path / "docs" / "results.md"
   readme.write_text("# Title\n\nText.\n")
-  readme_results.main(["--results", str(results), "--readme", str(readme)])
+  args = ["--results", str(results), "--readme", str(readme), "--docs", str(docs)]
+  readme_results.main(args)
   first = readme.read_text()
   assert first.startswith("# Title\n\nText.\n") and first.count(readme_results.START) == 1
-  assert "67.24" in first and "### Train-step memory" in first and "| tiny | 2x64 | yes |" in first
+  assert "67.24" in first and "### Train-step memory" not in first  # the README keeps the short tables
+  assert "67.24" in docs.read_text() and "| tiny | 2x64 | yes |" in docs.read_text()
   readme.write_text(first + "\nAfter.\n")
-  readme_results.main(["--results", str(results), "--readme", str(readme)])
+  readme_results.main(args)
   assert readme.read_text() == first + "\nAfter.\n"
 
 
@@ -444,3 +446,9 @@ def test_compile_time_script_on_tiny_model(tmp_path):
   assert {r["case"] for r in result["step_times"]} >= {"train scan", "score unrolled", "train scan xla", "train baseline"}
   text = (tmp_path / "compile_time_cpu.md").read_text()
   assert "32-layer / 2-layer scan compile" in text and "Steady-state step time" in text
+
+
+def test_the_readme_stays_short_and_opens_with_both_commands():
+  text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+  head = "\n".join(text.splitlines()[:40])
+  assert len(text) <= 12_000 and "make run" in head and "make test" in head
