@@ -19,7 +19,7 @@ from clclm_jax.train import malloc
 
 TALLREC_PUBLISHED = tallrec.PUBLISHED_AUC  # LLaMA-7B, test AUC x 100 by shots
 FUSED_GOALS = {"movie": {16: 74, 64: 75, 256: 77}, "book": {16: 71, 64: 72, 256: 74}}  # issue 5, mean of 3 seeds
-RECIPES = {"movie": "fused+align_cl", "book": "fused+hint_kd"}  # fused_quality's name of configs/<domain>.py
+RECIPES = {"movie": "fused+align_cl", "book": "fused+hint_kd-text_cl"}  # fused_quality's name of configs/<domain>.py
 SHARP_HINT_SCALE = 3.0  # fused_quality's `fused+sharp_hint`: the hint's P(like) from this x the encoder's logit
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft", "numpy")
 

@@ -49,7 +49,7 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from clclm_jax.contrastive import feedback, recipe  # pylint: disable=wrong-import-position
 from clclm_jax.data import fewshot  # pylint: disable=wrong-import-position
 from clclm_jax.train import cli, evaluate  # pylint: disable=wrong-import-position
-from configs import book, movie  # pylint: disable=wrong-import-position
+from configs import base, book, movie  # pylint: disable=wrong-import-position
 
 CONFIGS = {"movie": movie, "book": book}
 
@@ -83,12 +83,14 @@ FUSED = {
     "fused+hint_kd-seq_cl": Ablation(loss_weights=HINT_KD | {"seq_cl": 0.0}),
     "fused+hint_kd-text_cl": Ablation(loss_weights=HINT_KD | {"text_cl": 0.0}),
 }
-PLAIN = {"hint_kd": 0.0, "align_cl": 0.0}  # the configs turn these on; rows named `fused` stay plain fusion
+# Plain fusion's stage-2 weights (fused_lm, seq_cl and text_cl on; align_cl and hint_kd off), shared by both
+# domains, so a variant's name means the same weights whatever the domain config turns on or off.
+PLAIN = dict(movie.fused_overrides(base.get_config()).stage2.loss_weights)
 
 
-def stage2_weights(config, variant: str) -> dict[str, float]:
-  """Stage-2 loss weights of a fused variant: the config's, made plain, then the variant's changes."""
-  return dict(config.stage2.loss_weights) | PLAIN | FUSED[variant].loss_weights
+def stage2_weights(variant: str) -> dict[str, float]:
+  """Stage-2 loss weights of a fused variant: plain fusion's, then the variant's changes."""
+  return PLAIN | FUSED[variant].loss_weights
 
 
 UNTRAINED = ("zero_shot", "encoder_only")  # scored once per domain: no shots, no seed
@@ -199,7 +201,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         if ablation.scratch_encoder:
           nnx.update(model, nnx.State({k: scratch[k] for k in ("encoder", "feedback_head")}))
         model.config = dataclasses.replace(fcfg, **ablation.fusion)
-        weights = stage2_weights(config, variant)
+        weights = stage2_weights(variant)
         extra = config.stage2.history_targets or ablation.history_targets
         train2_s = train(fused, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed))
         auc, score_s, p_yes = test_auc(fused, f"{shots}-shot seed {seed} {variant}")
