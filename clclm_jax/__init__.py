@@ -4,7 +4,7 @@ import importlib
 
 _PUBLIC = {"LlamaConfig": "clclm_jax.model.config", "LoraConfig": "clclm_jax.model.config",
            "load_model": "clclm_jax.model.loading", "export_peft": "clclm_jax.model.peft",
-           "load_peft": "clclm_jax.model.peft"}
+           "load_peft": "clclm_jax.model.peft", "generate": "clclm_jax.model.generate"}
 __all__ = sorted(_PUBLIC)
 
 

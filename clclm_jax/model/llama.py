@@ -1,6 +1,7 @@
 """LLaMA decoder in Flax NNX with Hugging Face module names, frozen (optionally int8) base and LoRA."""
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -301,8 +302,11 @@ class Attention(nnx.Module):
     self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
     self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), **kw)
 
-  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, keys, prefix_kv=None, rows_b=None, impl="custom"):
+  def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, keys, prefix_kv=None, rows_b=None, impl="custom",
+               cache_index=None):
     """Returns (output, (k, v)); `prefix_kv` = roped (k, v) `[1, p, kv_heads, d]` attended before x.
+    With `cache_index`, `prefix_kv` is instead this layer's key/value cache `[b, s, kv_heads, d]`: x's k and v
+    are written at slots `cache_index ..` of a copy and the queries attend to all s slots (where allowed).
     With `rows_b`, only the query at position `rows_b[i]` of row i runs: the output is `[b, 1, d]`.
     `impl` picks the attention kernel (`attention`)."""
     b, t, _ = x_btd.shape
@@ -317,10 +321,15 @@ class Attention(nnx.Module):
     q_bthd = apply_rope(q_bthd, cos_q, sin_q)
     k_btkd = apply_rope(k_btkd, cos_btd, sin_btd)
     kv = (k_btkd, v_btkd)
-    if prefix_kv is not None:
+    if cache_index is not None:
+      k_btkd, v_btkd = (jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), cache_index, axis=1)
+                        for c, x in zip(prefix_kv, kv))
+    elif prefix_kv is not None:
       k_btkd, v_btkd = (jnp.concatenate([jnp.broadcast_to(p, (b, *p.shape[1:])).astype(x.dtype), x], axis=1)
                         for p, x in zip(prefix_kv, kv))
-    out_bthd = attention(q_bthd, k_btkd, v_btkd, allowed_bts, impl, causal=rows_b is None)
+    # Causal query blocks assume the queries are the last t keys: not so in a cache.
+    causal = rows_b is None and cache_index is None
+    out_bthd = attention(q_bthd, k_btkd, v_btkd, allowed_bts, impl, causal=causal)
     return self.o_proj(out_bthd.reshape(b, tq, -1), keys[3]), kv
 
 
@@ -375,11 +384,12 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, dtype=dtype, quantize=quantize, layers=layers, rngs=rngs)
 
   def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, dropout_key=None, prefix_kv=None, rows_b=None,
-               attention_impl="custom"):
-    """Returns (output, this layer's roped (k, v) of x); with `rows_b` the output is those rows `[b, 1, d]`."""
+               attention_impl="custom", cache_index=None):
+    """Returns (output, this layer's roped (k, v) of x); with `rows_b` the output is those rows `[b, 1, d]`.
+    With `cache_index`, `prefix_kv` is this layer's key/value cache (`Attention`)."""
     keys = [None] * 7 if dropout_key is None else list(jax.random.split(dropout_key, 7))
     attn_btd, kv = self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, allowed_bts, keys[:4],
-                                  prefix_kv, rows_b, attention_impl)
+                                  prefix_kv, rows_b, attention_impl, cache_index)
     x_btd = (x_btd if rows_b is None else take_rows(x_btd, rows_b)) + attn_btd
     return x_btd + self.mlp(self.post_attention_layernorm(x_btd), keys[4:]), kv
 
@@ -468,6 +478,15 @@ def remat_policy_name(remat: bool | str | None) -> str:
   return remat
 
 
+class KVCache(NamedTuple):
+  """Key/value cache for `Llama.decode` (a pytree): roped keys and values of every layer in preallocated
+  slots, and which slots hold real tokens (0 for left padding and for slots not written yet)."""
+
+  k_lbskd: jax.Array  # [num_layers, b, max_len, kv_heads, head_dim], compute dtype
+  v_lbskd: jax.Array
+  valid_bs: jax.Array  # [b, max_len] bool
+
+
 def _layer_slice(tree, i):
   """Layer `i` (an int or a slice) of stacked variables / keys / prefix kv; None stays None."""
   return jax.tree.map(lambda x: x[i], tree)
@@ -532,6 +551,38 @@ class Llama(nnx.Module):
     for `hidden_states(..., prefix_kv=)` (callers treat it as opaque)."""
     return self._forward(prefix_tokens_p[None], None, None, None, None, None)[1]
 
+  def init_cache(self, batch: int, max_len: int) -> KVCache:
+    """An empty `KVCache` of `max_len` slots per row, `[num_layers, batch, max_len, kv_heads, head_dim]`."""
+    cfg = self.config
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.zeros((batch, max_len), bool))
+
+  def decode(self, tokens_bt: jax.Array, cache: KVCache, index, attention_mask_bt=None, *, positions_bt=None,
+             last_only: bool = False) -> tuple[jax.Array, KVCache]:
+    """Runs `tokens_bt` as cache slots `index .. index + t - 1` (`index` a scalar, traced or not, the same for
+    every row): each query attends to the valid slots up to its own; their roped k/v and validity
+    (`attention_mask_bt`, default all real) are written into the cache. Prefill is a call at index 0 with
+    left-padded prompts; each decode step a call with `t = 1`. Positions default to the number of valid slots
+    before each token. Returns (final-normed hidden states `[b, t, d]`, or `[b, d]` of the last token with
+    `last_only`, whose last layer then runs that query only; the updated cache)."""
+    b, t = tokens_bt.shape
+    s = cache.valid_bs.shape[1]
+    mask_bt = jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
+    valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, mask_bt, index, axis=1)
+    if positions_bt is None:
+      before_b = jnp.sum(cache.valid_bs & (jnp.arange(s) < index), axis=1)
+      positions_bt = jnp.maximum(before_b[:, None] + jnp.cumsum(mask_bt, axis=1) - 1, 0)
+    slots_ts = (jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None])
+    allowed_bts = valid_bs[:, None, :] & slots_ts[None]
+    cos_btd, sin_btd = rope_tables(positions_bt, self.config.head_dim, self.config.rope_theta)
+    x_btd = self.embed(tokens_bt).astype(self.dtype)
+    rows_b = jnp.full((b,), t - 1) if last_only else None
+    x_btd, (k_lbtkd, v_lbtkd) = self._decoder(x_btd, cos_btd, sin_btd, allowed_bts, None,
+                                              (cache.k_lbskd, cache.v_lbskd), rows_b, index)
+    k_lbskd, v_lbskd = (jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), index, axis=2)
+                        for c, x in ((cache.k_lbskd, k_lbtkd), (cache.v_lbskd, v_lbtkd)))
+    return self.norm(x_btd if rows_b is None else x_btd[:, 0]), KVCache(k_lbskd, v_lbskd, valid_bs)
+
   def _forward(self, tokens_bt, positions_bt, attention_mask_bt, inputs_embeds_btd, dropout_key, prefix_kv,
                rows_b=None):
     x_btd = self.embed(tokens_bt) if inputs_embeds_btd is None else inputs_embeds_btd
@@ -549,9 +600,10 @@ class Llama(nnx.Module):
     x_btd, kv = self._decoder(x_btd, cos_btd, sin_btd, allowed_bts, dropout_key, prefix_kv, rows_b)
     return self.norm(x_btd if rows_b is None else x_btd[:, 0]), kv
 
-  def _decoder(self, x_btd, cos_btd, sin_btd, allowed_bts, dropout_key, prefix_kv, rows_b):
+  def _decoder(self, x_btd, cos_btd, sin_btd, allowed_bts, dropout_key, prefix_kv, rows_b, cache_index=None):
     """All decoder layers; returns (output, stacked (k, v) `[L, b, t, kv_heads, head_dim]`). Layer i gets
-    dropout key fold_in(dropout_key, i), under scan and in the loop alike."""
+    dropout key fold_in(dropout_key, i), under scan and in the loop alike. With `cache_index`, `prefix_kv`
+    is a stacked key/value cache (`decode`)."""
     n = self.config.num_hidden_layers
     graphdef, stacked = nnx.split(self.layers)
     keys_l = None if dropout_key is None else jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(jnp.arange(n))
@@ -559,7 +611,7 @@ class Llama(nnx.Module):
 
     def layer(x_btd, layer_state, key, layer_prefix_kv, rows_b):
       return nnx.merge(graphdef, layer_state)(x_btd, cos_btd, sin_btd, allowed_bts, key, layer_prefix_kv, rows_b,
-                                              impl)
+                                              impl, cache_index)
 
     policy = remat_policy_name(self.remat)
     if policy:
