@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clclm_jax.contrastive import pretrain, recipe
-from clclm_jax.data import fetch, sequences
+from clclm_jax.data import configured, fetch, sequences
 from clclm_jax.train import cli, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
@@ -27,7 +27,7 @@ def data_groups(config) -> list[str]:
   """The built-in data a config reads (`python -m clclm_jax.data fetch --only ...` groups)."""
   if "dataset" in config:
     return ["movie" if config.dataset == "ml100k" else config.dataset]
-  groups = [] if loop.uses_files(config) else [config.data.domain]
+  groups = [] if configured.uses_files(config) else [config.data.domain]
   return groups + (["instruct"] if "instruct" in config.get("stages", ()) else [])
 
 

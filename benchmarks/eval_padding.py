@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from clclm_jax.model import build  # pylint: disable=wrong-import-position
 from clclm_jax.train import evaluate, loop  # pylint: disable=wrong-import-position
 from configs import tallrec_book, tallrec_movie  # pylint: disable=wrong-import-position
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--out", default="benchmarks/results")
   p.add_argument("--widths", default="0,6", help="eval_widths values to compare (0: multiples of pad_multiple)")
   args = p.parse_args(argv)
-  tokenizer, rows = loop.smollm2_tokenizer(), []
+  tokenizer, rows = build.smollm2_tokenizer(), []
   for domain, module in CONFIGS.items():
     for w in map(int, args.widths.split(",")):
       config = module.get_config()

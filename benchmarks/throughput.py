@@ -33,11 +33,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from clclm_jax.data import pipeline, tallrec, tokenize  # pylint: disable=wrong-import-position
-from clclm_jax.model import loading  # pylint: disable=wrong-import-position
+from clclm_jax.model import build, loading  # pylint: disable=wrong-import-position
 from clclm_jax.model.config import LlamaConfig, LoraConfig, presets  # pylint: disable=wrong-import-position
 from clclm_jax.model.llama import Llama  # pylint: disable=wrong-import-position
 from clclm_jax.model.lora import add_lora  # pylint: disable=wrong-import-position
-from clclm_jax.train import evaluate, loop, sharding, state as state_lib, step as step_lib  # pylint: disable=wrong-import-position
+from clclm_jax.train import evaluate, sharding, state as state_lib, step as step_lib  # pylint: disable=wrong-import-position
 
 GOALS = {"train": 1.2, "score": 2.0}  # ours / transformers throughput ratios to reach.
 LORA = LoraConfig(r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"))
@@ -297,7 +297,7 @@ def run_comparison(args, device: str, dtype: str, tmp: pathlib.Path) -> dict[str
   import torch  # pylint: disable=g-import-not-at-top
 
   if args.model in RANDOM:
-    source = random_checkpoint(RANDOM[args.model], loop.smollm2_tokenizer(), tmp / args.model)
+    source = random_checkpoint(RANDOM[args.model], build.smollm2_tokenizer(), tmp / args.model)
   else:
     source = loading.smollm2_gguf()
   systems, load_s = ours_dtypes(device, dtype), {}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from clclm_jax.contrastive import feedback
-from clclm_jax.data import prompts, tallrec
+from clclm_jax.data import configured, prompts, tallrec
 from clclm_jax.data.errors import DataError
 from clclm_jax.data.records import Catalogue, Interaction, Item
 from clclm_jax.train import checkpoint, loop, predictions, trainer
@@ -96,10 +96,10 @@ def test_summary_names_tallrecs_published_auc_only_for_its_test_set_and_shots(tm
 
 def test_like_ratio_references_score_the_same_prompts_as_evaluation(data_root):
   c = tiny.get_config()
-  sp = loop.rec_splits(c)
+  sp = configured.rec_splits(c)
   refs = loop.like_ratio_references(c)
   assert set(refs) == {"valid_like_ratio_auc", "test_like_ratio_auc"}
-  test = loop.eval_interactions(c, sp, "test")
+  test = configured.eval_interactions(c, sp, "test")
   assert len(test) == c.data.test_size
   labels = np.array([x.label for x in test])
   share = np.array([np.mean(x.history_likes) if x.history_likes else 0.5 for x in test])
@@ -152,22 +152,22 @@ def test_own_tallrec_files_train_and_score_like_built_in_splits(tmp_path):
 def test_own_tallrec_files_errors_name_the_field_and_fix(tmp_path):
   files = _tallrec_files(tmp_path)
   with pytest.raises(ValueError, match=r"config.data.files: set valid too"):
-    loop.rec_splits(_files_config({"train": files["train"]}))
+    configured.rec_splits(_files_config({"train": files["train"]}))
   with pytest.raises(ValueError, match=r"files.test is empty: set it, or data.test_size=0"):
-    loop.rec_splits(_files_config({k: files[k] for k in ("train", "valid")}))
-  assert loop.rec_splits(_files_config({k: files[k] for k in ("train", "valid")}, test_size=0)).test == []
+    configured.rec_splits(_files_config({k: files[k] for k in ("train", "valid")}))
+  assert configured.rec_splits(_files_config({k: files[k] for k in ("train", "valid")}, test_size=0)).test == []
   with pytest.raises(ConfigError, match=r"config.data.files.valid='nope.json': no such file"):
-    loop.rec_splits(_files_config({"train": files["train"], "valid": "nope.json", "test": files["test"]}))
+    configured.rec_splits(_files_config({"train": files["train"], "valid": "nope.json", "test": files["test"]}))
   c = _files_config(files, valid_size=50)
   with pytest.raises(ValueError, match=r"config.data.valid_size=50, but the valid split has 12 prompts"):
-    loop.eval_interactions(c, loop.rec_splits(c), "valid")
+    configured.eval_interactions(c, configured.rec_splits(c), "valid")
   files["valid"].write_text("[]")
   with pytest.raises(DataError, match=r"valid.json: holds no records; fix: give it at least one TALLRec record"):
-    loop.rec_splits(_files_config(files))
+    configured.rec_splits(_files_config(files))
   files = _tallrec_files(tmp_path)
   files["test"].write_text(files["test"].read_text().replace("Whether the user will like", "Will the user like", 1))
   with pytest.raises(DataError, match=r"test.json record 0: input is not"):
-    loop.rec_splits(_files_config(files))
+    configured.rec_splits(_files_config(files))
   files = _tallrec_files(tmp_path)
   files["valid"].write_text(files["valid"].read_text().replace('"output": "No."', '"output": "Yes."'))
   with pytest.raises(ConfigError, match=r"config.data.files.valid='.*valid.json': the prompts valid scores all have "
@@ -181,22 +181,22 @@ def test_own_files_may_hold_any_item_domain(tmp_path):
   record = json.loads(files["train"].read_text())[0]
   assert "the target board game by answering" in record["instruction"]
   assert record["input"].endswith('Whether the user will like the target board game "Board Game number 28"?')
-  sp = loop.rec_splits(_files_config(files, domain="board game"))
+  sp = configured.rec_splits(_files_config(files, domain="board game"))
   assert [prompts.tallrec_record(x, sp.catalogue, "board game") for x in sp.train] == json.loads(
       files["train"].read_text())  # parsed and rendered back to the same records
   with pytest.raises(DataError, match=r"train.json record 0: instruction is not TALLRec's movie instruction \(it "
                      r"asks about the target board game\); fix: set config.data.domain='board game'"):
-    loop.rec_splits(_files_config(files, domain="movie"))
+    configured.rec_splits(_files_config(files, domain="movie"))
   with pytest.raises(ConfigError, match=r"config.data.domain='board game': the built-in data is movie and book; "
                      r"for other items give your own TALLRec-format files"):
-    loop.rec_splits(_files_config({}, domain="board game"))
+    configured.rec_splits(_files_config({}, domain="board game"))
   with pytest.raises(ConfigError, match=r"config.data.domain 'game!' is not an item word"):
-    loop.rec_splits(_files_config(files, domain="game!"))
+    configured.rec_splits(_files_config(files, domain="game!"))
 
 
 def test_fused_pretraining_reads_histories_of_own_files_not_movielens(tmp_path):
   files = _tallrec_files(tmp_path)
-  sp = loop.rec_splits(_files_config(files))
+  sp = configured.rec_splits(_files_config(files))
   seqs = feedback.behaviour_sequences("movie", sp, root=tmp_path / "no-movielens-here", timelines=False)
   assert [tuple(ids) for ids, _ in seqs] == [x.history_ids for x in sp.train + sp.valid + sp.test]
 

@@ -20,10 +20,11 @@ from ml_collections import ConfigDict
 
 from clclm_jax.contrastive import feedback, fusion, losses  # noqa: F401 (losses: registers the joint losses)
 from clclm_jax.contrastive.fusion import FusedRec, FusionConfig
-from clclm_jax.data import augment, fewshot, tallrec, tokenize
+from clclm_jax.data import augment, configured, fewshot, tallrec, tokenize
 from clclm_jax.data import fused as fused_data
 from clclm_jax.data.records import Interaction
-from clclm_jax.train import checkpoint, evaluate, loop, predictions, runconfig, sharding, trainer
+from clclm_jax.model import build as model_build
+from clclm_jax.train import checkpoint, evaluate, predictions, runconfig, sharding, trainer
 from clclm_jax.train.errors import ConfigError
 
 
@@ -57,13 +58,13 @@ class Recipe:
 
 
 def build(config: ConfigDict) -> Recipe:
-  """Loads the LLM (`loop.build_model`: int8 base + LoRA), the TALLRec splits (`loop.rec_splits`) and a fresh
+  """Loads the LLM (`model_build.build_model`: int8 base + LoRA), the TALLRec splits (`configured.rec_splits`) and a fresh
   encoder/projector per `config.fusion`, placed on the mesh of `config.mesh` with the run's scorer."""
   f, d = config.fusion, config.data
   sharding.maybe_initialize_distributed(config)
   mesh = sharding.make_mesh(config.mesh)
-  llm, tokenizer = loop.build_model(config)
-  splits = loop.rec_splits(config)
+  llm, tokenizer = model_build.build_model(config)
+  splits = configured.rec_splits(config)
   num_items = splits.catalogue.max_id
   corr = augment.itemcf_iuf([np.asarray(x.history_ids) for x in splits.train], num_items, f.corr_top_k)
   placeholder_id = tokenizer.convert_tokens_to_ids(f.placeholder)
@@ -94,7 +95,7 @@ def encoder_stage(r: Recipe, workdir: pathlib.Path) -> trainer.Stage | None:
   if not (f.target_aware and f.pretrain.epochs > 0):
     return None
   pcfg = feedback.PretrainConfig(**f.pretrain.to_dict(), window=f.history_len + 1, seed=r.config.seed)
-  seqs = feedback.behaviour_sequences(r.config.data.domain, r.splits, timelines=not loop.uses_files(r.config))
+  seqs = feedback.behaviour_sequences(r.config.data.domain, r.splits, timelines=not configured.uses_files(r.config))
   return feedback.pretrain_stage(r.model, seqs, r.splits.valid, pcfg, workdir, r.config)
 
 
@@ -109,7 +110,7 @@ def rec_stage(r: Recipe, name: str, spec: fused_data.PromptSpec, pool: Sequence[
   batches = lambda: fused_data.train_batches(  # noqa: E731
       pool, r.splits.catalogue, r.tokenizer, spec, batch_size=c.train.batch_size, seed=seed, views=views,
       pad_multiple=c.data.pad_multiple)
-  valid_xs = loop.eval_interactions(c, r.splits, "valid")
+  valid_xs = configured.eval_interactions(c, r.splits, "valid")
   check = lambda model: r.scorer(model, r.eval_batches(valid_xs, spec), desc="valid").metrics()  # noqa: E731
   return trainer.Stage(
       name, workdir, batches, dict(loss_weights), steps, c.optim, c.train.batch_size,
@@ -153,9 +154,9 @@ def stages(r: Recipe, workdir: pathlib.Path, pool: Sequence[Interaction]) -> lis
 
 
 def score_split(r: Recipe, split: str, workdir: pathlib.Path | None = None) -> dict:
-  """AUC of the fused model on the prompts `split` scores (`loop.eval_positions`) and the like-ratio reference
+  """AUC of the fused model on the prompts `split` scores (`configured.eval_positions`) and the like-ratio reference
   on them; with `workdir`, also WORKDIR/eval/<split>_predictions.jsonl."""
-  positions = loop.eval_positions(r.config, r.splits, split)
+  positions = configured.eval_positions(r.config, r.splits, split)
   xs = [getattr(r.splits, split)[i] for i in positions]
   scores = r.score(xs, r.fused, desc=split)
   if workdir is not None and jax.process_index() == 0:
@@ -184,8 +185,8 @@ def _train(config: ConfigDict, workdir: pathlib.Path, t0: float, log: Callable[[
     log(f"{workdir} is finished: its summary follows (delete {workdir / SUMMARY} to score it again)")
     return json.loads((workdir / SUMMARY).read_text())
   r = build(config)
-  loop.check_eval_labels(config, r.splits)
-  pool = loop.train_interactions(config, r.splits)
+  configured.check_eval_labels(config, r.splits)
+  pool = configured.train_interactions(config, r.splits)
   summaries = trainer.run(stages(r, workdir, pool), r.model, r.mesh, log)
   by_stage = {s["stage"]: s for s in summaries}
   if summaries and summaries[-1]["preempted"]:
@@ -197,7 +198,7 @@ def _train(config: ConfigDict, workdir: pathlib.Path, t0: float, log: Callable[[
     finally:
       ckpts.close()
   valid = by_stage.get("fused", {}).get("valid_auc")
-  reference = evaluate.like_ratio_auc(loop.eval_interactions(config, r.splits, "valid"))
+  reference = evaluate.like_ratio_auc(configured.eval_interactions(config, r.splits, "valid"))
   encoder = by_stage.get("encoder")
   summary = {"stage": "fused", "steps": sum(s["steps"] for s in summaries if s["stage"] != "encoder"),
              "best_step": by_stage.get("fused", {}).get("best_step"), "shots": len(pool),
