@@ -256,3 +256,10 @@ def test_command_line(server, tmp_path, capsys):
 def test_fetch_errors_print_as_one_line_in_the_trainer():
   from clclm_jax.train import cli as train_cli
   assert issubclass(fetch.FetchError, train_cli.USER_ERRORS)
+
+
+def test_ensure_data_reads_the_mirror_clclm_mirror_names(server, no_data_root, monkeypatch):
+  monkeypatch.setenv("CLCLM_MIRROR", f"{server.base}/data")
+  assert fetch.ensure_data(["book"], progress=False) == no_data_root
+  assert_sums(no_data_root, ["book"])
+  assert server.requests and all(path.startswith("/data/") for path, _ in server.requests)

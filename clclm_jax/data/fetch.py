@@ -312,7 +312,7 @@ def fetch(groups: Sequence[str], out: str | os.PathLike, mirror: str | None = No
 def ensure_data(groups: Sequence[str], progress: bool = True) -> pathlib.Path:
   """The data root, holding the files of `groups`. A folder found by `paths.find_data_root` (CLCLM_DATA or
   ../shared/data) is only checked for missing files; with none, the files are fetched into the download cache
-  (`paths.cache_data()`), with one line saying so."""
+  (`paths.cache_data()`), with one line saying so, from CLCLM_MIRROR when set (a `--mirror` for train.py)."""
   root = paths.find_data_root()
   cache = paths.cache_data()
   if root is None and os.environ.get("CLCLM_DATA"):  # the user named a folder: do not fill another one
@@ -329,5 +329,5 @@ def ensure_data(groups: Sequence[str], progress: bool = True) -> pathlib.Path:
   if not all(is_good(cache, rel) for rel in files_of(groups)):
     print(f"clclm_jax: no data folder (CLCLM_DATA unset, {paths.shared_data()} missing): downloading "
           f"{','.join(parse_groups(groups))} into {cache}", file=sys.stderr)
-    fetch(groups, cache, progress=progress)
+    fetch(groups, cache, mirror=os.environ.get("CLCLM_MIRROR") or None, progress=progress)
   return cache
