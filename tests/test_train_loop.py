@@ -344,6 +344,8 @@ def test_sigterm_inside_stage1_saves_and_returns_preempted(tmp_path, data_root, 
     ("train.batch_size", 6, r"config.train.batch_size=6: use a multiple of train.micro_batch_size=4"),
     ("model.dtype", "float16", r"config.model.dtype='float16': use one of \['bfloat16', 'float32'\]"),
     ("model.source", "my/llama", r"config.model.source='my/llama': model.preset='tiny' builds a random model"),
+    ("model.remat", "some", r"config.model.remat='some': use '' \(none\), 'full' or 'dots'"),
+    ("model.attention_impl", "flash", r"config.model.attention_impl='flash': use one of custom, xla, cudnn"),
 ])
 def test_bad_config_values_stop_before_anything_is_built(field, value, message, tmp_path):
   c = tiny.get_config()
@@ -362,3 +364,11 @@ def test_a_second_training_in_the_same_folder_stops_naming_the_first(tmp_path):
         pass
   with trainer.RunLock(tmp_path):  # released when the first run ends
     pass
+
+
+def test_the_configs_model_fields_reach_the_model():
+  from clclm_jax.model import build  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.model.remat, c.model.attention_impl = "dots", "xla"
+  model, _ = build.build_model(c)
+  assert model.remat == "dots" and model.attention_impl == "xla"

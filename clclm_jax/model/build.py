@@ -62,7 +62,7 @@ def build_model(config: ConfigDict):
   else:
     model, tokenizer = loading.load_model(m.source, dtype=m.dtype, quantize=m.quantize or None,
                                           lora=lora_cfg, lora_seed=config.seed)
-  model.remat = m.remat
+  model.remat, model.attention_impl = m.remat, m.attention_impl
   if lc.init_from:
     check_adapter(config, lc.init_from)
     peft.load_peft(model, lc.init_from)

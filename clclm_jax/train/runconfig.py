@@ -16,9 +16,9 @@ from clclm_jax.train.errors import ConfigError
 
 # Fields a resumed run may change: how long and how often, how scoring is batched, the hardware layout.
 RESUMABLE = ("name", "mesh", "coordinator_address", "num_processes", "process_id", "model.remat",
-             "train.max_steps", "train.num_epochs", "train.eval_every", "train.patience", "train.checkpoint_every",
-             "train.eval_batch_size", "train.micro_batch_size", "data.test_size", "data.eval_widths",
-             "data.files.test")
+             "model.attention_impl", "train.max_steps", "train.num_epochs", "train.eval_every", "train.patience",
+             "train.checkpoint_every", "train.eval_batch_size", "train.micro_batch_size", "data.test_size",
+             "data.eval_widths", "data.files.test")
 # Fields that define the trained model: scoring (eval.py, PEFT export) must use the same.
 MODEL = ("model.source", "model.preset", "model.tokenizer", "lora.r", "lora.alpha", "lora.targets", "fusion.")
 MODEL_EXCEPT = ("fusion.pretrain.",)
@@ -119,6 +119,11 @@ def validate(config: ConfigDict) -> None:
       _fail(f"train.{field}", t[field], "use a whole number (0: only at the end)")
   if m.dtype not in loading.DTYPES:
     _fail("model.dtype", m.dtype, f"use one of {sorted(loading.DTYPES)}")
+  from clclm_jax.model import llama  # pylint: disable=g-import-not-at-top
+  if m.remat not in ("", "full", "dots", False, True):
+    _fail("model.remat", m.remat, "use '' (none), 'full' or 'dots'")
+  if m.attention_impl not in llama.ATTENTION_IMPLS:
+    _fail("model.attention_impl", m.attention_impl, f"use one of {', '.join(llama.ATTENTION_IMPLS)}")
   if m.preset and m.source:
     _fail("model.source", m.source, f"model.preset={m.preset!r} builds a random model and reads no source: set "
           "one of the two (--config.model.preset='' to load the source)")
