@@ -4,7 +4,9 @@ Configs with a `fusion` block (configs/book.py, movie.py) run the CLCLMRec recip
 text-only stage 1, fused stage 2, then valid and test AUC (contrastive/recipe.py); the others without a
 `dataset` (configs/tallrec_book.py, tallrec_movie.py, tiny.py) TALLRec's instruct -> rec LoRA tuning
 (train/loop.py); configs with a `dataset` (configs/pretrain_beauty.py, pretrain_ml100k.py) pretrain the
-sequence encoder (contrastive/pretrain.py). All of them are stage lists of the one trainer (train/trainer.py).
+sequence encoder (contrastive/pretrain.py); configs with a `calrec` block (configs/calrec_ml100k.py,
+calrec_beauty.py, tiny_calrec.py) fine-tune the LLM on next-item text in CALRec's two stages (seqrec/calrec.py).
+All of them are stage lists of the one trainer (train/trainer.py).
 """
 
 from clclm_jax.train import malloc
@@ -17,6 +19,7 @@ from ml_collections import config_flags
 
 from clclm_jax.contrastive import pretrain, recipe
 from clclm_jax.data import configured, fetch, sequences
+from clclm_jax.seqrec import calrec
 from clclm_jax.train import cli, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
@@ -25,6 +28,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metric
 
 def data_groups(config) -> list[str]:
   """The built-in data a config reads (`python -m clclm_jax.data fetch --only ...` groups)."""
+  if "calrec" in config:
+    return ["movie" if name == "ml100k" else name for name in calrec.dataset_names(config)]
   if "dataset" in config:
     return ["movie" if config.dataset == "ml100k" else config.dataset]
   groups = [] if configured.uses_files(config) else [config.data.domain]
@@ -40,6 +45,10 @@ def main(argv):
   workdir = _WORKDIR.value or f"runs/{config.name}"
   if groups := [g for g in data_groups(config) if g in fetch.GROUPS]:
     fetch.ensure_data(groups)  # with no data folder: downloads what the config reads into the cache, and says so
+  if "calrec" in config:  # CALRec: next-item generation + two-tower InfoNCE, mixture then target stage
+    print(calrec.format_summary(calrec.train(config, workdir)))
+    print(f"{'run folder':<22}{workdir} (config.json, metrics.jsonl, curves.png, checkpoints, eval/)")
+    return
   if "dataset" in config:  # encoder pretraining on sequences (configs/pretrain_*.py)
     print(pretrain.format_summary(pretrain.train(config, sequences.load(config.dataset), workdir)))
     print(f"{'run folder':<18}{workdir} (config.json, metrics.jsonl, curves.png, checkpoints)")

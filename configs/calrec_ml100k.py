@@ -1,0 +1,57 @@
+"""CALRec on MovieLens-100K: SmolLM2-135M-Instruct (int8 base, LoRA) fine-tuned on next-item text, first on the
+MovieLens-100K + Beauty mixture, then on MovieLens-100K alone; dense and generation+BM25 evaluation
+(clclm_jax/seqrec/calrec.py). Step counts and batch sizes are first guesses, not tuned: no SmolLM2 run of this
+config has been measured yet."""
+
+from ml_collections import ConfigDict
+
+from configs import base
+
+
+def calrec_overrides(c: ConfigDict) -> ConfigDict:
+  """The fields every CALRec config shares, on top of `configs/base.py` (its TALLRec data, stage list, loss
+  weights, instruction data and epoch counts are not read by CALRec and go)."""
+  with c.unlocked():
+    del c.stages, c.loss_weights, c.instruct, c.data, c.train.num_epochs, c.train.max_steps
+    c.data = ConfigDict(dict(
+        dataset="ml100k",  # the target domain: stage II, validation, test
+        mixture=("ml100k", "beauty"),  # stage I's domains (single-domain batches, interleaved)
+        max_users=0,  # > 0: the training examples of that many seeded users per dataset (quick runs)
+        max_history=20,  # the most recent items of a history that a prompt shows ...
+        max_prompt_tokens=512,  # ... as far as they fit this many tokens (oldest dropped first)
+        max_item_tokens=32,  # an item line is cut here (a few Beauty titles run to 200 tokens)
+        pad_multiple=64,  # row widths: few distinct shapes, few compiles of the 30-layer model
+        valid_size=256,  # seeded validation users for the stages' dense NDCG@10 (model selection)
+        test_size=-1,  # seeded test users (-1: all, 0: no test); Beauty: 2,000, the baselines' subset
+        subset_seed=0,  # the seed of those subsets: seqrec.baselines.sample_examples' default, the same users
+    ))
+    c.calrec = ConfigDict(dict(
+        finetune="lora",  # or "full": every float weight (set model.quantize='' and model.dtype='float32')
+        temperature=0.1,  # of the cosine InfoNCE terms
+        # CALRec's total (1 - a - b) L_NIG + a L_TT + b L_UT; the paper's a, b are unverified. 0 switches a term off
+        # (the ablations without L_TT or L_UT); both InfoNCE terms at 0 also skip the item-tower pass.
+        loss_weights=ConfigDict({"calrec_nig": 0.8, "calrec_tt": 0.1, "calrec_ut": 0.1}),
+        # Stage I (steps 0: the ablation without the multi-domain stage); max_prefixes: training prefixes per user
+        # (0: all), few here so that Beauty's 22k users do not crowd out MovieLens' 943 too far.
+        mixture=ConfigDict(dict(steps=200, max_prefixes=2)),
+        target=ConfigDict(dict(steps=200, max_prefixes=8)),  # stage II on data.dataset
+    ))
+    c.eval = ConfigDict(dict(
+        dense=True,  # cosine(v_U, v_T) over the catalogue
+        generation=True,  # generated item lines -> BM25 -> round-robin merge (slow on CPU: one decode per user)
+        num_samples=4, temperature=0.7, top_p=0.9,  # sampled continuations per user (temperature 0: greedy, 1)
+        num_beams=1,  # > 1: beam search instead, the num_samples best beams (temperature 0)
+        # Keep history items in every ranking, as the ID baselines' headline does (configs/pretrain_beauty.py).
+        exclude_history=False,
+    ))
+  c.optim.lr, c.optim.warmup_steps = 2e-4, 20
+  c.train.batch_size, c.train.micro_batch_size = 8, 8  # in-batch negatives: the 7 other rows of a batch
+  c.train.eval_every, c.train.patience, c.train.checkpoint_every = 50, 4, 25
+  c.train.eval_batch_size = 16  # rows per tower / generation call in validation and test
+  return c
+
+
+def get_config() -> ConfigDict:
+  c = calrec_overrides(base.get_config())
+  c.name = "calrec_ml100k"
+  return c
