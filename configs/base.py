@@ -45,6 +45,9 @@ def get_config() -> ConfigDict:
       # built-in splits, about items of any `domain` word ("game": "...like the target game..."). Absolute, or
       # relative to the working directory or CLCLM_DATA; test may stay empty with test_size=0.
       files=ConfigDict(dict(train="", valid="", test="")),
+      # Test records that are also training records make the test AUC score prompts the model trained on, so
+      # such data stops the run; True lets it go on with a warning (e.g. a deliberate memorisation check).
+      allow_test_in_train=False,
   ))
   c.instruct = ConfigDict(dict(file="instruct/alpaca_data_1k.json", num_examples=-1, batch_size=16,
                                max_steps=50, lr=3e-4, warmup_steps=5))

@@ -82,7 +82,7 @@ def build(config: ConfigDict) -> Recipe:
   model = FusedRec(llm, fcfg, item_corr=corr, item_init=item_init, rngs=nnx.Rngs(config.seed))
   text = fused_data.PromptSpec(d.domain, f.placeholder, placeholder_id, 0, cutoff_len=d.cutoff_len,
                           train_on_inputs=d.train_on_inputs, template=d.template, history_len=f.history_len,
-                          view_len=f.view_len)
+                          view_len=f.view_len, context=llm.config.max_position_embeddings)
   trainer.place(model, mesh)
   scorer = evaluate.make_scorer(model, mesh, *tokenize.answer_token_ids(tokenizer, d.template),
                                 stop_token=placeholder_id)
@@ -161,7 +161,8 @@ def score_split(r: Recipe, split: str, workdir: pathlib.Path | None = None) -> d
   scores = r.score(xs, r.fused, desc=split)
   if workdir is not None and jax.process_index() == 0:
     predictions.write(workdir, split, positions, scores.label, scores.p_yes)
-  return {"auc": evaluate.auc(scores.p_yes, scores.label), "n": len(xs), "like_ratio_auc": evaluate.like_ratio_auc(xs)}
+  return {"auc": evaluate.auc(scores.p_yes, scores.label), "n": len(xs),
+          "like_ratio_auc": evaluate.like_ratio_auc(xs), "p_yes_spread": float(np.ptp(scores.p_yes))}
 
 
 SUMMARY = "summary.json"
@@ -185,7 +186,7 @@ def _train(config: ConfigDict, workdir: pathlib.Path, t0: float, log: Callable[[
     log(f"{workdir} is finished: its summary follows (delete {workdir / SUMMARY} to score it again)")
     return json.loads((workdir / SUMMARY).read_text())
   r = build(config)
-  configured.check_eval_labels(config, r.splits)
+  configured.check_splits(config, r.splits)
   pool = configured.train_interactions(config, r.splits)
   summaries = trainer.run(stages(r, workdir, pool), r.model, r.mesh, log)
   by_stage = {s["stage"]: s for s in summaries}
@@ -204,10 +205,12 @@ def _train(config: ConfigDict, workdir: pathlib.Path, t0: float, log: Callable[[
              "best_step": by_stage.get("fused", {}).get("best_step"), "shots": len(pool),
              "encoder_valid_auc": None if encoder is None else encoder["valid_auc"],
              "valid_auc": valid if valid is not None else score_split(r, "valid")["auc"],
-             "valid_like_ratio_auc": reference, "tokens_per_s": by_stage.get("fused", {}).get("tokens_per_s")}
+             "valid_like_ratio_auc": reference, "tokens_per_s": by_stage.get("fused", {}).get("tokens_per_s"),
+             "collapsed": by_stage.get("fused", {}).get("collapsed")}
   if d.test_size != 0:
     test = score_split(r, "test", workdir)
-    summary.update(test_auc=test["auc"], test_like_ratio_auc=test["like_ratio_auc"])
+    summary.update(test_auc=test["auc"], test_like_ratio_auc=test["like_ratio_auc"],
+                   collapsed=evaluate.collapsed(summary["collapsed"], test=test["p_yes_spread"]))
   summary["wall_s"] = time.time() - t0
   if jax.process_index() == 0:
     checkpoint.write_text(workdir / SUMMARY, json.dumps(summary, indent=2) + "\n")

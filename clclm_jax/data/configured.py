@@ -77,17 +77,56 @@ def eval_interactions(config: ConfigDict, sp: tallrec.TallrecSplits, split: str)
   return [getattr(sp, split)[i] for i in eval_positions(config, sp, split)]
 
 
-def check_eval_labels(config: ConfigDict, sp: tallrec.TallrecSplits) -> None:
-  """AUC needs both labels among the prompts each split scores: checked before training, not after it."""
-  for split in ("valid", "test"):
-    if split == "test" and (config.data.test_size == 0 or not getattr(sp, split)):
-      continue
+def _indexed(xs: list[Interaction]) -> list[tuple[tuple, int]]:
+  """(record, index) per interaction: its history, target and label, and its index in its file
+  (`Interaction.source`, else its position)."""
+  return [((x.history_ids, x.history_likes, x.target_id, x.label), x.source[1] if x.source else pos)
+          for pos, x in enumerate(xs)]
+
+
+def _repeats(xs: list[Interaction], earlier: dict | None = None) -> list[tuple[int, int]]:
+  """(index, earlier index) pairs of the records of `xs` that `earlier` (record -> index) holds, or without it
+  that come earlier in `xs`."""
+  seen, out = {} if earlier is None else earlier, []
+  for key, index in _indexed(xs):
+    if key in seen:
+      out.append((index, seen[key]))
+    elif earlier is None:
+      seen[key] = index
+  return out
+
+
+def check_splits(config: ConfigDict, sp: tallrec.TallrecSplits, log=print) -> None:
+  """Before training: AUC needs both labels among the prompts each split scores; repeated records in a split
+  (each weighs twice) are counted with their first indices, and so are valid or test records that are also
+  training records: those in test would make the test AUC score prompts the model trained on, and stop the run
+  unless `data.allow_test_in_train`."""
+  def name(split):
+    if uses_files(config):
+      return f"config.data.files.{split}={config.data.files[split]!r}"
+    file = next((x.source[0] for x in getattr(sp, split)[:1] if x.source), None)
+    return f"the built-in {config.data.domain} {split} split" + (f" (records of {file})" if file is not None and
+                                                                   not isinstance(file, str) else "")
+  show = lambda pairs: ", ".join(f"{a} = {b}" for a, b in pairs[:3]) + (", ..." if len(pairs) > 3 else "")  # noqa: E731
+  scored = [s for s in ("valid", "test") if not (s == "test" and (config.data.test_size == 0 or not sp.test))]
+  for split in scored:
     labels = {x.label for x in eval_interactions(config, sp, split)}
     if len(labels) < 2:
-      source = (f"config.data.files.{split}={config.data.files[split]!r}" if uses_files(config)
-                else f"the built-in {config.data.domain} {split} split")
-      raise ConfigError(f"{source}: the prompts {split} scores all have the label {prompts.ANSWERS[labels.pop()]!r}, "
-                        f"and AUC needs both; give {split} prompts of both labels, or a larger data.{split}_size")
+      raise ConfigError(f"{name(split)}: the prompts {split} scores all have the label "
+                        f"{prompts.ANSWERS[labels.pop()]!r}, and AUC needs both; give {split} prompts of both "
+                        f"labels, or a larger data.{split}_size")
+  for split in ["train"] + scored:
+    if pairs := _repeats(getattr(sp, split)):
+      log(f"warning: {name(split)} repeats {len(pairs)} records (record = earlier record: {show(pairs)}): each "
+          "weighs twice; remove the repeats")
+  train = dict(reversed(_indexed(sp.train)))  # record -> its first index
+  for split in scored:
+    if pairs := _repeats(getattr(sp, split), train):
+      said = (f"{name(split)} holds {len(pairs)} training records ({split} record = train record: {show(pairs)}): "
+              f"the {split} AUC scores prompts the model trained on")
+      if split == "test" and not config.data.allow_test_in_train:
+        raise ConfigError(f"{said}; remove them, or set data.allow_test_in_train=True")
+      log(f"warning: {said}")
 
 
 def train_interactions(config: ConfigDict, sp: tallrec.TallrecSplits) -> list[Interaction]:

@@ -36,6 +36,7 @@ class PromptSpec:
   template: str = "alpaca"
   history_len: int = 10
   view_len: int = 128  # text views keep their last `view_len` tokens
+  context: int | None = None  # the model's max_position_embeddings: a longer prompt is refused
 
   def with_soft_tokens(self, k: int) -> "PromptSpec":
     return dataclasses.replace(self, num_soft_tokens=k)
@@ -59,22 +60,14 @@ def encode_fused(tokenizer: tokenize.Tokenizer, x: Interaction, catalogue: Catal
                  index: int) -> Batch:
   """One example: tokens with k placeholders, loss mask (never on placeholders), history ids, likes, span."""
   tmpl = prompts.template(spec.template)
-  for drop in range(len(x.history_ids) + 1):  # Oldest history items go first, as in tokenize.encode_interaction.
-    y = x.drop_oldest(drop)
-    prompt = tmpl.prompt(prompts.instruction(spec.domain),
-                         fused_input(y, catalogue, spec.domain, spec.placeholder * spec.num_soft_tokens))
-    try:
-      enc = tokenize.encode_example(tokenizer, prompt, prompts.ANSWERS[y.label], cutoff_len=spec.cutoff_len,
-                                    train_on_inputs=spec.train_on_inputs)
-      break
-    except tokenize.TooLong:
-      continue
-  else:
-    raise DataError(None, index, "even with no history the fused prompt is too long", "raise cutoff_len")
+  render = lambda y: tmpl.prompt(prompts.instruction(spec.domain),  # noqa: E731
+                                 fused_input(y, catalogue, spec.domain, spec.placeholder * spec.num_soft_tokens))
+  enc, y, prompt = tokenize.encode_fitting(tokenizer, x, render, cutoff_len=spec.cutoff_len,
+                                           train_on_inputs=spec.train_on_inputs, context=spec.context, index=index)
   slots = int((enc.tokens == spec.placeholder_id).sum())
   if slots != spec.num_soft_tokens:
-    raise DataError(None, index, f"prompt holds {slots} tokens of placeholder id {spec.placeholder_id}, "
-                    f"expected {spec.num_soft_tokens}",
+    raise DataError(*(x.source or (None, index)), f"prompt holds {slots} tokens of placeholder id "
+                    f"{spec.placeholder_id}, expected {spec.num_soft_tokens}",
                     "choose a placeholder the tokenizer keeps as one special token ('<reponame>' for SmolLM2)")
   start = prompt.index("User Preference:")
   end = prompt.index("\n", prompt.index("User Unpreference:"))

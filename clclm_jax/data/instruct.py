@@ -23,13 +23,22 @@ def read_json_records(path: str | os.PathLike, keys: tuple[str, ...] = ALPACA_KE
   """Records from a JSON list or JSON Lines file, each checked to be an object with string `keys`."""
   path = pathlib.Path(path)
   text = _decode(path)
-  if text.lstrip().startswith("["):
+  records, start = None, text.lstrip()[:1]
+  if start in ("[", "{"):
     try:
       records = json.loads(text)
     except json.JSONDecodeError as e:
-      raise DataError(path, None, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}",
-                      "fix the JSON syntax there") from None
-  else:
+      if start == "[" or e.msg != "Extra data":  # "Extra data" after a first object: JSON Lines, read below
+        raise DataError(path, None, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}",
+                        "fix the JSON syntax there") from None
+  if isinstance(records, dict):
+    if not all(k in records for k in keys):
+      lists = [k for k, v in records.items() if isinstance(v, list)]
+      raise DataError(path, None, f"is one JSON object (keys {sorted(records)[:5]}), not a list of records",
+                      f"write the list under {lists[0]!r} alone" if lists else
+                      f"write a list of objects with keys {keys}, `[{{...}}, {{...}}]`, or one object per line")
+    records = [records]  # a single record
+  if records is None:
     records = []
     for lineno, line in enumerate(text.splitlines()):
       if not line.strip():

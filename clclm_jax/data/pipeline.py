@@ -36,13 +36,17 @@ def _history(ids: Sequence[int], length: int) -> np.ndarray:
 
 def tallrec_examples(interactions: Sequence[Interaction], catalogue: Catalogue, domain: str,
                      tokenizer: tokenize.Tokenizer, *, cutoff_len: int = 512, train_on_inputs: bool = True,
-                     template: str = "alpaca", history_len: int = 10, path=None) -> grain.MapDataset:
-  """A lazily encoded `MapDataset` of TALLRec examples; `path` names the source file in errors."""
+                     template: str = "alpaca", history_len: int = 10, path=None,
+                     context: int | None = None) -> grain.MapDataset:
+  """A lazily encoded `MapDataset` of TALLRec examples; errors name each record's file and index in it
+  (`Interaction.source`, else `path` and the position in `interactions`); prompts beyond the model's `context`
+  are refused."""
 
   def encode(indexed: tuple[int, Interaction]) -> Example:
     index, x = indexed
     enc = tokenize.encode_interaction(tokenizer, x, catalogue, domain, cutoff_len=cutoff_len,
-                                      train_on_inputs=train_on_inputs, template=template, path=path, index=index)
+                                      train_on_inputs=train_on_inputs, template=template, path=path, index=index,
+                                      context=context)
     return _example(enc, label=x.label, user=x.user, index=index, history=_history(x.history_ids, history_len))
 
   return grain.MapDataset.source(list(enumerate(interactions))).map(encode)

@@ -26,6 +26,8 @@ class Interaction:
   target_id: int
   label: int
   timestamp: int | None = None
+  # (file, record index) the interaction was read from, for errors; not part of its value
+  source: tuple | None = dataclasses.field(default=None, compare=False, repr=False)
 
   def __post_init__(self):
     if len(self.history_ids) != len(self.history_likes):

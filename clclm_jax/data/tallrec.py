@@ -9,6 +9,7 @@ like = rating > 5. TALLRec shuffled users without a seed, so no book split can b
 """
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -219,7 +220,7 @@ def parse_tallrec(records: Sequence[dict], domain: str, ids: ItemIds, path=None)
     history = liked + disliked
     out.append(Interaction(0, tuple(ids(t, a, path, i) for t, a in history),
                            (True,) * len(liked) + (False,) * len(disliked), ids(*target, path, i),
-                           prompts.ANSWERS.index(r["output"])))
+                           prompts.ANSWERS.index(r["output"]), source=None if path is None else (path, i)))
   return out
 
 
@@ -249,7 +250,10 @@ def tallrec_splits(domain: str, root: str | os.PathLike | None = None, *, seed: 
   root = pathlib.Path(root) if root is not None else paths.data_root()
   if domain == "movie":
     catalogue, ratings = read_movielens(root / "ml-100k")
-    return TallrecSplits(*split_80_10_10(movie_interactions(ratings)), catalogue)
+    splits = split_80_10_10(movie_interactions(ratings))
+    return TallrecSplits(*([dataclasses.replace(x, source=(f"the built-in movie {name} split", i))
+                            for i, x in enumerate(xs)] for name, xs in zip(("train", "valid", "test"), splits)),
+                         catalogue)
   if domain != "book":
     raise KeyError(f"unknown domain {domain!r}; choose one of {DOMAINS}")
   ids = ItemIds()

@@ -6,7 +6,9 @@ predict the first answer token, i.e. the last prompt token. Any tokenizer with
 `encode(text, add_special_tokens=...)` and `eos_token_id` works; BOS is whatever the tokenizer adds.
 """
 
+from collections.abc import Callable
 import dataclasses
+import functools
 import os
 from typing import Protocol
 
@@ -54,21 +56,54 @@ def encode_example(tokenizer: Tokenizer, prompt: str, answer: str, *, cutoff_len
   return Encoded(tokens, loss_mask, len(prompt_ids) - 1)
 
 
-def encode_interaction(tokenizer: Tokenizer, interaction: Interaction, catalogue: Catalogue, domain: str, *,
-                       cutoff_len: int = 512, train_on_inputs: bool = True, template: str = "alpaca",
-                       path: str | os.PathLike | None = None, index: int | None = None) -> Encoded:
-  """A TALLRec prompt, re-rendered with the oldest history items dropped until it fits `cutoff_len`."""
-  tmpl = prompts.template(template)
-  for drop in range(len(interaction.history_ids) + 1):
-    x = interaction.drop_oldest(drop)
-    prompt = tmpl.prompt(prompts.instruction(domain), prompts.render_tallrec(x, catalogue, domain))
+@functools.lru_cache(maxsize=8)
+def chars_per_token(tokenizer: Tokenizer) -> float:
+  """The most characters one token covers (the longest vocabulary entry; inf without `get_vocab`): a text of n
+  characters has at least n / this many tokens (no normalizer here deletes characters)."""
+  return max(map(len, tokenizer.get_vocab()), default=1) if hasattr(tokenizer, "get_vocab") else float("inf")
+
+
+def encode_fitting(tokenizer: Tokenizer, x: Interaction, render: Callable[[Interaction], str], *, cutoff_len: int,
+                   train_on_inputs: bool = True, context: int | None = None, path: str | os.PathLike | None = None,
+                   index: int | None = None) -> tuple[Encoded, Interaction, str]:
+  """(Encoded, y, prompt) of `render(y)` and y's answer, y being `x` with as few of its oldest history items dropped
+  as fit `cutoff_len`. A prompt longer in characters than `cutoff_len` tokens can hold is passed over untokenised,
+  so a huge record costs no tokenisation. Errors name x's file and record (`Interaction.source`), else `path`,
+  `index`; a prompt beyond the model's `context` (max_position_embeddings) is refused."""
+  path, index = x.source or (path, index)
+  most = cutoff_len * chars_per_token(tokenizer)
+  for drop in range(len(x.history_ids) + 1):
+    y = x.drop_oldest(drop)
+    prompt, answer = render(y), prompts.ANSWERS[y.label]
+    if len(prompt) + len(answer) > most:
+      problem = f"{len(prompt) + len(answer)} characters, more than cutoff_len {cutoff_len} tokens hold"
+      continue
     try:
-      return encode_example(tokenizer, prompt, prompts.ANSWERS[x.label], cutoff_len=cutoff_len,
-                            train_on_inputs=train_on_inputs)
+      enc = encode_example(tokenizer, prompt, answer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
+      break
     except TooLong as e:
       problem = str(e)
-  raise DataError(path, index, f"even with no history the prompt is too long ({problem})",
-                  "raise cutoff_len or shorten the target item's title")
+  else:
+    raise DataError(path, index, f"even with no history the prompt is too long ({problem})",
+                    "raise cutoff_len or shorten the target item's title")
+  if context is not None and len(enc) > context:
+    raise DataError(path, index, f"{len(enc)} tokens, more than the model's context of {context} "
+                    "(max_position_embeddings)", f"set data.cutoff_len to {context} or less (older history items "
+                    "are then left out)")
+  return enc, y, prompt
+
+
+def encode_interaction(tokenizer: Tokenizer, interaction: Interaction, catalogue: Catalogue, domain: str, *,
+                       cutoff_len: int = 512, train_on_inputs: bool = True, template: str = "alpaca",
+                       path: str | os.PathLike | None = None, index: int | None = None,
+                       context: int | None = None) -> Encoded:
+  """A TALLRec prompt, re-rendered with the oldest history items dropped until it fits `cutoff_len`
+  (`encode_fitting`)."""
+  tmpl = prompts.template(template)
+  instruction = prompts.instruction(domain)
+  render = lambda y: tmpl.prompt(instruction, prompts.render_tallrec(y, catalogue, domain))  # noqa: E731
+  return encode_fitting(tokenizer, interaction, render, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs,
+                        context=context, path=path, index=index)[0]
 
 
 def answer_token_ids(tokenizer: Tokenizer, template: str = "alpaca") -> tuple[int, int]:

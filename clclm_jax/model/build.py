@@ -62,6 +62,9 @@ def build_model(config: ConfigDict):
   else:
     model, tokenizer = loading.load_model(m.source, dtype=m.dtype, quantize=m.quantize or None,
                                           lora=lora_cfg, lora_seed=config.seed)
+    if tokenizer is None:
+      raise ConfigError(f"config.model.source={m.source!r}: the folder holds no tokenizer (tokenizer.json, "
+                        "tokenizer.model or tokenizer_config.json): copy the tokenizer files of its base model there")
   model.remat, model.attention_impl = m.remat, m.attention_impl
   if lc.init_from:
     check_adapter(config, lc.init_from)

@@ -36,6 +36,11 @@ class LlamaConfig:
   def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
     """Reads a Hugging Face `config.json` dict; rejects what this model cannot run."""
     arch = d.get("model_type")
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings"):
+      if d.get(k) is not None and (type(d[k]) is not int or d[k] <= 0):  # noqa: E721 (bool is not a size)
+        raise ModelError(f"{source}: {k}={d[k]!r} is not a positive whole number; fix: write it as one, without "
+                         "quotes")
     if arch not in ("llama", None):
       raise ModelError(f"{source}: model_type {arch!r} is not supported (only 'llama')")
     for flag in ("attention_bias", "mlp_bias"):
@@ -71,10 +76,10 @@ class LlamaConfig:
 
 
 presets: dict[str, LlamaConfig] = {
-    "tiny": LlamaConfig(
+    "tiny": LlamaConfig(  # its context holds configs/tiny.py's prompts of up to 1024 bytes
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-        rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False,
+        rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2),
     "smollm2-135m": LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

@@ -12,25 +12,35 @@ from clclm_jax.model import loading
 from clclm_jax.model.errors import ModelError
 from clclm_jax.train.errors import ConfigError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError, PermissionError)
 
 
 def clear_errors(main):
   """`main` with errors in what the user gave (a config value, a data record, a model file, a path) printed as
-  their one-line message, without a traceback."""
+  their one-line message, without a traceback; Ctrl-C outside training steps (which save and stop, as on SIGTERM)
+  exits with one line too."""
   @functools.wraps(main)
   def run(argv):
     try:
       return main(argv)
     except USER_ERRORS as e:
       sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+      print("interrupted: run the same command again to go on from the last checkpoint", file=sys.stderr)
+      sys.exit(130)
   return run
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, with unknown config keys reported by name."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:  # a config file that cannot be read fails later, with a long traceback
+      given = (flags.FLAGS["config"].config_filename or "").split(":")[0]
+      if given and not pathlib.Path(given).is_file():
+        sys.exit(f"error: --config={given}: no such file (run from the repository root, or give the config "
+                 "file's path)")
+    return rest
   except (AttributeError, KeyError) as e:
     bad = [a for a in argv[1:] if a.startswith("--config.")]
     sys.exit(f"error: config has no field '{str(e).strip(chr(34) + chr(39))}' (overrides given: {' '.join(bad)}); "

@@ -148,7 +148,15 @@ class Scores:
   def metrics(self) -> dict[str, float]:
     return {"auc": auc(self.p_yes, self.label), "n": int(len(self.label)),
             "accuracy": float(np.mean((self.p_yes > 0.5) == (self.label == 1))),
-            "mean_p_yes": float(np.mean(self.p_yes))}
+            "mean_p_yes": float(np.mean(self.p_yes)), "p_yes_spread": float(np.ptp(self.p_yes))}
+
+
+def collapsed(*notes: str | None, grad_norm: float | None = None, **spreads: float | None) -> str | None:
+  """Why a model looks collapsed (it answers every prompt alike): the `notes` already found, zero gradients at the
+  last step, or a split whose prompts all got the same P(Yes) (`p_yes_spread` <= 1e-6); None when nothing is."""
+  why = [n for n in notes if n] + (["zero gradients at the last step"] if grad_norm == 0 else [])
+  why += [f"every {split} prompt scored alike" for split, s in spreads.items() if s is not None and s <= 1e-6]
+  return "; ".join(why) or None
 
 
 def score(eval_step: EvalStep, params, frozen, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,

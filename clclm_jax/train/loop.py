@@ -31,12 +31,13 @@ def like_ratio_references(config: ConfigDict, splits=("valid", "test"), sp=None)
   return {f"{s}_like_ratio_auc": evaluate.like_ratio_auc(configured.eval_interactions(config, sp, s)) for s in splits}
 
 
-def rec_data(config: ConfigDict, tokenizer, splits=("valid", "test"), sp=None):
-  """(training examples, {split: eval batches}) for the TALLRec task of `config.data` (of `sp` when given)."""
+def rec_data(config: ConfigDict, tokenizer, splits=("valid", "test"), sp=None, context: int | None = None):
+  """(training examples, {split: eval batches}) for the TALLRec task of `config.data` (of `sp` when given);
+  prompts beyond `context` tokens (the model's max_position_embeddings) are refused."""
   d, sp = config.data, configured.rec_splits(config) if sp is None else sp
   encode = lambda xs: pipeline.tallrec_examples(  # noqa: E731
       xs, sp.catalogue, d.domain, tokenizer, cutoff_len=d.cutoff_len, train_on_inputs=d.train_on_inputs,
-      template=d.template)
+      template=d.template, context=context)
   evals = {s: _eval_batches(encode(configured.eval_interactions(config, sp, s)), config) for s in splits}
   return encode(configured.train_interactions(config, sp)), evals
 
@@ -50,12 +51,12 @@ def instruct_data(config: ConfigDict, tokenizer):
 
 
 def tallrec_stage(config: ConfigDict, name: str, workdir: pathlib.Path, tokenizer, scorer: evaluate.Scorer,
-                  sp: tallrec.TallrecSplits | None) -> trainer.Stage:
+                  sp: tallrec.TallrecSplits | None, context: int | None = None) -> trainer.Stage:
   """A TALLRec stage as data: "instruct" (Alpaca instruction tuning; batch size, steps and learning rate from
   `config.instruct`) or "rec" (Yes/No rec tuning on `data.shots` prompts, validated by AUC)."""
   t, optim = config.train, config.optim
   if name == "rec":
-    examples, evals = rec_data(config, tokenizer, splits=("valid",), sp=sp)
+    examples, evals = rec_data(config, tokenizer, splits=("valid",), sp=sp, context=context)
     batch_size, max_steps = t.batch_size, t.max_steps
     validate = lambda model: scorer(model, evals["valid"], desc="valid").metrics()  # noqa: E731
   elif name == "instruct":
@@ -64,6 +65,11 @@ def tallrec_stage(config: ConfigDict, name: str, workdir: pathlib.Path, tokenize
     optim = ConfigDict({**optim.to_dict(), "lr": config.instruct.lr, "warmup_steps": config.instruct.warmup_steps})
   else:
     raise ConfigError(f"config.stages holds {name!r}: the TALLRec stages are 'instruct' and 'rec'")
+  if len(examples) < batch_size:
+    field, given = (("train", f"data.shots={config.data.shots}") if name == "rec" else
+                    ("instruct", f"instruct.num_examples={config.instruct.num_examples}"))
+    raise ConfigError(f"config.{field}.batch_size={batch_size} is more than the {len(examples)} training examples "
+                      f"({given}): lower it, or train on more")
   steps = max_steps if max_steps > 0 else t.num_epochs * max(1, len(examples) // batch_size)
   batches = lambda: iter(pipeline.train_dataset(  # noqa: E731
       examples, batch_size=batch_size, seed=config.seed, pad_multiple=config.data.pad_multiple, shard_index=0,
@@ -112,7 +118,7 @@ def evaluate_split(config: ConfigDict, workdir: str | pathlib.Path, split: str =
   params, meta = best_params(workdir, model, mesh)
   nnx.update(model, params)
   sp = configured.rec_splits(config)
-  _, evals = rec_data(config, tokenizer, splits=(split,), sp=sp)
+  _, evals = rec_data(config, tokenizer, splits=(split,), sp=sp, context=model.config.max_position_embeddings)
   t0 = time.time()
   scores = scorer(model, evals[split], desc=split)
   reference = like_ratio_references(config, (split,), sp)[f"{split}_like_ratio_auc"]
@@ -138,10 +144,10 @@ def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
     scorer = evaluate.make_scorer(model, mesh, *tokenize.answer_token_ids(tokenizer, config.data.template))
     sp = configured.rec_splits(config) if "rec" in config.stages else None
     if sp is not None:
-      configured.check_eval_labels(config, sp)
+      configured.check_splits(config, sp)
     names = list(config.stages)
     stages = [tallrec_stage(config, name, workdir if i == len(names) - 1 else workdir / name, tokenizer, scorer,
-                            sp) for i, name in enumerate(names)]
+                            sp, model.config.max_position_embeddings) for i, name in enumerate(names)]
     summary = trainer.run(stages, model, mesh)[-1]
     if summary["preempted"]:
       return summary
@@ -149,7 +155,8 @@ def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
       summary.update(like_ratio_references(config, ("valid",), sp))
       if config.data.test_size != 0:
         test = evaluate_split(config, workdir, "test", model, tokenizer, mesh, scorer)
-        summary.update(test_auc=test["auc"], test_like_ratio_auc=test["like_ratio_auc"])
+        summary.update(test_auc=test["auc"], test_like_ratio_auc=test["like_ratio_auc"],
+                       collapsed=evaluate.collapsed(summary.get("collapsed"), test=test["p_yes_spread"]))
     return summary
 
 
@@ -175,6 +182,9 @@ def format_summary(summary: dict, config: ConfigDict | None = None, workdir: str
   if summary.get("preempted"):
     lines.append(f"preempted at step {summary['steps']} of {summary['stage']}: run the same command again to "
                  "continue")
+  if summary.get("collapsed"):
+    lines.append(f"collapsed: {summary['collapsed']} (the model answers every prompt alike): lower optim.lr and "
+                 "train again in a new --workdir")
   for k, v in rows:
     ref = summary.get(k.split()[0] + "_like_ratio_auc") if k in ("valid AUC", "test AUC") else None
     note = f"   history like-ratio on the same prompts: {ref:.4f}" if ref is not None and v is not None else ""

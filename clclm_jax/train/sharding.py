@@ -9,6 +9,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 from flax import nnx
 
+from clclm_jax.train.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis name -> mesh axes. Names not listed here are replicated.
@@ -46,14 +48,15 @@ def maybe_initialize_distributed(config) -> None:
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one -1 entry takes the remaining devices."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = list(shape)
-  if len(shape) != 3 or shape.count(-1) > 1:
-    raise ValueError(f"config.mesh={tuple(shape)}: give 3 sizes (data, fsdp, tensor), at most one -1")
+  given, shape = tuple(shape), list(shape)
+  if len(shape) != 3 or shape.count(-1) > 1 or not all(s > 0 or s == -1 for s in shape):
+    raise ConfigError(f"config.mesh={given}: give 3 sizes (data, fsdp, tensor), positive, at most one -1")
   if -1 in shape:
     known = math.prod(s for s in shape if s != -1)
-    shape[shape.index(-1)] = len(devices) // known
+    shape[shape.index(-1)] = len(devices) // known if len(devices) % known == 0 else 0
   if math.prod(shape) != len(devices):
-    raise ValueError(f"config.mesh={tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}")
+    raise ConfigError(f"config.mesh={given} does not divide the {len(devices)} devices: give sizes whose product "
+                      f"is {len(devices)} (-1 takes the rest)")
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
               axis_types=(jax.sharding.AxisType.Auto,) * 3)
 

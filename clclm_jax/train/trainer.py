@@ -167,7 +167,7 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
                                        loss_weights=weights, accum_steps=accum_steps)
   n_tokens, t0 = 0, time.time()
   meta = lambda: {"early_stopping": dataclasses.asdict(stopper)}  # noqa: E731
-  preempted, out_of_time, step = False, False, start
+  preempted, out_of_time, step, grad_norm, spread = False, False, start, None, None
   with _Stop() as stop, jax.set_mesh(mesh), tqdm.tqdm(total=stage.steps, initial=start, desc=stage.name,
                                                       disable=jax.process_index() != 0) as bar:
     for step in range(start + 1, stage.steps + 1):
@@ -175,6 +175,7 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
       state, metrics = train_step(state, sharding.global_batch(batch, mesh), frozen)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       check_finite(metrics, step)
+      grad_norm = metrics.get("grad_norm")
       if "loss_mask" in batch:
         n_tokens += int(batch["loss_mask"].sum()) * jax.process_count()
       row = {"step": step, **{f"train/{k}": v for k, v in metrics.items()}}
@@ -182,6 +183,7 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
       if stage.validate is not None and (due or step == stage.steps):
         valid = stage.validate(nnx.merge(graphdef, state["params"], frozen))
         row.update({f"valid/{k}": v for k, v in valid.items()})
+        spread = valid.get("p_yes_spread")
         stopper = stopper.update(valid[stage.metric], step)
         if stopper.best_step == step:
           ckpts.save_best(step, state["params"], {"step": step, "valid": valid})
@@ -204,7 +206,8 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
   summary = {"stage": stage.name, "steps": int(state["step"]), "total_steps": stage.steps,
              "preempted": preempted, "stopped": stopped, "best_step": stopper.best_step if stage.validate else int(state["step"]),
              f"valid_{stage.metric}": stopper.best if stage.validate else None,
-             "tokens_per_s": n_tokens / max(wall, 1e-9), "wall_s": wall}
+             "tokens_per_s": n_tokens / max(wall, 1e-9), "wall_s": wall,
+             "collapsed": evaluate.collapsed(grad_norm=grad_norm, valid=spread)}
   best, _ = ckpts.restore_best(state["params"])
   nnx.update(model, best)
   log.close()
@@ -246,8 +249,12 @@ class RunLock:
     self.file = None
     if jax.process_index() != 0:  # the processes of one run share the folder: process 0 holds the lock
       return self
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    self.file = self.path.open("a+")
+    try:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      self.file = self.path.open("a+")
+    except OSError as e:  # a read-only folder or file system
+      raise ConfigError(f"{self.path.parent}: cannot write the run there ({e.strerror}): pass a --workdir you can "
+                        "write to") from None
     try:
       fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
