@@ -176,8 +176,8 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       check_finite(metrics, step)
       grad_norm = metrics.get("grad_norm")
-      if "loss_mask" in batch:
-        n_tokens += int(batch["loss_mask"].sum()) * jax.process_count()
+      if "attention_mask" in batch:  # every real token the step ran, not only its targets
+        n_tokens += int((batch["attention_mask"] > 0).sum()) * jax.process_count()
       row = {"step": step, **{f"train/{k}": v for k, v in metrics.items()}}
       due = stage.eval_every > 0 and step % stage.eval_every == 0
       if stage.validate is not None and (due or step == stage.steps):
