@@ -174,7 +174,7 @@ def format_summary(summary: dict, config: ConfigDict | None = None, workdir: str
   figure for the same shots) beside them, wall time, where the model and predictions are, what to run next."""
   shots = summary.get("shots", None if config is None else config.data.shots)
   rows = [("best step", summary.get("best_step")), ("valid AUC", summary.get("valid_auc")),
-          ("test AUC", summary.get("test_auc")), ("tokens/s (train)", summary.get("tokens_per_s"))]
+          ("test AUC", summary.get("test_auc"))]
   if "encoder_valid_auc" in summary:  # fused runs (contrastive/recipe.py)
     rows.insert(1, ("encoder valid AUC", summary["encoder_valid_auc"]))
   fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
