@@ -317,3 +317,5 @@ def test_tiny_calrec_two_stages_killed_and_resumed_match(tmp_path, data_root, mo
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
   assert resumed["valid"] == whole["valid"] and resumed["test"]["dense"] == whole["test"]["dense"]
+  again = calrec.evaluate(c, tmp_path / "run", "valid", n=c.data.valid_size)  # the entry point for a finished run
+  assert again["dense"] == resumed["valid"]["dense"] and "generation" not in again

@@ -413,7 +413,11 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
       log(f"{workdir} is finished: its summary follows (delete {workdir / SUMMARY} to evaluate it again)")
       return json.loads((workdir / SUMMARY).read_text())
     r = build(config, datasets)
-    summaries = trainer.run(stages(r, workdir), r.model, r.mesh, log)
+    run_stages = stages(r, workdir)
+    if not run_stages and jax.process_index() == 0:  # zero-shot: no stage writes the config the run used
+      workdir.mkdir(parents=True, exist_ok=True)
+      runconfig.save(config, workdir)
+    summaries = trainer.run(run_stages, r.model, r.mesh, log)
     if summaries and summaries[-1]["preempted"]:
       return summaries[-1]
     c = config
