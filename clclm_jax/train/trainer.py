@@ -194,7 +194,8 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
       preempted = stop.is_set()
       out_of_time = 0 < stage.max_seconds < time.time() - t0
       done = step == stage.steps or stopper.should_stop or preempted or out_of_time
-      if done or (stage.checkpoint_every > 0 and step % stage.checkpoint_every == 0) or "valid/auc" in row:
+      validated = f"valid/{stage.metric}" in row  # the early-stopping state changed: keep it with the latest
+      if done or validated or (stage.checkpoint_every > 0 and step % stage.checkpoint_every == 0):
         ckpts.save_latest(state, data_iter.get_state(), meta())
       if done:
         break
@@ -204,7 +205,8 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
   stopped = ("preempted" if preempted else "early stopping" if stopper.should_stop else
              "time budget" if int(state["step"]) < stage.steps else "last step")
   summary = {"stage": stage.name, "steps": int(state["step"]), "total_steps": stage.steps,
-             "preempted": preempted, "stopped": stopped, "best_step": stopper.best_step if stage.validate else int(state["step"]),
+             "preempted": preempted, "stopped": stopped,
+             "best_step": stopper.best_step if stage.validate else int(state["step"]),
              f"valid_{stage.metric}": stopper.best if stage.validate else None,
              "tokens_per_s": n_tokens / max(wall, 1e-9), "wall_s": wall,
              "collapsed": evaluate.collapsed(grad_norm=grad_norm, valid=spread)}
