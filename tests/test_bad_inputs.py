@@ -130,7 +130,7 @@ def test_repeats_are_counted_and_test_records_in_train_stop_the_run(tmp_path):
                                         r"trained on; remove them, or set data.allow_test_in_train=True$"):
     configured.check_splits(c, sp, log=said.append)
   assert said == [f"warning: config.data.files.train='{files['train']}' repeats 2 records (record = earlier record: "
-                  "24 = 2, 25 = 5): each weighs twice; remove the repeats"]
+                  "24 = 2, 25 = 5): each weighs twice (remove the repeats)"]
   c.data.allow_test_in_train = True
   configured.check_splits(c, sp, log=said.append)
   assert said[-1].startswith(f"warning: config.data.files.test='{files['test']}' holds 1 training records (test "
@@ -148,7 +148,8 @@ def test_the_built_in_splits_are_checked_too(data_root):
     configured.check_splits(c, configured.rec_splits(c), log=said.append)
     assert said == ([] if domain == "movie" else
                     [f"warning: the built-in book test split (records of {data_root / 'tallrec/book/test.json'}) "
-                     "repeats 1 records (record = earlier record: 946 = 935): each weighs twice; remove the repeats"])
+                     "repeats 1 records (record = earlier record: 946 = 935): each weighs twice (TALLRec's file as "
+                     "published; kept for comparability)"])
 
 
 # --- 13: one line for each ----------------------------------------------------------------------------------------

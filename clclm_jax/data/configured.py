@@ -117,8 +117,9 @@ def check_splits(config: ConfigDict, sp: tallrec.TallrecSplits, log=print) -> No
                         f"labels, or a larger data.{split}_size")
   for split in ["train"] + scored:
     if pairs := _repeats(getattr(sp, split)):
+      fix = "remove the repeats" if uses_files(config) else "TALLRec's file as published; kept for comparability"
       log(f"warning: {name(split)} repeats {len(pairs)} records (record = earlier record: {show(pairs)}): each "
-          "weighs twice; remove the repeats")
+          f"weighs twice ({fix})")
   train = dict(reversed(_indexed(sp.train)))  # record -> its first index
   for split in scored:
     if pairs := _repeats(getattr(sp, split), train):
