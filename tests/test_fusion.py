@@ -1,5 +1,6 @@
 """Fused soft tokens (exact placement, text-only equivalence) and the joint losses (gradients, switches)."""
 
+import dataclasses
 import json
 
 import jax
@@ -267,6 +268,11 @@ def test_one_scorer_for_fused_and_text_prompts_compiles_once_per_shape(tmp_path)
   plain = [{k: v for k, v in b.items() if k != "history_feedback"}  # TALLRec batches: no fused inputs
            for b in fused.eval_batches(xs, cat, tok, _spec(0), batch_size=4)]
   np.testing.assert_allclose(text.p_yes, llm_scorer(model.llm, plain).p_yes, atol=1e-5)
+  model.config = dataclasses.replace(model.config, pooling="last")  # an ablation: another graph, scored as such
+  sharp = [float(p) for b in evals for p, i in zip(evaluate.yes_probability(model, b, 7, 8), b["index"]) if i >= 0]
+  order = np.argsort([i for b in evals for i in b["index"] if i >= 0])
+  np.testing.assert_allclose(scorer(model, evals).p_yes, np.asarray(sharp)[order], atol=1e-5)
+  assert np.abs(np.asarray(sharp)[order] - first.p_yes).max() > 1e-4
   with pytest.raises(ConfigError, match="unknown losses"):
     _fit(model, xs, cat, tmp_path, {"nope": 1.0})
 

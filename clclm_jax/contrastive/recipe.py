@@ -134,8 +134,10 @@ def fit_stage(r: Recipe, spec: fused_data.PromptSpec, pool: Sequence[Interaction
   their own scoring); returns the seconds taken."""
   t0 = time.time()
   name = "fused" if spec.num_soft_tokens else "text"
-  trainer.run_stage(rec_stage(r, name, spec, pool, steps, loss_weights, pathlib.Path(workdir), seed=seed,
-                              validate=False), r.model, r.mesh)
+  summary = trainer.run_stage(rec_stage(r, name, spec, pool, steps, loss_weights, pathlib.Path(workdir), seed=seed,
+                                        validate=False), r.model, r.mesh)
+  if summary["preempted"]:  # a half-trained model must not be scored as the cell's result
+    raise KeyboardInterrupt(f"stopped at step {summary['steps']} of {steps} of {name}")
   return time.time() - t0
 
 

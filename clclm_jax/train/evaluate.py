@@ -189,16 +189,29 @@ def score(eval_step: EvalStep, params, frozen, batches: Iterable[dict[str, np.nd
 @dataclasses.dataclass(frozen=True)
 class Scorer:
   """The one scorer of a run: P(Yes) of a plain or fused model over eval batches, compiled once per model
-  structure and mesh (`make_scorer`); `scorer(model, batches)` -> `Scores`."""
+  structure and mesh (`make_scorer`); `scorer(model, batches)` -> `Scores`. A model whose structure changed since
+  (another `FusionConfig`, say) gets its own compiled step: scoring never runs a stale graph."""
 
   step: EvalStep
+  graphdef: nnx.GraphDef
   mesh: Mesh
+  yes_no: tuple[int, int]
   stop_token: int | None = None
+  others: dict = dataclasses.field(default_factory=dict)  # graphdef -> EvalStep, for changed structures
+
+  def step_for(self, graphdef: nnx.GraphDef, params, frozen) -> EvalStep:
+    if graphdef == self.graphdef:
+      return self.step
+    if graphdef not in self.others:
+      self.others[graphdef] = compile_eval_step(graphdef, sharding.state_sharding(params, self.mesh),
+                                                sharding.state_sharding(frozen, self.mesh), self.mesh, *self.yes_no)
+    return self.others[graphdef]
 
   def __call__(self, model: nnx.Module, batches, desc: str = "eval") -> Scores:
-    _, params, frozen = nnx.split(model, nnx.Param, ...)
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     with jax.set_mesh(self.mesh):
-      return score(self.step, params, frozen, batches, self.mesh, desc=desc, stop_token=self.stop_token)
+      return score(self.step_for(graphdef, params, frozen), params, frozen, batches, self.mesh, desc=desc,
+                   stop_token=self.stop_token)
 
 
 def make_scorer(model: nnx.Module, mesh: Mesh, yes_id: int, no_id: int, stop_token: int | None = None) -> Scorer:
@@ -206,7 +219,7 @@ def make_scorer(model: nnx.Module, mesh: Mesh, yes_id: int, no_id: int, stop_tok
   graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
   step = compile_eval_step(graphdef, sharding.state_sharding(params, mesh), sharding.state_sharding(frozen, mesh),
                            mesh, yes_id, no_id)
-  return Scorer(step, mesh, stop_token)
+  return Scorer(step, graphdef, mesh, (yes_id, no_id), stop_token)
 
 
 @dataclasses.dataclass(frozen=True)
