@@ -111,7 +111,7 @@ def sampled_next_item_ce(h_bld: jax.Array, table_vd: jax.Array, targets_bl: jax.
 
 # --- CLCLMRec's joint losses ------------------------------------------------------------------------
 
-def _target_ce(model: FusedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+def target_ce(model: FusedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
   """Mean next-token CE at `target_index` (0 = padding); the LM head runs on those rows only."""
   idx_bn = batch["target_index"]
   h_bnd = jnp.take_along_axis(h_btd, jnp.maximum(idx_bn - 1, 0)[..., None], axis=1)
@@ -138,7 +138,7 @@ def left_to_right(seq_bl: jax.Array) -> tuple[jax.Array, jax.Array]:
 def text_lm_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
   """Next-token CE of the text-only prompt: step.py's `lm` with the LM head on the target rows only."""
   h_btd = model.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"], dropout_key=key)
-  return _target_ce(model, h_btd, batch)
+  return target_ce(model, h_btd, batch)
 
 
 def fused_hidden(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array | None = None, **kw) -> jax.Array:
@@ -158,7 +158,7 @@ def fused_losses(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array
   if "hint_kd" in names and c.answer_hint is None:
     raise ValueError("the hint_kd loss needs FusionConfig.answer_hint (the (Yes, No) token ids)")
   h_btd = fused_hidden(model, batch, key)
-  terms = {"fused_lm": _target_ce(model, h_btd, batch)} if "fused_lm" in names else {}
+  terms = {"fused_lm": target_ce(model, h_btd, batch)} if "fused_lm" in names else {}
   if "hint_kd" in names:
     h_bd = take_rows(h_btd, batch["answer_index"])[:, 0]
     logp_b2 = jax.nn.log_softmax(model.lm_logits(h_bd)[:, jnp.asarray(c.answer_hint)].astype(jnp.float32), -1)

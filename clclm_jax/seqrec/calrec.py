@@ -102,7 +102,7 @@ def calrec_losses(model: CALRec, batch: Mapping[str, jax.Array], key: jax.Array 
   h_btd = llm.hidden_states(batch["tokens"], None, batch["attention_mask"], dropout_key=joint_key)
   terms = {}
   if NIG in names:  # the LM head on the target positions only (`target_index`), so it can train in "full" mode
-    terms[NIG] = losses._target_ce(llm, h_btd, batch)  # pylint: disable=protected-access
+    terms[NIG] = losses.target_ce(llm, h_btd, batch)
   if TT in names or UT in names:
     v_t = item_vectors(llm, batch, item_key)
     valid_b = batch["contrastive_valid"] > 0
