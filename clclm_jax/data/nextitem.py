@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from clclm_jax.data import paths
+from clclm_jax.data import paths, sequences
 from clclm_jax.data.errors import DataError
 from clclm_jax.data.tallrec import read_movielens
 
@@ -155,26 +155,13 @@ def _read_titles(path: pathlib.Path) -> tuple[list[str], list[int]]:
 
 
 def read_p5(path: pathlib.Path, num_items: int) -> tuple[list[int], list[tuple[int, ...]]]:
-  """P5's `sequential_data.txt` (`user item item ...` a line, oldest first) -> user ids, histories; every item id
-  must be in 1..num_items, the catalogue's ids."""
-  if not path.exists():
-    raise DataError(path, None, "file not found", "use the dataset's sequential_data.txt from the shared data")
+  """P5's `sequential_data.txt` (`sequences.read_p5`) -> user ids, histories; every item id must be in
+  1..num_items, the catalogue's ids."""
   users, histories = [], []
-  with open(path, encoding="ascii", newline="") as f:
-    for line_no, line in enumerate(f, start=1):
-      fields = line.split()
-      if not fields:
-        continue
-      if len(fields) < 2 or not all(x.isdigit() for x in fields):
-        raise DataError(path, line_no, f"expected 'user item item ...' of integers, got {line[:60]!r}",
-                        "use P5's sequential_data.txt: space-separated integer ids, one user a line")
-      history = tuple(int(x) for x in fields[1:])
-      _check_history(path, line_no, history, num_items,
-                     "use the sequential_data.txt and item_titles.tsv of one dataset")
-      users.append(int(fields[0]))
-      histories.append(history)
-  if not histories:
-    raise DataError(path, None, "no histories", "point at a non-empty sequential_data.txt")
+  for line_no, user, history in sequences.read_p5(path):
+    _check_history(path, line_no, history, num_items, "use the sequential_data.txt and item_titles.tsv of one dataset")
+    users.append(user)
+    histories.append(history)
   return users, histories
 
 

@@ -44,22 +44,30 @@ def _reindex(name: str, raw: list[list[int]]) -> SequenceData:
   return SequenceData(name, seqs, len(vocab))
 
 
-def load_beauty(path: str | os.PathLike | None = None) -> SequenceData:
-  """Amazon Beauty 5-core from P5's `sequential_data.txt` (`user item item ...`, CRLF)."""
-  path = pathlib.Path(path) if path else paths.data_path("amazon-beauty-5core", "sequential_data.txt")
-  raw = []
+def read_p5(path: pathlib.Path) -> list[tuple[int, int, tuple[int, ...]]]:
+  """P5's `sequential_data.txt` (`user item item ...` a line, oldest first, CRLF) -> (line number, user id,
+  item ids) per line."""
+  if not path.exists():
+    raise DataError(path, None, "file not found", "use the dataset's sequential_data.txt from the shared data")
+  rows = []
   with open(path, encoding="ascii", newline="") as f:
     for line_no, line in enumerate(f, start=1):
-      fields = line.rstrip("\r\n").split(" ")
-      if fields == [""]:
+      fields = line.split()
+      if not fields:
         continue
       if len(fields) < 2 or not all(x.isdigit() for x in fields):
         raise DataError(path, line_no, f"expected 'user item item ...' of integers, got {line[:60]!r}",
                         "use P5's sequential_data.txt: space-separated integer ids, one user a line")
-      raw.append([int(x) for x in fields[1:]])
-  if not raw:
+      rows.append((line_no, int(fields[0]), tuple(int(x) for x in fields[1:])))
+  if not rows:
     raise DataError(path, None, "no sequences", "point at a non-empty sequential_data.txt")
-  return _reindex("beauty", raw)
+  return rows
+
+
+def load_beauty(path: str | os.PathLike | None = None) -> SequenceData:
+  """Amazon Beauty 5-core from P5's `sequential_data.txt` (`read_p5`)."""
+  path = pathlib.Path(path) if path else paths.data_path("amazon-beauty-5core", "sequential_data.txt")
+  return _reindex("beauty", [list(items) for _, _, items in read_p5(path)])
 
 
 def load_ml100k(path: str | os.PathLike | None = None) -> SequenceData:
