@@ -21,8 +21,9 @@ from clclm_jax.model import build as model_build
 from clclm_jax.model.config import LoraConfig, presets
 from clclm_jax.model.llama import Frozen
 from clclm_jax.seqrec import calrec, retrieval
-from clclm_jax.train import checkpoint, step as step_lib, trainer
+from clclm_jax.train import step as step_lib, trainer
 from clclm_jax.train.errors import ConfigError
+import train_helpers
 
 TITLES = ["red lipstick", "black mascara", "red blush", "rose toner", "vitamin serum", "matte primer",
           "green tea mask", "lip balm", "eye cream", "nail polish"]
@@ -258,34 +259,6 @@ def test_config_errors_are_one_line(tmp_path):
       "error: config.data.mixture[1]='nope' is not a dataset with item text: use one of ['beauty', 'ml100k']")
 
 
-class _DiesAt:
-  """A stage's batch iterator that raises when asked for batch `n` (after step n - 1 and its checkpoint)."""
-
-  def __init__(self, it, n: int):
-    self.it, self.n, self.count = it, n, 0
-
-  def __next__(self):
-    self.count += 1
-    if self.count == self.n:
-      raise KeyboardInterrupt("killed")
-    return next(self.it)
-
-  def get_state(self):
-    return self.it.get_state()
-
-  def set_state(self, state):
-    self.it.set_state(state)
-
-
-def _final_params(workdir):
-  ckpts = checkpoint.Checkpoints(workdir)
-  try:
-    step = ckpts.best_step()
-    return ckpts.best.restore(step).params, step  # untyped restore: numpy leaves
-  finally:
-    ckpts.close()
-
-
 def test_tiny_calrec_two_stages_killed_and_resumed_match(tmp_path, data_root, monkeypatch):
   from configs import tiny_calrec  # pylint: disable=g-import-not-at-top
   c = tiny_calrec.get_config()
@@ -300,7 +273,7 @@ def test_tiny_calrec_two_stages_killed_and_resumed_match(tmp_path, data_root, mo
 
   def dying(stage, model, mesh):
     if stage.name == "target":
-      stage = dataclasses.replace(stage, batches=lambda b=stage.batches: _DiesAt(b(), 2))
+      stage = dataclasses.replace(stage, batches=lambda b=stage.batches: train_helpers.DiesAt(b(), 2, functools.partial(_raise, KeyboardInterrupt("killed"))))
     return run_stage(stage, model, mesh)
   monkeypatch.setattr(trainer, "run_stage", dying)
   with pytest.raises(KeyboardInterrupt):
@@ -312,10 +285,14 @@ def test_tiny_calrec_two_stages_killed_and_resumed_match(tmp_path, data_root, mo
   assert said == ["mixture: finished before (step 3), its parameters restored"]
   same = lambda name: (tmp_path / "whole" / name).read_text() == (tmp_path / "run" / name).read_text()  # noqa: E731
   assert same("metrics.jsonl") and same("mixture/metrics.jsonl")
-  (a, step_a), (b, step_b) = _final_params(tmp_path / "whole"), _final_params(tmp_path / "run")
+  (a, step_a), (b, step_b) = train_helpers.best_params(tmp_path / "whole"), train_helpers.best_params(tmp_path / "run")
   assert step_a == step_b == 3
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
   assert resumed["valid"] == whole["valid"] and resumed["test"]["dense"] == whole["test"]["dense"]
   again = calrec.evaluate(c, tmp_path / "run", "valid", n=c.data.valid_size)  # the entry point for a finished run
   assert again["dense"] == resumed["valid"]["dense"] and "generation" not in again
+
+
+def _raise(error):
+  raise error

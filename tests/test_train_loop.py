@@ -17,6 +17,7 @@ from clclm_jax.data.records import Catalogue, Interaction, Item
 from clclm_jax.train import checkpoint, loop, predictions, trainer
 from clclm_jax.train.errors import ConfigError
 from configs import tiny
+import train_helpers
 
 
 def test_non_finite_loss_names_step_and_term():
@@ -242,34 +243,6 @@ class Killed(BaseException):
   """The process dies here: nothing after this point runs (no save, no cleanup)."""
 
 
-class _DiesAt:
-  """A stage's batch iterator that dies when asked for batch `n` (after step n - 1 and its checkpoint)."""
-
-  def __init__(self, it, n: int, action):
-    self.it, self.n, self.action, self.count = it, n, action, 0
-
-  def __next__(self):
-    self.count += 1
-    if self.count == self.n:
-      self.action()
-    return next(self.it)
-
-  def get_state(self):
-    return self.it.get_state()
-
-  def set_state(self, state):
-    self.it.set_state(state)
-
-
-def _recipe_params(workdir):
-  ckpts = checkpoint.Checkpoints(workdir)
-  try:
-    step = ckpts.best_step()
-    return ckpts.best.restore(step).params, step  # untyped restore: numpy leaves
-  finally:
-    ckpts.close()
-
-
 def _raise_killed():
   raise Killed
 
@@ -285,7 +258,7 @@ def test_fused_recipe_killed_inside_stage2_resumes_bitwise(tmp_path, data_root, 
   def dying(action):
     def run(stage, model, mesh):
       if stage.name == "fused":
-        stage = dataclasses.replace(stage, batches=lambda b=stage.batches: _DiesAt(b(), 2, action))
+        stage = dataclasses.replace(stage, batches=lambda b=stage.batches: train_helpers.DiesAt(b(), 2, action))
       return run_stage(stage, model, mesh)
     return run
   monkeypatch.setattr(trainer, "run_stage", dying(_raise_killed))
@@ -301,7 +274,7 @@ def test_fused_recipe_killed_inside_stage2_resumes_bitwise(tmp_path, data_root, 
       k: whole[k] for k in ("valid_auc", "encoder_valid_auc", "steps", "best_step")}
   same = lambda name: (tmp_path / "whole" / name).read_text() == (tmp_path / "run" / name).read_text()  # noqa: E731
   assert same("metrics.jsonl") and same("config.json") and same("text/metrics.jsonl")
-  (a, step_a), (b, step_b) = _recipe_params(tmp_path / "whole"), _recipe_params(tmp_path / "run")
+  (a, step_a), (b, step_b) = train_helpers.best_params(tmp_path / "whole"), train_helpers.best_params(tmp_path / "run")
   assert step_a == step_b == 3
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
@@ -323,7 +296,7 @@ def test_sigterm_inside_stage1_saves_and_returns_preempted(tmp_path, data_root, 
   def preempted(stage, model, mesh):
     if stage.name == "text":
       term = lambda: os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
-      stage = dataclasses.replace(stage, batches=lambda b=stage.batches: _DiesAt(b(), 2, term))
+      stage = dataclasses.replace(stage, batches=lambda b=stage.batches: train_helpers.DiesAt(b(), 2, term))
     return run_stage(stage, model, mesh)
   monkeypatch.setattr(trainer, "run_stage", preempted)
   summary = recipe.train(c, tmp_path / "run", log=lambda _: None)

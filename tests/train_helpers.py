@@ -8,6 +8,7 @@ from ml_collections import ConfigDict
 from clclm_jax.model.config import LoraConfig, presets
 from clclm_jax.model.llama import Llama
 from clclm_jax.model.lora import add_lora
+from clclm_jax.train import checkpoint
 
 
 def tiny_model(seed: int = 0, dropout: float = 0.1) -> Llama:
@@ -34,3 +35,33 @@ def synthetic_batches(n: int, batch: int = 8, length: int = 16, vocab: int = 256
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
     out.append({"tokens": tokens, "positions": positions, "attention_mask": mask, "loss_mask": mask})
   return out
+
+
+class DiesAt:
+  """A stage's batch iterator that calls `action` (raise, signal) when asked for batch `n`: after step n - 1 and
+  its checkpoint, so a rerun shows what a death at that instant leaves behind."""
+
+  def __init__(self, it, n: int, action):
+    self.it, self.n, self.action, self.count = it, n, action, 0
+
+  def __next__(self):
+    self.count += 1
+    if self.count == self.n:
+      self.action()
+    return next(self.it)
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
+def best_params(workdir):
+  """(params, step) of WORKDIR's best checkpoint, restored untyped (numpy leaves)."""
+  ckpts = checkpoint.Checkpoints(workdir)
+  try:
+    step = ckpts.best_step()
+    return ckpts.best.restore(step).params, step
+  finally:
+    ckpts.close()
