@@ -342,7 +342,7 @@ def test_issue_table_takes_whole_test_rows_and_prefers_more_seeds():
   assert "| +3.00 (met) | - |" in by_label["recipe vs goal"]
   assert "| 54.00 | 54.00 | 54.00 | - |" in by_label["zero-shot"]  # untrained: the same in every shots column
   assert "| 50.00 (1 seed, 8+0) | - |" in by_label["TALLRec-style LoRA, text only"]
-  assert set(by_label["recipe - seq_cl"].split(" | ")[1:]) == {"-", "- |"}
+  assert set(by_label["recipe - seq_cl (book: + text_cl)"].split(" | ")[1:]) == {"-", "- |"}
 
 
 def test_versus_goal_says_when_the_gap_is_under_one_standard_error():
