@@ -28,10 +28,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metric
 
 def data_groups(config) -> list[str]:
   """The built-in data a config reads (`python -m clclm_jax.data fetch --only ...` groups)."""
+  group = lambda name: "movie" if name == "ml100k" else name  # noqa: E731  (MovieLens is fetched as "movie")
   if "calrec" in config:
-    return ["movie" if name == "ml100k" else name for name in calrec.dataset_names(config)]
+    return [group(name) for name in calrec.dataset_names(config)]
   if "dataset" in config:
-    return ["movie" if config.dataset == "ml100k" else config.dataset]
+    return [group(config.dataset)]
   groups = [] if configured.uses_files(config) else [config.data.domain]
   return groups + (["instruct"] if "instruct" in config.get("stages", ()) else [])
 
