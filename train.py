@@ -5,7 +5,9 @@ text-only stage 1, fused stage 2, then valid and test AUC (contrastive/recipe.py
 `dataset` (configs/tallrec_book.py, tallrec_movie.py, tiny.py) TALLRec's instruct -> rec LoRA tuning
 (train/loop.py); configs with a `dataset` (configs/pretrain_beauty.py, pretrain_ml100k.py) pretrain the
 sequence encoder (contrastive/pretrain.py); configs with a `calrec` block (configs/calrec_ml100k.py,
-calrec_beauty.py, tiny_calrec.py) fine-tune the LLM on next-item text in CALRec's two stages (seqrec/calrec.py).
+calrec_beauty.py, tiny_calrec.py) fine-tune the LLM on next-item text in CALRec's two stages (seqrec/calrec.py);
+configs with a `candidates` block (configs/cand_ml100k.py, cand_beauty.py, tiny_cand.py) LoRA-tune it on LLaRA's
+20-candidate task, optionally mixed with auxiliary-task prompts (seqrec/candidates.py).
 All of them are stage lists of the one trainer (train/trainer.py).
 """
 
@@ -19,7 +21,7 @@ from ml_collections import config_flags
 
 from clclm_jax.contrastive import pretrain, recipe
 from clclm_jax.data import configured, fetch, sequences
-from clclm_jax.seqrec import calrec
+from clclm_jax.seqrec import calrec, candidates
 from clclm_jax.train import cli, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/book.py", "Config file; override fields with --config.key=value.")
@@ -31,6 +33,8 @@ def data_groups(config) -> list[str]:
   group = lambda name: "movie" if name == "ml100k" else name  # noqa: E731  (MovieLens is fetched as "movie")
   if "calrec" in config:
     return [group(name) for name in calrec.dataset_names(config)]
+  if "candidates" in config:
+    return [group(config.data.dataset)]
   if "dataset" in config:
     return [group(config.dataset)]
   groups = [] if configured.uses_files(config) else [config.data.domain]
@@ -46,6 +50,10 @@ def main(argv):
   workdir = _WORKDIR.value or f"runs/{config.name}"
   if groups := [g for g in data_groups(config) if g in fetch.GROUPS]:
     fetch.ensure_data(groups)  # with no data folder: downloads what the config reads into the cache, and says so
+  if "candidates" in config:  # LLaRA's candidate task (+ auxiliary-task prompts), text-only LoRA
+    print(candidates.format_summary(candidates.train(config, workdir)))
+    print(f"{'run folder':<22}{workdir} (config.json, metrics.jsonl, curves.png, checkpoints, eval/)")
+    return
   if "calrec" in config:  # CALRec: next-item generation + two-tower InfoNCE, mixture then target stage
     print(calrec.format_summary(calrec.train(config, workdir)))
     print(f"{'run folder':<22}{workdir} (config.json, metrics.jsonl, curves.png, checkpoints, eval/)")

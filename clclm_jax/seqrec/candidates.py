@@ -1,0 +1,342 @@
+"""LLaRA's candidate ranking task (arXiv 2312.02445) with a text-only LoRA LLM through the one trainer, and its
+metrics: HitRatio@1 and ValidRatio of the generated answer, and a decoding-free HitRatio@1.
+
+Training: one stage (`candidates.steps` updates) on batches of `data/auxtasks.py` mixing the rec prompts of
+`data/candidates.py` with the auxiliary-task prompts at `tasks.ratios`; the loss is `answer_lm` (next-token CE on
+the answer lines and their newlines only, `contrastive.losses.target_ce`); LoRA factors train. Validation: the
+decoding-free HitRatio@1 on `data.valid_size` seeded validation users picks the best checkpoint.
+
+Metrics over the `num_candidates` candidates of an example (the target among them, `data.candidate_seed`):
+  `HitRatio@1_scored`  the target has the highest log-likelihood `sum log p(title + newline | prompt)` (ties go
+                       to the earlier candidate in the prompt; candidates are in a random order): no decoding;
+  `HitRatio@1`         the greedy answer (up to its newline) names the target;
+  `ValidRatio`         the greedy answer names one of the candidates.
+An answer names a candidate when its text equals the candidate's title as the prompt's tokens decode it
+(lower-cased, whitespace collapsed), else when exactly one candidate's title occurs in it (LLaRA's rule).
+Popularity (training-split counts) ranks the same candidates as the no-LLM reference.
+
+The decoding-free scores run the prompt once per user (`Llama.decode` into a key/value cache), repeat the cache
+for the candidates and run every candidate's answer in one more call: one compiled program per prompt width.
+"""
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from clclm_jax.contrastive import losses
+from clclm_jax.data import auxtasks, nextitem, nextitem_tokens
+from clclm_jax.data import candidates as cand_data
+from clclm_jax.data.candidates import CandidateExample, Layout, PromptTokens
+from clclm_jax.model import build as model_build
+from clclm_jax.model import generate as generate_lib
+from clclm_jax.model.llama import KVCache, Llama
+from clclm_jax.seqrec import baselines
+from clclm_jax.train import checkpoint, runconfig, sharding, trainer
+from clclm_jax.train.errors import ConfigError
+from clclm_jax.train.step import register_loss
+
+LOSS = "answer_lm"
+SCORED, HIT, VALID = "HitRatio@1_scored", "HitRatio@1", "ValidRatio"
+METRIC = SCORED  # the validation metric that picks the best checkpoint
+SUMMARY = "summary.json"
+
+
+@register_loss(LOSS, per_token=(LOSS,))
+def answer_loss(llm: Llama, batch, key: jax.Array | None) -> jax.Array:
+  """Next-token CE on the answer lines and their newlines only (`target_index`; the LM head runs on those)."""
+  h_btd = llm.hidden_states(batch["tokens"], None, batch["attention_mask"], dropout_key=key)
+  return losses.target_ce(llm, h_btd, batch)
+
+
+# --- Decoding-free scores --------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _scores(graphdef, state, prompt_up, prompt_mask_up, answer_ucw, answer_mask_ucw) -> jax.Array:
+  """[u, c] sum of log p of each candidate's answer tokens after its user's prompt."""
+  llm = nnx.merge(graphdef, state)
+  u, p = prompt_up.shape
+  c, w = answer_ucw.shape[1:]
+  h_last_ud, cache = llm.decode(prompt_up, llm.init_cache(u, p + w), 0, prompt_mask_up, last_only=True)
+  rows = functools.partial(jnp.repeat, repeats=c)  # user-major: row i * c + j is user i's candidate j
+  cache = KVCache(rows(cache.k_lbskd, axis=1), rows(cache.v_lbskd, axis=1), rows(cache.valid_bs, axis=0))
+  tokens_nw, mask_nw = answer_ucw.reshape(u * c, w), answer_mask_ucw.reshape(u * c, w)
+  h_nwd, _ = llm.decode(tokens_nw, cache, p, mask_nw)
+  # Token j of an answer is predicted by the state before it: the prompt's last for j = 0.
+  h_pred_nwd = jnp.concatenate([rows(h_last_ud, axis=0)[:, None], h_nwd[:, :-1]], axis=1)
+  nll_nw = llm.token_nll(h_pred_nwd.reshape(u * c * w, -1), tokens_nw.reshape(-1)).reshape(u * c, w)
+  return -(nll_nw * mask_nw).sum(-1).reshape(u, c)
+
+
+def candidate_scores(llm: Llama, pt: PromptTokens, data: nextitem.NextItemData,
+                     examples: Sequence[CandidateExample], layout: Layout, *, batch_size: int = 4) -> np.ndarray:
+  """[len(examples), num_candidates] log-likelihood of each candidate's title (and newline) as the answer,
+  `batch_size` users a call (the last call filled with its last user: one shape per prompt width)."""
+  graphdef, state = nnx.split(llm)
+  out = []
+  for start in range(0, len(examples), batch_size):
+    part = list(examples[start:start + batch_size])
+    b = cand_data.score_batch(pt, data, part + [part[-1]] * (batch_size - len(part)), layout)
+    scores = _scores(graphdef, state, b["prompt"], b["prompt_mask"], b["answer"], b["answer_mask"])
+    out.append(np.asarray(scores, np.float64)[:len(part)])
+  return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def target_ranks(scores_uc: np.ndarray, examples: Sequence[CandidateExample]) -> np.ndarray:
+  """0-based rank of each target among its candidates: those scored higher, plus equal ones listed earlier."""
+  scores_uc = np.asarray(scores_uc)
+  col_u = np.asarray([ex.candidates.index(ex.target) for ex in examples])
+  target_u1 = np.take_along_axis(scores_uc, col_u[:, None], axis=1)
+  ahead = (scores_uc > target_u1) | ((scores_uc == target_u1) & (np.arange(scores_uc.shape[1]) < col_u[:, None]))
+  return ahead.sum(1)
+
+
+def popularity_scores(data: nextitem.NextItemData, examples: Sequence[CandidateExample]) -> np.ndarray:
+  """[u, c] each candidate's count in the training histories (`baselines.popularity_scores`)."""
+  counts = baselines.popularity_scores(data)
+  return np.asarray([[counts[i - 1] for i in ex.candidates] for ex in examples], np.float64)
+
+
+# --- Generated answers -----------------------------------------------------------------------------
+
+def normalize(text: str) -> str:
+  return " ".join(text.lower().split())
+
+
+def named_candidate(answer: str, titles: Sequence[str]) -> int | None:
+  """The index of the candidate an answer names (module docstring), or None."""
+  answer = normalize(answer)
+  titles = [normalize(t) for t in titles]
+  if answer in titles:
+    return titles.index(answer)
+  inside = [i for i, t in enumerate(titles) if t and t in answer]
+  return inside[0] if len(inside) == 1 else None
+
+
+def generate_answers(llm: Llama, pt: PromptTokens, data: nextitem.NextItemData,
+                     examples: Sequence[CandidateExample], layout: Layout, *, batch_size: int = 8) -> list[str]:
+  """The greedy answer line of each example's rec prompt (`batch_size` prompts a call, one shape per width)."""
+  prompts = [pt.prompt(cand_data.rec_prompt(data, ex, layout.max_history)) for ex in examples]
+  tok = pt.tokenizer
+  eos = tok.eos_token_id if tok.eos_token_id is not None else llm.config.eos_token_id
+  stops = sorted({*generate_lib.newline_token_ids(tok), *([] if eos is None else [eos])})
+  stops = [i for i in stops if i < llm.config.vocab_size]
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    part = prompts[start:start + batch_size]
+    g = generate_lib.generate(llm, tok, part + [part[-1]] * (batch_size - len(part)),
+                              max_new_tokens=pt.line_bound(), stop_token_ids=stops,
+                              pad_to_multiple_of=layout.pad_multiple)
+    out += [texts[0].split("\n", 1)[0].strip() for texts in g.texts_br[:len(part)]]
+  return out
+
+
+def answer_metrics(answers: Sequence[str], examples: Sequence[CandidateExample],
+                   pt: PromptTokens) -> dict[str, float]:
+  """HitRatio@1 and ValidRatio of generated answers."""
+  picks = [named_candidate(a, [pt.title_text(c) for c in ex.candidates]) for a, ex in zip(answers, examples)]
+  hit = [p is not None and ex.candidates[p] == ex.target for p, ex in zip(picks, examples)]
+  return {HIT: float(np.mean(hit)) if hit else float("nan"),
+          VALID: float(np.mean([p is not None for p in picks])) if picks else float("nan")}
+
+
+def hit_ratio(ranks: np.ndarray) -> float:
+  return float(np.mean(np.asarray(ranks) == 0)) if len(ranks) else float("nan")
+
+
+# --- A run from a config ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+  """What the stage and the evaluations of a run share."""
+
+  config: ConfigDict
+  llm: Llama
+  data: nextitem.NextItemData
+  pt: PromptTokens
+  layout: Layout
+  settings: auxtasks.TaskSettings
+  mesh: Any
+
+
+def settings(config: ConfigDict) -> auxtasks.TaskSettings:
+  d, t = config.data, config.tasks
+  return auxtasks.TaskSettings(d.max_history, d.num_candidates, t.mim_max_masks, t.mlm_max_words, t.mlm_mask_rate)
+
+
+def check_config(config: ConfigDict) -> None:
+  """Stops on a bad value with one line naming the field, before anything is built or written."""
+  runconfig.validate(config)
+  d, t = config.data, config.tasks
+  if d.dataset in nextitem.ID_ONLY_DATASETS:
+    raise ConfigError(f"config.data.dataset={d.dataset!r} has no item titles (ID-only: configs/pretrain_*.py); the "
+                      f"candidate task reads item text: use one of {sorted(nextitem.TEXT_DATASETS)}")
+  if d.dataset not in nextitem.TEXT_DATASETS:
+    raise ConfigError(f"config.data.dataset={d.dataset!r} is not a dataset with item text: use one of "
+                      f"{sorted(nextitem.TEXT_DATASETS)}")
+  try:
+    auxtasks.mixture(dict(t.ratios), "config.tasks.ratios")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if d.num_candidates < 2:
+    raise ConfigError(f"config.data.num_candidates={d.num_candidates}: use 2 or more (LLaRA: 20)")
+  for field in ("max_item_tokens", "max_prompt_tokens", "pad_multiple"):
+    if d[field] < 1:
+      raise ConfigError(f"config.data.{field}={d[field]}: use 1 or more")
+  for field, value in (("data.max_history", d.max_history), ("data.max_prefixes", d.max_prefixes),
+                       ("candidates.steps", config.candidates.steps)):
+    if value < 0:
+      raise ConfigError(f"config.{field}={value}: use 0 or more")
+  if t.mim_max_masks < 1 or t.mlm_max_words < 1:
+    raise ConfigError(f"config.tasks: mim_max_masks={t.mim_max_masks} and mlm_max_words={t.mlm_max_words} must "
+                      "be 1 or more")
+  if not 0 < t.mlm_mask_rate <= 1:
+    raise ConfigError(f"config.tasks.mlm_mask_rate={t.mlm_mask_rate}: use a share in (0, 1]")
+
+
+def check_lengths(config: ConfigDict, pt: PromptTokens, kind: str) -> None:
+  """Every prompt of the asked tasks must fit `data.max_prompt_tokens` (the longest title and the longest
+  history): no prompt is cut silently."""
+  s = settings(config)
+  tasks, _ = auxtasks.mixture(dict(config.tasks.ratios))
+  for task in dict.fromkeys(("rec", *tasks)):  # rec: the evaluation prompts
+    need = auxtasks.prompt_bound(pt, kind, task, s)
+    if need > config.data.max_prompt_tokens:
+      raise ConfigError(f"config.data.max_prompt_tokens={config.data.max_prompt_tokens}: {task} prompts may take "
+                        f"{need} tokens (max_history={s.max_history}, num_candidates={s.num_candidates}, "
+                        f"max_item_tokens={config.data.max_item_tokens}): raise it or lower those")
+
+
+def build(config: ConfigDict, data: nextitem.NextItemData | None = None) -> Run:
+  """The LLM with LoRA, the dataset's prompt tokens, the mesh."""
+  check_config(config)
+  sharding.maybe_initialize_distributed(config)
+  data = data if data is not None else nextitem.load(config.data.dataset)
+  d = config.data
+  s = settings(config)
+  tasks, _ = auxtasks.mixture(dict(config.tasks.ratios))
+  layout = Layout(d.max_history, d.max_prompt_tokens, d.max_item_tokens, d.pad_multiple,
+                  auxtasks.answer_lines(tasks, s))
+  llm, tokenizer = model_build.build_model(config)
+  pt = PromptTokens(data, tokenizer, d.max_item_tokens)
+  check_lengths(config, pt, data.kind)
+  return Run(config, llm, data, pt, layout, s, sharding.make_mesh(config.mesh))
+
+
+def subset(r: Run, part: str, n: int) -> list[CandidateExample]:
+  """The seeded `n`-user subset (n < 0: all) of `part`'s examples with their candidates (`data.candidate_seed`):
+  every method, seed and run scores the same users and candidates."""
+  d = r.config.data
+  xs = cand_data.candidate_examples(r.data, part, num_candidates=d.num_candidates, seed=d.candidate_seed)
+  return xs if n < 0 else baselines.sample_examples(xs, n, d.subset_seed)
+
+
+def scored_metrics(r: Run, llm: Llama, xs: Sequence[CandidateExample]) -> dict[str, float]:
+  scores = candidate_scores(llm, r.pt, r.data, xs, r.layout, batch_size=r.config.train.eval_batch_size)
+  return {SCORED: hit_ratio(target_ranks(scores, xs)), "count": len(xs)}
+
+
+def train_examples(r: Run) -> list[nextitem.Example]:
+  """Training prefixes (`data.max_prefixes` per user, 0: all) of `data.max_users` seeded users (0: all)."""
+  c = r.config
+  xs = nextitem.examples(r.data, "train", max_prefixes=c.data.max_prefixes or None, seed=c.seed)
+  return nextitem_tokens.limit_users(xs, c.data.max_users, c.seed)
+
+
+def stages(r: Run, workdir: pathlib.Path) -> list[trainer.Stage]:
+  """One LoRA stage on the task mixture (none with 0 steps: the zero-shot LLM)."""
+  c = r.config
+  if c.candidates.steps == 0:
+    return []
+  examples = train_examples(r)
+  batches = lambda: auxtasks.train_batches(r.data, r.pt, examples, dict(c.tasks.ratios),  # noqa: E731
+                                           c.train.batch_size, r.layout, r.settings, c.seed)
+  valid = subset(r, "valid", c.data.valid_size)
+
+  def check(llm: Llama) -> dict[str, float]:
+    return {SCORED: scored_metrics(r, llm, valid)[SCORED]}
+  return [trainer.Stage(
+      "candidates", workdir, batches, {LOSS: 1.0}, c.candidates.steps, c.optim, c.train.batch_size,
+      min(c.train.micro_batch_size, c.train.batch_size), trains=nnx.LoRAParam, validate=check, metric=METRIC,
+      eval_every=c.train.eval_every, patience=c.train.patience, checkpoint_every=c.train.checkpoint_every,
+      seed=c.seed, config=c, title=f"{c.name}: candidates ({', '.join(auxtasks.mixture(dict(c.tasks.ratios))[0])})")]
+
+
+def evaluate_split(r: Run, split: str, workdir: pathlib.Path, n: int) -> dict[str, Any]:
+  """Decoding-free HitRatio@1 of the model and of popularity, and (with `eval.generation`) the generated
+  answers' HitRatio@1 / ValidRatio, on `n` seeded users of `split`; answers go to WORKDIR/eval/."""
+  xs = subset(r, split, n)
+  out: dict[str, Any] = scored_metrics(r, r.llm, xs)
+  out["popularity"] = {SCORED: hit_ratio(target_ranks(popularity_scores(r.data, xs), xs))}
+  if r.config.eval.generation:
+    answers = generate_answers(r.llm, r.pt, r.data, xs, r.layout, batch_size=r.config.train.eval_batch_size)
+    out.update(answer_metrics(answers, xs, r.pt))
+    if jax.process_index() == 0:
+      (workdir / "eval").mkdir(parents=True, exist_ok=True)
+      rows = [json.dumps({"user": ex.user, "target": ex.target, "candidates": ex.candidates, "answer": a})
+              for ex, a in zip(xs, answers)]
+      checkpoint.write_text(workdir / "eval" / f"{split}_answers.jsonl", "".join(x + "\n" for x in rows))
+  return out
+
+
+def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], None] = print,
+          data: nextitem.NextItemData | None = None) -> dict[str, Any]:
+  """The stage through `trainer.run` (resumable), then the best model's valid and test metrics; writes and
+  returns the summary (a finished run returns it)."""
+  workdir, t0 = pathlib.Path(workdir), time.time()
+  check_config(config)
+  data = data if data is not None else nextitem.load(config.data.dataset)
+  with trainer.RunLock(workdir):
+    if (workdir / SUMMARY).is_file():
+      runconfig.check_resume(config, workdir)
+      log(f"{workdir} is finished: its summary follows (delete {workdir / SUMMARY} to evaluate it again)")
+      return json.loads((workdir / SUMMARY).read_text())
+    r = build(config, data)
+    run_stages = stages(r, workdir)
+    if not run_stages and jax.process_index() == 0:  # zero-shot: no stage writes the config the run used
+      workdir.mkdir(parents=True, exist_ok=True)
+      runconfig.save(config, workdir)
+    summaries = trainer.run(run_stages, r.llm, r.mesh, log)
+    if summaries and summaries[-1]["preempted"]:
+      return summaries[-1]
+    c = config
+    summary = {"dataset": c.data.dataset, "tasks": {k: v for k, v in dict(c.tasks.ratios).items() if v},
+               "stages": [{k: s[k] for k in ("stage", "steps", "best_step", f"valid_{METRIC}", "stopped", "wall_s")}
+                          for s in summaries],
+               "valid": scored_metrics(r, r.llm, subset(r, "valid", c.data.valid_size))}
+    if c.data.test_size != 0:
+      summary["test"] = evaluate_split(r, "test", workdir, c.data.test_size)
+    summary["wall_s"] = time.time() - t0
+    if jax.process_index() == 0:
+      checkpoint.write_text(workdir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """The end-of-run lines: the stage, then valid and test metrics beside popularity on the same candidates."""
+  if summary.get("preempted"):
+    return f"preempted at step {summary['steps']} of {summary['stage']}: run the same command again to continue"
+  lines = [f"{'dataset':<22}{summary['dataset']} (tasks " + ", ".join(f"{k} {v:g}" for k, v in
+                                                                     summary["tasks"].items()) + ")"]
+  for s in summary["stages"]:
+    lines.append(f"{'stage ' + s['stage']:<22}{s['steps']} steps, best {s['best_step']} (valid {METRIC} "
+                 f"{s[f'valid_{METRIC}']:.4f}), stopped by {s['stopped']}, {s['wall_s'] / 60:.1f} min")
+  if not summary["stages"]:
+    lines.append(f"{'stages':<22}none: the model as loaded (zero-shot)")
+  v = summary["valid"]
+  lines.append(f"{'valid':<22}{SCORED} {v[SCORED]:.4f}  ({v['count']} users)")
+  if "test" in summary:
+    t = summary["test"]
+    gen = f"  {HIT} {t[HIT]:.4f}  {VALID} {t[VALID]:.4f}" if HIT in t else ""
+    lines.append(f"{'test':<22}{SCORED} {t[SCORED]:.4f}{gen}  ({t['count']} users)")
+    lines.append(f"{'test, popularity':<22}{SCORED} {t['popularity'][SCORED]:.4f}")
+  return "\n".join(lines)

@@ -1,0 +1,243 @@
+"""LLaRA's candidate task and Cao et al.'s auxiliary prompts: seeded candidate sampling without history items,
+prompt tokens and answer spans, auxiliary prompts free of validation / test targets, the task mixture and its
+resume, decoding-free HitRatio@1 against a numpy reference, answer matching, one-line config errors, and the
+tiny config through the one trainer."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from clclm_jax.data import auxtasks, nextitem
+from clclm_jax.data import candidates as cd
+from clclm_jax.model import build as model_build
+from clclm_jax.model.config import LoraConfig, presets
+from clclm_jax.seqrec import candidates as cs
+from clclm_jax.train.errors import ConfigError
+
+# Items 13 and 14 share a title (as 18 MovieLens titles do): never both among one example's candidates.
+TITLES = [f"title {w}" for w in ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+                                 "juliet", "kilo", "lima")] + ["same name", "same name"] + [
+                                     f"long title number {i} with words" for i in range(15, 41)]
+HISTORIES = [(1, 2, 3, 4, 5, 6), (7, 8, 9, 10, 11), (12, 1, 3, 5, 7, 9, 2), (4, 6, 8, 10, 12, 13, 14),
+             (15, 16, 17, 18), (2, 4, 19, 20, 21, 22, 23)]
+LAYOUT = cd.Layout(max_history=3, max_prompt_tokens=512, max_item_tokens=16, pad_multiple=32)
+SETTINGS = auxtasks.TaskSettings(max_history=3, num_candidates=5, mim_max_masks=2, mlm_max_words=4,
+                                 mlm_mask_rate=0.5)
+
+
+@pytest.fixture(scope="module")
+def toy():
+  """A toy catalogue, the byte tokenizer and its prompt tokens, and a tiny float Llama with active LoRA."""
+  data = nextitem.from_histories("toy", "movie", HISTORIES, TITLES)
+  tok = model_build.byte_tokenizer()
+  cfg = dataclasses.replace(presets["tiny"], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id)
+  llm = model_build.random_model(cfg, LoraConfig(r=4, alpha=8, dropout=0.0), dtype=jnp.float32, quantize=None,
+                                 seed=0)
+  for _, lin in llm.projections(("q_proj", "v_proj")):
+    lin.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(2), lin.lora_b.shape)
+  return data, tok, cd.PromptTokens(data, tok, LAYOUT.max_item_tokens), llm
+
+
+def test_candidates_hold_the_target_once_no_history_item_and_are_seeded(toy):
+  data = toy[0]
+  for part in nextitem.PARTS:
+    xs = cd.candidate_examples(data, part, num_candidates=5, seed=3)
+    assert xs and [(x.user, x.history, x.target) for x in xs] == [tuple(e) for e in nextitem.examples(data, part)]
+    for x in xs:
+      assert len(x.candidates) == 5 and x.candidates.count(x.target) == 1
+      negatives = set(x.candidates) - {x.target}
+      assert len(negatives) == 4 and not negatives & set(data.histories[x.user])  # never interacted with
+      assert len({data.titles[i - 1] for i in x.candidates}) == 5  # distinct texts: 13 and 14 never together
+    again = cd.candidate_examples(data, part, num_candidates=5, seed=3)
+    assert again == xs
+    alone = [cd.sample_candidates(data, nextitem.Example(x.user, x.history, x.target),
+                                  cd.example_rng(3, nextitem.Example(x.user, x.history, x.target)), 5) for x in xs]
+    assert alone == [x.candidates for x in xs]  # an example's draw does not depend on the others
+  tests = cd.candidate_examples(data, "test", num_candidates=5, seed=3)
+  assert [x.candidates for x in tests] != [x.candidates for x in cd.candidate_examples(
+      data, "test", num_candidates=5, seed=4)]
+  cols = {x.candidates.index(x.target) for s in range(6) for x in cd.candidate_examples(data, "test", seed=s,
+                                                                                         num_candidates=5)}
+  assert len(cols) > 2  # the target's position is drawn, not fixed
+  with pytest.raises(ValueError, match="lower data.num_candidates"):
+    cd.candidate_examples(data, "test", num_candidates=40)
+
+
+def test_rec_prompt_tokens_and_answer_spans(toy):
+  data, tok, pt, _ = toy
+  xs = cd.candidate_examples(data, "valid", num_candidates=5, seed=0)
+  prompts = [cd.rec_prompt(data, x, LAYOUT.max_history) for x in xs]
+  batch = cd.train_batch(pt, prompts, LAYOUT)
+  assert batch["tokens"].shape[1] % LAYOUT.pad_multiple == 0
+  for r, (x, p) in enumerate(zip(xs, prompts)):
+    text = tok.decode(batch["tokens"][r][batch["attention_mask"][r] > 0])
+    want = cd.render(data, p.lines)
+    assert text == "<s>" + want + data.titles[x.target - 1] + "\n"
+    assert want.startswith(nextitem.HEADERS["movie"] + "\n" + "".join(
+        data.titles[i - 1] + "\n" for i in x.history[-3:]) + cd.CANDIDATES_LINE + "\n")
+    assert want.endswith(cd.question("movie") + "\n")
+    assert tok.decode(batch["tokens"][r][batch["loss_mask"][r] > 0]) == data.titles[x.target - 1] + "\n"
+    idx = batch["target_index"][r][batch["target_index"][r] > 0]
+    np.testing.assert_array_equal(idx, np.flatnonzero(batch["loss_mask"][r]))
+  assert batch["target_index"].shape[1] == pt.answer_width(LAYOUT)
+  long = cd.PromptTokens(data, tok, 5)  # titles cut at 5 tokens, in the prompt and the answer alike
+  assert long.title_text(15) == "long" and len(long.lines([15])) == 6
+
+
+def _mentioned(prompt: cd.Prompt) -> set[int]:
+  return {x for x in (*prompt.lines, *prompt.answer, *prompt.candidates) if isinstance(x, int)}
+
+
+def test_aux_prompts_come_from_training_histories_only(toy):
+  data, _, pt, _ = toy
+  train_items = {u: set(h) for u, h in enumerate(nextitem.train_histories(data))}
+  held_out = {u: {h[-1], h[-2]} - train_items[u] for u, h in enumerate(data.histories)}
+  examples = nextitem.examples(data, "train")
+  ratios = {"rec": 1.0, "mim": 1.0, "bpr": 1.0, "mlm": 1.0}
+  source = auxtasks.train_batches(data, pt, examples, ratios, 4, LAYOUT, SETTINGS, seed=0)
+  seen = set()
+  for epoch in range(30):
+    source.set_state({"epoch": epoch, "index": 0})
+    for i in range(len(source.batches)):
+      for p in source.batches.prompts(i):
+        seen.add(p.task)
+        assert not _mentioned(p) & held_out[p.user], p  # no validation or test target of the user
+        if p.task in ("mim", "bpr"):
+          history = [x for x in p.lines if isinstance(x, int) and x not in p.candidates]
+          assert set(history) <= train_items[p.user]
+        if p.task == "mim":
+          masks = [x for x in p.lines[1:-1]]
+          assert 1 <= masks.count(auxtasks.MASK) == len(p.answer) <= 2 and set(p.answer) <= train_items[p.user]
+          filled = iter(p.answer)
+          seq = [next(filled) if x == auxtasks.MASK else x for x in masks]
+          assert any(tuple(seq) == h[max(0, k - 3):k] for h in [nextitem.train_histories(data)[p.user]]
+                     for k in range(2, len(h) + 1))  # the hidden items are the sequence's, in order
+        if p.task == "bpr":
+          assert len(p.candidates) == 2 and p.answer[0] in p.candidates
+          assert not set(p.candidates) - {p.answer[0]} & set(data.histories[p.user])
+        if p.task == "mlm":
+          words = iter(p.answer[0].split())
+          filled = " ".join(next(words) if w == auxtasks.MASK else w for w in p.lines[1].split())
+          assert auxtasks.MASK in p.lines[1] and any(
+              " ".join(data.titles[i - 1].split()[:4]) == filled for i in train_items[p.user])
+  assert seen == set(auxtasks.TASKS)
+
+
+def test_mixture_follows_the_ratios_and_resumes_exactly(toy):
+  data, _, pt, _ = toy
+  examples = nextitem.examples(data, "train")
+  only = auxtasks.train_batches(data, pt, examples, {"rec": 0.0, "mlm": 2.0}, 2, LAYOUT, SETTINGS, seed=1)
+  assert {p.task for i in range(len(only.batches)) for p in only.batches.prompts(i)} == {"mlm"}
+  ratios = {"rec": 1.0, "mim": 0.5, "bpr": 0.5}
+  source = auxtasks.train_batches(data, pt, examples, ratios, 2, LAYOUT, SETTINGS, seed=1)
+  for _ in range(3):
+    next(source)
+  state = source.get_state()
+  rest = [next(source) for _ in range(20)]  # crosses epoch boundaries
+  again = auxtasks.train_batches(data, pt, examples, ratios, 2, LAYOUT, SETTINGS, seed=1)
+  again.set_state(json.loads(json.dumps(state)))
+  for a, b in zip(rest, [next(again) for _ in range(20)], strict=True):
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  assert rest[0]["target_index"].shape[1] == 2 * pt.line_bound()  # mim: up to 2 answer lines
+  _, probs = auxtasks.mixture(ratios)
+  tasks = np.concatenate([p[:, 1] for e in range(40) for p in auxtasks.epoch_plan(
+      len(examples), 2, probs, np.random.default_rng([1, e]))])
+  np.testing.assert_allclose(np.bincount(tasks, minlength=3) / len(tasks), probs, atol=0.05)
+
+
+@nnx.jit
+def _logits(llm, tokens_bt):
+  return llm(tokens_bt)
+
+
+def test_decoding_free_scores_equal_a_numpy_reference(toy):
+  data, _, pt, llm = toy
+  xs = cd.candidate_examples(data, "test", num_candidates=5, seed=0)[:3]
+  got = cs.candidate_scores(llm, pt, data, xs, LAYOUT, batch_size=2)  # a padded last call too
+  assert got.shape == (3, 5)
+  want = np.zeros((3, 5))
+  for u, x in enumerate(xs):
+    prompt = pt.prompt(cd.rec_prompt(data, x, LAYOUT.max_history))
+    for c, item in enumerate(x.candidates):
+      answer = pt.lines([item])
+      row = np.r_[prompt, answer]
+      logits = np.asarray(_logits(llm, jnp.asarray(row[None])), np.float64)[0]
+      logp = logits - logits.max(-1, keepdims=True)
+      logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+      want[u, c] = sum(logp[len(prompt) + j - 1, t] for j, t in enumerate(answer))
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-3)
+  ranks = cs.target_ranks(got, xs)
+  np.testing.assert_array_equal(ranks, [int((want[u] > want[u, x.candidates.index(x.target)]).sum())
+                                        for u, x in enumerate(xs)])
+
+
+def test_target_ranks_break_ties_by_prompt_order_and_hit_ratio():
+  xs = [cd.CandidateExample(0, (), 7, (5, 7, 9)), cd.CandidateExample(1, (), 7, (7, 5, 9)),
+        cd.CandidateExample(2, (), 9, (5, 7, 9))]
+  scores = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+  ranks = cs.target_ranks(scores, xs)
+  assert ranks.tolist() == [1, 0, 1]  # a tie goes to the candidate listed first
+  assert cs.hit_ratio(ranks) == pytest.approx(1 / 3)
+
+
+def test_answers_name_candidates_as_llara_counts_them(toy):
+  titles = ["Toy Story (1995)", "Heat (1995)", "Heat and Dust (1983)"]
+  assert cs.named_candidate("  toy story   (1995) ", titles) == 0
+  assert cs.named_candidate("Heat (1995)", titles) == 1  # exact beats contained
+  assert cs.named_candidate("I pick Toy Story (1995)!", titles) == 0  # the only one inside
+  assert cs.named_candidate("Heat (1995) or Toy Story (1995)", titles) is None  # two inside: invalid
+  assert cs.named_candidate("Casablanca", titles) is None
+  data, _, pt, _ = toy
+  xs = [cd.CandidateExample(0, (1,), 2, (3, 2, 4)), cd.CandidateExample(1, (1,), 2, (2, 3, 4)),
+        cd.CandidateExample(2, (1,), 2, (2, 3, 4))]
+  got = cs.answer_metrics(["title bravo", "TITLE charlie", "nothing"], xs, pt)
+  assert got == {cs.HIT: pytest.approx(1 / 3), cs.VALID: pytest.approx(2 / 3)}
+
+
+def test_bad_config_gets_one_line_errors(toy, tmp_path):
+  from configs import tiny_cand  # pylint: disable=g-import-not-at-top
+  cases = [("tasks.ratios", {"rec": 0.0, "mim": 0.0}, "config.tasks.ratios=.* sums to zero"),
+           ("tasks.ratios", {"rec": 1.0, "cloze": 1.0}, r"config.tasks.ratios names unknown task\(s\) \['cloze'\]"),
+           ("tasks.ratios", {"rec": -1.0}, "ratios must be finite and 0 or more"),
+           ("data.dataset", "sports", "config.data.dataset='sports' has no item titles"),
+           ("data.num_candidates", 1, "config.data.num_candidates=1: use 2 or more")]
+  for field, value, message in cases:
+    c = tiny_cand.get_config()
+    block, name = field.split(".")
+    with c.unlocked():
+      c[block][name] = value
+    with pytest.raises(ConfigError, match=message) as e:
+      cs.train(c, tmp_path / "run")
+    assert "\n" not in str(e.value)
+  assert not (tmp_path / "run").exists()
+  data, _, pt, _ = toy
+  c = tiny_cand.get_config()
+  c.data.max_prompt_tokens = 100
+  with pytest.raises(ConfigError, match=r"config.data.max_prompt_tokens=100: rec prompts may take \d+ tokens"):
+    cs.check_lengths(c, pt, data.kind)
+
+
+def test_tiny_config_trains_through_the_one_trainer(toy, tmp_path):
+  from configs import tiny_cand  # pylint: disable=g-import-not-at-top
+  data = toy[0]
+  c = tiny_cand.get_config()
+  c.data.max_users, c.data.valid_size, c.data.test_size = 0, 4, 4
+  c.data.max_history, c.data.num_candidates = 3, 5
+  said = []
+  summary = cs.train(c, tmp_path / "run", log=said.append, data=data)
+  assert [s["stage"] for s in summary["stages"]] == ["candidates"] and summary["stages"][0]["steps"] == 3
+  assert summary["valid"]["count"] == 4 and 0 <= summary["valid"][cs.SCORED] <= 1
+  test = summary["test"]
+  assert {cs.SCORED, cs.HIT, cs.VALID, "popularity", "count"} <= set(test)
+  assert len((tmp_path / "run" / "eval" / "test_answers.jsonl").read_text().splitlines()) == 4
+  rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3] and f"valid/{cs.METRIC}" in rows[-1]
+  assert "test, popularity" in cs.format_summary(summary)
+  assert cs.train(c, tmp_path / "run", log=said.append, data=data) == summary  # finished: the summary back
+  assert "is finished" in said[-1]
