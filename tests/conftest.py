@@ -25,3 +25,24 @@ def compilation_cache(tmp_path_factory):
   jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   yield
+
+
+def pytest_addoption(parser):
+  parser.addoption("--extended", action="store_true",
+                   help="also run the tests marked `extended` (more mesh shapes and process counts; `make test-all`)")
+
+
+# `make test` runs the files on two workers, a whole file per worker (`--dist loadfile`, so module fixtures are
+# built once); the longest files go first so that neither worker is left with one at the end.
+LONGEST_FIRST = ("test_sharding.py", "test_train_loop.py", "test_cli.py", "test_fusion.py", "test_contrastive.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order inside a file is kept
+  if config.getoption("--extended") or os.environ.get("CLCLM_EXTENDED_TESTS") == "1":
+    return
+  skip = pytest.mark.skip(reason="extended: run with `make test-all` (pytest --extended)")
+  for item in items:
+    if "extended" in item.keywords:
+      item.add_marker(skip)
