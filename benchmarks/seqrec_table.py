@@ -45,7 +45,7 @@ from ml_collections import ConfigDict
 from clclm_jax.contrastive import pretrain
 from clclm_jax.data import nextitem, sequences
 from clclm_jax.seqrec import baselines, calrec, metrics
-from clclm_jax.train import sharding, trainer
+from clclm_jax.train import cli, sharding, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # configs/ and common.py
@@ -120,7 +120,7 @@ def apply_overrides(c: ConfigDict, overrides: dict[str, Any]) -> ConfigDict:
       node = node[p]
     if leaf not in node:
       raise ValueError(f"override {key}: the config has no such field")
-    node[leaf] = value
+    node[leaf] = tuple(value) if isinstance(node[leaf], tuple) and isinstance(value, list) else value  # [50]: (50,)
   return c
 
 
@@ -426,4 +426,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+  cli.enable_compilation_cache()  # a rerun (another row, budget or seed) skips the SmolLM2 compiles paid before
   main()
