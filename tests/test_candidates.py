@@ -70,7 +70,8 @@ def test_candidates_hold_the_target_once_no_history_item_and_are_seeded(toy):
 
 
 def test_rec_prompt_tokens_and_answer_spans(toy):
-  data, tok, pt, _ = toy
+  data, tok, _, _ = toy
+  pt = cd.PromptTokens(data, tok, 64)  # no title cut: the tokens decode to the rendered text
   xs = cd.candidate_examples(data, "valid", num_candidates=5, seed=0)
   prompts = [cd.rec_prompt(data, x, LAYOUT.max_history) for x in xs]
   batch = cd.train_batch(pt, prompts, LAYOUT)
@@ -152,8 +153,8 @@ def test_mixture_follows_the_ratios_and_resumes_exactly(toy):
 
 
 @nnx.jit
-def _logits(llm, tokens_bt):
-  return llm(tokens_bt)
+def _logits(llm, tokens_bt, mask_bt):
+  return llm(tokens_bt, None, mask_bt)
 
 
 def test_decoding_free_scores_equal_a_numpy_reference(toy):
@@ -161,16 +162,20 @@ def test_decoding_free_scores_equal_a_numpy_reference(toy):
   xs = cd.candidate_examples(data, "test", num_candidates=5, seed=0)[:3]
   got = cs.candidate_scores(llm, pt, data, xs, LAYOUT, batch_size=2)  # a padded last call too
   assert got.shape == (3, 5)
+  # The reference: every [prompt ; answer] row through the whole model, no cache, in one right-padded call.
+  rows = [(u, c, pt.prompt(cd.rec_prompt(data, x, LAYOUT.max_history)), pt.lines([item]))
+          for u, x in enumerate(xs) for c, item in enumerate(x.candidates)]
+  width = max(len(p) + len(a) for _, _, p, a in rows)
+  tokens = np.zeros((len(rows), width), np.int32)
+  mask = np.zeros((len(rows), width), np.int32)
+  for r, (_, _, p, a) in enumerate(rows):
+    tokens[r, :len(p) + len(a)], mask[r, :len(p) + len(a)] = np.r_[p, a], 1
+  logits = np.asarray(_logits(llm, jnp.asarray(tokens), jnp.asarray(mask)), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   want = np.zeros((3, 5))
-  for u, x in enumerate(xs):
-    prompt = pt.prompt(cd.rec_prompt(data, x, LAYOUT.max_history))
-    for c, item in enumerate(x.candidates):
-      answer = pt.lines([item])
-      row = np.r_[prompt, answer]
-      logits = np.asarray(_logits(llm, jnp.asarray(row[None])), np.float64)[0]
-      logp = logits - logits.max(-1, keepdims=True)
-      logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-      want[u, c] = sum(logp[len(prompt) + j - 1, t] for j, t in enumerate(answer))
+  for r, (u, c, p, a) in enumerate(rows):
+    want[u, c] = sum(logp[r, len(p) + j - 1, t] for j, t in enumerate(a))
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-3)
   ranks = cs.target_ranks(got, xs)
   np.testing.assert_array_equal(ranks, [int((want[u] > want[u, x.candidates.index(x.target)]).sum())
@@ -241,3 +246,31 @@ def test_tiny_config_trains_through_the_one_trainer(toy, tmp_path):
   assert "test, popularity" in cs.format_summary(summary)
   assert cs.train(c, tmp_path / "run", log=said.append, data=data) == summary  # finished: the summary back
   assert "is finished" in said[-1]
+
+
+def test_aux_rows_in_calrec_batches_train_generation_only(toy):
+  from clclm_jax.data import nextitem_tokens  # pylint: disable=g-import-not-at-top
+  data, tok, pt, _ = toy
+  layout = nextitem_tokens.Layout(max_history=3, max_prompt_tokens=200, max_item_tokens=16, pad_multiple=32)
+  it = nextitem_tokens.item_tokens(data, tok, layout.max_item_tokens)
+  examples = nextitem.examples(data, "train")
+  ratios = {"rec": 1.0, "mim": 1.0, "bpr": 1.0, "mlm": 1.0}
+  source = auxtasks.calrec_train_batches([(it, examples, data, pt)], 4, layout, LAYOUT, ratios, SETTINGS, seed=2)
+  aux_rows = 0
+  for _ in range(12):
+    batch = next(source)
+    _, rows = source.batches.plan[source.index - 1]  # the examples of the batch just read
+    plain = nextitem_tokens.train_batch(it, [examples[r] for r in rows], layout)
+    for r in range(4):
+      if batch["contrastive_valid"][r] == 0 and not batch["history_mask"][r].any():  # an auxiliary row
+        aux_rows += 1
+        answer = tok.decode(batch["tokens"][r][batch["loss_mask"][r] > 0])
+        assert answer.endswith("\n") and not batch["target_mask"][r].any()
+        idx = batch["target_index"][r][batch["target_index"][r] > 0]
+        np.testing.assert_array_equal(idx, np.flatnonzero(batch["loss_mask"][r]))
+      else:  # CALRec's own row, as the plain batch has it
+        w = plain["tokens"].shape[1]
+        for k in ("tokens", "attention_mask", "history_mask", "target_mask", "loss_mask"):
+          np.testing.assert_array_equal(batch[k][r, :w], plain[k][r])
+          assert not batch[k][r, w:].any()
+  assert 0 < aux_rows < 48

@@ -14,6 +14,7 @@ are not public), items rendered by title, no user ids:
        words, space-separated, in order.
 `train_batches` draws each row's task by the ratios and builds its prompt from the row's example with a
 generator seeded by (seed, epoch, batch, row): a batch depends only on those, so a resumed run reads the same.
+`calrec_train_batches` mixes the same auxiliary rows into CALRec's next-item batches (part 1's path).
 """
 
 import dataclasses
@@ -22,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from clclm_jax.data import candidates, nextitem, sequences
+from clclm_jax.data import candidates, nextitem, nextitem_tokens, sequences
 from clclm_jax.data.candidates import Layout, Prompt, PromptTokens, Text
 
 TASKS = ("rec", "mim", "bpr", "mlm")
@@ -163,8 +164,81 @@ def train_batches(data: nextitem.NextItemData, pt: PromptTokens, examples: Seque
                   ratios: Mapping[str, float], batch_size: int, layout: Layout, settings: TaskSettings,
                   seed: int, field: str = "config.tasks.ratios") -> sequences.EpochBatches:
   """Endless seeded epochs (`epoch_plan` with `default_rng([seed, epoch])`) of batches mixing the tasks of
-  `ratios` over the training `examples`; checkpointable (`get_state` / `set_state`)."""
+  `ratios` over the training `examples`; checkpointable (`get_state` / `set_state`). The answer width
+  (`target_index`) holds the longest answer of the mixed tasks (`answer_lines`)."""
   tasks, probs = mixture(ratios, field)
+  layout = dataclasses.replace(layout, answer_lines=max(layout.answer_lines, answer_lines(tasks, settings)))
   make = lambda epoch: MixedEpoch(data, pt, examples, tasks, epoch_plan(  # noqa: E731
       len(examples), batch_size, probs, np.random.default_rng([seed, epoch])), layout, settings, seed, epoch)
+  return sequences.EpochBatches(make)
+
+
+# --- Auxiliary rows in CALRec's batches (part 1's path) ----------------------------------------------
+
+def _widen(x: np.ndarray, width: int) -> np.ndarray:
+  return np.pad(x, ((0, 0), (0, width - x.shape[1])))
+
+
+def with_aux_rows(calrec_batch: dict[str, np.ndarray], aux_batch: dict[str, np.ndarray],
+                  rows: Sequence[int]) -> dict[str, np.ndarray]:
+  """CALRec's training batch (`nextitem_tokens.train_batch`) with its `rows` replaced by auxiliary-task rows
+  (`candidates.train_batch` of as many prompts, in order): they take part in next-item generation
+  (`calrec_nig` reads their answer at `target_index`) and in neither InfoNCE term (`contrastive_valid` 0, no
+  history or target span; their item-tower rows stay and are masked out)."""
+  rows = list(rows)
+  width = max(calrec_batch["tokens"].shape[1], aux_batch["tokens"].shape[1])
+  width_a = max(calrec_batch["target_index"].shape[1], aux_batch["target_index"].shape[1])
+  out = {k: v.copy() for k, v in calrec_batch.items()}
+  for k in ("tokens", "attention_mask", "loss_mask", "history_mask", "target_mask"):
+    out[k] = _widen(out[k], width)
+  for k in ("tokens", "attention_mask", "loss_mask"):
+    out[k][rows] = _widen(aux_batch[k], width)
+  out["target_index"] = _widen(out["target_index"], width_a)
+  out["target_index"][rows] = _widen(aux_batch["target_index"], width_a)
+  out["history_mask"][rows] = 0
+  out["target_mask"][rows] = 0
+  out["contrastive_valid"][rows] = 0
+  return out
+
+
+class CalrecMixedEpoch(Sequence):
+  """CALRec's epoch (`nextitem_tokens.epoch_plan`) with each row's task drawn by the ratios ("rec": CALRec's own
+  next-item row) from a generator seeded by (seed, epoch, batch); an auxiliary row's prompt is made from the
+  row's training example (`make_prompt`, seeded by (seed, epoch, batch, row))."""
+
+  def __init__(self, sources, plan, layout, aux_layout: Layout, tasks: Sequence[str], probs: np.ndarray,
+               settings: TaskSettings, seed: int, epoch: int):
+    self.sources, self.plan, self.layout, self.aux_layout = sources, plan, layout, aux_layout
+    self.tasks, self.probs, self.settings, self.seed, self.epoch = tasks, probs, settings, seed, epoch
+
+  def __len__(self) -> int:
+    return len(self.plan)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    source, rows = self.plan[i]
+    it, examples, data, pt = self.sources[source]
+    xs = [examples[r] for r in rows]
+    batch = nextitem_tokens.train_batch(it, xs, self.layout)
+    drawn = np.random.default_rng([self.seed, self.epoch, i]).choice(len(self.probs), size=len(xs), p=self.probs)
+    aux = [r for r, t in enumerate(drawn.tolist()) if self.tasks[t] != "rec"]
+    if not aux:
+      return batch
+    prompts = [make_prompt(self.tasks[drawn[r]], data, xs[r], np.random.default_rng([self.seed, self.epoch, i, r]),
+                           self.settings) for r in aux]
+    return with_aux_rows(batch, candidates.train_batch(pt, prompts, self.aux_layout), aux)
+
+
+def calrec_train_batches(sources, batch_size: int, layout, aux_layout: Layout, ratios: Mapping[str, float],
+                         settings: TaskSettings, seed: int,
+                         field: str = "config.tasks.ratios") -> sequences.EpochBatches:
+  """`nextitem_tokens.train_batches` for CALRec with auxiliary rows mixed in at `ratios`; `sources` are
+  (ItemTokens, training examples, NextItemData, PromptTokens) per dataset; checkpointable, seeded per batch."""
+  tasks, probs = mixture(ratios, field)
+  aux_layout = dataclasses.replace(aux_layout, answer_lines=max(aux_layout.answer_lines,
+                                                                answer_lines(tasks, settings)))
+  sources = list(sources)
+  sizes = [len(s[1]) for s in sources]
+  make = lambda epoch: CalrecMixedEpoch(  # noqa: E731
+      sources, nextitem_tokens.epoch_plan(sizes, batch_size, np.random.default_rng([seed, epoch])), layout,
+      aux_layout, tasks, probs, settings, seed, epoch)
   return sequences.EpochBatches(make)
