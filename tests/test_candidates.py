@@ -274,3 +274,10 @@ def test_aux_rows_in_calrec_batches_train_generation_only(toy):
           np.testing.assert_array_equal(batch[k][r, :w], plain[k][r])
           assert not batch[k][r, w:].any()
   assert 0 < aux_rows < 48
+
+
+def test_negatives_stop_with_an_error_when_distinct_titles_run_out():
+  data = nextitem.from_histories("dup", "movie", [(1, 2, 3), (4, 5, 6)], ["a", "b", "c"] + ["same"] * 20)
+  assert cd.sample_negatives(data, 0, 1, np.random.default_rng(0))[0] > 3  # one title is left: 'same'
+  with pytest.raises(ValueError, match="too few items with distinct titles never interacted with for 2"):
+    cd.sample_negatives(data, 0, 2, np.random.default_rng(0))  # 20 items, one text: stops instead of looping

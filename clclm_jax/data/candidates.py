@@ -82,7 +82,14 @@ def sample_negatives(data: nextitem.NextItemData, user: int, n: int, rng: np.ran
     raise ValueError(f"{data.name}: user {user} has {data.num_items - len(seen)} items never interacted with, "
                      f"too few for {n} negatives: lower data.num_candidates")
   out: list[int] = []
+  rounds = 0
   while len(out) < n:
+    rounds += 1
+    if rounds == 100:  # rejection is slow or stuck (many shared titles): count what is left, exactly
+      left = {data.titles[i - 1] for i in range(1, data.num_items + 1) if i not in seen} - titles
+      if len(left) < n - len(out):
+        raise ValueError(f"{data.name}: user {user} has too few items with distinct titles never interacted with "
+                         f"for {n} negatives: lower data.num_candidates")
     for item in rng.integers(1, data.num_items + 1, size=2 * n).tolist():
       title = data.titles[item - 1]
       if item not in seen and title not in titles:
