@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clclm_jax.data import auxtasks, nextitem
+from clclm_jax.data import auxtasks, nextitem, sequences
 from clclm_jax.data import candidates as cd
 from clclm_jax.model import build as model_build
 from clclm_jax.model.config import LoraConfig, presets
@@ -281,3 +281,19 @@ def test_negatives_stop_with_an_error_when_distinct_titles_run_out():
   assert cd.sample_negatives(data, 0, 1, np.random.default_rng(0))[0] > 3  # one title is left: 'same'
   with pytest.raises(ValueError, match="too few items with distinct titles never interacted with for 2"):
     cd.sample_negatives(data, 0, 2, np.random.default_rng(0))  # 20 items, one text: stops instead of looping
+
+
+def test_id_encoder_scores_its_candidates_as_its_full_ranking_would(toy):
+  from clclm_jax.contrastive.encoder import SeqEncoder  # pylint: disable=g-import-not-at-top
+  data = toy[0]
+  encoder = SeqEncoder(data.num_items + 2, hidden=8, num_layers=1, num_heads=2, max_len=4, dropout=0.0,
+                       attn_dropout=0.0, rngs=nnx.Rngs(0))
+  xs = cd.candidate_examples(data, "test", num_candidates=5, seed=0)
+  got = cs.encoder_scores(encoder, xs, batch_size=4)  # a padded last call
+  items, _ = sequences.pad([np.asarray(x.history) for x in xs], 4)
+  full = np.asarray(encoder.encode(jnp.asarray(items)) @ encoder.item_table().T)  # [u, vocab]: column i is id i
+  np.testing.assert_allclose(got, np.take_along_axis(full, np.asarray([x.candidates for x in xs]), 1), rtol=1e-5,
+                             atol=1e-6)
+  pop = cs.popularity_scores(data, xs)
+  counts = {i: sum(h.count(i) for h in nextitem.train_histories(data)) for i in range(1, data.num_items + 1)}
+  assert pop.tolist() == [[counts[i] for i in x.candidates] for x in xs]

@@ -13,7 +13,8 @@ Metrics over the `num_candidates` candidates of an example (the target among the
   `ValidRatio`         the greedy answer names one of the candidates.
 An answer names a candidate when its text equals the candidate's title as the prompt's tokens decode it
 (lower-cased, whitespace collapsed), else when exactly one candidate's title occurs in it (LLaRA's rule).
-Popularity (training-split counts) ranks the same candidates as the no-LLM reference.
+Popularity (training-split counts) ranks the same candidates as the no-LLM reference; `encoder_scores` lets a
+pretrained ID encoder (SASRec / CL4SRec) rank them too.
 
 The decoding-free scores run the prompt once per user (`Llama.decode` into a key/value cache), repeat the cache
 for the candidates and run every candidate's answer in one more call: one compiled program per prompt width.
@@ -34,7 +35,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from clclm_jax.contrastive import losses
-from clclm_jax.data import auxtasks, nextitem, nextitem_tokens
+from clclm_jax.contrastive.encoder import SeqEncoder
+from clclm_jax.data import auxtasks, nextitem, nextitem_tokens, sequences
 from clclm_jax.data import candidates as cand_data
 from clclm_jax.data.candidates import CandidateExample, Layout, PromptTokens
 from clclm_jax.model import build as model_build
@@ -104,6 +106,30 @@ def popularity_scores(data: nextitem.NextItemData, examples: Sequence[CandidateE
   """[u, c] each candidate's count in the training histories (`baselines.popularity_scores`)."""
   counts = baselines.popularity_scores(data)
   return np.asarray([[counts[i - 1] for i in ex.candidates] for ex in examples], np.float64)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "pooling"))
+def _encoder_scores(graphdef, state, items_bl, candidates_bc, *, pooling):
+  encoder = nnx.merge(graphdef, state)
+  user_bd = encoder.encode(items_bl, pooling=pooling)
+  return jnp.einsum("bd,bcd->bc", user_bd, encoder.item_table()[candidates_bc])
+
+
+def encoder_scores(encoder: SeqEncoder, examples: Sequence[CandidateExample], *, pooling: str = "last",
+                   batch_size: int = 256) -> np.ndarray:
+  """[u, c] the ID encoder's (SASRec / CL4SRec, `contrastive.encoder.SeqEncoder`, ids as `sequences.py`'s, which
+  are `nextitem`'s) next-item scores of each example's candidates: the pooled history (its last `max_len`
+  items) against the item table, as its full-catalogue ranking scores them."""
+  graphdef, state = nnx.split(encoder)
+  out = []
+  for start in range(0, len(examples), batch_size):
+    part = list(examples[start:start + batch_size])
+    part += [part[-1]] * (batch_size - len(part))  # one shape
+    items_bl, _ = sequences.pad([np.asarray(ex.history) for ex in part], encoder.max_len)
+    cands_bc = np.asarray([ex.candidates for ex in part], np.int32)
+    scores = _encoder_scores(graphdef, state, items_bl, cands_bc, pooling=pooling)
+    out.append(np.asarray(scores, np.float64)[:min(batch_size, len(examples) - start)])
+  return np.concatenate(out) if out else np.zeros((0, 0))
 
 
 # --- Generated answers -----------------------------------------------------------------------------
