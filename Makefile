@@ -26,13 +26,14 @@ setup-test: $(TEST_STAMP)
 run: setup
 	$(PY) train.py --config=configs/book.py
 
-# Two workers, a file each at a time (the suite is mostly XLA compiles, one core each).
+# Two workers, a file each at a time (the suite is mostly XLA compiles, one core each). A worker that dies (out of
+# memory) fails its test and is not replaced: a restarted worker reran the whole file and could hang the run.
 test: setup-test
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart=0 tests
 
 # The default suite plus the `extended` tests: more mesh shapes and a 2-process recipe run (about 8 min more).
 test-all: setup-test
-	$(PY) -m pytest -q -n 2 --dist loadfile --extended tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart=0 --extended tests
 
 # throughput.py compares against torch + peft, so the benchmarks need the test extra too.
 bench: setup-test
