@@ -22,15 +22,19 @@ import memory_plan  # pylint: disable=g-import-not-at-top,wrong-import-position
 import probe_text_only  # pylint: disable=g-import-not-at-top,wrong-import-position
 import quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 import readme_results  # pylint: disable=g-import-not-at-top,wrong-import-position
+import seqrec_table  # pylint: disable=g-import-not-at-top,wrong-import-position
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from clclm_jax.contrastive import pretrain  # pylint: disable=wrong-import-position
 from clclm_jax.contrastive.fusion import FusionConfig  # pylint: disable=wrong-import-position
-from clclm_jax.data import tallrec  # pylint: disable=wrong-import-position
+from clclm_jax.data import nextitem, sequences, tallrec  # pylint: disable=wrong-import-position
 from clclm_jax.data.records import Catalogue, Interaction, Item  # pylint: disable=wrong-import-position
 from clclm_jax.model.config import LoraConfig, presets  # pylint: disable=wrong-import-position
 from clclm_jax.model.llama import Llama  # pylint: disable=wrong-import-position
 from clclm_jax.model.lora import add_lora  # pylint: disable=wrong-import-position
+from clclm_jax.seqrec import baselines  # pylint: disable=wrong-import-position
+from clclm_jax.train import sharding, trainer  # pylint: disable=wrong-import-position
 
 
 def test_interleaved_times_alternates_and_excludes_warmup():
@@ -443,3 +447,62 @@ def test_the_readme_stays_short_and_opens_with_both_commands():
   text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
   head = "\n".join(text.splitlines()[:40])
   assert len(text) <= 12_000 and "make run" in head and "make test" in head
+
+
+def test_seqrec_table_scores_every_row_on_the_same_users_and_records_the_budget(tmp_path, data_root):
+  """The table's command on tiny models: each row on every user set, CALRec's seeds averaged, budgets recorded;
+  the ID encoder's ranks agree with its own evaluator and the popularity row with `baselines.evaluate`."""
+  del data_root
+  id_set = "num_epochs=1,hidden=8,num_layers=1,eval_every=1,batch_size=512"
+  argv = ["--datasets=ml100k", "--rows=popularity,id_encoder,zero_shot,calrec", "--calrec_config=tiny_calrec",
+          "--seeds=0,1", "--set=calrec.mixture.steps=0,calrec.target.steps=1,data.valid_size=4",
+          "--llm_users=6", f"--id_set={id_set}", f"--workdir={tmp_path / 'runs'}", f"--out={tmp_path}", "--fresh"]
+  result = seqrec_table.main(argv)
+  rows = {(r["row"], r["kind"], r["users"]): r for r in result["rows"]}
+  assert set(rows) == {("popularity", None, "all"), ("popularity", None, "6 seeded"), ("id_encoder", None, "all"),
+                       ("id_encoder", None, "6 seeded"), ("zero_shot", None, "6 seeded"),
+                       ("calrec", "generation", "6 seeded"), ("calrec", "dense", "6 seeded")}
+  for r in rows.values():
+    m = r["mean"]
+    assert r["count"] == (943 if r["users"] == "all" else 6)
+    assert 0 <= m["Recall@1"] <= m["Recall@5"] <= m["Recall@10"] <= 1
+    assert m["NDCG@5"] <= m["NDCG@10"] <= m["Recall@10"] and m["Recall@1"] <= m["NDCG@5"]
+    assert r["wall_s"]["eval"] > 0
+  dense = rows[("calrec", "dense", "6 seeded")]
+  assert dense["seeds"] == 2 and len(dense["per_seed"]) == 2 and not dense["full_recipe"]
+  for k in seqrec_table.METRICS:
+    values = [s[k] for s in dense["per_seed"]]
+    assert dense["mean"][k] == pytest.approx(np.mean(values)) and dense["std"][k] == pytest.approx(np.std(values, ddof=1))
+  assert dense["budget"] == {"calrec.mixture.steps": 0, "calrec.target.steps": 1, "data.valid_size": 4, "llm_users": 6}
+  assert dense["steps_per_stage"] == {"mixture": 0, "target": 1} and dense["wall_s"]["train"] > 0
+  assert rows[("popularity", None, "all")]["full_recipe"] and not rows[("id_encoder", None, "all")]["full_recipe"]
+  data = nextitem.load("ml100k")
+  xs = nextitem.examples(data, "test")
+  want = baselines.evaluate(baselines.popularity_scorer(data), data, xs)
+  assert rows[("popularity", None, "all")]["mean"] == pytest.approx({k: want[k] for k in seqrec_table.METRICS})
+  users = baselines.sample_examples(xs, 6, 0)  # every row of the 6-user table scored these users
+  assert rows[("popularity", None, "6 seeded")]["mean"]["NDCG@10"] == pytest.approx(
+      baselines.evaluate(baselines.popularity_scorer(data), data, users)["NDCG@10"])
+  cfg = seqrec_table.id_config("pretrain_{dataset}", "ml100k", -1, seqrec_table.parse_overrides(id_set.split(",")))
+  seqs = sequences.load("ml100k")
+  model = pretrain.NextItemRec(cfg, seqs)
+  trainer.run([pretrain.stage(cfg, model, seqs, pathlib.Path(rows[("id_encoder", None, "all")]["run_folders"][0]))],
+              model, sharding.make_mesh((-1, 1, 1)), log=lambda _: None)  # finished: restores its best parameters
+  own = pretrain.evaluate(model, seqs, "test", cfg)
+  assert rows[("id_encoder", None, "all")]["mean"]["Recall@10"] == pytest.approx(own["HR@10"])
+  assert rows[("id_encoder", None, "all")]["mean"]["NDCG@5"] == pytest.approx(own["NDCG@5"], abs=1e-6)
+  text = (tmp_path / "seqrec_table.md").read_text()
+  assert "**budget**: calrec.mixture.steps=0" in text and "## ml100k: 6 test users (6 seeded)" in text
+  assert "Not run: ml100k bm25_last" in text and "beauty calrec_no_mixture" in text
+  assert "best CALRec row" in text  # the goal line: CALRec against the ID encoder on the same users
+  saved = json.loads((tmp_path / "seqrec_table.json").read_text())
+  assert len(saved["rows"]) == len(rows) and saved["commands"][0].startswith("python benchmarks/seqrec_table.py")
+  # eval.py scores a CALRec run folder: the same users and weights give the table's numbers.
+  folder = pathlib.Path(dense["run_folders"][0])
+  ev = subprocess.run([sys.executable, "eval.py", "--config=configs/tiny_calrec.py", f"--workdir={folder}",
+                       "--config.calrec.mixture.steps=0", "--config.data.test_size=6"],
+                      cwd=pathlib.Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+  assert ev.returncode == 0, ev.stderr
+  scored = json.loads((folder / "eval" / "test_metrics.json").read_text())
+  assert scored["count"] == 6 and scored["dense"] == pytest.approx(dense["per_seed"][0])
+  assert scored["generation"] == pytest.approx(rows[("calrec", "generation", "6 seeded")]["per_seed"][0])
