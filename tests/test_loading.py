@@ -175,8 +175,8 @@ def test_hf_folder_errors(tiny_hf, tmp_path):
   with pytest.raises(ModelError, match=r"config.json: unreadable LLaMA config"):
     load_model(tmp_path)
   cfg = json.loads((tiny_hf[1] / "config.json").read_text())
-  (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="qwen2")))
-  with pytest.raises(ModelError, match=r"config.json: model_type 'qwen2' is not supported"):
+  (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="gemma2")))
+  with pytest.raises(ModelError, match=r"config.json: model_type 'gemma2' is not supported"):
     load_model(tmp_path)
   (tmp_path / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(ModelError, match=r"no \*.safetensors weights"):

@@ -234,8 +234,8 @@ def test_lora_config_rejects_unknown_target():
 
 
 def test_from_hf_dict_rejects_other_architectures():
-  with pytest.raises(ModelError, match="cfg.json: model_type 'mistral' is not supported"):
-    config_lib.LlamaConfig.from_hf_dict({"model_type": "mistral"}, "cfg.json")
+  with pytest.raises(ModelError, match="cfg.json: model_type 'gemma2' is not supported"):
+    config_lib.LlamaConfig.from_hf_dict({"model_type": "gemma2"}, "cfg.json")
 
 
 def test_frozen_matmul_backward_is_one_dot_in_the_weight_dtype():

@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from clclm_jax.model.config import LORA_TARGETS, LlamaConfig, LoraConfig
@@ -73,14 +74,16 @@ def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
 
 
 class Linear(nnx.Module):
-  """Bias-free projection `x @ W` with a frozen float or int8 `W [in, out]` and optional LoRA.
+  """Projection `x @ W (+ b)` with a frozen float or int8 `W [in, out]`, an optional frozen float32 bias `b [out]`
+  (Qwen2's q, k, v) and optional LoRA.
 
   With `layers=L` it holds one projection per decoder layer, stacked: every variable has a leading
   `[L, ...]` axis named "layers". `__call__` runs one layer's slice (the scan or the loop in `Llama`
   slices the stacked variables before calling), so its code sees `[in, out]` either way."""
 
   def __init__(self, in_features: int, out_features: int, names: tuple[str, str], *,
-               dtype=jnp.float32, quantize: str | None = None, layers: int | None = None, rngs: nnx.Rngs):
+               dtype=jnp.float32, quantize: str | None = None, layers: int | None = None, bias: bool = False,
+               rngs: nnx.Rngs):
     self.names = names
     self.dtype = dtype
     self.quantize = quantize
@@ -90,6 +93,9 @@ class Linear(nnx.Module):
     self.lora_dropout = 0.0
     lead = () if layers is None else (layers,)
     self.set_kernel(_normal(rngs, (*lead, in_features, out_features)))
+    self.bias = nnx.data(None)
+    if bias:
+      self.bias = variable(Frozen, jnp.zeros((*lead, out_features), jnp.float32), self._names(len(lead) + 1, names[1:]))
 
   def _names(self, ndim: int, names: tuple) -> tuple:
     """Logical names of a variable of rank `ndim` whose last axes are `names`: leading axes are "layers"."""
@@ -107,8 +113,10 @@ class Linear(nnx.Module):
     kernel, scale, zero = stored
     if self.quantize == "int8":
       self.kernel = variable(QInt8, kernel, self._names(kernel.ndim, self.names))
-      self.scale = variable(QScale, scale, self._names(scale.ndim, (None, self.names[1])))
-      self.zero = variable(QScale, zero, self._names(zero.ndim, (None, self.names[1])))
+      # The group axis splits like the kernel's input rows (whole groups per device where they divide): under
+      # fsdp, replicated float32 scales and zeros would be a quarter of the int8 weights on every device.
+      self.scale = variable(QScale, scale, self._names(scale.ndim, self.names))
+      self.zero = variable(QScale, zero, self._names(zero.ndim, self.names))
     else:
       self.kernel = variable(Frozen, kernel, self._names(kernel.ndim, self.names))
       self.scale = nnx.data(None)
@@ -141,6 +149,8 @@ class Linear(nnx.Module):
     # Accumulating in float32 is also the fast path on CPU: XLA's bf16 x bf16 -> bf16 dot runs at half the
     # speed of bf16 x bf16 -> f32. The LoRA update is added in float32, then one cast.
     y = frozen_matmul(x, self.weight(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...]
     if self.lora_a is not None:
       if dropout_key is not None and self.lora_dropout > 0:
         x = dropout(dropout_key, x, self.lora_dropout)
@@ -163,9 +173,35 @@ class RMSNorm(nnx.Module):
     return (x32 * self.weight[...]).astype(x.dtype)
 
 
-def rope_tables(positions_bt: jax.Array, head_dim: int, theta: float):
-  """cos/sin `[b, t, head_dim]` for rotate-half rotary embeddings (Hugging Face layout)."""
-  inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray | None:
+  """The inverse frequencies `[head_dim / 2]` of a scaled RoPE (llama3, linear, or llama.cpp's per-frequency
+  factors), as Hugging Face computes them (float32 base frequencies); None for plain RoPE."""
+  scaling = dict(cfg.rope_scaling)
+  kind = scaling.get("rope_type", "default")
+  if kind == "default" and not cfg.rope_freq_factors:
+    return None
+  d = cfg.head_dim
+  inv_freq = (1.0 / cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))).astype(np.float64)
+  if cfg.rope_freq_factors:
+    inv_freq = inv_freq / np.asarray(cfg.rope_freq_factors, np.float64)
+  if kind == "linear":
+    inv_freq = inv_freq / scaling["factor"]
+  elif kind == "llama3":
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    inv_freq = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def rope_tables(positions_bt: jax.Array, head_dim: int, theta: float, inv_freq: np.ndarray | None = None):
+  """cos/sin `[b, t, head_dim]` for rotate-half rotary embeddings (Hugging Face layout); `inv_freq` (from
+  `rope_inv_freq`) replaces the plain frequencies of `theta`."""
+  if inv_freq is None:
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
   angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
   angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
@@ -297,10 +333,14 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = (
         cfg.num_attention_heads, cfg.num_key_value_heads, hd)
     kw = dict(dtype=dtype, quantize=quantize, layers=layers, rngs=rngs)
-    self.q_proj = Linear(d, self.num_heads * hd, ("embed", "heads"), **kw)
-    self.k_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
-    self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
-    self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), **kw)
+    bias = lambda name: name in cfg.bias_projections  # noqa: E731
+    self.q_proj = Linear(d, self.num_heads * hd, ("embed", "heads"), bias=bias("q_proj"), **kw)
+    self.k_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=bias("k_proj"), **kw)
+    self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=bias("v_proj"), **kw)
+    self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), bias=bias("o_proj"), **kw)
+    # Qwen3: RMSNorm over each head's queries and keys (one weight [head_dim] per layer), before RoPE.
+    self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, layers) if cfg.qk_norm else nnx.data(None)
+    self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, layers) if cfg.qk_norm else nnx.data(None)
 
   def __call__(self, x_btd, cos_btd, sin_btd, allowed_bts, keys, prefix_kv=None, rows_b=None, impl="custom",
                cache_index=None):
@@ -318,6 +358,8 @@ class Attention(nnx.Module):
     q_bthd = self.q_proj(xq_btd, keys[0]).reshape(b, tq, self.num_heads, self.head_dim)
     k_btkd = self.k_proj(x_btd, keys[1]).reshape(b, t, k_heads, self.head_dim)
     v_btkd = self.v_proj(x_btd, keys[2]).reshape(b, t, k_heads, self.head_dim)
+    if self.q_norm is not None:
+      q_bthd, k_btkd = self.q_norm(q_bthd), self.k_norm(k_btkd)
     q_bthd = apply_rope(q_bthd, cos_q, sin_q)
     k_btkd = apply_rope(k_btkd, cos_btd, sin_btd)
     kv = (k_btkd, v_btkd)
@@ -361,9 +403,10 @@ class MLP(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, dtype, quantize, layers=None, rngs: nnx.Rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
     kw = dict(dtype=dtype, quantize=quantize, layers=layers, rngs=rngs)
-    self.gate_proj = Linear(d, f, ("embed", "mlp"), **kw)
-    self.up_proj = Linear(d, f, ("embed", "mlp"), **kw)
-    self.down_proj = Linear(f, d, ("mlp", "embed"), **kw)
+    bias = lambda name: name in cfg.bias_projections  # noqa: E731
+    self.gate_proj = Linear(d, f, ("embed", "mlp"), bias=bias("gate_proj"), **kw)
+    self.up_proj = Linear(d, f, ("embed", "mlp"), bias=bias("up_proj"), **kw)
+    self.down_proj = Linear(f, d, ("mlp", "embed"), bias=bias("down_proj"), **kw)
 
   def __call__(self, x_btd, keys):
     """gate and up stay float32 into one fused silu-multiply-cast (13% faster than bf16 outputs on CPU)."""
@@ -412,6 +455,17 @@ def mask_and_positions(attention_mask_bt: jax.Array):
   allowed_bts = (seg_bt[:, :, None] == seg_bt[:, None, :]) & (seg_bt[:, None, :] > 0) & causal_ts
   positions_bt = jnp.maximum(allowed_bts.sum(-1) - 1, 0)
   return allowed_bts, positions_bt
+
+
+def window_mask(t: int, s: int, window: int | None, first_query=None) -> jax.Array | None:
+  """`[t, s]`: query i (key slot `first_query + i`, default s - t: the queries are the last t keys) may see key
+  slot j when it lies fewer than `window` slots back, as Hugging Face's sliding window counts (slots, not
+  positions: a row's real tokens are contiguous slots under left padding, packing and a KV cache alike).
+  None when no query can reach that far back (no window, or s <= window)."""
+  if window is None or s <= window:
+    return None
+  q_t = (s - t if first_query is None else first_query) + jnp.arange(t)
+  return (q_t[:, None] - jnp.arange(s)[None, :]) < window
 
 
 def _chunked_nll(h_nd, w_dv, targets_n, chunk: int, with_grad: bool):
@@ -574,11 +628,12 @@ class Llama(nnx.Module):
       positions_bt = jnp.maximum(before_b[:, None] + jnp.cumsum(mask_bt, axis=1) - 1, 0)
     slots_ts = (jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None])
     allowed_bts = valid_bs[:, None, :] & slots_ts[None]
-    cos_btd, sin_btd = rope_tables(positions_bt, self.config.head_dim, self.config.rope_theta)
+    cos_btd, sin_btd = self.rope(positions_bt)
     x_btd = self.embed(tokens_bt).astype(self.dtype)
     rows_b = jnp.full((b,), t - 1) if last_only else None
+    window_ts = window_mask(t, s, self.config.sliding_window, first_query=index)
     x_btd, (k_lbtkd, v_lbtkd) = self._decoder(x_btd, cos_btd, sin_btd, allowed_bts, None,
-                                              (cache.k_lbskd, cache.v_lbskd), rows_b, index)
+                                              (cache.k_lbskd, cache.v_lbskd), rows_b, index, window_ts)
     k_lbskd, v_lbskd = (jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), index, axis=2)
                         for c, x in ((cache.k_lbskd, k_lbtkd), (cache.v_lbskd, v_lbtkd)))
     return self.norm(x_btd if rows_b is None else x_btd[:, 0]), KVCache(k_lbskd, v_lbskd, valid_bs)
@@ -596,21 +651,39 @@ class Llama(nnx.Module):
       allowed_bts = jnp.concatenate([jnp.ones((b, t, p), bool), allowed_bts], axis=-1)
       default_positions_bt = default_positions_bt + p
     positions_bt = default_positions_bt if positions_bt is None else positions_bt
-    cos_btd, sin_btd = rope_tables(positions_bt, self.config.head_dim, self.config.rope_theta)
-    x_btd, kv = self._decoder(x_btd, cos_btd, sin_btd, allowed_bts, dropout_key, prefix_kv, rows_b)
+    cos_btd, sin_btd = self.rope(positions_bt)
+    window_ts = window_mask(t, allowed_bts.shape[-1], self.config.sliding_window)
+    x_btd, kv = self._decoder(x_btd, cos_btd, sin_btd, allowed_bts, dropout_key, prefix_kv, rows_b,
+                              window_ts=window_ts)
     return self.norm(x_btd if rows_b is None else x_btd[:, 0]), kv
 
-  def _decoder(self, x_btd, cos_btd, sin_btd, allowed_bts, dropout_key, prefix_kv, rows_b, cache_index=None):
+  def rope(self, positions_bt: jax.Array):
+    """cos/sin tables of this model's RoPE (scaled as its config says) at `positions_bt`."""
+    cfg = self.config
+    return rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, rope_inv_freq(cfg))
+
+  def _decoder(self, x_btd, cos_btd, sin_btd, allowed_bts, dropout_key, prefix_kv, rows_b, cache_index=None,
+               window_ts=None):
     """All decoder layers; returns (output, stacked (k, v) `[L, b, t, kv_heads, head_dim]`). Layer i gets
     dropout key fold_in(dropout_key, i), under scan and in the loop alike. With `cache_index`, `prefix_kv`
-    is a stacked key/value cache (`decode`)."""
+    is a stacked key/value cache (`decode`). `window_ts` (`window_mask`) further limits the sliding-window
+    layers: all of them share one mask; when only some layers slide, each picks its mask by a per-layer flag."""
     n = self.config.num_hidden_layers
     graphdef, stacked = nnx.split(self.layers)
     keys_l = None if dropout_key is None else jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(jnp.arange(n))
     impl = self.attention_impl
+    sliding = self.config.sliding_layers()
+    sliding_l, windowed_bts = None, None
+    if window_ts is not None and any(sliding):
+      windowed_bts = allowed_bts & window_ts[None]
+      if all(sliding):
+        allowed_bts = windowed_bts
+      else:
+        sliding_l = jnp.asarray(sliding)
 
-    def layer(x_btd, layer_state, key, layer_prefix_kv, rows_b):
-      return nnx.merge(graphdef, layer_state)(x_btd, cos_btd, sin_btd, allowed_bts, key, layer_prefix_kv, rows_b,
+    def layer(x_btd, layer_state, key, layer_prefix_kv, layer_sliding, rows_b):
+      mask_bts = allowed_bts if layer_sliding is None else jnp.where(layer_sliding, windowed_bts, allowed_bts)
+      return nnx.merge(graphdef, layer_state)(x_btd, cos_btd, sin_btd, mask_bts, key, layer_prefix_kv, rows_b,
                                               impl, cache_index)
 
     policy = remat_policy_name(self.remat)
@@ -618,7 +691,7 @@ class Llama(nnx.Module):
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[policy])
     # With `rows_b` the last layer runs only those rows: it is called apart, after the others.
     body_n = n if rows_b is None else n - 1
-    per_layer = (stacked, keys_l, prefix_kv)
+    per_layer = (stacked, keys_l, prefix_kv, sliding_l)
     if self.scan_layers:
       def body(x_btd, xs):
         return layer(x_btd, *xs, None)
