@@ -333,7 +333,7 @@ def fmt(r: dict, k: str) -> str:
 
 def budget_text(r: dict) -> str:
   if r["full_recipe"]:
-    return "recipe"
+    return "as configured"
   return "**budget**: " + ", ".join(f"{k}={v}" for k, v in r["budget"].items())
 
 
@@ -368,8 +368,10 @@ def markdown(result: dict) -> str:
            f"Machine: {common.machine_line(result['machine'])}.",
            "Every method of a table is scored on the same test users (leave-one-out: the last item is the target; "
            "every catalogue item competes, history items kept). CALRec rows: mean ± sample standard deviation "
-           "over seeds. Wall time: training (mean over seeds) and this table's scoring. A row marked **budget** "
-           "ran a smaller budget than its config's recipe (the values listed) and does not stand for the recipe.",
+           "over seeds. Wall time: training (mean over seeds) and this table's scoring, compiles included, on a CPU "
+           "shared with other jobs (upper bounds). A row marked **budget** ran with settings other than its "
+           "config's recipe (the values listed: fewer steps, users or history items, another time budget) and "
+           "does not stand for the recipe.",
            "", "Commands:", ""]
   lines += [f"- `{c}`" for c in result["commands"]]
   for (dataset, users), group in common.group_by(rows, lambda r: (r["dataset"], r["users"])).items():
