@@ -11,7 +11,11 @@ token, `fused-prompt_dropout`: no encoder dropout under the soft tokens in stage
 is one of its history items, `fused+hint_kd`: stage 2 also distils the encoder's P(like) into the answer,
 `fused+hint_kd+align_cl`: both, `fused+align_cl-seq_cl` / `fused+align_cl-text_cl` and `fused+hint_kd-seq_cl` /
 `fused+hint_kd-text_cl`: the movie and book recipes without seq_cl / text_cl);
-the `FUSED` table below says what each changes.
+the `FUSED` table below says what each changes. Residual fusion (`FusionConfig.mode='residual'`: the encoder's
+like-logit + what LoRA changes in the LLM's Yes-minus-No logit) starts from the pretrained encoder with LoRA at
+zero (no stage 1) and trains LoRA by `residual_answer` (`residual`: text-only prompts, `residual+gate`: learned
+scalar weights on both parts, `residual+soft_tokens`: the prompt keeps the soft tokens and the projector trains).
+Every variant is also paired with `encoder_only` (the same prompts scored by the encoder alone).
 The full protocol is 2 domains x 16/64/256 shots x 3 seeds on the whole test sets; flags choose a slice,
 and the output says which. `--split valid` scores the validation split instead (by default into
 benchmarks/results/fused_quality_valid), so variants and step counts can be chosen without the test set.
@@ -46,7 +50,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from clclm_jax.contrastive import feedback, recipe  # pylint: disable=wrong-import-position
+from clclm_jax.contrastive import feedback, fusion, recipe  # pylint: disable=wrong-import-position
 from clclm_jax.data import fewshot  # pylint: disable=wrong-import-position
 from clclm_jax.train import cli, evaluate  # pylint: disable=wrong-import-position
 from configs import base, book, movie  # pylint: disable=wrong-import-position
@@ -62,10 +66,17 @@ class Ablation:
   fusion: dict[str, Any] = dataclasses.field(default_factory=dict)
   scratch_encoder: bool = False
   history_targets: int = 0
+  soft_tokens: bool = True  # the prompt holds the soft tokens (residual fusion may leave them out)
+
+  @property
+  def residual(self) -> bool:
+    return self.fusion.get("mode") == "residual"
 
 
 ALIGN_CL = {"align_cl": movie.ALIGN_CL_WEIGHT}  # the movie recipe's alignment
 HINT_KD = {"hint_kd": book.HINT_KD_WEIGHT}  # the book recipe's distillation
+RESIDUAL = {"mode": "residual"}
+RESIDUAL_WEIGHTS = {"residual_answer": 1.0}  # residual fusion's only stage-2 loss (the encoder does not train)
 FUSED = {
     "fused": Ablation(),
     "fused-seq_cl": Ablation(loss_weights={"seq_cl": 0.0}),
@@ -82,6 +93,9 @@ FUSED = {
     "fused+align_cl-text_cl": Ablation(loss_weights=ALIGN_CL | {"text_cl": 0.0}),
     "fused+hint_kd-seq_cl": Ablation(loss_weights=HINT_KD | {"seq_cl": 0.0}),
     "fused+hint_kd-text_cl": Ablation(loss_weights=HINT_KD | {"text_cl": 0.0}),
+    "residual": Ablation(fusion=RESIDUAL, soft_tokens=False),
+    "residual+gate": Ablation(fusion=RESIDUAL | {"residual_gate": True}, soft_tokens=False),
+    "residual+soft_tokens": Ablation(fusion=RESIDUAL),
 }
 # Plain fusion's stage-2 weights (fused_lm, seq_cl and text_cl on; align_cl and hint_kd off), shared by both
 # domains, so a variant's name means the same weights whatever the domain config turns on or off.
@@ -89,8 +103,10 @@ PLAIN = dict(movie.fused_overrides(base.get_config()).stage2.loss_weights)
 
 
 def stage2_weights(variant: str) -> dict[str, float]:
-  """Stage-2 loss weights of a fused variant: plain fusion's, then the variant's changes."""
-  return PLAIN | FUSED[variant].loss_weights
+  """Stage-2 loss weights of a fused variant: plain fusion's, then the variant's changes; residual variants:
+  `RESIDUAL_WEIGHTS`, then the variant's changes."""
+  ablation = FUSED[variant]
+  return (RESIDUAL_WEIGHTS if ablation.residual else PLAIN) | ablation.loss_weights
 
 
 UNTRAINED = ("zero_shot", "encoder_only")  # scored once per domain: no shots, no seed
@@ -158,8 +174,9 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
     p, label = scores.p_yes, scores.label
     return 100 * evaluate.auc(p, label), time.time() - t, ",".join(f"{x:.5f}" for x in p)
 
-  def train(spec, steps, weights, seed, pool) -> float:
-    return recipe.fit_stage(r, spec, pool, steps, weights, seed, pathlib.Path(tempfile.mkdtemp(dir=scratch_dir)))
+  def train(spec, steps, weights, seed, pool, trains=nnx.Param) -> float:
+    return recipe.fit_stage(r, spec, pool, steps, weights, seed, pathlib.Path(tempfile.mkdtemp(dir=scratch_dir)),
+                            trains)
 
   def record(row):
     emit(row)
@@ -178,8 +195,9 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
       auc, score_s, p_yes = test_auc(text, "zero_shot")
       record({**zero, "auc": auc, "train_s": 0.0, "score_s": score_s, "p_yes": p_yes})
   if "encoder_only" in args.variants and encoder is not None:
+    p_yes = ",".join(f"{x:.5f}" for x in feedback.like_probabilities(model, test))
     record({**base, "variant": "encoder_only", "shots": 0, "seed": None, "stage1_steps": 0, "stage2_steps": 0,
-            "auc": 100 * encoder["test_auc"], "train_s": encoder["seconds"], "score_s": 0.0})
+            "auc": 100 * encoder["test_auc"], "train_s": encoder["seconds"], "score_s": 0.0, "p_yes": p_yes})
   if all(v in UNTRAINED for v in args.variants):
     return  # nothing to train: no shot or seed loop
   for shots in args.shots:
@@ -189,29 +207,38 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
       train_set = fewshot.fewshot(splits.train, shots, seed)
       if encoder is not None:  # how well the hint agrees with the labels the cell is taught on
         cell["pool_encoder_auc"] = 100 * feedback.encoder_auc(model, train_set)
-      train1_s = train(text, s1, dict(config.stage1.loss_weights), seed, train_set)
+      fused_variants = [v for v in args.variants if v in FUSED]
+      needs_stage1 = "text_only" in args.variants or any(not FUSED[v].residual for v in fused_variants)
+      train1_s = train(text, s1, dict(config.stage1.loss_weights), seed, train_set) if needs_stage1 else 0.0
       if "text_only" in args.variants and s1 > 0:
         auc, score_s, p_yes = test_auc(text, f"{shots}-shot seed {seed} text_only")
         record({**cell, "variant": "text_only", "stage2_steps": 0, "auc": auc, "train_s": train1_s,
                 "score_s": score_s, "p_yes": p_yes})
       stage1 = jax.tree.map(np.array, nnx.state(model, nnx.Param))
-      for variant in [v for v in args.variants if v in FUSED]:
+      for variant in fused_variants:
         ablation = FUSED[variant]
-        nnx.update(model, stage1)
+        # residual fusion starts at its encoder: LoRA at zero (the weights before stage 1), no stage 1
+        nnx.update(model, initial if ablation.residual else stage1)
         if ablation.scratch_encoder:
           nnx.update(model, nnx.State({k: scratch[k] for k in ("encoder", "feedback_head")}))
-        model.config = dataclasses.replace(fcfg, **ablation.fusion)
+        model.configure(dataclasses.replace(fcfg, **ablation.fusion))
         weights = stage2_weights(variant)
         extra = config.stage2.history_targets or ablation.history_targets
-        train2_s = train(fused, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed))
-        auc, score_s, p_yes = test_auc(fused, f"{shots}-shot seed {seed} {variant}")
-        model.config = fcfg
-        record({**cell, "variant": variant, "stage2_steps": s2, "loss_weights": weights, "history_targets": extra,
-                "auc": auc, "train_s": train1_s + train2_s, "score_s": score_s, "p_yes": p_yes})
+        spec = fused if ablation.soft_tokens else text
+        trains = fusion.residual_trains(ablation.soft_tokens) if ablation.residual else nnx.Param
+        train2_s = train(spec, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed), trains)
+        auc, score_s, p_yes = test_auc(spec, f"{shots}-shot seed {seed} {variant}")
+        gates = model.residual_gates
+        model.configure(fcfg)
+        record({**cell, "variant": variant, "stage1_steps": 0 if ablation.residual else s1, "stage2_steps": s2,
+                "loss_weights": weights, "history_targets": extra, "auc": auc,
+                "train_s": (0.0 if ablation.residual else train1_s) + train2_s, "score_s": score_s, "p_yes": p_yes}
+               | ({} if gates is None else {"gates": [float(g) for g in np.asarray(gates[...])]}))
   same_prompts = [x for x in merge_rows(previous, mine) if x["domain"] == domain and "p_yes" in x
                   and (x["test_size"], x["test_seed"], common.split_of(x)) == (len(test), args.test_seed, args.split)]
-  meta[meta_key(domain, len(test), total, args.split)]["paired"] = paired(same_prompts, [x.label for x in test],
-                                                                         common.RECIPES[domain])
+  labels = [x.label for x in test]
+  meta[meta_key(domain, len(test), total, args.split)]["paired"] = (
+      paired(same_prompts, labels, common.RECIPES[domain]) + paired_with_encoder(same_prompts, labels))
 
 
 def paired(rows: list[dict], labels: list[int], reference: str, resamples: int = 1000) -> list[dict]:
@@ -231,6 +258,25 @@ def paired(rows: list[dict], labels: list[int], reference: str, resamples: int =
                                       resamples=resamples)
         out.append({"shots": shots, "steps": f"{s1}+{s2}", "a": reference, "b": variant, "seeds": seeds,
                     **{k: c[k] for k in ("n", "auc_a", "auc_b", "difference", "ci95", "share_a_not_better")}})
+  return out
+
+
+def paired_with_encoder(rows: list[dict], labels: list[int], resamples: int = 1000) -> list[dict]:
+  """Every trained variant against `encoder_only` on the same prompts (A - B = variant - encoder alone): the
+  encoder's P(like) is the same for every seed, so it is paired with each seed's scores on the same draws."""
+  enc = [x for x in rows if x["variant"] == "encoder_only"]
+  if not enc:
+    return []
+  p_enc = np.array(enc[-1]["p_yes"].split(","), float)
+  out = []
+  cells = common.group_by([x for x in rows if x["variant"] not in UNTRAINED],
+                          lambda x: (x["shots"], x["stage1_steps"], x["stage2_steps"], x["variant"]))
+  for (shots, s1, s2, variant), rs in sorted(cells.items(), key=lambda kv: (kv[0][:3], VARIANTS.index(kv[0][3]))):
+    by_seed = {x["seed"]: np.array(x["p_yes"].split(","), float) for x in rs}
+    seeds = sorted(by_seed)
+    c = evaluate.paired_bootstrap([by_seed[k] for k in seeds], [p_enc] * len(seeds), labels, resamples=resamples)
+    out.append({"shots": shots, "steps": f"{s1}+{s2}", "a": variant, "b": "encoder_only", "seeds": seeds,
+                **{k: c[k] for k in ("n", "auc_a", "auc_b", "difference", "ci95", "share_a_not_better")}})
   return out
 
 

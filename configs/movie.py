@@ -37,6 +37,11 @@ def fused_overrides(c: ConfigDict) -> ConfigDict:
         target_aware=True, answer_hint=True,  # first soft token: P(like) x E[Yes] + (1 - P(like)) x E[No]
         hint_scale=1.0,  # P(like) = sigmoid(hint_scale x the feedback head's logit)
         prompt_dropout=True,  # encoder dropout also when it fills the soft tokens in training
+        # "residual": the answer logit is the encoder's like-logit + (Yes-minus-No logit of the LLM with LoRA -
+        # the same with LoRA off), trained by the residual_answer loss; stage 1 off, so it starts as its encoder.
+        # residual_gate: learned scalar weights on both parts; residual_soft_tokens: the prompt keeps the soft
+        # tokens (else the text-only prompt).
+        mode="soft_tokens", residual_gate=False, residual_soft_tokens=False,
         pretrain=ConfigDict(dict(epochs=12, batch_size=256, lr=1e-3, stride=5, cl_weight=0.1, patience=3,
                                  item_mask_rate=0.0, shuffle_order=False))))
     # Two stages as in the seeds: text-only prompts, then prompts with the fused tokens.
@@ -44,7 +49,8 @@ def fused_overrides(c: ConfigDict) -> ConfigDict:
     # as the label (data/fewshot.py; the auxiliary-task idea); 0: off.
     c.stage1 = ConfigDict(dict(steps=16, history_targets=0, loss_weights=ConfigDict({"text_lm": 1.0})))
     c.stage2 = ConfigDict(dict(steps=16, history_targets=0, loss_weights=ConfigDict(
-        {"fused_lm": 1.0, "seq_cl": 0.1, "text_cl": 0.1, "align_cl": 0.0, "hint_kd": 0.0})))  # weight 0: off
+        {"fused_lm": 1.0, "seq_cl": 0.1, "text_cl": 0.1, "align_cl": 0.0, "hint_kd": 0.0,
+         "residual_answer": 0.0})))  # weight 0: off
   return c
 
 

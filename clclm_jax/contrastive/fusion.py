@@ -6,6 +6,9 @@ applied to the SASRec encoder's output over the user's history ids and likes. Wi
 the module is exactly its LLM, so stage-1 (text-only) training and the stage-2 fused model share it.
 With `target_aware`, the encoder also reads the target item (see `encoder_inputs`) and a feedback head
 on its state predicts the like, which `contrastive/feedback.py` pretrains on behaviour sequences.
+Residual fusion (`FusionConfig.mode='residual'`) answers with that head's logit plus what LoRA changes in the
+LLM's Yes-minus-No logit on the prompt (`FusedRec.residual_logit`): with LoRA at zero it is its encoder, and the
+LoRA only has to learn what the encoder does not know.
 """
 
 import dataclasses
@@ -89,8 +92,22 @@ class FusionConfig:
   # False: the encoder runs without dropout when it fills the prompt's soft tokens in training, so the
   # LLM learns from the hint it will see at test time (seq_cl keeps its dropout either way).
   prompt_dropout: bool = True
+  # "soft_tokens": the answer is the LLM's (Yes, No) softmax on the prompt (with soft tokens where it has
+  # placeholders). "residual": the answer logit is the encoder's like-logit plus what LoRA changes in the LLM's
+  # Yes-minus-No logit on the same prompt (`residual_logit`): with LoRA at zero the model is its encoder.
+  mode: str = "soft_tokens"
+  # residual: learned scalar weights on the encoder part and the LLM part, both 1 at the start.
+  residual_gate: bool = False
+  yes_no: tuple[int, int] | None = None  # the answer token ids the residual logit reads
 
   def __post_init__(self):
+    if self.mode not in ("soft_tokens", "residual"):
+      raise ValueError(f"FusionConfig.mode={self.mode!r}: use 'soft_tokens' or 'residual'")
+    if self.mode == "residual" and not (self.target_aware and self.yes_no is not None):
+      raise ValueError("FusionConfig.mode='residual' needs target_aware=True (its feedback head is the encoder's "
+                       "logit) and yes_no (the answer token ids)")
+    if self.residual_gate and self.mode != "residual":
+      raise ValueError("FusionConfig.residual_gate needs mode='residual'")
     if self.source not in ("user", "items"):
       raise ValueError(f"FusionConfig.source={self.source!r}: use 'user' or 'items'")
     if self.num_soft_tokens < 1:
@@ -102,6 +119,20 @@ class FusionConfig:
   def mask_id(self) -> int:
     """The encoder's mask row (after the items); row 0 is padding."""
     return self.num_items + 1
+
+
+def lora_off(llm: Llama) -> Llama:
+  """The same LLM with every LoRA weight zero: exactly the frozen base (the LoRA path adds 0); the copy shares the
+  base weights, and nothing flows back to the LoRA weights through it."""
+  graphdef, lora, rest = nnx.split(llm, nnx.LoRAParam, ...)
+  return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, lora), rest)
+
+
+def residual_trains(soft_tokens: bool):
+  """The nnx filter of what a residual fused stage trains: LoRA and the gates, and the projector when the prompt
+  holds soft tokens. The encoder and its feedback head stay as pretrained: they are the model's starting point."""
+  parts = ("residual_gates", "projector") if soft_tokens else ("residual_gates",)
+  return lambda path, value: isinstance(value, nnx.LoRAParam) or (isinstance(value, nnx.Param) and path[0] in parts)
 
 
 class ItemCorrelation(nnx.Variable):
@@ -177,6 +208,20 @@ class FusedRec(nnx.Module):
     if item_corr.shape[0] != cfg.num_items + 2:
       raise ValueError(f"item_corr has {item_corr.shape[0]} rows, expected num_items + 2 = {cfg.num_items + 2}")
     self.item_corr = ItemCorrelation(jnp.asarray(item_corr, jnp.int32))
+    self.configure(cfg)
+
+  def configure(self, cfg: FusionConfig) -> None:
+    """Sets the config (an ablation may change it between stages); adds the residual gates (1, 1) when it asks
+    for them and they are missing, drops them when it does not."""
+    if cfg.residual_gate and getattr(self, "residual_gates", None) is None:
+      self.residual_gates = nnx.Param(jnp.ones(2, jnp.float32))  # (encoder part, LLM part)
+    elif not cfg.residual_gate:
+      self.residual_gates = nnx.data(None)
+    self.config = cfg
+
+  @property
+  def residual(self) -> bool:
+    return self.config.mode == "residual"
 
   def encode_history(self, history_ids_bl: jax.Array, feedback_bl: jax.Array, target_ids_b: jax.Array | None = None,
                      *, dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -233,6 +278,37 @@ class FusedRec(nnx.Module):
     x_btd = self.inputs_embeds(tokens_bt, history_ids_bl, feedback_bl, target_ids_b, dropout_key=enc_key)
     return self.llm.hidden_states(None, positions_bt, attention_mask_bt, inputs_embeds_btd=x_btd,
                                   dropout_key=llm_key, prefix_kv=prefix_kv, rows_b=rows_b)
+
+  def prefix_cache(self, prefix_tokens_p: jax.Array):
+    """`Llama.prefix_cache` of the LLM; a residual model also needs the prefix through the base (LoRA off)."""
+    if self.residual:
+      return {"lora": self.llm.prefix_cache(prefix_tokens_p), "base": lora_off(self.llm).prefix_cache(prefix_tokens_p)}
+    return self.llm.prefix_cache(prefix_tokens_p)
+
+  def residual_logit(self, tokens_bt, positions_bt=None, attention_mask_bt=None, *, history_ids_bl, feedback_bl,
+                     target_ids_b, rows_b, dropout_key=None, prefix_kv=None) -> jax.Array:
+    """The residual answer logit `[b]` at `rows_b`: g_enc x the encoder's like-logit + g_llm x (Yes-minus-No logit
+    of the LLM with LoRA - the same of the base with LoRA off), both passes on the same input embeddings (soft
+    tokens where the prompt has placeholders); gates 1 without `residual_gate`. The encoder's logit has no dropout
+    (it is the pretrained score the model starts from); the base pass has none either (it is fixed)."""
+    enc_b = self.like_logit(self.encode_history(history_ids_bl, feedback_bl, target_ids_b)[0]).astype(jnp.float32)
+    enc_key, llm_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    x_btd = self.inputs_embeds(tokens_bt, history_ids_bl, feedback_bl, target_ids_b,
+                               dropout_key=enc_key if self.config.prompt_dropout else None)
+    yes_no = jnp.asarray(self.config.yes_no)
+
+    def yes_minus_no(llm: Llama, key, kv) -> jax.Array:
+      h_bd = llm.hidden_states(None, positions_bt, attention_mask_bt, inputs_embeds_btd=x_btd, dropout_key=key,
+                               prefix_kv=kv, rows_b=rows_b)
+      logits_b2 = llm.lm_logits(h_bd)[:, yes_no].astype(jnp.float32)
+      return logits_b2[:, 0] - logits_b2[:, 1]
+
+    lora_kv, base_kv = (None, None) if prefix_kv is None else (prefix_kv["lora"], prefix_kv["base"])
+    llm_b = yes_minus_no(self.llm, llm_key, lora_kv) - yes_minus_no(lora_off(self.llm), None, base_kv)
+    if self.residual_gates is None:
+      return enc_b + llm_b
+    g_2 = self.residual_gates[...]
+    return g_2[0] * enc_b + g_2[1] * llm_b
 
   def lm_logits(self, h_xd: jax.Array) -> jax.Array:
     return self.llm.lm_logits(h_xd)

@@ -11,7 +11,9 @@ stage's loss weights (off when absent or 0):
   `seq_cl`    InfoNCE between two augmented views (data/augment.py) of the history through the encoder;
   `text_cl`   InfoNCE between the LLM's mean-pooled states of two text views (data/textviews.py);
   `align_cl`  CALRec-style InfoNCE between the LLM's pooled history span and the encoder's user state;
-  `hint_kd`   cross-entropy of the fused prompt's (Yes, No) answer against the encoder's P(like) (distillation).
+  `hint_kd`   cross-entropy of the fused prompt's (Yes, No) answer against the encoder's P(like) (distillation);
+  `residual_answer`  binary cross-entropy of a residual fused model's answer logit (encoder logit + what LoRA
+              changes in the Yes-minus-No logit, `FusedRec.residual_logit`) against the label.
 The recipe's stage 1 trains `text_lm` on text-only prompts; stage 2 the others on fused prompts.
 """
 
@@ -166,6 +168,17 @@ def fused_losses(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array
     p_b = jax.lax.stop_gradient(jax.nn.sigmoid(c.hint_scale * model.like_logit(z_be)))
     terms["hint_kd"] = -jnp.mean(p_b * logp_b2[:, 0] + (1 - p_b) * logp_b2[:, 1])
   return terms
+
+
+@register_loss("residual_answer")
+def residual_answer_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
+  """Mean binary cross-entropy of the residual answer logit at `answer_index` against `label` (Yes = 1)."""
+  if not model.residual:
+    raise ValueError("the residual_answer loss needs FusionConfig.mode='residual' (config.fusion.mode)")
+  logit_b = model.residual_logit(batch["tokens"], batch.get("positions"), batch["attention_mask"],
+                                 history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"],
+                                 target_ids_b=batch["target_ids"], rows_b=batch["answer_index"], dropout_key=key)
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(logit_b, batch["label"].astype(jnp.float32)))
 
 
 @register_loss("seq_cl")

@@ -43,6 +43,18 @@ class Recipe:
   scorer: evaluate.Scorer
 
   @property
+  def answer_spec(self) -> fused_data.PromptSpec:
+    """The prompts stage 2 trains and the run scores: fused, or text-only for residual fusion without soft tokens."""
+    f = self.config.fusion
+    return self.text if f.mode == "residual" and not f.residual_soft_tokens else self.fused
+
+  @property
+  def stage2_trains(self):
+    """What stage 2 trains: every parameter, or for residual fusion `fusion.residual_trains`."""
+    f = self.config.fusion
+    return fusion.residual_trains(f.residual_soft_tokens) if f.mode == "residual" else nnx.Param
+
+  @property
   def yes_no(self) -> tuple[int, int]:
     return tokenize.answer_token_ids(self.tokenizer, self.config.data.template)
 
@@ -74,7 +86,8 @@ def build(config: ConfigDict) -> Recipe:
                       encoder_dropout=f.encoder_dropout, max_len=f.history_len + 1, pooling=f.pooling,
                       seq_temperature=f.seq_temperature, text_temperature=f.text_temperature,
                       align_temperature=f.align_temperature, target_aware=f.target_aware,
-                      prompt_dropout=f.prompt_dropout, hint_scale=f.hint_scale,
+                      prompt_dropout=f.prompt_dropout, hint_scale=f.hint_scale, mode=f.mode,
+                      residual_gate=f.residual_gate, yes_no=tokenize.answer_token_ids(tokenizer, d.template),
                       answer_hint=tokenize.answer_token_ids(tokenizer, d.template) if f.answer_hint else None)
   if f.item_init not in ("", "titles"):
     raise ConfigError(f"config.fusion.item_init={f.item_init!r}: use '' (learned item ids) or 'titles'")
@@ -129,13 +142,13 @@ def pretrain_encoder(r: Recipe, workdir: pathlib.Path) -> dict | None:
 
 
 def fit_stage(r: Recipe, spec: fused_data.PromptSpec, pool: Sequence[Interaction], steps: int,
-              loss_weights: Mapping[str, float], seed: int, workdir: pathlib.Path) -> float:
-  """`steps` updates of every trainable parameter on `pool` with `spec`'s prompts, unvalidated (benchmarks run
-  their own scoring); returns the seconds taken."""
+              loss_weights: Mapping[str, float], seed: int, workdir: pathlib.Path, trains=nnx.Param) -> float:
+  """`steps` updates of `trains` (default every trainable parameter) on `pool` with `spec`'s prompts, unvalidated
+  (benchmarks run their own scoring); returns the seconds taken."""
   t0 = time.time()
-  name = "fused" if spec.num_soft_tokens else "text"
+  name = "fused" if spec.num_soft_tokens or r.model.residual else "text"
   summary = trainer.run_stage(rec_stage(r, name, spec, pool, steps, loss_weights, pathlib.Path(workdir), seed=seed,
-                                        validate=False), r.model, r.mesh)
+                                        trains=trains, validate=False), r.model, r.mesh)
   if summary["preempted"]:  # a half-trained model must not be scored as the cell's result
     raise KeyboardInterrupt(f"stopped at step {summary['steps']} of {steps} of {name}")
   return time.time() - t0
@@ -143,11 +156,13 @@ def fit_stage(r: Recipe, spec: fused_data.PromptSpec, pool: Sequence[Interaction
 
 def stages(r: Recipe, workdir: pathlib.Path, pool: Sequence[Interaction]) -> list[trainer.Stage]:
   """Encoder pretraining (WORKDIR/encoder), stage 1: text-only LoRA (WORKDIR/text), stage 2: fused prompts
-  training everything trainable (WORKDIR), validated for early stopping and the best checkpoint."""
+  training everything trainable (WORKDIR), validated for early stopping and the best checkpoint. Residual fusion
+  (`fusion.mode`) trains `Recipe.stage2_trains` on `Recipe.answer_spec`'s prompts; its stage 1 is off
+  (`runconfig.validate`), so LoRA starts at zero and the model at its encoder."""
   c = r.config
   out = [s for s in [encoder_stage(r, workdir / "encoder")] if s is not None]
   for name, spec, block, folder, trains in [("text", r.text, c.stage1, workdir / "text", nnx.LoRAParam),
-                                             ("fused", r.fused, c.stage2, workdir, nnx.Param)]:
+                                             ("fused", r.answer_spec, c.stage2, workdir, r.stage2_trains)]:
     if block.steps > 0:
       xs = list(pool) + fewshot.history_targets(pool, block.history_targets, c.seed)
       out.append(rec_stage(r, name, spec, xs, block.steps, block.loss_weights, folder, trains=trains,
@@ -160,7 +175,7 @@ def score_split(r: Recipe, split: str, workdir: pathlib.Path | None = None) -> d
   on them; with `workdir`, also WORKDIR/eval/<split>_predictions.jsonl."""
   positions = configured.eval_positions(r.config, r.splits, split)
   xs = [getattr(r.splits, split)[i] for i in positions]
-  scores = r.score(xs, r.fused, desc=split)
+  scores = r.score(xs, r.answer_spec, desc=split)
   if workdir is not None and jax.process_index() == 0:
     predictions.write(workdir, split, positions, scores.label, scores.p_yes)
   return {"auc": evaluate.auc(scores.p_yes, scores.label), "n": len(xs),

@@ -59,11 +59,17 @@ FUSED_INPUTS = {"history_ids": "history_ids_bl", "history_feedback": "feedback_b
 def yes_probability(model: nnx.Module, batch: dict[str, jax.Array], yes_id: int, no_id: int,
                     prefix_kv=None) -> jax.Array:
   """softmax over (Yes, No) logits at `answer_index`; the LM head runs on those [b, d] rows only. A fused
-  batch (with `history_feedback`) fills the prompt's soft tokens from its history.
+  batch (with `history_feedback`) fills the prompt's soft tokens from its history; a residual fused model gives
+  sigmoid of its `residual_logit` (encoder logit + what LoRA changes in the Yes-minus-No logit).
 
   With `prefix_kv` (the cached shared prefix), the batch holds only the tokens after the prefix.
   """
   fused = {arg: batch[k] for k, arg in FUSED_INPUTS.items()} if "history_feedback" in batch else {}
+  if getattr(model, "residual", False):  # contrastive/fusion.py's residual fusion: its own answer logit
+    if not fused:
+      raise ValueError("a residual fused model scores fused batches (history ids, likes and target id)")
+    return jax.nn.sigmoid(model.residual_logit(batch["tokens"], batch.get("positions"), attention_mask(batch),
+                                               prefix_kv=prefix_kv, rows_b=batch["answer_index"], **fused))
   h_bd = model.hidden_states(batch["tokens"], batch.get("positions"), attention_mask(batch),
                             prefix_kv=prefix_kv, rows_b=batch["answer_index"], **fused)
   return yes_share(model, h_bd, yes_id, no_id)
@@ -82,7 +88,7 @@ def _eval_step(params, frozen, batch, prefix_kv, *, graphdef, yes_id, no_id):
 
 def _prefix_step(params, frozen, prefix_p, *, graphdef):
   model = nnx.merge(graphdef, params, frozen)
-  return getattr(model, "llm", model).prefix_cache(prefix_p)
+  return model.prefix_cache(prefix_p)  # a fused model's is its LLM's (residual: with LoRA and without)
 
 
 @dataclasses.dataclass(frozen=True)

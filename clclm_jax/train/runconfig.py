@@ -22,6 +22,9 @@ RESUMABLE = ("name", "mesh", "coordinator_address", "num_processes", "process_id
 # Fields that define the trained model: scoring (eval.py, PEFT export) must use the same.
 MODEL = ("model.source", "model.preset", "model.tokenizer", "lora.r", "lora.alpha", "lora.targets", "fusion.")
 MODEL_EXCEPT = ("fusion.pretrain.",)
+# Fused-recipe fields added after runs were saved: an older run's config.json lacks them and ran as these values.
+ADDED_FUSED = {"fusion.mode": "soft_tokens", "fusion.residual_gate": False, "fusion.residual_soft_tokens": False,
+               "stage2.loss_weights.residual_answer": 0.0}
 
 
 def flat(config: ConfigDict | dict) -> dict[str, object]:
@@ -46,7 +49,10 @@ def _differences(saved: dict, now: dict, keep) -> list[str]:
 
 def _saved(workdir: pathlib.Path) -> dict | None:
   path = workdir / "config.json"
-  return flat(json.loads(path.read_text())) if path.is_file() else None
+  if not path.is_file():
+    return None
+  saved = flat(json.loads(path.read_text()))
+  return {**ADDED_FUSED, **saved} if any(k.startswith("fusion.") for k in saved) else saved
 
 
 def save(config: ConfigDict, workdir: pathlib.Path) -> None:
@@ -127,3 +133,31 @@ def validate(config: ConfigDict) -> None:
   if m.preset and m.source:
     _fail("model.source", m.source, f"model.preset={m.preset!r} builds a random model and reads no source: set "
           "one of the two (--config.model.preset='' to load the source)")
+  if "fusion" in config:
+    _validate_fusion(config)
+
+
+def _validate_fusion(config: ConfigDict) -> None:
+  """Residual fusion (contrastive/fusion.py): the mode, its switches, and the stages it needs."""
+  f, weights = config.fusion, config.stage2.loss_weights
+  if f.mode not in ("soft_tokens", "residual"):
+    _fail("fusion.mode", f.mode, "use 'soft_tokens' (the LLM answers from a prompt with soft tokens) or 'residual' "
+          "(the encoder's logit + what LoRA changes in the LLM's answer)")
+  residual_weight = weights.get("residual_answer", 0.0)
+  if f.mode != "residual":
+    if f.residual_gate or f.residual_soft_tokens or residual_weight:
+      _fail("fusion.mode", f.mode, "fusion.residual_gate, fusion.residual_soft_tokens and the residual_answer loss "
+            "need --config.fusion.mode=residual")
+    return
+  if not f.target_aware:
+    _fail("fusion.target_aware", f.target_aware, "residual fusion adds to the encoder's like-logit: use True")
+  if config.stage1.steps > 0:
+    _fail("stage1.steps", config.stage1.steps, "residual fusion starts with LoRA at zero (the model is its encoder "
+          "at step 0): use 0")
+  if not residual_weight > 0:
+    _fail("stage2.loss_weights.residual_answer", residual_weight, "residual fusion trains its answer by this loss: "
+          "use a weight > 0 (e.g. 1.0)")
+  soft_only = [k for k in ("fused_lm", "hint_kd") if weights.get(k, 0.0)]
+  if soft_only:
+    _fail(f"stage2.loss_weights.{soft_only[0]}", weights[soft_only[0]], "a soft-token answer loss: use 0 with "
+          "fusion.mode=residual (its answer is trained by residual_answer)")
