@@ -35,7 +35,12 @@ def candidate_overrides(c: ConfigDict) -> ConfigDict:
         mlm_mask_rate=0.3,  # ... and hides this share of them (at least one)
     ))
     c.candidates = ConfigDict(dict(steps=300))  # LoRA updates (0: the zero-shot model)
-    c.eval = ConfigDict(dict(generation=True))  # generated answers on test (one greedy decode per user)
+    c.eval = ConfigDict(dict(
+        generation=True,  # generated answers on test (one greedy decode per user)
+        # Decoding-free scores: the answer's mean token log-likelihood instead of its sum (zero-shot SmolLM2 with
+        # the sum picks short titles: 0.03 HitRatio@1 on 100 MovieLens test users, under the 0.05 of chance).
+        per_token=False,
+    ))
   c.optim.lr, c.optim.warmup_steps = 2e-4, 20  # LLaRA's lr
   c.train.batch_size, c.train.micro_batch_size = 16, 4
   c.train.eval_every, c.train.patience, c.train.checkpoint_every = 50, 4, 25

@@ -177,6 +177,9 @@ def test_decoding_free_scores_equal_a_numpy_reference(toy):
   for r, (u, c, p, a) in enumerate(rows):
     want[u, c] = sum(logp[r, len(p) + j - 1, t] for j, t in enumerate(a))
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-3)
+  lengths = np.asarray([[len(pt.lines([i])) for i in x.candidates] for x in xs])
+  np.testing.assert_allclose(cs.candidate_scores(llm, pt, data, xs, LAYOUT, batch_size=2, per_token=True),
+                             want / lengths, rtol=2e-4, atol=2e-4)
   ranks = cs.target_ranks(got, xs)
   np.testing.assert_array_equal(ranks, [int((want[u] > want[u, x.candidates.index(x.target)]).sum())
                                         for u, x in enumerate(xs)])

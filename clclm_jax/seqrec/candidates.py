@@ -9,6 +9,7 @@ decoding-free HitRatio@1 on `data.valid_size` seeded validation users picks the 
 Metrics over the `num_candidates` candidates of an example (the target among them, `data.candidate_seed`):
   `HitRatio@1_scored`  the target has the highest log-likelihood `sum log p(title + newline | prompt)` (ties go
                        to the earlier candidate in the prompt; candidates are in a random order): no decoding;
+                       with `eval.per_token` the mean over the answer's tokens instead of the sum;
   `HitRatio@1`         the greedy answer (up to its newline) names the target;
   `ValidRatio`         the greedy answer names one of the candidates.
 An answer names a candidate when its text equals the candidate's title as the prompt's tokens decode it
@@ -80,16 +81,19 @@ def _scores(graphdef, state, prompt_up, prompt_mask_up, answer_ucw, answer_mask_
 
 
 def candidate_scores(llm: Llama, pt: PromptTokens, data: nextitem.NextItemData,
-                     examples: Sequence[CandidateExample], layout: Layout, *, batch_size: int = 4) -> np.ndarray:
-  """[len(examples), num_candidates] log-likelihood of each candidate's title (and newline) as the answer,
-  `batch_size` users a call (the last call filled with its last user: one shape per prompt width)."""
+                     examples: Sequence[CandidateExample], layout: Layout, *, batch_size: int = 4,
+                     per_token: bool = False) -> np.ndarray:
+  """[len(examples), num_candidates] log-likelihood of each candidate's title (and newline) as the answer, or
+  with `per_token` its mean over the answer's tokens (the sum favours short titles); `batch_size` users a call
+  (the last call filled with its last user: one shape per prompt width)."""
   graphdef, state = nnx.split(llm)
   out = []
   for start in range(0, len(examples), batch_size):
     part = list(examples[start:start + batch_size])
     b = cand_data.score_batch(pt, data, part + [part[-1]] * (batch_size - len(part)), layout)
     scores = _scores(graphdef, state, b["prompt"], b["prompt_mask"], b["answer"], b["answer_mask"])
-    out.append(np.asarray(scores, np.float64)[:len(part)])
+    scores = np.asarray(scores, np.float64) / (b["answer_mask"].sum(-1) if per_token else 1)
+    out.append(scores[:len(part)])
   return np.concatenate(out) if out else np.zeros((0, 0))
 
 
@@ -267,7 +271,8 @@ def subset(r: Run, part: str, n: int) -> list[CandidateExample]:
 
 
 def scored_metrics(r: Run, llm: Llama, xs: Sequence[CandidateExample]) -> dict[str, float]:
-  scores = candidate_scores(llm, r.pt, r.data, xs, r.layout, batch_size=r.config.train.eval_batch_size)
+  scores = candidate_scores(llm, r.pt, r.data, xs, r.layout, batch_size=r.config.train.eval_batch_size,
+                            per_token=r.config.eval.per_token)
   return {SCORED: hit_ratio(target_ranks(scores, xs)), "count": len(xs)}
 
 
