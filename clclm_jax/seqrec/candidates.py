@@ -84,7 +84,7 @@ def candidate_scores(llm: Llama, pt: PromptTokens, data: nextitem.NextItemData,
                      examples: Sequence[CandidateExample], layout: Layout, *, batch_size: int = 4,
                      per_token: bool = False) -> np.ndarray:
   """[len(examples), num_candidates] log-likelihood of each candidate's title (and newline) as the answer, or
-  with `per_token` its mean over the answer's tokens (the sum favours short titles); `batch_size` users a call
+  with `per_token` its mean over the answer's tokens (the sum is lower for longer titles); `batch_size` users a call
   (the last call filled with its last user: one shape per prompt width)."""
   graphdef, state = nnx.split(llm)
   out = []
