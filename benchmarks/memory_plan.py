@@ -18,14 +18,12 @@ its own plan or a measured peak (`throughput.py --gpu`) answers the 16 GiB quest
 
 from clclm_jax.train import malloc
 
-DEVICES = 8  # simulated devices of the fsdp plans
-
 if __name__ == "__main__":
-  import os  # pylint: disable=g-import-not-at-top
-  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={DEVICES}").strip()
   malloc.reexec_keeping_freed_memory()  # before the imports below; the measured children inherit the setting
+  import os  # pylint: disable=g-import-not-at-top
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # read when JAX starts
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()  # DEVICES
 
 import argparse
 import functools
@@ -52,6 +50,7 @@ from clclm_jax.model.llama import Llama  # pylint: disable=wrong-import-position
 from clclm_jax.model.lora import add_lora  # pylint: disable=wrong-import-position
 from clclm_jax.train import sharding, state as state_lib, step as step_lib  # pylint: disable=wrong-import-position
 
+DEVICES = 8  # simulated devices of the fsdp plans (the __main__ block above sets XLA_FLAGS to this)
 # (preset, batch, length, simulated devices on the fsdp axis)
 SHAPES = (("llama-7b", 8, 512, 1), ("llama-3.1-8b", 8, 512, 1), ("llama-3.1-8b", 8, 512, DEVICES),
           ("qwen2.5-7b", 8, 512, 1), ("qwen2.5-7b", 8, 512, DEVICES), ("smollm2-135m", 4, 256, 1),

@@ -42,8 +42,12 @@ NAMES = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "his
          "fused+align_cl-seq_cl": "ours, fused + align_cl - seq_cl",
          "fused+align_cl-text_cl": "ours, fused + align_cl - text_cl",
          "fused+hint_kd-seq_cl": "ours, fused + hint_kd - seq_cl",
-         "fused+hint_kd-text_cl": "ours, fused + hint_kd - text_cl"}
-ABLATION_MARKERS = "v^x*hPXpD<>dH8"  # one per fused ablation, in NAMES order
+         "fused+hint_kd-text_cl": "ours, fused + hint_kd - text_cl",
+         "residual": "ours, residual fusion (encoder logit + LoRA's change)",
+         "residual+gate": "ours, residual fusion + learned gates",
+         "residual+soft_tokens": "ours, residual fusion + soft tokens"}
+VARIANT_PREFIXES = ("fused-", "fused+", "residual")  # the fused variants plotted beside the recipe
+ABLATION_MARKERS = "v^x*hPXpD<>dH8+12"  # one per fused variant, in NAMES order
 FUSED_DEFAULT = ROOT / "benchmarks" / "results" / "fused_quality" / "results.json"
 
 
@@ -286,7 +290,7 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
       for i, (label, pts) in enumerate(_by_shots(rows, method).items()):
         ax.axhline(pts[0][1], ls=styles[i % len(styles)], color=color,
                    label=f"{NAMES[method].split(', ')[-1]}, {label}")
-    ablations = [m for m in NAMES if m.startswith(("fused-", "fused+"))]
+    ablations = [m for m in NAMES if m.startswith(VARIANT_PREFIXES)]
     styles = [("lora", "s", "tab:blue"), ("fused", "D", "tab:red")] + [
         (m, ABLATION_MARKERS[i], f"C{(i + 4) % 10}") for i, m in enumerate(ablations)]
     for method, marker, color in styles:

@@ -378,7 +378,7 @@ def test_readme_results_only_touches_the_marked_section(tmp_path):
 
 def test_quality_names_and_marks_every_fused_quality_variant():
   assert {"lora" if v == "text_only" else v for v in fused_quality.VARIANTS} <= set(quality.NAMES)
-  assert len(quality.ABLATION_MARKERS) >= sum(m.startswith(("fused-", "fused+")) for m in quality.NAMES)
+  assert len(quality.ABLATION_MARKERS) >= sum(m.startswith(quality.VARIANT_PREFIXES) for m in quality.NAMES)
 
 
 def test_rank_corr_is_spearman_with_average_ranks_for_ties():
