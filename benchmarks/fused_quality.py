@@ -133,6 +133,8 @@ def steps_of(config, args) -> tuple[int, int]:
 def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dict, emit) -> None:
   """Sets this domain's and test set's `meta` (what the rows are measured with), then emits the rows."""
   config = CONFIGS[domain].get_config()
+  if args.config_seed is not None:  # the LoRA init and encoder-pretraining draws; the cell seed picks the shots
+    config.seed = args.config_seed
   s1, s2 = steps_of(config, args)
   t0 = time.time()
   r = recipe.build(config)
@@ -155,6 +157,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
           "test_seed": args.test_seed, "batch_size": config.train.batch_size, "lr": config.optim.lr, "run": run}
   meta[meta_key(domain, len(test), total, args.split)] = {
                   "split": args.split, "test_size": len(test), "test_total": total, "test_seed": args.test_seed,
+                  "config_seed": config.seed,
                   "like_share_auc": 100 * evaluate.like_ratio_auc(test),
                   "fusion": dataclasses.asdict(fcfg) | {"item_corr": "itemcf_iuf(train pool)"},
                   "stage1_loss_weights": config.stage1.loss_weights.to_dict(),
@@ -379,6 +382,8 @@ def parse_args(argv: list[str] | None):
                       help="< 0: the config's; 0: no stage 1 (fused variants start from the zero-shot LLM)")
   parser.add_argument("--stage2_steps", type=int, default=-1, help="< 0: the config's")
   parser.add_argument("--eval_batch_size", type=int, default=16)
+  parser.add_argument("--config_seed", type=int, default=None,
+                      help="config.seed (LoRA init, encoder pretraining); default: the config's. Use a separate --out")
   parser.add_argument("--out", default=None, help="default benchmarks/results/fused_quality, + `_valid` for valid")
   parser.add_argument("--merge", action="store_true", help="keep OUT/results.json rows this run does not redo")
   args = parser.parse_args(argv)
