@@ -612,13 +612,14 @@ class Llama(nnx.Module):
     return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.zeros((batch, max_len), bool))
 
   def decode(self, tokens_bt: jax.Array, cache: KVCache, index, attention_mask_bt=None, *, positions_bt=None,
-             last_only: bool = False) -> tuple[jax.Array, KVCache]:
+             last_only: bool = False, inputs_embeds_btd=None) -> tuple[jax.Array, KVCache]:
     """Runs `tokens_bt` as cache slots `index .. index + t - 1` (`index` a scalar, traced or not, the same for
     every row): each query attends to the valid slots up to its own; their roped k/v and validity
     (`attention_mask_bt`, default all real) are written into the cache. Prefill is a call at index 0 with
     left-padded prompts; each decode step a call with `t = 1`. Positions default to the number of valid slots
     before each token. Returns (final-normed hidden states `[b, t, d]`, or `[b, d]` of the last token with
-    `last_only`, whose last layer then runs that query only; the updated cache)."""
+    `last_only`, whose last layer then runs that query only; the updated cache). `inputs_embeds_btd` replaces the
+    tokens' embeddings (soft tokens in a prompt), as in `hidden_states`."""
     b, t = tokens_bt.shape
     s = cache.valid_bs.shape[1]
     mask_bt = jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
@@ -629,7 +630,7 @@ class Llama(nnx.Module):
     slots_ts = (jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None])
     allowed_bts = valid_bs[:, None, :] & slots_ts[None]
     cos_btd, sin_btd = self.rope(positions_bt)
-    x_btd = self.embed(tokens_bt).astype(self.dtype)
+    x_btd = (self.embed(tokens_bt) if inputs_embeds_btd is None else inputs_embeds_btd).astype(self.dtype)
     rows_b = jnp.full((b,), t - 1) if last_only else None
     window_ts = window_mask(t, s, self.config.sliding_window, first_query=index)
     x_btd, (k_lbtkd, v_lbtkd) = self._decoder(x_btd, cos_btd, sin_btd, allowed_bts, None,
