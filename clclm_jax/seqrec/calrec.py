@@ -407,19 +407,11 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
   workdir, t0 = pathlib.Path(workdir), time.time()
   check_config(config)
   datasets = load_datasets(config)  # a missing dataset stops here, before the run folder is made
-  with trainer.RunLock(workdir):
-    if (workdir / SUMMARY).is_file():
-      runconfig.check_resume(config, workdir)
-      log(f"{workdir} is finished: its summary follows (delete {workdir / SUMMARY} to evaluate it again)")
-      return json.loads((workdir / SUMMARY).read_text())
+  def build_run():
     r = build(config, datasets)
-    run_stages = stages(r, workdir)
-    if not run_stages and jax.process_index() == 0:  # zero-shot: no stage writes the config the run used
-      workdir.mkdir(parents=True, exist_ok=True)
-      runconfig.save(config, workdir)
-    summaries = trainer.run(run_stages, r.model, r.mesh, log)
-    if summaries and summaries[-1]["preempted"]:
-      return summaries[-1]
+    return r, stages(r, workdir), r.model, r.mesh
+
+  def finish(r: Run, summaries: list[dict]) -> dict[str, Any]:
     c = config
     summary = {"dataset": c.data.dataset, "finetune": c.calrec.finetune, "loss_weights": dict(c.calrec.loss_weights),
                "stages": [{k: s[k] for k in ("stage", "steps", "best_step", f"valid_{METRIC}", "stopped", "wall_s")}
@@ -427,10 +419,9 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
                "valid": {"dense": dense_metrics(r, r.model, subset(r, "valid", c.data.valid_size), workdir)}}
     if c.data.test_size != 0:
       summary["test"] = evaluate_split(r, "test", workdir, c.data.test_size)
-    summary["wall_s"] = time.time() - t0
-    if jax.process_index() == 0:
-      checkpoint.write_text(workdir / SUMMARY, json.dumps(summary, indent=2) + "\n")
-    return summary
+    return summary | {"wall_s": time.time() - t0}
+
+  return trainer.run_once(config, workdir, SUMMARY, build_run, finish, log)
 
 
 def restore(r: Run, workdir: pathlib.Path) -> None:

@@ -43,7 +43,7 @@ from clclm_jax.data.candidates import CandidateExample, Layout, PromptTokens
 from clclm_jax.model import build as model_build
 from clclm_jax.model import generate as generate_lib
 from clclm_jax.model.llama import KVCache, Llama
-from clclm_jax.seqrec import baselines
+from clclm_jax.seqrec import baselines, unified
 from clclm_jax.train import checkpoint, runconfig, sharding, trainer
 from clclm_jax.train.errors import ConfigError
 from clclm_jax.train.step import register_loss
@@ -54,22 +54,27 @@ METRIC = SCORED  # the validation metric that picks the best checkpoint
 SUMMARY = "summary.json"
 
 
-@register_loss(LOSS, per_token=(LOSS,))
-def answer_loss(llm: Llama, batch, key: jax.Array | None) -> jax.Array:
-  """Next-token CE on the answer lines and their newlines only (`target_index`; the LM head runs on those)."""
-  h_btd = llm.hidden_states(batch["tokens"], None, batch["attention_mask"], dropout_key=key)
-  return losses.target_ce(llm, h_btd, batch)
+@register_loss(LOSS, unified.USER_CL, unified.ITEM_CL, per_token=(LOSS,))
+def answer_losses(model: Llama | unified.UnifiedRec, batch, key: jax.Array | None,
+                  names: Sequence[str]) -> dict[str, jax.Array]:
+  """From one forward of the batch's prompts (soft tokens where it has soft items): `answer_lm`, the next-token CE
+  on the answer lines and their newlines only (`target_index`; the LM head runs on those), and the unified
+  prompts' `user_cl` / `item_cl` (`seqrec/unified.py`)."""
+  return unified.answer_terms(model, batch, key, names, LOSS)
 
 
 # --- Decoding-free scores --------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _scores(graphdef, state, prompt_up, prompt_mask_up, answer_ucw, answer_mask_ucw) -> jax.Array:
-  """[u, c] sum of log p of each candidate's answer tokens after its user's prompt."""
+def _scores(graphdef, state, prompt_up, prompt_mask_up, answer_ucw, answer_mask_ucw, soft_uk=None) -> jax.Array:
+  """[u, c] sum of log p of each candidate's answer tokens after its user's prompt (soft tokens from `soft_uk`
+  at its placeholders: unified prompts, `llm` a `unified.UnifiedRec`)."""
   llm = nnx.merge(graphdef, state)
   u, p = prompt_up.shape
   c, w = answer_ucw.shape[1:]
-  h_last_ud, cache = llm.decode(prompt_up, llm.init_cache(u, p + w), 0, prompt_mask_up, last_only=True)
+  embeds = None if soft_uk is None else llm.inputs_embeds(prompt_up, soft_uk)
+  h_last_ud, cache = llm.decode(prompt_up, llm.init_cache(u, p + w), 0, prompt_mask_up, last_only=True,
+                                inputs_embeds_btd=embeds)
   rows = functools.partial(jnp.repeat, repeats=c)  # user-major: row i * c + j is user i's candidate j
   cache = KVCache(rows(cache.k_lbskd, axis=1), rows(cache.v_lbskd, axis=1), rows(cache.valid_bs, axis=0))
   tokens_nw, mask_nw = answer_ucw.reshape(u * c, w), answer_mask_ucw.reshape(u * c, w)
@@ -80,18 +85,20 @@ def _scores(graphdef, state, prompt_up, prompt_mask_up, answer_ucw, answer_mask_
   return -(nll_nw * mask_nw).sum(-1).reshape(u, c)
 
 
-def candidate_scores(llm: Llama, pt: PromptTokens, data: nextitem.NextItemData,
+def candidate_scores(llm: Llama | unified.UnifiedRec, pt: PromptTokens, data: nextitem.NextItemData,
                      examples: Sequence[CandidateExample], layout: Layout, *, batch_size: int = 4,
-                     per_token: bool = False) -> np.ndarray:
+                     per_token: bool = False, soft: bool = False) -> np.ndarray:
   """[len(examples), num_candidates] log-likelihood of each candidate's title (and newline) as the answer, or
   with `per_token` its mean over the answer's tokens (the sum is lower for longer titles); `batch_size` users a call
-  (the last call filled with its last user: one shape per prompt width)."""
+  (the last call filled with its last user: one shape per prompt width). With `soft`, unified prompts (each item
+  line's title followed by its soft token; `llm` a `unified.UnifiedRec`)."""
   graphdef, state = nnx.split(llm)
   out = []
   for start in range(0, len(examples), batch_size):
     part = list(examples[start:start + batch_size])
-    b = cand_data.score_batch(pt, data, part + [part[-1]] * (batch_size - len(part)), layout)
-    scores = _scores(graphdef, state, b["prompt"], b["prompt_mask"], b["answer"], b["answer_mask"])
+    b = cand_data.score_batch(pt, data, part + [part[-1]] * (batch_size - len(part)), layout, soft)
+    scores = _scores(graphdef, state, b["prompt"], b["prompt_mask"], b["answer"], b["answer_mask"],
+                     b.get("soft_item_ids"))
     scores = np.asarray(scores, np.float64) / (b["answer_mask"].sum(-1) if per_token else 1)
     out.append(scores[:len(part)])
   return np.concatenate(out) if out else np.zeros((0, 0))
@@ -152,10 +159,14 @@ def named_candidate(answer: str, titles: Sequence[str]) -> int | None:
   return inside[0] if len(inside) == 1 else None
 
 
-def generate_answers(llm: Llama, pt: PromptTokens, data: nextitem.NextItemData,
-                     examples: Sequence[CandidateExample], layout: Layout, *, batch_size: int = 8) -> list[str]:
-  """The greedy answer line of each example's rec prompt (`batch_size` prompts a call, one shape per width)."""
-  prompts = [pt.prompt(cand_data.rec_prompt(data, ex, layout.max_history)) for ex in examples]
+def generate_answers(llm: Llama | unified.UnifiedRec, pt: PromptTokens, data: nextitem.NextItemData,
+                     examples: Sequence[CandidateExample], layout: Layout, *, batch_size: int = 8,
+                     soft: bool = False) -> list[str]:
+  """The greedy answer line of each example's rec prompt (`batch_size` prompts a call, one shape per width); with
+  `soft` the unified prompt (`llm` a `unified.UnifiedRec`, its soft items bound per call: `unified.SoftPrompted`)."""
+  recs = [cand_data.rec_prompt(data, ex, layout.max_history) for ex in examples]
+  prompts = [pt.prompt(p, soft) for p in recs]
+  soft_ids = cand_data.soft_item_ids(recs, layout.max_items) if soft else None
   tok = pt.tokenizer
   eos = tok.eos_token_id if tok.eos_token_id is not None else llm.config.eos_token_id
   stops = sorted({*generate_lib.newline_token_ids(tok), *([] if eos is None else [eos])})
@@ -163,7 +174,11 @@ def generate_answers(llm: Llama, pt: PromptTokens, data: nextitem.NextItemData,
   out = []
   for start in range(0, len(prompts), batch_size):
     part = prompts[start:start + batch_size]
-    g = generate_lib.generate(llm, tok, part + [part[-1]] * (batch_size - len(part)),
+    model = llm
+    if soft:
+      ids = soft_ids[start:start + batch_size]
+      model = unified.SoftPrompted(llm, np.concatenate([ids, np.repeat(ids[-1:], batch_size - len(part), 0)]))
+    g = generate_lib.generate(model, tok, part + [part[-1]] * (batch_size - len(part)),
                               max_new_tokens=pt.line_bound(), stop_token_ids=stops,
                               pad_to_multiple_of=layout.pad_multiple)
     out += [texts[0].split("\n", 1)[0].strip() for texts in g.texts_br[:len(part)]]
@@ -187,7 +202,8 @@ def hit_ratio(ranks: np.ndarray) -> float:
 
 @dataclasses.dataclass
 class Run:
-  """What the stage and the evaluations of a run share."""
+  """What the stages and the evaluations of a run share. `model` is what trains and answers: the LLM, or with
+  `config.unified.enabled` the `unified.UnifiedRec` around it (`soft`: its prompts are unified)."""
 
   config: ConfigDict
   llm: Llama
@@ -196,6 +212,16 @@ class Run:
   layout: Layout
   settings: auxtasks.TaskSettings
   mesh: Any
+  model: Any = None
+  encoder: dict | None = None  # the ID encoder's pretraining summary (unified runs)
+
+  @property
+  def soft(self) -> bool:
+    return self.model is not self.llm
+
+
+def unified_on(config: ConfigDict) -> bool:
+  return "unified" in config and bool(config.unified.enabled)
 
 
 def settings(config: ConfigDict) -> auxtasks.TaskSettings:
@@ -231,35 +257,77 @@ def check_config(config: ConfigDict) -> None:
                       "be 1 or more")
   if not 0 < t.mlm_mask_rate <= 1:
     raise ConfigError(f"config.tasks.mlm_mask_rate={t.mlm_mask_rate}: use a share in (0, 1]")
+  if unified_on(config):
+    check_unified(config)
+
+
+def check_unified(config: ConfigDict) -> None:
+  """The `unified` block's fields (one line naming the field)."""
+  u = config.unified
+  if u.steps < 0:
+    raise ConfigError(f"config.unified.steps={u.steps}: use 0 or more")
+  if u.projector_hidden < 1:
+    raise ConfigError(f"config.unified.projector_hidden={u.projector_hidden}: use 1 or more")
+  for field in ("user_temperature", "item_temperature"):
+    if not u[field] > 0:
+      raise ConfigError(f"config.unified.{field}={u[field]}: use a temperature above 0")
+  weights = dict(u.loss_weights)
+  known = (LOSS, unified.USER_CL, unified.ITEM_CL)
+  if set(weights) - set(known):
+    raise ConfigError(f"config.unified.loss_weights names unknown losses {sorted(set(weights) - set(known))}: use "
+                      f"{list(known)}")
+  if not all(isinstance(v, (int, float)) and np.isfinite(v) and v >= 0 for v in weights.values()) or not any(
+      weights.values()):
+    raise ConfigError(f"config.unified.loss_weights={weights}: weights must be finite, 0 or more (0: off), and one "
+                      "above 0")
+  unified.encoder_config(config)
 
 
 def check_lengths(config: ConfigDict, pt: PromptTokens, kind: str) -> None:
   """Every prompt of the asked tasks must fit `data.max_prompt_tokens` (the longest title and the longest
-  history): no prompt is cut silently."""
+  history; unified prompts with their soft tokens): no prompt is cut silently."""
   s = settings(config)
   tasks, _ = auxtasks.mixture(dict(config.tasks.ratios))
   for task in dict.fromkeys(("rec", *tasks)):  # rec: the evaluation prompts
-    need = auxtasks.prompt_bound(pt, kind, task, s)
+    need = auxtasks.prompt_bound(pt, kind, task, s, unified_on(config))
     if need > config.data.max_prompt_tokens:
       raise ConfigError(f"config.data.max_prompt_tokens={config.data.max_prompt_tokens}: {task} prompts may take "
                         f"{need} tokens (max_history={s.max_history}, num_candidates={s.num_candidates}, "
                         f"max_item_tokens={config.data.max_item_tokens}): raise it or lower those")
 
 
-def build(config: ConfigDict, data: nextitem.NextItemData | None = None) -> Run:
-  """The LLM with LoRA, the dataset's prompt tokens, the mesh."""
+def build(config: ConfigDict, data: nextitem.NextItemData | None = None, workdir: str | pathlib.Path | None = None,
+          log: Callable[[str], None] = print) -> Run:
+  """The LLM with LoRA, the dataset's prompt tokens, the mesh; with `config.unified.enabled`, the ID encoder
+  (pretrained or restored in `unified.encoder_folder(config, workdir)`) and the `UnifiedRec` around the LLM."""
   check_config(config)
   sharding.maybe_initialize_distributed(config)
   data = data if data is not None else nextitem.load(config.data.dataset)
   d = config.data
   s = settings(config)
   tasks, _ = auxtasks.mixture(dict(config.tasks.ratios))
+  soft = unified_on(config)
   layout = Layout(d.max_history, d.max_prompt_tokens, d.max_item_tokens, d.pad_multiple,
-                  auxtasks.answer_lines(tasks, s))
+                  auxtasks.answer_lines(tasks, s), auxtasks.max_items(("rec", *tasks), s) if soft else 0)
   llm, tokenizer = model_build.build_model(config)
-  pt = PromptTokens(data, tokenizer, d.max_item_tokens)
+  mesh = sharding.make_mesh(config.mesh)
+  if not soft:
+    pt = PromptTokens(data, tokenizer, d.max_item_tokens)
+    check_lengths(config, pt, data.kind)
+    return Run(config, llm, data, pt, layout, s, mesh, llm)
+  if workdir is None:
+    raise ValueError("a unified run needs its workdir (the ID encoder is pretrained or restored there)")
+  ph = unified.placeholder_id(tokenizer, config, llm.config.vocab_size)
+  pt = PromptTokens(data, tokenizer, d.max_item_tokens, ph)
+  unified.check_placeholder(pt, ph, config)
   check_lengths(config, pt, data.kind)
-  return Run(config, llm, data, pt, layout, s, sharding.make_mesh(config.mesh))
+  encoder, encoder_cfg, encoder_summary = unified.pretrained_encoder(config, data, pathlib.Path(workdir), mesh, log)
+  if encoder_summary["preempted"]:
+    raise KeyboardInterrupt(f"preempted in the ID encoder's pretraining (step {encoder_summary['steps']}): run the "
+                            "same command again to continue")
+  model = unified.build_model(config, llm, encoder, encoder_cfg, ph)
+  keep = ("steps", "best_step", "stopped", "wall_s", "valid_NDCG@10")
+  return Run(config, llm, data, pt, layout, s, mesh, model, {k: encoder_summary.get(k) for k in keep})
 
 
 def subset(r: Run, part: str, n: int) -> list[CandidateExample]:
@@ -270,9 +338,11 @@ def subset(r: Run, part: str, n: int) -> list[CandidateExample]:
   return xs if n < 0 else baselines.sample_examples(xs, n, d.subset_seed)
 
 
-def scored_metrics(r: Run, llm: Llama, xs: Sequence[CandidateExample]) -> dict[str, float]:
+def scored_metrics(r: Run, llm: Llama | unified.UnifiedRec, xs: Sequence[CandidateExample],
+                   soft: bool | None = None) -> dict[str, float]:
+  """The decoding-free HitRatio@1 of `llm` on `xs` (`soft`: unified prompts; default: the run's)."""
   scores = candidate_scores(llm, r.pt, r.data, xs, r.layout, batch_size=r.config.train.eval_batch_size,
-                            per_token=r.config.eval.per_token)
+                            per_token=r.config.eval.per_token, soft=r.soft if soft is None else soft)
   return {SCORED: hit_ratio(target_ranks(scores, xs)), "count": len(xs)}
 
 
@@ -284,32 +354,47 @@ def train_examples(r: Run) -> list[nextitem.Example]:
 
 
 def stages(r: Run, workdir: pathlib.Path) -> list[trainer.Stage]:
-  """One LoRA stage on the task mixture (none with 0 steps: the zero-shot LLM)."""
+  """One LoRA stage on the task mixture (none with 0 steps: the zero-shot LLM). Unified runs: that stage on
+  text-only prompts (WORKDIR/text), then LoRA and the projector on unified prompts (WORKDIR/unified,
+  `unified.steps`, loss weights `unified.loss_weights`; with `unified.curriculum` the unified share of each batch
+  rises from 0 to 1 over the stage)."""
   c = r.config
-  if c.candidates.steps == 0:
-    return []
   examples = train_examples(r)
-  batches = lambda: auxtasks.train_batches(r.data, r.pt, examples, dict(c.tasks.ratios),  # noqa: E731
-                                           c.train.batch_size, r.layout, r.settings, c.seed)
   valid = subset(r, "valid", c.data.valid_size)
+  tasks = ", ".join(auxtasks.mixture(dict(c.tasks.ratios))[0])
 
-  def check(llm: Llama) -> dict[str, float]:
-    return {SCORED: scored_metrics(r, llm, valid)[SCORED]}
-  return [trainer.Stage(
-      "candidates", workdir, batches, {LOSS: 1.0}, c.candidates.steps, c.optim, c.train.batch_size,
-      min(c.train.micro_batch_size, c.train.batch_size), trains=nnx.LoRAParam, validate=check, metric=METRIC,
-      eval_every=c.train.eval_every, patience=c.train.patience, checkpoint_every=c.train.checkpoint_every,
-      seed=c.seed, config=c, title=f"{c.name}: candidates ({', '.join(auxtasks.mixture(dict(c.tasks.ratios))[0])})")]
+  def stage(name, folder, layout, weights, steps, trains, soft, soft_share=None) -> trainer.Stage:
+    batches = lambda: auxtasks.train_batches(r.data, r.pt, examples, dict(c.tasks.ratios),  # noqa: E731
+                                             c.train.batch_size, layout, r.settings, c.seed, soft_share=soft_share)
+    check = lambda model: {SCORED: scored_metrics(r, model, valid, soft)[SCORED]}  # noqa: E731
+    return trainer.Stage(
+        name, folder, batches, weights, steps, c.optim, c.train.batch_size,
+        min(c.train.micro_batch_size, c.train.batch_size), trains=trains, validate=check, metric=METRIC,
+        eval_every=c.train.eval_every, patience=c.train.patience, checkpoint_every=c.train.checkpoint_every,
+        seed=c.seed, config=c, title=f"{c.name}: {name} ({tasks})")
+  if not r.soft:
+    return [stage("candidates", workdir, r.layout, {LOSS: 1.0}, c.candidates.steps, nnx.LoRAParam, False)
+            ][:int(c.candidates.steps > 0)]
+  u = c.unified
+  out = []
+  if c.candidates.steps > 0:
+    out.append(stage("text", workdir / "text", dataclasses.replace(r.layout, max_items=0), {LOSS: 1.0},
+                     c.candidates.steps, nnx.LoRAParam, False))
+  if u.steps > 0:
+    out.append(stage("unified", workdir / "unified", r.layout, dict(u.loss_weights), u.steps,
+                     unified.trains_projector, True, unified.soft_share(u.steps, u.curriculum)))
+  return out
 
 
 def evaluate_split(r: Run, split: str, workdir: pathlib.Path, n: int) -> dict[str, Any]:
   """Decoding-free HitRatio@1 of the model and of popularity, and (with `eval.generation`) the generated
   answers' HitRatio@1 / ValidRatio, on `n` seeded users of `split`; answers go to WORKDIR/eval/."""
   xs = subset(r, split, n)
-  out: dict[str, Any] = scored_metrics(r, r.llm, xs)
+  out: dict[str, Any] = scored_metrics(r, r.model, xs)
   out["popularity"] = {SCORED: hit_ratio(target_ranks(popularity_scores(r.data, xs), xs))}
   if r.config.eval.generation:
-    answers = generate_answers(r.llm, r.pt, r.data, xs, r.layout, batch_size=r.config.train.eval_batch_size)
+    answers = generate_answers(r.model, r.pt, r.data, xs, r.layout, batch_size=r.config.train.eval_batch_size,
+                               soft=r.soft)
     out.update(answer_metrics(answers, xs, r.pt))
     if jax.process_index() == 0:
       (workdir / "eval").mkdir(parents=True, exist_ok=True)
@@ -326,30 +411,24 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
   workdir, t0 = pathlib.Path(workdir), time.time()
   check_config(config)
   data = data if data is not None else nextitem.load(config.data.dataset)
-  with trainer.RunLock(workdir):
-    if (workdir / SUMMARY).is_file():
-      runconfig.check_resume(config, workdir)
-      log(f"{workdir} is finished: its summary follows (delete {workdir / SUMMARY} to evaluate it again)")
-      return json.loads((workdir / SUMMARY).read_text())
-    r = build(config, data)
-    run_stages = stages(r, workdir)
-    if not run_stages and jax.process_index() == 0:  # zero-shot: no stage writes the config the run used
-      workdir.mkdir(parents=True, exist_ok=True)
-      runconfig.save(config, workdir)
-    summaries = trainer.run(run_stages, r.llm, r.mesh, log)
-    if summaries and summaries[-1]["preempted"]:
-      return summaries[-1]
+  def build_run():
+    r = build(config, data, workdir, log)
+    return r, stages(r, workdir), r.model, r.mesh
+
+  def finish(r, summaries: list[dict]) -> dict[str, Any]:
     c = config
     summary = {"dataset": c.data.dataset, "tasks": {k: v for k, v in dict(c.tasks.ratios).items() if v},
                "stages": [{k: s[k] for k in ("stage", "steps", "best_step", f"valid_{METRIC}", "stopped", "wall_s")}
                           for s in summaries],
-               "valid": scored_metrics(r, r.llm, subset(r, "valid", c.data.valid_size))}
+               "valid": scored_metrics(r, r.model, subset(r, "valid", c.data.valid_size))}
+    if r.soft:
+      summary["unified"] = {"encoder": r.encoder, "curriculum": bool(c.unified.curriculum),
+                            "loss_weights": {k: v for k, v in dict(c.unified.loss_weights).items() if v}}
     if c.data.test_size != 0:
       summary["test"] = evaluate_split(r, "test", workdir, c.data.test_size)
-    summary["wall_s"] = time.time() - t0
-    if jax.process_index() == 0:
-      checkpoint.write_text(workdir / SUMMARY, json.dumps(summary, indent=2) + "\n")
-    return summary
+    return summary | {"wall_s": time.time() - t0}
+
+  return trainer.run_once(config, workdir, SUMMARY, build_run, finish, log)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -361,6 +440,12 @@ def format_summary(summary: dict[str, Any]) -> str:
   for s in summary["stages"]:
     lines.append(f"{'stage ' + s['stage']:<22}{s['steps']} steps, best {s['best_step']} (valid {METRIC} "
                  f"{s[f'valid_{METRIC}']:.4f}), stopped by {s['stopped']}, {s['wall_s'] / 60:.1f} min")
+  if "unified" in summary:
+    u, e = summary["unified"], summary["unified"]["encoder"]
+    lines.append(f"{'ID encoder':<22}{e['steps']} steps (best {e['best_step']}, valid NDCG@10 "
+                 f"{e['valid_NDCG@10'] or float('nan'):.4f}), stopped by {e['stopped']}")
+    lines.append(f"{'unified prompts':<22}losses " + ", ".join(f"{k} {v:g}" for k, v in u["loss_weights"].items())
+                 + (", curriculum" if u["curriculum"] else ""))
   if not summary["stages"]:
     lines.append(f"{'stages':<22}none: the model as loaded (zero-shot)")
   v = summary["valid"]

@@ -296,3 +296,28 @@ def run(stages: Sequence[Stage], model: nnx.Module, mesh, log: Callable[[str], N
     if summary["preempted"]:
       break
   return summaries
+
+
+def run_once(config: ConfigDict, workdir: pathlib.Path, summary_name: str,
+             build: Callable[[], tuple[Any, Sequence[Stage], nnx.Module, Any]],
+             finish: Callable[[Any, list[dict]], dict], log: Callable[[str], None] = print) -> dict:
+  """A whole run in its locked folder: a finished run (WORKDIR/`summary_name` exists) returns its summary;
+  otherwise `build()` gives (run, stages, model, mesh), the stages train (resumable), and `finish(run,
+  stage_summaries)` gives the summary, written last. A preempted stage's summary is returned as it is."""
+  with RunLock(workdir):
+    path = workdir / summary_name
+    if path.is_file():
+      runconfig.check_resume(config, workdir)
+      log(f"{workdir} is finished: its summary follows (delete {path} to evaluate it again)")
+      return json.loads(path.read_text())
+    r, stages, model, mesh = build()
+    if not stages and jax.process_index() == 0:  # zero-shot: no stage writes the config the run used
+      workdir.mkdir(parents=True, exist_ok=True)
+      runconfig.save(config, workdir)
+    summaries = run(stages, model, mesh, log)
+    if summaries and summaries[-1]["preempted"]:
+      return summaries[-1]
+    summary = finish(r, summaries)
+    if jax.process_index() == 0:
+      checkpoint.write_text(path, json.dumps(summary, indent=2) + "\n")
+    return summary
