@@ -51,6 +51,20 @@ def hf_logits(hf, tokens_bt, mask_bt=None, positions_bt=None):
     return hf(torch.tensor(np.asarray(tokens_bt)), **kw).logits.float().numpy()
 
 
+def save_peft_adapter(hf, targets: list[str], out, r: int = 2, alpha: int = 6):
+  """A PEFT LoRA adapter on `hf` (B drawn at random so the adapter acts), saved to `out`; the PEFT model."""
+  import peft  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+  theirs = peft.get_peft_model(hf, cfg).eval()
+  with torch.no_grad():
+    for name, p in theirs.named_parameters():
+      if "lora_B" in name:
+        p.copy_(0.05 * torch.randn_like(p))
+  theirs.save_pretrained(out)
+  return theirs
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def tiny(request, tmp_path_factory):
   path = tmp_path_factory.mktemp("tiny")

@@ -7,13 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-import torch
 
 from clclm_jax.model.config import LoraConfig
 from clclm_jax.model.errors import ModelError
 from clclm_jax.model.loading import load_model
 from clclm_jax.model.peft import export_peft, load_peft
-from test_model import TOKENS, hf_logits, save_tiny_hf
+from test_model import TOKENS, hf_logits, save_peft_adapter, save_tiny_hf
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +45,7 @@ def test_export_then_peft_loads_same_logits(tiny_dir, tmp_path):
 
 
 def test_peft_saved_adapter_imports(tiny_dir, tmp_path):
-  torch.manual_seed(0)
-  cfg = peft.LoraConfig(r=2, lora_alpha=6, lora_dropout=0.0, target_modules=["k_proj", "o_proj", "gate_proj"],
-                        task_type="CAUSAL_LM")
-  theirs = peft.get_peft_model(_hf(tiny_dir), cfg).eval()
-  with torch.no_grad():
-    for name, p in theirs.named_parameters():
-      if "lora_B" in name:
-        p.copy_(0.05 * torch.randn_like(p))
-  theirs.save_pretrained(tmp_path / "from_peft")
+  theirs = save_peft_adapter(_hf(tiny_dir), ["k_proj", "o_proj", "gate_proj"], tmp_path / "from_peft")
   model, _ = load_model(tiny_dir)
   load_peft(model, tmp_path / "from_peft")
   assert model.lora_config == LoraConfig(r=2, alpha=6.0, dropout=0.0, targets=("k_proj", "o_proj", "gate_proj"))
