@@ -12,4 +12,5 @@ def get_config():
   c.data.max_prefixes = 2  # 22k users: 2 prefixes each are more examples than the steps read
   c.data.test_size = 2000
   c.tasks.ratios.update({"rec": 1.0, "mim": 0.2, "bpr": 0.2, "mlm": 0.2})
+  c.unified.encoder_config = "pretrain_beauty"  # Beauty's item ids (with --config.unified.enabled=True)
   return c

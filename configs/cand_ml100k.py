@@ -34,7 +34,25 @@ def candidate_overrides(c: ConfigDict) -> ConfigDict:
         mlm_max_words=12,  # masked language modelling reads a title's first words ...
         mlm_mask_rate=0.3,  # ... and hides this share of them (at least one)
     ))
-    c.candidates = ConfigDict(dict(steps=300))  # LoRA updates (0: the zero-shot model)
+    c.candidates = ConfigDict(dict(steps=300))  # LoRA updates (0: the zero-shot model); unified: stage 1's
+    # Unified prompts (RSLLM / LLaRA, seqrec/unified.py): one soft token after each item title (history and
+    # candidates), the item's embedding from the pretrained ID encoder (frozen) through a trained projector.
+    # Stage 1 trains LoRA on text-only prompts (candidates.steps), stage 2 LoRA + projector on unified prompts.
+    c.unified = ConfigDict(dict(
+        enabled=False,
+        placeholder="<reponame>",  # a SmolLM2 special token no title holds: each soft token's slot
+        encoder_config="pretrain_ml100k",  # configs/<this>.py pretrains the ID encoder (SASRec, CL4SRec losses) ...
+        encoder_overrides=ConfigDict({}),  # ... with these of its fields changed ...
+        encoder_workdir="",  # ... in this folder ("": WORKDIR/encoder); a finished pretraining there is reused
+        projector_hidden=256,  # Linear(encoder width, this), GELU, Linear(this, LLM width)
+        steps=300,  # stage 2 updates
+        curriculum=True,  # LLaRA: the share of unified prompts in a batch rises linearly from 0 to 1 over stage 2
+        # 0 = off. answer_lm: the answer's CE; user_cl: InfoNCE of the LLM's pooled history state and the encoder's
+        # user representation; item_cl: InfoNCE of an item title's pooled LLM states and its projected ID embedding.
+        loss_weights=ConfigDict({"answer_lm": 1.0, "user_cl": 0.1, "item_cl": 0.1}),
+        user_temperature=0.1,  # InfoNCE temperatures (cosine similarity)
+        item_temperature=0.1,
+    ))
     c.eval = ConfigDict(dict(
         generation=True,  # generated answers on test (one greedy decode per user)
         # Decoding-free scores: the answer's mean token log-likelihood instead of its sum (the sum is lower for

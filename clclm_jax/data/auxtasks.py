@@ -14,12 +14,14 @@ are not public), items rendered by title, no user ids:
        words, space-separated, in order.
 `train_batches` draws each row's task by the ratios and builds its prompt from the row's example with a
 generator seeded by (seed, epoch, batch, row): a batch depends only on those, so a resumed run reads the same.
+With `soft_share` (unified prompts, `seqrec/unified.py`) a share of each batch's rows, a function of the batch's
+number in the stage (LLaRA's curriculum), is made of unified prompts; which rows, is seeded the same way.
 `calrec_train_batches` mixes the same auxiliary rows into CALRec's next-item batches (part 1's path).
 """
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -114,18 +116,25 @@ def answer_lines(tasks: Sequence[str], s: TaskSettings) -> int:
   return max(s.mim_max_masks if t == "mim" else 1 for t in tasks)
 
 
-def prompt_bound(pt: PromptTokens, kind: str, task: str, s: TaskSettings) -> int:
-  """An upper bound of the tokens of a `task` prompt (`candidates.max_prompt_tokens_needed`)."""
+def prompt_bound(pt: PromptTokens, kind: str, task: str, s: TaskSettings, soft: bool = False) -> int:
+  """An upper bound of the tokens of a `task` prompt (`candidates.max_prompt_tokens_needed`; `soft`: unified)."""
   header = nextitem.HEADERS[kind]
   if task == "rec":
     return candidates.max_prompt_tokens_needed(
-        pt, [header, candidates.CANDIDATES_LINE, candidates.question(kind)], s.max_history + s.num_candidates)
+        pt, [header, candidates.CANDIDATES_LINE, candidates.question(kind)], s.max_history + s.num_candidates,
+        soft)
   if task == "mim":  # a [MASK] line may be longer than a cut title
     return candidates.max_prompt_tokens_needed(pt, [header, MIM_QUESTION, *[MASK] * s.mim_max_masks],
-                                               s.max_history)
+                                               s.max_history, soft)
   if task == "bpr":
-    return candidates.max_prompt_tokens_needed(pt, [header, bpr_question(kind)], s.max_history + 2)
-  return candidates.max_prompt_tokens_needed(pt, [MLM_QUESTION], 1)
+    return candidates.max_prompt_tokens_needed(pt, [header, bpr_question(kind)], s.max_history + 2, soft)
+  return candidates.max_prompt_tokens_needed(pt, [MLM_QUESTION], 1, soft)
+
+
+def max_items(tasks: Sequence[str], s: TaskSettings) -> int:
+  """The most item lines a prompt of `tasks` holds (`Layout.max_items`: the unified prompts' slots)."""
+  most = {"rec": s.max_history + s.num_candidates, "mim": s.max_history, "bpr": s.max_history + 2, "mlm": 0}
+  return max(most[t] for t in tasks)
 
 
 # --- A checkpointable source of mixed batches ------------------------------------------------------
@@ -139,14 +148,25 @@ def epoch_plan(n: int, batch_size: int, probs: np.ndarray, rng: np.random.Genera
   return [rows[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
+SOFT_DRAW = 1 << 20  # the last seed word of a batch's soft-row draw (row draws use the row's index, far below)
+
+
+def soft_rows(share: float, n: int, rng: np.random.Generator) -> np.ndarray:
+  """[n] bool: `round(share * n)` rows, drawn by `rng`, are unified prompts."""
+  return np.isin(np.arange(n), rng.permutation(n)[:round(min(max(share, 0.0), 1.0) * n)])
+
+
 class MixedEpoch(Sequence):
-  """An epoch's batches, made when read (prompts are drawn and tokenized per batch)."""
+  """An epoch's batches, made when read (prompts are drawn and tokenized per batch); with `soft_share`, batch i
+  of the epoch is batch `epoch * len(self) + i` of the stage (every epoch has as many) and that share of its rows
+  are unified prompts (`soft_rows`)."""
 
   def __init__(self, data: nextitem.NextItemData, pt: PromptTokens, examples: Sequence[nextitem.Example],
                tasks: Sequence[str], plan: list[np.ndarray], layout: Layout, settings: TaskSettings,
-               seed: int, epoch: int):
+               seed: int, epoch: int, soft_share: Callable[[int], float] | None = None):
     self.data, self.pt, self.examples, self.tasks, self.plan = data, pt, examples, tasks, plan
     self.layout, self.settings, self.seed, self.epoch = layout, settings, seed, epoch
+    self.soft_share = soft_share
 
   def __len__(self) -> int:
     return len(self.plan)
@@ -156,20 +176,30 @@ class MixedEpoch(Sequence):
                         np.random.default_rng([self.seed, self.epoch, i, r]), self.settings)
             for r, (e, t) in enumerate(self.plan[i].tolist())]
 
+  def soft(self, i: int) -> np.ndarray | None:
+    """Which rows of batch i are unified prompts (None: all text)."""
+    if self.soft_share is None:
+      return None
+    rng = np.random.default_rng([self.seed, self.epoch, i, SOFT_DRAW])
+    return soft_rows(self.soft_share(self.epoch * len(self.plan) + i), len(self.plan[i]), rng)
+
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    return candidates.train_batch(self.pt, self.prompts(i), self.layout)
+    return candidates.train_batch(self.pt, self.prompts(i), self.layout, self.soft(i))
 
 
 def train_batches(data: nextitem.NextItemData, pt: PromptTokens, examples: Sequence[nextitem.Example],
                   ratios: Mapping[str, float], batch_size: int, layout: Layout, settings: TaskSettings,
-                  seed: int, field: str = "config.tasks.ratios") -> sequences.EpochBatches:
+                  seed: int, field: str = "config.tasks.ratios",
+                  soft_share: Callable[[int], float] | None = None) -> sequences.EpochBatches:
   """Endless seeded epochs (`epoch_plan` with `default_rng([seed, epoch])`) of batches mixing the tasks of
   `ratios` over the training `examples`; checkpointable (`get_state` / `set_state`). The answer width
-  (`target_index`) holds the longest answer of the mixed tasks (`answer_lines`)."""
+  (`target_index`) holds the longest answer of the mixed tasks (`answer_lines`). `soft_share(t)`: the share of
+  unified prompts in the stage's batch t (`MixedEpoch`; `layout.max_items` must hold the tasks' items)."""
   tasks, probs = mixture(ratios, field)
   layout = dataclasses.replace(layout, answer_lines=max(layout.answer_lines, answer_lines(tasks, settings)))
   make = lambda epoch: MixedEpoch(data, pt, examples, tasks, epoch_plan(  # noqa: E731
-      len(examples), batch_size, probs, np.random.default_rng([seed, epoch])), layout, settings, seed, epoch)
+      len(examples), batch_size, probs, np.random.default_rng([seed, epoch])), layout, settings, seed, epoch,
+      soft_share)
   return sequences.EpochBatches(make)
 
 

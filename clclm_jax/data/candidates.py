@@ -18,6 +18,11 @@ template text. `PromptTokens` tokenizes each title once per dataset and template
 training epoch costs tokenizer calls only for the few variable lines, and training, scoring and generation read
 the very same tokens. Candidates have distinct titles (MovieLens lists 18 titles twice under two ids): two
 equal texts could be neither told apart by generation nor ranked by likelihood.
+
+Unified prompts (RSLLM / LLaRA, `seqrec/unified.py`): with a `placeholder_id`, a prompt made `soft` has one
+placeholder token after each item line's title (history items and candidates alike; answers never), whose input
+embedding the model replaces by the item's projected ID embedding (`contrastive.fusion.place_soft_tokens`, as the
+fused prompts do). With `Layout.max_items > 0` a training batch also says where each item line is (`item_arrays`).
 """
 
 import dataclasses
@@ -139,23 +144,27 @@ def render(data: nextitem.NextItemData, lines: Sequence[Line]) -> str:
 class Layout:
   """How prompts become tokens: the most recent `max_history` history items, every item title and `Text` line
   cut at `max_item_tokens`, row widths rounded up to a multiple of `pad_multiple` (few compiled shapes);
-  `answer_lines` lines of answer at most (the fixed width of `target_index`)."""
+  `answer_lines` lines of answer at most (the fixed width of `target_index`); `max_items` > 0: training batches
+  carry each prompt's item lines in that many slots (`item_arrays`: unified prompts)."""
 
   max_history: int = 10
   max_prompt_tokens: int = 1024
   max_item_tokens: int = 24
   pad_multiple: int = 64
   answer_lines: int = 1
+  max_items: int = 0
 
 
 class PromptTokens:
   """A dataset's titles as token ids (cut at `max_item_tokens`), the tokenizer's leading special tokens and the
   newline; template lines are tokenized on first use and kept in this object."""
 
-  def __init__(self, data: nextitem.NextItemData, tokenizer, max_item_tokens: int):
+  def __init__(self, data: nextitem.NextItemData, tokenizer, max_item_tokens: int,
+               placeholder_id: int | None = None):
     if max_item_tokens < 1:
       raise ValueError(f"max_item_tokens={max_item_tokens}: use 1 or more")
     self.name, self.tokenizer, self.max_item_tokens = data.name, tokenizer, max_item_tokens
+    self.placeholder_id = placeholder_id  # the soft-token slot of unified prompts (None: text-only prompts)
     self.specials = np.asarray(tokenizer("", add_special_tokens=True)["input_ids"], np.int32)
     self.newline = self._ids(["\n"])[0]
     self.titles = tuple(x[:max_item_tokens] for x in self._ids(list(data.titles)))
@@ -174,14 +183,33 @@ class PromptTokens:
       self._template[line] = self._ids([line])[0]
     return self._template[line]
 
-  def lines(self, lines: Sequence[Line]) -> np.ndarray:
-    """Lines with a newline after each."""
-    parts = [p for x in lines for p in (self.line(x), self.newline)]
-    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+  def spans(self, lines: Sequence[Line], soft: bool = False,
+            start: int = 0) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Lines with a newline after each (with `soft`, an item line's title is followed by the placeholder token),
+    and `(item, first, end)` of each item line's title tokens, counted from `start`."""
+    if soft and self.placeholder_id is None:
+      raise ValueError("soft prompts need PromptTokens(placeholder_id=...)")
+    slot = np.asarray([self.placeholder_id if soft else 0], np.int32)
+    parts, spans, at = [], [], start
+    for x in lines:
+      title = self.line(x)
+      parts.append(title)
+      if isinstance(x, int):
+        spans.append((x, at, at + len(title)))
+        if soft:
+          parts.append(slot)
+          at += 1
+      parts.append(self.newline)
+      at += len(title) + len(self.newline)
+    return (np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)), spans
 
-  def prompt(self, p: Prompt) -> np.ndarray:
-    """The prompt's tokens: the special tokens, then its lines."""
-    return np.r_[self.specials, self.lines(p.lines)].astype(np.int32)
+  def lines(self, lines: Sequence[Line], soft: bool = False) -> np.ndarray:
+    """Lines with a newline after each (`spans`)."""
+    return self.spans(lines, soft)[0]
+
+  def prompt(self, p: Prompt, soft: bool = False) -> np.ndarray:
+    """The prompt's tokens: the special tokens, then its lines (with `soft`, a soft-token slot after each item)."""
+    return np.r_[self.specials, self.lines(p.lines, soft)].astype(np.int32)
 
   def title_text(self, item: int) -> str:
     """An item's title as its (possibly cut) tokens decode: what a generated answer is matched against."""
@@ -209,11 +237,15 @@ def _pad_rows(rows: Sequence[np.ndarray], width: int, *, left: bool = False) -> 
   return out
 
 
-def train_batch(pt: PromptTokens, prompts: Sequence[Prompt], layout: Layout) -> dict[str, np.ndarray]:
+def train_batch(pt: PromptTokens, prompts: Sequence[Prompt], layout: Layout,
+                soft: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
   """Right-padded rows `[prompt ; answer lines]`: `tokens`, `attention_mask`, `loss_mask` (the answer and its
   newlines) and `target_index` (the same positions, 0-padded to `answer_width`: the LM head runs on those
-  only)."""
-  heads = [pt.prompt(p) for p in prompts]
+  only). `soft[r]`: row r is a unified prompt (a soft-token slot after each item line); with
+  `layout.max_items > 0` the rows' `item_arrays` too."""
+  soft = [False] * len(prompts) if soft is None else list(soft)
+  spans = [pt.spans(p.lines, s, start=len(pt.specials)) for p, s in zip(prompts, soft)]
+  heads = [np.r_[pt.specials, x].astype(np.int32) for x, _ in spans]
   answers = [pt.lines(p.answer) for p in prompts]
   width_a = pt.answer_width(layout)
   for p, h, a in zip(prompts, heads, answers):
@@ -228,28 +260,89 @@ def train_batch(pt: PromptTokens, prompts: Sequence[Prompt], layout: Layout) -> 
     loss[r, len(h):len(row)] = 1
     target_index[r, :len(row) - len(h)] = np.arange(len(h), len(row))
   attention = _pad_rows([np.ones(len(r), np.int32) for r in rows], width)
-  return {"tokens": _pad_rows(rows, width), "attention_mask": attention, "loss_mask": loss,
-          "target_index": target_index}
+  batch = {"tokens": _pad_rows(rows, width), "attention_mask": attention, "loss_mask": loss,
+           "target_index": target_index}
+  if layout.max_items:
+    batch |= item_arrays(prompts, [s for _, s in spans], soft, layout, width)
+  return batch
+
+
+def history_items(p: Prompt) -> int:
+  """How many of a rec prompt's item lines are its history (those before the candidates line); 0 for other
+  tasks (their items are no user's history to align with)."""
+  if p.task != "rec":
+    return 0
+  return sum(isinstance(x, int) for x in p.lines[:p.lines.index(CANDIDATES_LINE)])
+
+
+def item_arrays(prompts: Sequence[Prompt], spans: Sequence[list[tuple[int, int, int]]], soft: Sequence[bool],
+                layout: Layout, width: int) -> dict[str, np.ndarray]:
+  """Where each row's item lines are, in `layout.max_items` slots in prompt order: `item_ids` [b, k] (0: no
+  item), `soft_item_ids` [b, k] (the same in soft rows, 0 in text-only rows: what fills the placeholders),
+  `item_slot` [b, t] (slot + 1 on a title's tokens, else 0), `item_valid` [b, k] (an item's first slot in the
+  batch: a repeated item is neither its own negative nor counted twice by the item InfoNCE), `history_mask`
+  [b, t] (the history lines' titles and soft tokens of rec rows), `history_ids` [b, max_history] (those items,
+  left-padded, most recent last) and `user_valid` [b] (rec rows)."""
+  b, k = len(prompts), layout.max_items
+  out = {"item_ids": np.zeros((b, k), np.int32), "soft_item_ids": np.zeros((b, k), np.int32),
+         "item_slot": np.zeros((b, width), np.int32), "item_valid": np.zeros((b, k), np.int32),
+         "history_mask": np.zeros((b, width), np.int32),
+         "history_ids": np.zeros((b, max(layout.max_history, 1)), np.int32), "user_valid": np.zeros(b, np.int32)}
+  seen = set()
+  for r, (p, row, is_soft) in enumerate(zip(prompts, spans, soft)):
+    if len(row) > k:
+      raise ValueError(f"a {p.task} prompt holds {len(row)} items, more than Layout.max_items={k}")
+    for j, (item, first, end) in enumerate(row):
+      out["item_ids"][r, j] = item
+      out["soft_item_ids"][r, j] = item if is_soft else 0
+      out["item_slot"][r, first:end] = j + 1
+      out["item_valid"][r, j] = item not in seen
+      seen.add(item)
+    n = history_items(p)
+    if n:
+      out["user_valid"][r] = 1
+      out["history_mask"][r, row[0][1]:row[n - 1][2] + int(is_soft)] = 1
+      out["history_ids"][r, -n:] = [item for item, _, _ in row[:n]][-out["history_ids"].shape[1]:]
+  return out
 
 
 def score_batch(pt: PromptTokens, data: nextitem.NextItemData, examples: Sequence[CandidateExample],
-                layout: Layout) -> dict[str, np.ndarray]:
+                layout: Layout, soft: bool = False) -> dict[str, np.ndarray]:
   """Decoding-free scoring input: the rec prompts left-padded `prompt` / `prompt_mask` [u, p] (p a multiple of
   `pad_multiple`) and each candidate's answer (title and newline) right-padded `answer` / `answer_mask`
-  [u, c, w] with w = `line_bound()` (one width for every batch), `target_col` [u] the target's column."""
-  heads = [pt.prompt(rec_prompt(data, ex, layout.max_history)) for ex in examples]
+  [u, c, w] with w = `line_bound()` (one width for every batch), `target_col` [u] the target's column. With
+  `soft`, unified prompts (a soft-token slot after each item line) and `soft_item_ids` [u, max_items] (what fills
+  them, in prompt order); answers are text either way."""
+  prompts = [rec_prompt(data, ex, layout.max_history) for ex in examples]
+  heads = [pt.prompt(p, soft) for p in prompts]
   width = round_up(max(len(h) for h in heads), layout.pad_multiple)
   w = pt.line_bound()
   answers = [_pad_rows([pt.lines([c]) for c in ex.candidates], w) for ex in examples]
   masks = [_pad_rows([np.ones(len(pt.lines([c])), np.int32) for c in ex.candidates], w) for ex in examples]
-  return {"prompt": _pad_rows(heads, width, left=True),
-          "prompt_mask": _pad_rows([np.ones(len(h), np.int32) for h in heads], width, left=True),
-          "answer": np.stack(answers), "answer_mask": np.stack(masks),
-          "target_col": np.asarray([ex.candidates.index(ex.target) for ex in examples], np.int32)}
+  out = {"prompt": _pad_rows(heads, width, left=True),
+         "prompt_mask": _pad_rows([np.ones(len(h), np.int32) for h in heads], width, left=True),
+         "answer": np.stack(answers), "answer_mask": np.stack(masks),
+         "target_col": np.asarray([ex.candidates.index(ex.target) for ex in examples], np.int32)}
+  if soft:
+    out["soft_item_ids"] = soft_item_ids(prompts, layout.max_items)
+  return out
 
 
-def max_prompt_tokens_needed(pt: PromptTokens, templates: Sequence[str], variable_lines: int) -> int:
+def soft_item_ids(prompts: Sequence[Prompt], max_items: int) -> np.ndarray:
+  """[b, max_items] the item lines of each prompt in order, 0-padded: what fills its placeholders."""
+  out = np.zeros((len(prompts), max_items), np.int32)
+  for r, p in enumerate(prompts):
+    items = [x for x in p.lines if isinstance(x, int)]
+    if len(items) > max_items:
+      raise ValueError(f"a {p.task} prompt holds {len(items)} items, more than Layout.max_items={max_items}")
+    out[r, :len(items)] = items
+  return out
+
+
+def max_prompt_tokens_needed(pt: PromptTokens, templates: Sequence[str], variable_lines: int,
+                             soft: bool = False) -> int:
   """An upper bound of a prompt's tokens: the special tokens, the `templates` lines and `variable_lines` item or
-  `Text` lines at their cut, each with its newline (what a config's `max_prompt_tokens` must allow)."""
+  `Text` lines at their cut, each with its newline, and with `soft` a soft-token slot each (what a config's
+  `max_prompt_tokens` must allow)."""
   fixed = sum(len(pt.line(t)) + len(pt.newline) for t in templates)
-  return len(pt.specials) + fixed + variable_lines * pt.line_bound()
+  return len(pt.specials) + fixed + variable_lines * (pt.line_bound() + int(soft))

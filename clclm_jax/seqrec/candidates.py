@@ -35,7 +35,6 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from clclm_jax.contrastive import losses
 from clclm_jax.contrastive.encoder import SeqEncoder
 from clclm_jax.data import auxtasks, nextitem, nextitem_tokens, sequences
 from clclm_jax.data import candidates as cand_data
@@ -325,7 +324,7 @@ def build(config: ConfigDict, data: nextitem.NextItemData | None = None, workdir
   if encoder_summary["preempted"]:
     raise KeyboardInterrupt(f"preempted in the ID encoder's pretraining (step {encoder_summary['steps']}): run the "
                             "same command again to continue")
-  model = unified.build_model(config, llm, encoder, encoder_cfg, ph)
+  model = unified.build_model(config, llm, encoder, encoder_cfg, ph, data)
   keep = ("steps", "best_step", "stopped", "wall_s", "valid_NDCG@10")
   return Run(config, llm, data, pt, layout, s, mesh, model, {k: encoder_summary.get(k) for k in keep})
 
