@@ -397,8 +397,10 @@ def evaluate_split(r: Run, split: str, workdir: pathlib.Path, n: int) -> dict[st
     out.update(answer_metrics(answers, xs, r.pt))
     if jax.process_index() == 0:
       (workdir / "eval").mkdir(parents=True, exist_ok=True)
-      rows = [json.dumps({"user": ex.user, "target": ex.target, "candidates": ex.candidates, "answer": a})
-              for ex, a in zip(xs, answers)]
+      picks = [named_candidate(a, [r.pt.title_text(c) for c in ex.candidates]) for a, ex in zip(answers, xs)]
+      rows = [json.dumps({"user": ex.user, "target": ex.target, "candidates": ex.candidates, "answer": a,
+                          "named": None if p is None else ex.candidates[p]})  # the candidate the answer names
+              for ex, a, p in zip(xs, answers, picks)]
       checkpoint.write_text(workdir / "eval" / f"{split}_answers.jsonl", "".join(x + "\n" for x in rows))
   return out
 
@@ -441,8 +443,9 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"{s[f'valid_{METRIC}']:.4f}), stopped by {s['stopped']}, {s['wall_s'] / 60:.1f} min")
   if "unified" in summary:
     u, e = summary["unified"], summary["unified"]["encoder"]
-    lines.append(f"{'ID encoder':<22}{e['steps']} steps (best {e['best_step']}, valid NDCG@10 "
-                 f"{e['valid_NDCG@10'] or float('nan'):.4f}), stopped by {e['stopped']}")
+    ndcg = float("nan") if e["valid_NDCG@10"] is None else e["valid_NDCG@10"]
+    lines.append(f"{'ID encoder':<22}{e['steps']} steps (best {e['best_step']}, valid NDCG@10 {ndcg:.4f}), "
+                 f"stopped by {e['stopped']}")
     lines.append(f"{'unified prompts':<22}losses " + ", ".join(f"{k} {v:g}" for k, v in u["loss_weights"].items())
                  + (", curriculum" if u["curriculum"] else ""))
   if not summary["stages"]:

@@ -159,11 +159,18 @@ def title_states(h_btd: jax.Array, item_slot_bt: jax.Array, k: int) -> jax.Array
   return sums_bkd / jnp.maximum(onehot_btk.sum(1), 1.0)[..., None]
 
 
+def _info_nce(a_nd: jax.Array, b_nd: jax.Array, valid_n: jax.Array, temperature: float) -> jax.Array:
+  """`losses.info_nce` (cosine) over the valid pairs; invalid rows (empty spans: zero vectors) are set to ones
+  first, since the gradient of a zero vector's norm is NaN and would reach the valid rows through 0 x NaN."""
+  fill = lambda z: jnp.where(valid_n[:, None], z.astype(jnp.float32), 1.0)  # noqa: E731
+  return losses.info_nce(fill(a_nd), fill(b_nd), similarity="cosine", temperature=temperature, valid_n=valid_n)
+
+
 def user_cl(model: UnifiedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
   """InfoNCE between the LLM's pooled history state and the encoder's projected user representation."""
   text_bd = span_mean(h_btd, batch["history_mask"])
-  return losses.info_nce(text_bd, model.user_embeds(batch["history_ids"]), similarity="cosine",
-                         temperature=model.settings.user_temperature, valid_n=batch["user_valid"] > 0)
+  return _info_nce(text_bd, model.user_embeds(batch["history_ids"]), batch["user_valid"] > 0,
+                   model.settings.user_temperature)
 
 
 def item_cl(model: UnifiedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -172,8 +179,8 @@ def item_cl(model: UnifiedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array])
   text_bkd = title_states(h_btd, batch["item_slot"], ids_bk.shape[1])
   id_bkd = model.item_embeds(ids_bk)
   d = text_bkd.shape[-1]
-  return losses.info_nce(text_bkd.reshape(-1, d), id_bkd.reshape(-1, d), similarity="cosine",
-                         temperature=model.settings.item_temperature, valid_n=batch["item_valid"].reshape(-1) > 0)
+  return _info_nce(text_bkd.reshape(-1, d), id_bkd.reshape(-1, d), batch["item_valid"].reshape(-1) > 0,
+                   model.settings.item_temperature)
 
 
 def answer_terms(model, batch: Mapping[str, jax.Array], key: jax.Array | None, names: Sequence[str],
