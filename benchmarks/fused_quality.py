@@ -14,7 +14,11 @@ is one of its history items, `fused+hint_kd`: stage 2 also distils the encoder's
 the `FUSED` table below says what each changes. Residual fusion (`FusionConfig.mode='residual'`: the encoder's
 like-logit + what LoRA changes in the LLM's Yes-minus-No logit) starts from the pretrained encoder with LoRA at
 zero (no stage 1) and trains LoRA by `residual_answer` (`residual`: text-only prompts, `residual+gate`: learned
-scalar weights on both parts, `residual+soft_tokens`: the prompt keeps the soft tokens and the projector trains).
+scalar weights on both parts, `residual+soft_tokens`: the prompt keeps the soft tokens and the projector trains);
+as the recipe does, each residual cell is validated (the config's `data.valid_size` subset) before its first step
+and after its last (and every `train.eval_every` steps where > 0) and keeps the best, so it scores as its encoder
+unless training raised the validation AUC (the row's `best_step`, `valid_auc`; with `--split valid` the rows are
+then scored on prompts the step was chosen on, so they are optimistic).
 Every variant is also paired with `encoder_only` (the same prompts scored by the encoder alone).
 The full protocol is 2 domains x 16/64/256 shots x 3 seeds on the whole test sets; flags choose a slice,
 and the output says which. `--split valid` scores the validation split instead (by default into
@@ -171,15 +175,18 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
 
   def test_auc(spec, what: str) -> tuple[float, float, str]:
     """(AUC x100, seconds, P(Yes) per prompt of `test` in its order, as one comma-separated line: model outputs,
-    no labels)."""
+    no labels). A residual model on text-only prompts reads their base logits, computed once per domain."""
     t = time.time()
-    scores = r.scorer(r.model, evals[spec.num_soft_tokens], desc=f"scoring {domain} {what}")
+    if r.cached_base(spec) and "residual" not in evals:
+      evals["residual"] = r.eval_batches(test, spec, args.eval_batch_size)
+    batches = evals["residual" if r.cached_base(spec) else spec.num_soft_tokens]
+    scores = r.scorer(r.model, batches, desc=f"scoring {domain} {what}")
     p, label = scores.p_yes, scores.label
     return 100 * evaluate.auc(p, label), time.time() - t, ",".join(f"{x:.5f}" for x in p)
 
-  def train(spec, steps, weights, seed, pool, trains=nnx.Param) -> float:
+  def train(spec, steps, weights, seed, pool, trains=nnx.Param, validate=False) -> dict:
     return recipe.fit_stage(r, spec, pool, steps, weights, seed, pathlib.Path(tempfile.mkdtemp(dir=scratch_dir)),
-                            trains)
+                            trains, validate)
 
   def record(row):
     emit(row)
@@ -212,7 +219,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         cell["pool_encoder_auc"] = 100 * feedback.encoder_auc(model, train_set)
       fused_variants = [v for v in args.variants if v in FUSED]
       needs_stage1 = "text_only" in args.variants or any(not FUSED[v].residual for v in fused_variants)
-      train1_s = train(text, s1, dict(config.stage1.loss_weights), seed, train_set) if needs_stage1 else 0.0
+      train1_s = train(text, s1, dict(config.stage1.loss_weights), seed, train_set)["seconds"] if needs_stage1 else 0.0
       if "text_only" in args.variants and s1 > 0:
         auc, score_s, p_yes = test_auc(text, f"{shots}-shot seed {seed} text_only")
         record({**cell, "variant": "text_only", "stage2_steps": 0, "auc": auc, "train_s": train1_s,
@@ -229,14 +236,19 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         extra = config.stage2.history_targets or ablation.history_targets
         spec = fused if ablation.soft_tokens else text
         trains = fusion.residual_trains(ablation.soft_tokens) if ablation.residual else nnx.Param
-        train2_s = train(spec, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed), trains)
+        # residual: validated before the first step and after the last (`train.eval_every` steps too, where > 0),
+        # keeping the best, so a cell whose training lowers the validation AUC scores its encoder (step 0)
+        fit = train(spec, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed), trains,
+                    validate=ablation.residual)
         auc, score_s, p_yes = test_auc(spec, f"{shots}-shot seed {seed} {variant}")
         gates = model.residual_gates
         model.configure(fcfg)
         record({**cell, "variant": variant, "stage1_steps": 0 if ablation.residual else s1, "stage2_steps": s2,
                 "loss_weights": weights, "history_targets": extra, "auc": auc,
-                "train_s": (0.0 if ablation.residual else train1_s) + train2_s, "score_s": score_s, "p_yes": p_yes}
-               | ({} if gates is None else {"gates": [float(g) for g in np.asarray(gates[...])]}))
+                "train_s": (0.0 if ablation.residual else train1_s) + fit["seconds"], "score_s": score_s,
+                "p_yes": p_yes}
+               | ({} if gates is None else {"gates": [float(g) for g in np.asarray(gates[...])]})
+               | ({"best_step": fit["best_step"], "valid_auc": 100 * fit["valid_auc"]} if ablation.residual else {}))
   same_prompts = [x for x in merge_rows(previous, mine) if x["domain"] == domain and "p_yes" in x
                   and (x["test_size"], x["test_seed"], common.split_of(x)) == (len(test), args.test_seed, args.split)]
   labels = [x.label for x in test]

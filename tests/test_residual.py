@@ -16,7 +16,7 @@ from clclm_jax.contrastive import feedback, fusion, losses  # noqa: F401 (losses
 from clclm_jax.data import fused
 from clclm_jax.train import evaluate, runconfig, sharding, step as step_lib, trainer
 from clclm_jax.train.errors import ConfigError
-from configs import movie
+from configs import book, book_residual, movie, movie_residual
 
 YES_NO = (7 + ord("Y"), 7 + ord("N"))  # the test tokenizer's ids of "Y" and "N"
 
@@ -119,17 +119,53 @@ def test_the_residual_stage_trains_only_lora_gates_and_the_projector_with_soft_t
   assert moved == want  # the encoder, its feedback head and the unused heads stay as pretrained
 
 
+def _base_logits(model, xs, cat, k: int = 0):
+  """The scorer's cached base logits of `xs`' text-only prompts (what the recipe computes once per prompt set)."""
+  mesh = sharding.make_mesh((-1, 1, 1))
+  trainer.place(model, mesh)
+  scorer = evaluate.make_scorer(model, mesh, *YES_NO, stop_token=tf.PH_ID)
+  return scorer, scorer.base_logits(model, fused.eval_batches(xs, cat, tf.CharTokenizer(), tf._spec(k), batch_size=4))  # pylint: disable=protected-access
+
+
+def test_cached_base_logits_give_the_recomputed_scores_and_loss():
+  model = _model(gate=True)
+  xs, cat = tf._data(8)  # pylint: disable=protected-access
+  scorer, base = _base_logits(model, xs, cat)
+  evals = lambda cached: fused.eval_batches(xs, cat, tf.CharTokenizer(), tf._spec(0), batch_size=4,  # noqa: E731  # pylint: disable=protected-access
+                                            base_logits=base if cached else None)
+  encoder = feedback.like_probabilities(model, xs)
+  np.testing.assert_allclose(scorer(model, evals(True)).p_yes, encoder, rtol=1e-6, atol=1e-7)  # step 0: the encoder
+  _set_lora_b(model, 0.01)
+  model.residual_gates.set_value(jnp.array([0.7, 1.9]))
+  np.testing.assert_array_equal(_base_logits(model, xs, cat)[1], base)  # LoRA off: fixed however LoRA moves
+  cached, recomputed = scorer(model, evals(True)), scorer(model, evals(False))
+  np.testing.assert_allclose(cached.p_yes, recomputed.p_yes, rtol=1e-5, atol=1e-6)
+  assert np.abs(cached.p_yes - encoder).max() > 1e-4  # the LLM part is there, not cancelled by the cache
+  b = next(fused.train_batches(xs, cat, tf.CharTokenizer(), tf._spec(0), batch_size=4, seed=0, base_logits=base))  # pylint: disable=protected-access
+  b = {key: jnp.asarray(v) for key, v in b.items()}
+  np.testing.assert_array_equal(b["base_logit"], base[np.asarray(b["index"])])  # each prompt's own
+  loss = lambda batch: step_lib.loss_terms(model, batch, None, ["residual_answer"])["residual_answer"]  # noqa: E731
+  np.testing.assert_allclose(loss(b), loss({k: v for k, v in b.items() if k != "base_logit"}), rtol=1e-5)
+  with pytest.raises(ValueError, match="base logits with 3 soft tokens"):
+    fused.eval_batches(xs, cat, tf.CharTokenizer(), tf._spec(tf.K), batch_size=4, base_logits=base)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="7 base logits for 8 prompts"):
+    fused.eval_batches(xs, cat, tf.CharTokenizer(), tf._spec(0), batch_size=4, base_logits=base[:7])  # pylint: disable=protected-access
+
+
 def test_residual_config_fields_are_checked():
   c = movie.get_config()
   runconfig.validate(c)  # the default: soft tokens
-
-  def residual():
-    r = movie.get_config()
-    r.fusion.mode, r.stage1.steps = "residual", 0
-    r.stage2.loss_weights.update(fused_lm=0.0, residual_answer=1.0)
-    return r
-
-  runconfig.validate(residual())
+  residual = movie_residual.get_config
+  for ready in (movie_residual.get_config(), book_residual.get_config()):
+    runconfig.validate(ready)  # `python train.py --config=configs/<domain>_residual.py` passes its checks
+  changed = _changed(movie.get_config(), residual())
+  assert changed == {"name", "fusion.mode", "stage1.steps", "stage1.loss_weights.text_lm", "stage1.history_targets",
+                     "stage2.loss_weights.residual_answer", "stage2.loss_weights.fused_lm",
+                     "stage2.loss_weights.seq_cl", "stage2.loss_weights.text_cl", "stage2.loss_weights.align_cl",
+                     "train.eval_every", "train.patience"}
+  assert _changed(book.get_config(), book_residual.get_config()) == changed - {"stage2.loss_weights.align_cl",
+                                                                                "stage2.loss_weights.text_cl"} | {
+                                                                                    "stage2.loss_weights.hint_kd"}
   c.fusion.mode = "sum"
   with pytest.raises(ConfigError, match="config.fusion.mode='sum': use 'soft_tokens'"):
     runconfig.validate(c)
@@ -150,11 +186,20 @@ def test_residual_config_fields_are_checked():
   with pytest.raises(ConfigError, match="config.stage2.loss_weights.fused_lm=1.0"):
     runconfig.validate(r)
   r = residual()
+  r.stage2.loss_weights.seq_cl = 0.1
+  with pytest.raises(ConfigError, match="config.stage2.loss_weights.seq_cl=0.1: residual fusion keeps the encoder"):
+    runconfig.validate(r)
+  r = residual()
   r.fusion.target_aware = False
   with pytest.raises(ConfigError, match="config.fusion.target_aware=False: residual fusion adds to the encoder"):
     runconfig.validate(r)
   with pytest.raises(ValueError, match="mode='residual' needs target_aware"):
     dataclasses.replace(_model().config, target_aware=False)
+
+
+def _changed(a, b) -> set[str]:
+  fa, fb = runconfig.flat(a), runconfig.flat(b)
+  return {k for k in set(fa) | set(fb) if fa.get(k, "absent") != fb.get(k, "absent")}
 
 
 def test_fused_quality_pairs_each_variant_with_the_encoder_alone():

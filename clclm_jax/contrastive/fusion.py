@@ -135,6 +135,15 @@ def residual_trains(soft_tokens: bool):
   return lambda path, value: isinstance(value, nnx.LoRAParam) or (isinstance(value, nnx.Param) and path[0] in parts)
 
 
+def yes_minus_no(llm: Llama, yes_no: tuple[int, int], x_btd: jax.Array, *, positions_bt, attention_mask_bt, rows_b,
+                 dropout_key=None, prefix_kv=None) -> jax.Array:
+  """`[b]` float32: the Yes logit minus the No logit of `llm` on input embeddings `x_btd`, at `rows_b` only."""
+  h_bd = llm.hidden_states(None, positions_bt, attention_mask_bt, inputs_embeds_btd=x_btd, dropout_key=dropout_key,
+                           prefix_kv=prefix_kv, rows_b=rows_b)
+  logits_b2 = llm.lm_logits(h_bd)[:, jnp.asarray(yes_no)].astype(jnp.float32)
+  return logits_b2[:, 0] - logits_b2[:, 1]
+
+
 class ItemCorrelation(nnx.Variable):
   """A frozen int32 table `[num_items + 2, top_k]` of correlated item ids (ItemCF-IUF), for augmentation."""
 
@@ -286,29 +295,40 @@ class FusedRec(nnx.Module):
     return self.llm.prefix_cache(prefix_tokens_p)
 
   def residual_logit(self, tokens_bt, positions_bt=None, attention_mask_bt=None, *, history_ids_bl, feedback_bl,
-                     target_ids_b, rows_b, dropout_key=None, prefix_kv=None) -> jax.Array:
+                     target_ids_b, rows_b, dropout_key=None, prefix_kv=None, base_logit_b=None) -> jax.Array:
     """The residual answer logit `[b]` at `rows_b`: g_enc x the encoder's like-logit + g_llm x (Yes-minus-No logit
     of the LLM with LoRA - the same of the base with LoRA off), both passes on the same input embeddings (soft
     tokens where the prompt has placeholders); gates 1 without `residual_gate`. The encoder's logit has no dropout
-    (it is the pretrained score the model starts from); the base pass has none either (it is fixed)."""
+    (it is the pretrained score the model starts from); the base pass has none either (it is fixed).
+
+    `base_logit_b`: the base pass's logits computed before (`base_answer_logit`; text-only prompts, whose base
+    pass nothing trained can change), so only the LoRA pass runs, on the token embeddings (no slot to fill)."""
     enc_b = self.like_logit(self.encode_history(history_ids_bl, feedback_bl, target_ids_b)[0]).astype(jnp.float32)
     enc_key, llm_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    x_btd = self.inputs_embeds(tokens_bt, history_ids_bl, feedback_bl, target_ids_b,
-                               dropout_key=enc_key if self.config.prompt_dropout else None)
-    yes_no = jnp.asarray(self.config.yes_no)
-
-    def yes_minus_no(llm: Llama, key, kv) -> jax.Array:
-      h_bd = llm.hidden_states(None, positions_bt, attention_mask_bt, inputs_embeds_btd=x_btd, dropout_key=key,
-                               prefix_kv=kv, rows_b=rows_b)
-      logits_b2 = llm.lm_logits(h_bd)[:, yes_no].astype(jnp.float32)
-      return logits_b2[:, 0] - logits_b2[:, 1]
-
+    if base_logit_b is None:
+      x_btd = self.inputs_embeds(tokens_bt, history_ids_bl, feedback_bl, target_ids_b,
+                                 dropout_key=enc_key if self.config.prompt_dropout else None)
+    else:  # data/fused.py gives base logits to text-only prompts only
+      x_btd = self.llm.embed(tokens_bt)
     lora_kv, base_kv = (None, None) if prefix_kv is None else (prefix_kv["lora"], prefix_kv["base"])
-    llm_b = yes_minus_no(self.llm, llm_key, lora_kv) - yes_minus_no(lora_off(self.llm), None, base_kv)
+    read = dict(positions_bt=positions_bt, attention_mask_bt=attention_mask_bt, rows_b=rows_b)
+    lora_b = yes_minus_no(self.llm, self.config.yes_no, x_btd, dropout_key=llm_key, prefix_kv=lora_kv, **read)
+    if base_logit_b is None:
+      base_logit_b = yes_minus_no(lora_off(self.llm), self.config.yes_no, x_btd, prefix_kv=base_kv, **read)
+    llm_b = lora_b - base_logit_b.astype(jnp.float32)
     if self.residual_gates is None:
       return enc_b + llm_b
     g_2 = self.residual_gates[...]
     return g_2[0] * enc_b + g_2[1] * llm_b
+
+  def base_answer_logit(self, tokens_bt, positions_bt=None, attention_mask_bt=None, *, rows_b,
+                        prefix_kv=None) -> jax.Array:
+    """The Yes-minus-No logit `[b]` at `rows_b` of the frozen base (LoRA off) on a text-only prompt (no soft tokens):
+    what `residual_logit` subtracts, fixed for a prompt while LoRA trains, so it is computed once per prompt set and
+    passed back as `base_logit_b`. `prefix_kv` is `prefix_cache`'s."""
+    return yes_minus_no(lora_off(self.llm), self.config.yes_no, self.llm.embed(tokens_bt), positions_bt=positions_bt,
+                        attention_mask_bt=attention_mask_bt, rows_b=rows_b,
+                        prefix_kv=None if prefix_kv is None else prefix_kv["base"])
 
   def lm_logits(self, h_xd: jax.Array) -> jax.Array:
     return self.llm.lm_logits(h_xd)

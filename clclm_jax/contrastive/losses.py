@@ -172,12 +172,14 @@ def fused_losses(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array
 
 @register_loss("residual_answer")
 def residual_answer_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
-  """Mean binary cross-entropy of the residual answer logit at `answer_index` against `label` (Yes = 1)."""
+  """Mean binary cross-entropy of the residual answer logit at `answer_index` against `label` (Yes = 1); a batch
+  with `base_logit` (text-only prompts' base pass, computed once) runs only the LoRA pass."""
   if not model.residual:
     raise ValueError("the residual_answer loss needs FusionConfig.mode='residual' (config.fusion.mode)")
   logit_b = model.residual_logit(batch["tokens"], batch.get("positions"), batch["attention_mask"],
                                  history_ids_bl=batch["history_ids"], feedback_bl=batch["history_feedback"],
-                                 target_ids_b=batch["target_ids"], rows_b=batch["answer_index"], dropout_key=key)
+                                 target_ids_b=batch["target_ids"], rows_b=batch["answer_index"], dropout_key=key,
+                                 base_logit_b=batch.get("base_logit"))
   return jnp.mean(optax.sigmoid_binary_cross_entropy(logit_b, batch["label"].astype(jnp.float32)))
 
 

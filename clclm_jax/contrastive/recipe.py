@@ -41,6 +41,9 @@ class Recipe:
   fused: fused_data.PromptSpec  # the same prompts with k soft-token placeholders (stage 2)
   mesh: Any
   scorer: evaluate.Scorer
+  # tuple(prompts) -> their base logits (`base_logits`): each prompt set (train pool, valid, test) runs its base
+  # pass once per run, however often it is trained on or scored.
+  base_cache: dict = dataclasses.field(default_factory=dict)
 
   @property
   def answer_spec(self) -> fused_data.PromptSpec:
@@ -58,10 +61,29 @@ class Recipe:
   def yes_no(self) -> tuple[int, int]:
     return tokenize.answer_token_ids(self.tokenizer, self.config.data.template)
 
+  def cached_base(self, spec: fused_data.PromptSpec) -> bool:
+    """Whether batches of `spec`'s prompts carry their base logits: a residual model (as configured now) on
+    text-only prompts, whose LoRA-off pass nothing trained changes. With soft tokens the projector trains and
+    the base pass is recomputed at every step."""
+    return self.model.residual and not spec.num_soft_tokens
+
+  def base_logits(self, xs: Sequence[Interaction]) -> np.ndarray:
+    """The frozen base's Yes-minus-No logit (LoRA off) of each text-only prompt of `xs`, computed once per set."""
+    key = tuple(xs)
+    if key not in self.base_cache:
+      batches = self._eval_batches(xs, self.text, None, None)
+      self.base_cache[key] = self.scorer.base_logits(self.model, batches, desc=f"base logits of {len(xs)} prompts")
+    return self.base_cache[key]
+
   def eval_batches(self, xs: Sequence[Interaction], spec: fused_data.PromptSpec, batch_size: int | None = None):
+    """Scoring batches of `xs` with `spec`'s prompts, with their base logits where `cached_base`."""
+    return self._eval_batches(xs, spec, batch_size, self.base_logits(xs) if self.cached_base(spec) else None)
+
+  def _eval_batches(self, xs, spec, batch_size, base_logits):
     return fused_data.eval_batches(xs, self.splits.catalogue, self.tokenizer, spec,
                               batch_size=(batch_size or self.config.train.eval_batch_size) // jax.process_count(),
-                              pad_multiple=self.config.data.pad_multiple, max_widths=self.config.data.eval_widths)
+                              pad_multiple=self.config.data.pad_multiple, max_widths=self.config.data.eval_widths,
+                              base_logits=base_logits)
 
   def score(self, xs: Sequence[Interaction], spec: fused_data.PromptSpec, desc: str | None = None,
             batch_size: int | None = None) -> evaluate.Scores:
@@ -116,20 +138,25 @@ def rec_stage(r: Recipe, name: str, spec: fused_data.PromptSpec, pool: Sequence[
               loss_weights: Mapping[str, float], workdir: pathlib.Path, *, trains=nnx.Param, seed: int | None = None,
               validate: bool = True) -> trainer.Stage:
   """`steps` updates on `pool` with `spec`'s prompts (text views only when `text_cl` is on), validated
-  on the `data.valid_size` subset with the same prompts (every `train.eval_every` steps, else at the end)."""
+  on the `data.valid_size` subset with the same prompts (every `train.eval_every` steps, else at the end). A
+  residual model (`r.model.residual`) is validated before its first step too, so its encoder (step 0) stays the
+  result unless a step beats it; on text-only prompts its batches carry their base logits (`Recipe.base_logits`,
+  computed when the stage first asks for batches, so a finished stage computes none)."""
   c = r.config
   seed = c.seed if seed is None else seed
   views = loss_weights.get("text_cl", 0) > 0
+  cached = r.cached_base(spec)
   batches = lambda: fused_data.train_batches(  # noqa: E731
       pool, r.splits.catalogue, r.tokenizer, spec, batch_size=c.train.batch_size, seed=seed, views=views,
-      pad_multiple=c.data.pad_multiple)
+      pad_multiple=c.data.pad_multiple, base_logits=r.base_logits(pool) if cached else None)
   valid_xs = configured.eval_interactions(c, r.splits, "valid")
   check = lambda model: r.scorer(model, r.eval_batches(valid_xs, spec), desc="valid").metrics()  # noqa: E731
   return trainer.Stage(
       name, workdir, batches, dict(loss_weights), steps, c.optim, c.train.batch_size,
       min(c.train.micro_batch_size, c.train.batch_size), trains=trains, validate=check if validate else None,
       eval_every=c.train.eval_every, patience=c.train.patience, checkpoint_every=c.train.checkpoint_every,
-      seed=seed, config=c, valid_reference=evaluate.like_ratio_auc(valid_xs), title=f"{c.name}: {name}")
+      validate_at_start=validate and r.model.residual, seed=seed, config=c,
+      valid_reference=evaluate.like_ratio_auc(valid_xs), title=f"{c.name}: {name}")
 
 
 def pretrain_encoder(r: Recipe, workdir: pathlib.Path) -> dict | None:
@@ -142,16 +169,19 @@ def pretrain_encoder(r: Recipe, workdir: pathlib.Path) -> dict | None:
 
 
 def fit_stage(r: Recipe, spec: fused_data.PromptSpec, pool: Sequence[Interaction], steps: int,
-              loss_weights: Mapping[str, float], seed: int, workdir: pathlib.Path, trains=nnx.Param) -> float:
-  """`steps` updates of `trains` (default every trainable parameter) on `pool` with `spec`'s prompts, unvalidated
-  (benchmarks run their own scoring); returns the seconds taken."""
+              loss_weights: Mapping[str, float], seed: int, workdir: pathlib.Path, trains=nnx.Param,
+              validate: bool = False) -> dict:
+  """`steps` updates of `trains` (default every trainable parameter) on `pool` with `spec`'s prompts; unvalidated
+  (benchmarks run their own scoring) unless `validate`, which keeps the best validated step as `rec_stage` does
+  (for a residual model: step 0, its encoder, unless a later validation beats it). Returns the stage's summary
+  (`best_step`, `valid_auc`) with `seconds`, the time taken."""
   t0 = time.time()
   name = "fused" if spec.num_soft_tokens or r.model.residual else "text"
   summary = trainer.run_stage(rec_stage(r, name, spec, pool, steps, loss_weights, pathlib.Path(workdir), seed=seed,
-                                        trains=trains, validate=False), r.model, r.mesh)
+                                        trains=trains, validate=validate), r.model, r.mesh)
   if summary["preempted"]:  # a half-trained model must not be scored as the cell's result
     raise KeyboardInterrupt(f"stopped at step {summary['steps']} of {steps} of {name}")
-  return time.time() - t0
+  return summary | {"seconds": time.time() - t0}
 
 
 def stages(r: Recipe, workdir: pathlib.Path, pool: Sequence[Interaction]) -> list[trainer.Stage]:

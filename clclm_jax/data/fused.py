@@ -3,7 +3,8 @@ target id and history span; collation and the train / eval batch builders.
 
 A fused example holds `tokens`, `loss_mask` (never on placeholders), `answer_index`, `label`, `user_ids`,
 `index`, `target_ids`, `history_ids` / `history_feedback` (left-padded; 1 liked, 2 disliked) and `history_mask`
-(the history's tokens); with text views, `view1_tokens` / `view2_tokens`. `num_soft_tokens=0` gives TALLRec's
+(the history's tokens); with text views, `view1_tokens` / `view2_tokens`; with base logits (residual fusion's
+frozen-base answer on text-only prompts, computed once), `base_logit`. `num_soft_tokens=0` gives TALLRec's
 text-only prompt with the same arrays.
 """
 
@@ -114,6 +115,9 @@ def collate_fused(examples: Sequence[Batch], *, pad_multiple: int = 16, batch_si
                                         examples[0]["history_feedback"].shape[0])
   batch["history_mask"] = _pad_rows([e["history_mask"] for e in examples], b, t)
   batch["target_ids"] = _pad_rows([e["target_ids"][None] for e in examples], b, 1)[:, 0]
+  if "base_logit" in examples[0]:
+    batch["base_logit"] = np.zeros(b, np.float32)
+    batch["base_logit"][:len(examples)] = [e["base_logit"] for e in examples]
   if "view1_tokens" in examples[0]:
     views = [e[f"view{i}_tokens"] for e in examples for i in (1, 2)]
     tv = pad_multiple * math.ceil(max(len(v) for v in views) / pad_multiple)
@@ -124,12 +128,30 @@ def collate_fused(examples: Sequence[Batch], *, pad_multiple: int = 16, batch_si
   return batch
 
 
+def _check_base_logits(base_logits, interactions: Sequence[Interaction], spec: PromptSpec) -> None:
+  if base_logits is None:
+    return
+  if spec.num_soft_tokens:
+    raise ValueError(f"base logits with {spec.num_soft_tokens} soft tokens: the base pass of a prompt with soft "
+                     "tokens changes as the projector trains; pass base_logits=None (recompute it)")
+  if len(base_logits) != len(interactions):
+    raise ValueError(f"{len(base_logits)} base logits for {len(interactions)} prompts: compute them for these prompts")
+
+
+def with_base_logit(e: Batch, base_logits, i: int) -> Batch:
+  return e if base_logits is None else e | {"base_logit": np.float32(base_logits[i])}
+
+
 def train_batches(interactions: Sequence[Interaction], catalogue: Catalogue, tokenizer, spec: PromptSpec, *,
-                  batch_size: int, seed: int, views: bool = False, pad_multiple: int = 16) -> Iterator[Batch]:
-  """Endless shuffled batches; text views are redrawn per epoch from grain's per-element generator."""
+                  batch_size: int, seed: int, views: bool = False, pad_multiple: int = 16,
+                  base_logits: np.ndarray | None = None) -> Iterator[Batch]:
+  """Endless shuffled batches; text views are redrawn per epoch from grain's per-element generator. `base_logits`
+  (one per interaction, text-only prompts): each example carries its own as `base_logit`."""
+  _check_base_logits(base_logits, interactions, spec)
+
   def example(item, rng):
     i, x = item
-    e = encode_fused(tokenizer, x, catalogue, spec, i)
+    e = with_base_logit(encode_fused(tokenizer, x, catalogue, spec, i), base_logits, i)
     return e | encode_views(tokenizer, x, catalogue, spec, rng) if views else e
 
   ds = grain.MapDataset.source(list(enumerate(interactions))).shuffle(seed).repeat(None)
@@ -139,10 +161,13 @@ def train_batches(interactions: Sequence[Interaction], catalogue: Catalogue, tok
 
 
 def eval_batches(interactions: Sequence[Interaction], catalogue: Catalogue, tokenizer, spec: PromptSpec, *,
-                 batch_size: int, pad_multiple: int = 16, max_widths: int = 0) -> grain.MapDataset:
+                 batch_size: int, pad_multiple: int = 16, max_widths: int = 0,
+                 base_logits: np.ndarray | None = None) -> grain.MapDataset:
   """Every interaction once (this process's shard), sorted by length, the last batch filled with index -1
-  rows; padded as `pipeline.eval_dataset` pads (at most `max_widths` widths, or multiples of `pad_multiple`)."""
+  rows; padded as `pipeline.eval_dataset` pads (at most `max_widths` widths, or multiples of `pad_multiple`).
+  `base_logits` as in `train_batches`."""
+  _check_base_logits(base_logits, interactions, spec)
   examples = grain.MapDataset.source(list(enumerate(interactions))).map(
-      lambda ix: encode_fused(tokenizer, ix[1], catalogue, spec, ix[0]))
+      lambda ix: with_base_logit(encode_fused(tokenizer, ix[1], catalogue, spec, ix[0]), base_logits, ix[0]))
   return pipeline.eval_dataset(examples, batch_size=batch_size, pad_multiple=pad_multiple, max_widths=max_widths,
                                collate_fn=collate_fused)

@@ -60,7 +60,8 @@ def yes_probability(model: nnx.Module, batch: dict[str, jax.Array], yes_id: int,
                     prefix_kv=None) -> jax.Array:
   """softmax over (Yes, No) logits at `answer_index`; the LM head runs on those [b, d] rows only. A fused
   batch (with `history_feedback`) fills the prompt's soft tokens from its history; a residual fused model gives
-  sigmoid of its `residual_logit` (encoder logit + what LoRA changes in the Yes-minus-No logit).
+  sigmoid of its `residual_logit` (encoder logit + what LoRA changes in the Yes-minus-No logit; the base pass is
+  skipped where the batch carries its `base_logit`).
 
   With `prefix_kv` (the cached shared prefix), the batch holds only the tokens after the prefix.
   """
@@ -69,7 +70,8 @@ def yes_probability(model: nnx.Module, batch: dict[str, jax.Array], yes_id: int,
     if not fused:
       raise ValueError("a residual fused model scores fused batches (history ids, likes and target id)")
     return jax.nn.sigmoid(model.residual_logit(batch["tokens"], batch.get("positions"), attention_mask(batch),
-                                               prefix_kv=prefix_kv, rows_b=batch["answer_index"], **fused))
+                                               prefix_kv=prefix_kv, rows_b=batch["answer_index"],
+                                               base_logit_b=batch.get("base_logit"), **fused))
   h_bd = model.hidden_states(batch["tokens"], batch.get("positions"), attention_mask(batch),
                             prefix_kv=prefix_kv, rows_b=batch["answer_index"], **fused)
   return yes_share(model, h_bd, yes_id, no_id)
@@ -86,6 +88,12 @@ def _eval_step(params, frozen, batch, prefix_kv, *, graphdef, yes_id, no_id):
   return yes_probability(model, batch, yes_id, no_id, prefix_kv), batch["label"], batch["index"]
 
 
+def _base_logit_step(params, frozen, batch, prefix_kv, *, graphdef):
+  model = nnx.merge(graphdef, params, frozen)
+  return (model.base_answer_logit(batch["tokens"], batch.get("positions"), attention_mask(batch), prefix_kv=prefix_kv,
+                                  rows_b=batch["answer_index"]), batch["label"], batch["index"])
+
+
 def _prefix_step(params, frozen, prefix_p, *, graphdef):
   model = nnx.merge(graphdef, params, frozen)
   return model.prefix_cache(prefix_p)  # a fused model's is its LLM's (residual: with LoRA and without)
@@ -100,12 +108,14 @@ class EvalStep:
 
 
 def compile_eval_step(graphdef: nnx.GraphDef, params_sh, frozen_sh, mesh: Mesh, yes_id: int,
-                      no_id: int) -> EvalStep:
-  """Scoring steps whose outputs are replicated on every process; the prefix cache is replicated."""
+                      no_id: int, base_logit: bool = False) -> EvalStep:
+  """Scoring steps whose outputs are replicated on every process; the prefix cache is replicated. `base_logit`:
+  the batch step gives a residual fused model's `base_answer_logit` instead of P(Yes)."""
   rep = sharding.replicated(mesh)
+  step = (functools.partial(_base_logit_step, graphdef=graphdef) if base_logit else
+          functools.partial(_eval_step, graphdef=graphdef, yes_id=yes_id, no_id=no_id))
   return EvalStep(
-      batch=jax.jit(functools.partial(_eval_step, graphdef=graphdef, yes_id=yes_id, no_id=no_id),
-                    in_shardings=(params_sh, frozen_sh, sharding.batch_sharding(mesh), rep), out_shardings=rep),
+      batch=jax.jit(step, in_shardings=(params_sh, frozen_sh, sharding.batch_sharding(mesh), rep), out_shardings=rep),
       prefix=jax.jit(functools.partial(_prefix_step, graphdef=graphdef),
                      in_shardings=(params_sh, frozen_sh, rep), out_shardings=rep))
 
@@ -174,7 +184,7 @@ def score(eval_step: EvalStep, params, frozen, batches: Iterable[dict[str, np.nd
   its keys/values are reused by every batch, when it is at least `min_prefix` tokens long; it ends before
   the first `stop_token` (a soft-token placeholder, whose input is not the token's embedding).
   """
-  keep = ("tokens", "positions", "attention_mask", "answer_index", "label", "index", *FUSED_INPUTS)
+  keep = ("tokens", "positions", "attention_mask", "answer_index", "label", "index", "base_logit", *FUSED_INPUTS)
   batches = [{k: b[k] for k in keep if k in b} for b in batches]
   prefix = shared_prefix(batches) if share_prefix else np.zeros(0, np.int32)
   if stop_token is not None and (stops := np.flatnonzero(prefix == stop_token)).size:
@@ -203,21 +213,31 @@ class Scorer:
   mesh: Mesh
   yes_no: tuple[int, int]
   stop_token: int | None = None
-  others: dict = dataclasses.field(default_factory=dict)  # graphdef -> EvalStep, for changed structures
+  others: dict = dataclasses.field(default_factory=dict)  # (graphdef, base_logit) -> EvalStep: other steps
 
-  def step_for(self, graphdef: nnx.GraphDef, params, frozen) -> EvalStep:
-    if graphdef == self.graphdef:
+  def step_for(self, graphdef: nnx.GraphDef, params, frozen, base_logit: bool = False) -> EvalStep:
+    if graphdef == self.graphdef and not base_logit:
       return self.step
-    if graphdef not in self.others:
-      self.others[graphdef] = compile_eval_step(graphdef, sharding.state_sharding(params, self.mesh),
-                                                sharding.state_sharding(frozen, self.mesh), self.mesh, *self.yes_no)
-    return self.others[graphdef]
+    key = (graphdef, base_logit)
+    if key not in self.others:
+      self.others[key] = compile_eval_step(graphdef, sharding.state_sharding(params, self.mesh),
+                                           sharding.state_sharding(frozen, self.mesh), self.mesh, *self.yes_no,
+                                           base_logit=base_logit)
+    return self.others[key]
 
   def __call__(self, model: nnx.Module, batches, desc: str = "eval") -> Scores:
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     with jax.set_mesh(self.mesh):
       return score(self.step_for(graphdef, params, frozen), params, frozen, batches, self.mesh, desc=desc,
                    stop_token=self.stop_token)
+
+  def base_logits(self, model: nnx.Module, batches, desc: str = "base logits") -> np.ndarray:
+    """A residual fused model's `base_answer_logit` (the frozen base's Yes-minus-No, LoRA off) of every prompt of
+    text-only `batches`, ordered by record index: computed once, they ride with the batches as `base_logit`."""
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    with jax.set_mesh(self.mesh):
+      return score(self.step_for(graphdef, params, frozen, base_logit=True), params, frozen, batches, self.mesh,
+                   desc=desc, stop_token=self.stop_token).p_yes  # the slot holds the logits here
 
 
 def make_scorer(model: nnx.Module, mesh: Mesh, yes_id: int, no_id: int, stop_token: int | None = None) -> Scorer:

@@ -157,6 +157,9 @@ def _validate_fusion(config: ConfigDict) -> None:
   if not residual_weight > 0:
     _fail("stage2.loss_weights.residual_answer", residual_weight, "residual fusion trains its answer by this loss: "
           "use a weight > 0 (e.g. 1.0)")
+  if weights.get("seq_cl", 0.0):
+    _fail("stage2.loss_weights.seq_cl", weights.seq_cl, "residual fusion keeps the encoder as pretrained, so its "
+          "InfoNCE trains nothing: use 0")
   soft_only = [k for k in ("fused_lm", "hint_kd") if weights.get(k, 0.0)]
   if soft_only:
     _fail(f"stage2.loss_weights.{soft_only[0]}", weights[soft_only[0]], "a soft-token answer loss: use 0 with "

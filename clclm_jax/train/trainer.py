@@ -48,6 +48,9 @@ class Stage:
   validate: Callable[[nnx.Module], dict[str, float]] | None = None
   metric: str = "auc"
   eval_every: int = 0  # steps between validations; <= 0: after the last step only
+  # Also validate before the first step: the starting parameters are the best checkpoint (step 0) until a step
+  # beats them, so a stage that starts from a good model (residual fusion: its encoder) can only keep or climb.
+  validate_at_start: bool = False
   patience: int = 0  # validations without a better metric before stopping; <= 0: never early
   checkpoint_every: int = 0  # steps between latest checkpoints (also at each validation and the end)
   max_seconds: float = 0.0  # > 0: the stage ends after the step that passes this much training time
@@ -161,7 +164,7 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
     data_iter.set_state(data_state)
     stopper = evaluate.EarlyStopping(**meta["early_stopping"])
   start = int(state["step"])
-  log = MetricsLog(workdir, start)
+  log = MetricsLog(workdir, start if restored is not None else -1)  # a fresh start drops a dead run's step-0 row
   state_sh = state_lib.state_shardings(params, tx, mesh)
   train_step = step_lib.jit_train_step(graphdef, sharding.state_sharding(frozen, mesh), tx, state_sh, mesh,
                                        loss_weights=weights, accum_steps=accum_steps)
@@ -170,6 +173,12 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
   preempted, out_of_time, step, grad_norm, spread = False, False, start, None, None
   with _Stop() as stop, jax.set_mesh(mesh), tqdm.tqdm(total=stage.steps, initial=start, desc=stage.name,
                                                       disable=jax.process_index() != 0) as bar:
+    if stage.validate is not None and stage.validate_at_start and restored is None:
+      # Step 0 is a candidate like any validated step; a rerun without a latest checkpoint validates it again.
+      valid = stage.validate(nnx.merge(graphdef, state["params"], frozen))
+      stopper = stopper.update(valid[stage.metric], 0)
+      ckpts.save_best(0, state["params"], {"step": 0, "valid": valid})
+      log.write({"step": 0, **{f"valid/{k}": v for k, v in valid.items()}})
     for step in range(start + 1, stage.steps + 1):
       batch = local_rows(next(data_iter))
       state, metrics = train_step(state, sharding.global_batch(batch, mesh), frozen)
@@ -189,7 +198,7 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
           ckpts.save_best(step, state["params"], {"step": step, "valid": valid})
       log.write(row)
       bar.set_postfix({k.removeprefix("loss/"): f"{v:.4f}" for k, v in metrics.items() if k.startswith("loss")}
-                      | ({"best": f"{stopper.best:.4f}"} if stopper.best_step > 0 else {}))
+                      | ({"best": f"{stopper.best:.4f}"} if stopper.best_step >= 0 else {}))
       bar.update(1)
       preempted = stop.is_set()
       out_of_time = 0 < stage.max_seconds < time.time() - t0

@@ -1,0 +1,35 @@
+"""Residual fusion on TALLRec movie (issue 51): the answer logit is the pretrained encoder's like-logit plus what
+LoRA changes in the LLM's Yes-minus-No logit on the text-only prompt (contrastive/fusion.py,
+`FusedRec.residual_logit`). No stage 1, so LoRA starts at zero and the model at its encoder; stage 2 trains LoRA by
+the residual answer loss alone and is validated before its first step and every `train.eval_every` steps, keeping
+the best: a run whose training lowers the validation AUC ends as its encoder. configs/movie.py is the soft-token
+recipe this switches from.
+
+  python train.py --config=configs/movie_residual.py
+"""
+
+from ml_collections import ConfigDict
+
+from configs import movie
+
+
+def residual_overrides(c: ConfigDict) -> ConfigDict:
+  """Switches a fused recipe config (configs/movie.py, book.py) to residual fusion on text-only prompts, as the
+  `residual` variant of benchmarks/fused_quality.py trains it."""
+  c.fusion.mode = "residual"
+  c.stage1.steps = 0  # LoRA at zero: step 0 is the encoder (runconfig.validate requires it)
+  with c.unlocked():  # no stage 1 ever runs in residual fusion: its losses and extra prompts would do nothing
+    del c.stage1.loss_weights, c.stage1.history_targets
+  # The residual answer loss alone: the encoder is frozen (seq_cl would train nothing), fused_lm and hint_kd train a
+  # soft-token answer this model does not give, and the text and alignment terms are not what was measured.
+  c.stage2.loss_weights.update(residual_answer=1.0, fused_lm=0.0, hint_kd=0.0, seq_cl=0.0, text_cl=0.0, align_cl=0.0)
+  return c
+
+
+def get_config() -> ConfigDict:
+  c = residual_overrides(movie.get_config())
+  c.name = "movie_residual"
+  # 8 steps validated at 0, 2, 4, 6 and 8 (the first check is the encoder alone); 2 validations without a better
+  # AUC stop the stage, the best step's parameters are the result.
+  c.train.eval_every, c.train.patience = 2, 2
+  return c

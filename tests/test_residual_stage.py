@@ -1,0 +1,126 @@
+"""A residual fused stage can only keep or climb: validated before its first step, its starting parameters (the
+encoder, LoRA at zero) are the best checkpoint until a validated step beats them; killed and rerun, it ends bitwise
+as an uninterrupted run (train/trainer.py `Stage.validate_at_start`, contrastive/recipe.py)."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import test_fusion as tf
+import test_residual as tr
+import train_helpers
+from clclm_jax.contrastive import feedback, fusion
+from clclm_jax.data import fused
+from clclm_jax.train import evaluate, sharding, trainer
+
+
+class Killed(BaseException):
+  """The process dies here: nothing after this point runs."""
+
+
+def _die():
+  raise Killed
+
+
+def _rows(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _flipped_stage(workdir, model, xs, cat, scorer, base, dies_at: int = 0) -> trainer.Stage:
+  """Trains the LoRA of `model` on `xs` with every label flipped, validated on `xs` as they are (text-only prompts
+  with their cached base logits): no step can beat the encoder, whose validation AUC is 1 (`_encoder_labels`)."""
+  wrong = [dataclasses.replace(x, label=1 - x.label) for x in xs]
+  spec = tf._spec(0)  # pylint: disable=protected-access
+
+  def batches():
+    it = fused.train_batches(wrong, cat, tf.CharTokenizer(), spec, batch_size=4, seed=0, base_logits=base)
+    return train_helpers.DiesAt(it, dies_at, _die) if dies_at else it
+
+  check = lambda m: scorer(m, fused.eval_batches(xs, cat, tf.CharTokenizer(), spec, batch_size=4,  # noqa: E731
+                                                 base_logits=base)).metrics()
+  optim = tf.OPTIM.copy_and_resolve_references()
+  optim.lr = 0.5  # Adam's first steps move each weight by about this: the encoder's gate reaches 0 by step 2
+  return trainer.Stage("fused", workdir, batches, {"residual_answer": 1.0}, 6, optim, 4, 4,
+                       trains=fusion.residual_trains(False), validate=check, eval_every=1, patience=3,
+                       validate_at_start=True, seed=0)
+
+
+def test_a_residual_stage_that_lowers_validation_ends_as_its_encoder_and_resumes_bitwise(tmp_path):
+  xs, cat = tf._data(8)  # pylint: disable=protected-access
+  model = tr._model(gate=True)  # pylint: disable=protected-access
+  mesh = sharding.make_mesh((-1, 1, 1))
+  encoder = feedback.like_probabilities(model, xs)
+  # Labels the random encoder ranks perfectly: its validation AUC is 1, so only a worse model can follow.
+  xs = [dataclasses.replace(x, label=int(p > np.median(encoder))) for x, p in zip(xs, encoder)]
+  scorer, base = tr._base_logits(model, xs, cat)  # pylint: disable=protected-access
+  start = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+
+  summary = trainer.run_stage(_flipped_stage(tmp_path / "whole", model, xs, cat, scorer, base), model, mesh)
+  aucs = {r["step"]: r["valid/auc"] for r in _rows(tmp_path / "whole") if "valid/auc" in r}
+  assert sorted(aucs) == [0, 1, 2, 3] and aucs[0] == 1.0  # 3 validations without a better AUC stop it
+  assert min(aucs[s] for s in (1, 2, 3)) < 1.0, aucs  # training made validation worse
+  assert (summary["best_step"], summary["stopped"], summary["valid_auc"]) == (0, "early stopping", 1.0)
+  for (_, a), (_, b) in zip(nnx.to_flat_state(start), nnx.to_flat_state(nnx.state(model, nnx.Param)), strict=True):
+    np.testing.assert_array_equal(a.get_value(), np.asarray(b.get_value()))  # exactly the starting parameters
+  final = scorer(model, fused.eval_batches(xs, cat, tf.CharTokenizer(), tf._spec(0), batch_size=4,  # pylint: disable=protected-access
+                                           base_logits=base)).p_yes
+  np.testing.assert_allclose(final, encoder, rtol=1e-6, atol=1e-7)
+  assert evaluate.auc(final, [x.label for x in xs]) == aucs[0]
+
+  # Killed before step 1 (after the step-0 validation, before any latest checkpoint), then inside the stage (after
+  # step 2's), then rerun to the end: the same rows, best step and parameters as the uninterrupted run.
+  run = tmp_path / "run"
+  for dies_at in (1, 3):
+    nnx.update(model, start)
+    with pytest.raises(Killed):
+      trainer.run_stage(_flipped_stage(run, model, xs, cat, scorer, base, dies_at), model, mesh)
+  assert [r["step"] for r in _rows(run)] == [0, 1, 2]
+  nnx.update(model, start)
+  resumed = trainer.run_stage(_flipped_stage(run, model, xs, cat, scorer, base), model, mesh)
+  timing = ("wall_s", "tokens_per_s")  # the only parts of the summary that depend on the interruptions
+  assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in summary.items() if k not in timing}
+  assert (run / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+  (a, step_a), (b, step_b) = train_helpers.best_params(tmp_path / "whole"), train_helpers.best_params(run)
+  assert step_a == step_b == 0
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def _tiny_residual():
+  """configs/tiny_fused.py switched as configs/movie_residual.py switches movie (`residual_overrides`), without
+  encoder pretraining (the stage list is the residual stage alone), validated at steps 0..3."""
+  from configs import movie_residual, tiny_fused  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  c = movie_residual.residual_overrides(tiny_fused.get_config())
+  c.data.test_size, c.fusion.pretrain.epochs = 0, 0
+  c.stage2.steps, c.train.eval_every, c.train.patience = 3, 1, 0
+  return c
+
+
+def test_residual_recipe_validates_step_0_and_resumes_bitwise(tmp_path, data_root, monkeypatch):
+  from clclm_jax.contrastive import recipe  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  c = _tiny_residual()
+  whole = recipe.train(c, tmp_path / "whole", log=lambda _: None)
+  aucs = {r["step"]: r["valid/auc"] for r in _rows(tmp_path / "whole") if "valid/auc" in r}
+  assert sorted(aucs) == [0, 1, 2, 3] and whole["valid_auc"] == max(aucs.values())
+  assert whole["best_step"] == min(s for s, a in aucs.items() if a == whole["valid_auc"])
+  run_stage = trainer.run_stage
+
+  def dying(stage, model, mesh):
+    stage = dataclasses.replace(stage, batches=lambda b=stage.batches: train_helpers.DiesAt(b(), 3, _die))
+    return run_stage(stage, model, mesh)
+  monkeypatch.setattr(trainer, "run_stage", dying)
+  with pytest.raises(Killed):
+    recipe.train(c, tmp_path / "run", log=lambda _: None)
+  monkeypatch.setattr(trainer, "run_stage", run_stage)
+  resumed = recipe.train(c, tmp_path / "run", log=lambda _: None)  # a new process: base logits computed again
+  assert {k: resumed[k] for k in ("valid_auc", "steps", "best_step")} == {
+      k: whole[k] for k in ("valid_auc", "steps", "best_step")}
+  assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "run" / "metrics.jsonl").read_text()
+  (a, step_a), (b, step_b) = train_helpers.best_params(tmp_path / "whole"), train_helpers.best_params(tmp_path / "run")
+  assert step_a == step_b == whole["best_step"]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
