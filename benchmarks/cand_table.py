@@ -1,0 +1,293 @@
+"""The candidate-ranking table (issue 49, item 4): LLaRA's 20-candidate task on the leave-one-out test split,
+HitRatio@1 of the generated answer with a 95% paired-bootstrap interval against the text-only row (same users,
+same candidates), ValidRatio, the decoding-free HitRatio@1, and wall time per row; markdown + JSON.
+
+  python benchmarks/cand_table.py                                      # every row, both datasets, 3 seeds
+  python benchmarks/cand_table.py --rows=id_encoder,text,unified --datasets=ml100k --seeds=0 --steps=20 --users=100
+
+Rows (configs/cand_<dataset>.py, `--config`): `id_encoder` (the ID encoder the unified rows read, SASRec trained
+with CL4SRec/CoSeRec losses, ranking the same candidates), `text` (text-only LoRA), `unified` (unified prompts:
+text-only stage, then LoRA + projector with both InfoNCE terms and the curriculum), `unified_no_user_cl`,
+`unified_no_item_cl`, `unified_no_curriculum`, and `text+<task>` / `unified+<task>` with an auxiliary task of Cao
+et al. added alone (`mim`, `bpr`, `mlm`, at `--aux_ratio` of the rec prompts) or all together (`aux`). LLM rows run
+`--seeds`; the interval resamples users (the same draw for both rows, each user's hit averaged over the seeds).
+
+Budget: `--steps` (each stage's updates), `--users` (seeded test users), `--set` (config overrides) and
+`--encoder_set` (the encoder's) shrink the recipe for a CPU; a row run with any of them is marked **budget** in the
+markdown and `full_recipe: false` in the JSON. Results merge into `--out/<stem>.json` (a row replaces the one of
+the same dataset and row); `--fresh` starts it again. Run folders (resumable; a finished run is read, not
+retrained) live under `--workdir`; the unified rows and `id_encoder` of a dataset share one encoder pretraining.
+"""
+
+from clclm_jax.train import malloc
+
+if __name__ == "__main__":
+  malloc.reexec_keeping_freed_memory()  # before the imports below, which a re-exec would pay twice
+
+import argparse
+import ast
+import importlib
+import json
+import pathlib
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from clclm_jax.data import nextitem
+from clclm_jax.data import candidates as cand_data
+from clclm_jax.seqrec import candidates as cs
+from clclm_jax.seqrec import unified
+from clclm_jax.train import cli, sharding
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # configs/ and common.py
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+DATASETS = ("ml100k", "beauty")
+AUX = ("mim", "bpr", "mlm", "aux")
+ROWS = ("id_encoder", "text", "unified", "unified_no_user_cl", "unified_no_item_cl", "unified_no_curriculum",
+        *(f"text+{t}" for t in AUX), *(f"unified+{t}" for t in AUX))
+BASELINE = "text"
+LABELS = {"id_encoder": "ID encoder (SASRec, CL4SRec losses)", "text": "text-only LoRA",
+          "unified": "unified prompts (both InfoNCE, curriculum)", "unified_no_user_cl": "unified, without user_cl",
+          "unified_no_item_cl": "unified, without item_cl", "unified_no_curriculum": "unified, without curriculum",
+          **{f"{p}+{t}": f"{'text-only' if p == 'text' else 'unified'} + {'all auxiliary tasks' if t == 'aux' else t}"
+             for p in ("text", "unified") for t in AUX}}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+  csv = lambda text: [x for x in text.split(",") if x]  # noqa: E731
+  p.add_argument("--datasets", type=csv, default=list(DATASETS), help="datasets: ml100k, beauty")
+  p.add_argument("--rows", type=csv, default=list(ROWS), help=f"rows to run: {', '.join(ROWS)}")
+  p.add_argument("--seeds", type=lambda t: [int(x) for x in csv(t)], default=[0, 1, 2], help="seeds of LLM rows")
+  p.add_argument("--config", default="cand_{dataset}", help="configs/<module> of the rows")
+  p.add_argument("--aux_ratio", type=float, default=0.2, help="each added auxiliary task's ratio (rec: 1)")
+  p.add_argument("--steps", type=int, default=-1, help="budget: updates of each stage (-1: the config's)")
+  p.add_argument("--users", type=int, default=0, help="budget: this many seeded test users (0: the config's)")
+  p.add_argument("--set", type=csv, default=[], help="budget: config overrides, key=value,...")
+  p.add_argument("--encoder_set", type=csv, default=[], help="budget: encoder config overrides, key=value,...")
+  p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+  p.add_argument("--workdir", default="runs/cand", help="root of the run folders (resumable)")
+  p.add_argument("--out", default="benchmarks/results", help="folder for <stem>.json and <stem>.md")
+  p.add_argument("--stem", default="cand_table", help="file name stem of the results")
+  p.add_argument("--fresh", action="store_true", help="start the table again instead of merging into <stem>.json")
+  args = p.parse_args(argv)
+  unknown = (set(args.rows) - set(ROWS)) | (set(args.datasets) - set(DATASETS))
+  if unknown:
+    p.error(f"unknown {sorted(unknown)}: rows {ROWS}, datasets {DATASETS}")
+  return args
+
+
+# --- Configs and budgets -----------------------------------------------------------------------------
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+  """['a.b=3', 'c=x'] -> {'a.b': 3, 'c': 'x'} (Python literals, else strings)."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"override {item!r}: write key=value")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def apply_overrides(c: ConfigDict, overrides: dict[str, Any]) -> ConfigDict:
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"override {key}: the config has no such field")
+    node[leaf] = tuple(value) if isinstance(node[leaf], tuple) and isinstance(value, list) else value
+  return c
+
+
+def budget_of(args: dict) -> dict[str, Any]:
+  """What of the recipe a command changed (empty: the recipe as configured)."""
+  b = {**({"steps": args["steps"]} if args["steps"] >= 0 else {}), **({"users": args["users"]} if args["users"] else {}),
+       **parse_overrides(args["set"]), **{f"encoder.{k}": v for k, v in parse_overrides(args["encoder_set"]).items()}}
+  return b
+
+
+def run_folder(root: str, dataset: str, name: str, budget: dict, seed: int | None = None) -> pathlib.Path:
+  """A run's folder: the budget is part of the name, so runs of other budgets never resume each other."""
+  tag = "_".join(f"{k.replace('.', '-')}{v}" for k, v in sorted(budget.items())) or "recipe"
+  tag = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in tag)
+  folder = pathlib.Path(root) / dataset / name.replace("+", "_plus_") / tag
+  return folder if seed is None else folder / f"seed{seed}"
+
+
+def row_config(args: dict, dataset: str, name: str, seed: int) -> ConfigDict:
+  """The config of one row and seed: the unified block on or off, one loss or the curriculum off, auxiliary tasks
+  added; the budget on top; every unified row reads the dataset's one encoder folder."""
+  module, _, variant = args["config"].format(dataset=dataset).partition(":")  # tiny_cand:unified
+  c = importlib.import_module(f"configs.{module}").get_config(*([variant] if variant else []))
+  c.data.dataset, c.seed = dataset, seed
+  u = c.unified
+  u.enabled = name.startswith("unified")
+  u.encoder_overrides = {**u.encoder_overrides.to_dict(), **parse_overrides(args["encoder_set"])}
+  u.encoder_workdir = str(run_folder(args["workdir"], dataset, "encoder", budget_of(args)))
+  prefix, _, task = name.partition("+")
+  c.tasks.ratios.update({"rec": 1.0, "mim": 0.0, "bpr": 0.0, "mlm": 0.0})
+  if task:
+    c.tasks.ratios.update({t: args["aux_ratio"] for t in ("mim", "bpr", "mlm") if task in (t, "aux")})
+  if prefix == "unified_no_user_cl":
+    u.loss_weights.user_cl = 0.0
+  elif prefix == "unified_no_item_cl":
+    u.loss_weights.item_cl = 0.0
+  elif prefix == "unified_no_curriculum":
+    u.curriculum = False
+  apply_overrides(c, parse_overrides(args["set"]))
+  if args["steps"] >= 0:
+    c.candidates.steps = u.steps = args["steps"]
+  if args["users"]:
+    c.data.test_size = args["users"]
+  c.eval.generation = True  # the table's HitRatio@1 and ValidRatio are the generated answers'
+  return c
+
+
+# --- Rows --------------------------------------------------------------------------------------------
+
+def answer_hits(folder: pathlib.Path) -> tuple[list[int], np.ndarray, np.ndarray]:
+  """(users, hit [n], valid [n]) of a run's generated test answers (WORKDIR/eval/test_answers.jsonl: the candidate
+  each answer names)."""
+  rows = [json.loads(x) for x in (folder / "eval" / "test_answers.jsonl").read_text().splitlines()]
+  return ([r["user"] for r in rows], np.asarray([r["named"] == r["target"] for r in rows], np.float64),
+          np.asarray([r["named"] is not None for r in rows], np.float64))
+
+
+def llm_row(args: dict, dataset: str, name: str, data: nextitem.NextItemData) -> dict:
+  """A LoRA row over the seeds: its summaries, per-user hits (for the interval) and wall time."""
+  runs, hits, valid, users = [], [], [], None
+  for seed in args["seeds"]:
+    c = row_config(args, dataset, name, seed)
+    folder = run_folder(args["workdir"], dataset, name, budget_of(args), seed)
+    t0 = time.time()
+    summary = cs.train(c, folder, log=lambda _: None, data=data)
+    if summary.get("preempted"):
+      raise KeyboardInterrupt(f"{dataset} {name} seed {seed} was preempted: run the command again to continue")
+    u, h, v = answer_hits(folder)
+    if users is not None and u != users:
+      raise RuntimeError(f"{dataset} {name}: seed {seed} answered other users than seed {args['seeds'][0]}")
+    users = u
+    hits.append(h)
+    valid.append(v)
+    runs.append({"seed": seed, "folder": str(folder), "wall_s": summary["wall_s"], "command_s": time.time() - t0,
+                 "test": summary["test"], "stages": summary["stages"], "unified": summary.get("unified")})
+  h, v = np.stack(hits), np.stack(valid)
+  return {"users": users, "hits": h.tolist(), "metrics": {
+      cs.HIT: float(h.mean()), cs.VALID: float(v.mean()),
+      cs.SCORED: float(np.mean([r["test"][cs.SCORED] for r in runs])),
+      f"{cs.HIT}_per_seed": h.mean(1).tolist()}, "wall_s": float(np.mean([r["wall_s"] for r in runs])), "runs": runs}
+
+
+def encoder_row(args: dict, dataset: str, data: nextitem.NextItemData) -> dict:
+  """The encoder the unified rows read, ranking each test user's candidates (its next-item scores)."""
+  c = row_config(args, dataset, "unified", args["seeds"][0])
+  t0 = time.time()
+  mesh = sharding.make_mesh(c.mesh)
+  encoder, cfg, summary = unified.pretrained_encoder(c, data, pathlib.Path(c.unified.encoder_workdir), mesh,
+                                                     log=lambda _: None)
+  xs = cand_data.candidate_examples(data, "test", num_candidates=c.data.num_candidates, seed=c.data.candidate_seed)
+  if c.data.test_size >= 0:
+    from clclm_jax.seqrec import baselines  # pylint: disable=g-import-not-at-top
+    xs = baselines.sample_examples(xs, c.data.test_size, c.data.subset_seed)
+  hit = (cs.target_ranks(cs.encoder_scores(encoder, xs, pooling=cfg.pooling), xs) == 0).astype(np.float64)
+  return {"users": [x.user for x in xs], "hits": [hit.tolist()],
+          "metrics": {cs.HIT: float(hit.mean()), cs.VALID: 1.0, cs.SCORED: float(hit.mean())},
+          "wall_s": time.time() - t0, "runs": [{"encoder": {k: summary.get(k) for k in (
+              "steps", "best_step", "stopped", "wall_s", "valid_NDCG@10")}, "folder": c.unified.encoder_workdir}]}
+
+
+def paired_interval(hits_a: np.ndarray, hits_b: np.ndarray, *, resamples: int, seed: int = 0) -> dict:
+  """HitRatio@1 of A minus B with a 95% interval: users resampled with replacement, the same draw for both rows;
+  a user's hit is its mean over the row's seeds."""
+  a, b = np.asarray(hits_a).mean(0), np.asarray(hits_b).mean(0)
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, len(a), (resamples, len(a)))
+  diffs = a[idx].mean(1) - b[idx].mean(1)
+  lo, hi = np.percentile(diffs, [2.5, 97.5])
+  return {"difference": float(a.mean() - b.mean()), "ci95": [float(lo), float(hi)], "resamples": resamples}
+
+
+# --- Table -------------------------------------------------------------------------------------------
+
+def markdown(result: dict) -> str:
+  lines = ["# Candidate ranking (LLaRA's task): HitRatio@1 on the leave-one-out test split", "",
+           f"Machine: {common.machine_line(result['machine'])}.",
+           "Every row of a dataset answers the same test users and the same candidates. HitRatio@1 and ValidRatio "
+           "are the greedy answer's (mean over seeds); `vs text-only` is HitRatio@1 minus the text-only row's with "
+           "a 95% paired-bootstrap interval over users; `scored` is the decoding-free HitRatio@1 (log-likelihood "
+           "of each candidate's title). Wall time: training and test evaluation per seed (mean), on a CPU shared "
+           "with other jobs (upper bounds). A row marked **budget** ran with settings other than its config's "
+           "recipe and does not stand for it.", "", "Commands:", ""]
+  lines += [f"- `{c}`" for c in result["commands"]]
+  for dataset, group in common.group_by(result["rows"], lambda r: r["dataset"]).items():
+    lines += ["", f"## {dataset}: {group[0]['count']} test users", ""]
+    table = []
+    for r in group:
+      m, vs = r["metrics"], r.get("vs_text")
+      interval = (f"{vs['difference']:+.4f} [{vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f}]" if vs else "")
+      budget = "as configured" if r["full_recipe"] else "**budget**: " + ", ".join(
+          f"{k}={v}" for k, v in r["budget"].items())
+      table.append([r["label"], f"{m[cs.HIT]:.4f}", interval, f"{m[cs.VALID]:.4f}", f"{m[cs.SCORED]:.4f}",
+                    r["seeds"], f"{r['wall_s'] / 60:.1f} min", budget])
+    lines.append(common.markdown_table(["row", "HitRatio@1", "vs text-only", "ValidRatio", "scored", "seeds",
+                                        "wall time", "budget"], table))
+  return "\n".join(lines) + "\n"
+
+
+def with_intervals(rows: list[dict], resamples: int) -> list[dict]:
+  """Each row's paired interval against its dataset's text-only row (when both answered the same users)."""
+  base = {r["dataset"]: r for r in rows if r["row"] == BASELINE}
+  for r in rows:
+    b = base.get(r["dataset"])
+    r.pop("vs_text", None)
+    if b is not None and r is not b and r["users"] == b["users"]:
+      r["vs_text"] = paired_interval(r["hits"], b["hits"], resamples=resamples)
+  return rows
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  a = parse_args(argv)
+  args = vars(a)
+  out_json = pathlib.Path(a.out) / f"{a.stem}.json"
+  command = " ".join(["python", "benchmarks/cand_table.py", *(sys.argv[1:] if argv is None else argv)])
+  budget = budget_of(args)
+  result: dict = {}
+  for dataset in a.datasets:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", UserWarning)  # Beauty's 7 untitled items: said in docs/results.md
+      data = nextitem.load(dataset)
+    for name in a.rows:
+      t0 = time.time()
+      r = encoder_row(args, dataset, data) if name == "id_encoder" else llm_row(args, dataset, name, data)
+      r = {"dataset": dataset, "row": name, "label": LABELS[name], "count": len(r["users"]),
+           "seeds": len(r["hits"]), "budget": budget, "full_recipe": not budget, **r}
+      print(f"[{dataset}] {name}: {time.time() - t0:.0f} s, " + " ".join(
+          f"{k} {v:.4f}" for k, v in r["metrics"].items() if isinstance(v, float)), flush=True)
+      # Read again before each write: another command may be filling other rows of the same table meanwhile.
+      old = json.loads(out_json.read_text()) if out_json.is_file() and not a.fresh else {"rows": [], "commands": []}
+      a.fresh = False  # only the first write starts afresh
+      rows = [x for x in old["rows"] if (x["dataset"], x["row"]) != (dataset, name)] + [r]
+      result = {"machine": common.machine(), "loadavg": common.loadavg(),
+                "rows": with_intervals(rows, a.resamples),
+                "commands": list(dict.fromkeys(old["commands"] + [command]))}
+      common.write_result(a.out, a.stem, result, markdown(result), echo=False)  # after every row
+  print(markdown(result))
+  return result
+
+
+if __name__ == "__main__":
+  cli.enable_compilation_cache()  # a rerun (another row, budget or seed) skips the compiles paid before
+  main()
