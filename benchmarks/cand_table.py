@@ -25,7 +25,6 @@ if __name__ == "__main__":
   malloc.reexec_keeping_freed_memory()  # before the imports below, which a re-exec would pay twice
 
 import argparse
-import ast
 import importlib
 import json
 import pathlib
@@ -86,36 +85,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 # --- Configs and budgets -----------------------------------------------------------------------------
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-  """['a.b=3', 'c=x'] -> {'a.b': 3, 'c': 'x'} (Python literals, else strings)."""
-  out = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"override {item!r}: write key=value")
-    try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value
-  return out
-
-
-def apply_overrides(c: ConfigDict, overrides: dict[str, Any]) -> ConfigDict:
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"override {key}: the config has no such field")
-    node[leaf] = tuple(value) if isinstance(node[leaf], tuple) and isinstance(value, list) else value
-  return c
-
-
 def budget_of(args: dict) -> dict[str, Any]:
   """What of the recipe a command changed (empty: the recipe as configured)."""
   b = {**({"steps": args["steps"]} if args["steps"] >= 0 else {}), **({"users": args["users"]} if args["users"] else {}),
-       **parse_overrides(args["set"]), **{f"encoder.{k}": v for k, v in parse_overrides(args["encoder_set"]).items()}}
+       **common.parse_overrides(args["set"]), **{f"encoder.{k}": v for k, v in common.parse_overrides(args["encoder_set"]).items()}}
   return b
 
 
@@ -135,7 +108,7 @@ def row_config(args: dict, dataset: str, name: str, seed: int) -> ConfigDict:
   c.data.dataset, c.seed = dataset, seed
   u = c.unified
   u.enabled = name.startswith("unified")
-  u.encoder_overrides = {**u.encoder_overrides.to_dict(), **parse_overrides(args["encoder_set"])}
+  u.encoder_overrides = {**u.encoder_overrides.to_dict(), **common.parse_overrides(args["encoder_set"])}
   u.encoder_workdir = str(run_folder(args["workdir"], dataset, "encoder", budget_of(args)))
   prefix, _, task = name.partition("+")
   c.tasks.ratios.update({"rec": 1.0, "mim": 0.0, "bpr": 0.0, "mlm": 0.0})
@@ -147,7 +120,7 @@ def row_config(args: dict, dataset: str, name: str, seed: int) -> ConfigDict:
     u.loss_weights.item_cl = 0.0
   elif prefix == "unified_no_curriculum":
     u.curriculum = False
-  apply_overrides(c, parse_overrides(args["set"]))
+  common.apply_overrides(c, common.parse_overrides(args["set"]))
   if args["steps"] >= 0:
     c.candidates.steps = u.steps = args["steps"]
   if args["users"]:

@@ -1,6 +1,7 @@
 """Shared benchmark helpers: machine description, interleaved median timing, matmul peak, writers."""
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+import ast
 import importlib.metadata
 import json
 import os
@@ -213,3 +214,30 @@ def si(x: float, unit: str = "") -> str:
     if abs(x) >= scale:
       return f"{x / scale:.3g} {prefix}{unit}"
   return f"{x:.3g} {unit}".rstrip()
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+  """['a.b=3', 'c=x'] -> {'a.b': 3, 'c': 'x'} (Python literals, else strings)."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"override {item!r}: write key=value")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def apply_overrides(c, overrides: dict[str, Any]):
+  """Sets each dotted key of `overrides` in the ConfigDict `c` (a list where a tuple was: a tuple); returns `c`."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"override {key}: the config has no such field")
+    node[leaf] = tuple(value) if isinstance(node[leaf], tuple) and isinstance(value, list) else value  # [50]: (50,)
+  return c

@@ -26,7 +26,6 @@ if __name__ == "__main__":
   malloc.reexec_keeping_freed_memory()  # before the imports below, which a re-exec would pay twice
 
 import argparse
-import ast
 import functools
 import importlib
 import json
@@ -35,7 +34,6 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
@@ -98,39 +96,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 # --- Configs and budgets -------------------------------------------------------------------------
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-  """['a.b=3', 'c=x'] -> {'a.b': 3, 'c': 'x'} (Python literals, else strings)."""
-  out = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"override {item!r}: write key=value")
-    try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value
-  return out
-
-
-def apply_overrides(c: ConfigDict, overrides: dict[str, Any]) -> ConfigDict:
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"override {key}: the config has no such field")
-    node[leaf] = tuple(value) if isinstance(node[leaf], tuple) and isinstance(value, list) else value  # [50]: (50,)
-  return c
-
-
 def load_config(pattern: str, dataset: str) -> ConfigDict:
   return importlib.import_module(f"configs.{pattern.format(dataset=dataset)}").get_config()
 
 
 def calrec_config(pattern: str, dataset: str, run: str, seed: int, steps: int, overrides: dict) -> ConfigDict:
   """The CALRec config of a table run: `zero_shot` has no stage; the ablations switch one part off."""
-  c = apply_overrides(load_config(pattern, dataset), overrides)
+  c = common.apply_overrides(load_config(pattern, dataset), overrides)
   c.data.dataset, c.seed = dataset, seed
   c.data.test_size = 0  # the table scores its own users (below), after training
   if steps >= 0:
@@ -147,7 +119,7 @@ def calrec_config(pattern: str, dataset: str, run: str, seed: int, steps: int, o
 
 
 def id_config(pattern: str, dataset: str, budget_min: float, overrides: dict) -> ConfigDict:
-  c = apply_overrides(load_config(pattern, dataset), overrides)
+  c = common.apply_overrides(load_config(pattern, dataset), overrides)
   c.dataset = dataset
   if budget_min > 0:
     c.time_budget_min = budget_min
@@ -229,7 +201,7 @@ def id_ranks(model: pretrain.NextItemRec, cfg: ConfigDict, xs: Sequence[nextitem
 
 
 def id_rows(dataset: str, data: nextitem.NextItemData, sets: dict[str, list], args) -> list[dict]:
-  overrides = parse_overrides(args["id_set"])
+  overrides = common.parse_overrides(args["id_set"])
   cfg = id_config(args["id_config"], dataset, args["id_budget_min"], overrides)
   budget = {**({"time_budget_min": cfg.time_budget_min} if args["id_budget_min"] > 0 else {}), **overrides}
   folder = run_folder(args["workdir"], dataset, "id_encoder", budget)
@@ -270,7 +242,7 @@ def llm_metrics(r: calrec.Run, folder: pathlib.Path, xs: Sequence[nextitem.Examp
 def llm_rows(dataset: str, name: str, users: str, xs: Sequence[nextitem.Example], args,
              datasets: dict[str, nextitem.NextItemData]) -> list[dict]:
   """The zero-shot row, or a CALRec run's rows (one per ranking kind) over the seeds."""
-  overrides = parse_overrides(args["set"])
+  overrides = common.parse_overrides(args["set"])
   steps = args["steps"] if name != "zero_shot" else -1
   seeds = [0] if name == "zero_shot" else args["seeds"]
   kinds = ["generation"] if name == "zero_shot" else args["calrec_eval"]

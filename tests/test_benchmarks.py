@@ -483,7 +483,7 @@ def test_seqrec_table_scores_every_row_on_the_same_users_and_records_the_budget(
   users = baselines.sample_examples(xs, 6, 0)  # every row of the 6-user table scored these users
   assert rows[("popularity", None, "6 seeded")]["mean"]["NDCG@10"] == pytest.approx(
       baselines.evaluate(baselines.popularity_scorer(data), data, users)["NDCG@10"])
-  cfg = seqrec_table.id_config("pretrain_{dataset}", "ml100k", -1, seqrec_table.parse_overrides(id_set.split(",")))
+  cfg = seqrec_table.id_config("pretrain_{dataset}", "ml100k", -1, common.parse_overrides(id_set.split(",")))
   seqs = sequences.load("ml100k")
   model = pretrain.NextItemRec(cfg, seqs)
   trainer.run([pretrain.stage(cfg, model, seqs, pathlib.Path(rows[("id_encoder", None, "all")]["run_folders"][0]))],

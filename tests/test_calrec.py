@@ -10,15 +10,12 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from clclm_jax.data import nextitem, nextitem_tokens
 from clclm_jax.data.nextitem_tokens import Layout
-from clclm_jax.model import build as model_build
-from clclm_jax.model.config import LoraConfig, presets
 from clclm_jax.model.llama import Frozen
 from clclm_jax.seqrec import calrec, retrieval
 from clclm_jax.train import step as step_lib, trainer
@@ -36,13 +33,7 @@ def toy():
   """A toy catalogue, the byte tokenizer, its ItemTokens and a tiny float Llama with LoRA (B random, so the
   adapters act)."""
   data = nextitem.from_histories("toy", "product", HISTORIES, [f"{t} {i}" for i, t in enumerate(TITLES)])
-  tok = model_build.byte_tokenizer()
-  cfg = dataclasses.replace(presets["tiny"], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id)
-  llm = model_build.random_model(cfg, LoraConfig(r=4, alpha=8, dropout=0.0), dtype=jnp.float32, quantize=None,
-                                 seed=0)
-  for _, lin in llm.projections(("q_proj", "v_proj")):
-    lin.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(2), lin.lora_b.shape)
+  tok, llm = train_helpers.byte_llm()
   return data, tok, nextitem_tokens.item_tokens(data, tok, LAYOUT.max_item_tokens), llm
 
 

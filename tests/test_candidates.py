@@ -3,10 +3,8 @@ prompt tokens and answer spans, auxiliary prompts free of validation / test targ
 resume, decoding-free HitRatio@1 against a numpy reference, answer matching, one-line config errors, and the
 tiny config through the one trainer."""
 
-import dataclasses
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,10 +12,9 @@ from flax import nnx
 
 from clclm_jax.data import auxtasks, nextitem, sequences
 from clclm_jax.data import candidates as cd
-from clclm_jax.model import build as model_build
-from clclm_jax.model.config import LoraConfig, presets
 from clclm_jax.seqrec import candidates as cs
 from clclm_jax.train.errors import ConfigError
+import train_helpers
 
 # Items 13 and 14 share a title (as 18 MovieLens titles do): never both among one example's candidates.
 TITLES = [f"title {w}" for w in ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
@@ -34,13 +31,7 @@ SETTINGS = auxtasks.TaskSettings(max_history=3, num_candidates=5, mim_max_masks=
 def toy():
   """A toy catalogue, the byte tokenizer and its prompt tokens, and a tiny float Llama with active LoRA."""
   data = nextitem.from_histories("toy", "movie", HISTORIES, TITLES)
-  tok = model_build.byte_tokenizer()
-  cfg = dataclasses.replace(presets["tiny"], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id)
-  llm = model_build.random_model(cfg, LoraConfig(r=4, alpha=8, dropout=0.0), dtype=jnp.float32, quantize=None,
-                                 seed=0)
-  for _, lin in llm.projections(("q_proj", "v_proj")):
-    lin.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(2), lin.lora_b.shape)
+  tok, llm = train_helpers.byte_llm()
   return data, tok, cd.PromptTokens(data, tok, LAYOUT.max_item_tokens), llm
 
 

@@ -2,7 +2,6 @@
 generation of unified prompts against a full forward, the two InfoNCE losses against numpy, what each stage trains,
 the curriculum's share, one-line errors, and the tiny unified config through train.py's candidates branch."""
 
-import dataclasses
 import json
 import pathlib
 import subprocess
@@ -17,13 +16,12 @@ from flax import nnx
 from clclm_jax.contrastive.encoder import SeqEncoder
 from clclm_jax.data import auxtasks, nextitem
 from clclm_jax.data import candidates as cd
-from clclm_jax.model import build as model_build
 from clclm_jax.model import generate as generate_lib
-from clclm_jax.model.config import LoraConfig, presets
 from clclm_jax.seqrec import candidates as cs
 from clclm_jax.seqrec import unified
 from clclm_jax.train import trainer
 from clclm_jax.train.errors import ConfigError
+import train_helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TITLES = [f"title {w}" for w in ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
@@ -42,13 +40,7 @@ def toy():
   """Toy data, its prompt tokens with the placeholder, and a float `UnifiedRec` (tiny Llama, active LoRA, a random
   4-wide encoder) with a non-trivial projector."""
   data = nextitem.from_histories("toy", "movie", HISTORIES, TITLES)
-  tok = model_build.byte_tokenizer()
-  cfg = dataclasses.replace(presets["tiny"], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id)
-  llm = model_build.random_model(cfg, LoraConfig(r=4, alpha=8, dropout=0.0), dtype=jnp.float32, quantize=None,
-                                 seed=0)
-  for _, lin in llm.projections(("q_proj", "v_proj")):
-    lin.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(2), lin.lora_b.shape)
+  tok, llm = train_helpers.byte_llm()
   encoder = SeqEncoder(data.num_items + 2, hidden=8, num_layers=1, num_heads=2, max_len=8, dropout=0.0,
                        attn_dropout=0.0, rngs=nnx.Rngs(1))
   model = unified.UnifiedRec(llm, encoder, unified.UnifiedSettings(PH, "last", 0.2, 0.3), 16, rngs=nnx.Rngs(3))

@@ -65,3 +65,19 @@ def best_params(workdir):
     return ckpts.best.restore(step).params, step
   finally:
     ckpts.close()
+
+
+def byte_llm():
+  """The byte tokenizer and a tiny float32 Llama over its vocabulary with LoRA on q and v, B drawn at random so
+  the adapters act: the toy language model of the next-item tests."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from clclm_jax.model import build as model_build  # pylint: disable=g-import-not-at-top
+  tok = model_build.byte_tokenizer()
+  cfg = dataclasses.replace(presets["tiny"], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id)
+  llm = model_build.random_model(cfg, LoraConfig(r=4, alpha=8, dropout=0.0), dtype=jnp.float32, quantize=None,
+                                 seed=0)
+  for _, lin in llm.projections(("q_proj", "v_proj")):
+    lin.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(2), lin.lora_b.shape)
+  return tok, llm
