@@ -123,7 +123,8 @@ def target_ce(model: FusedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array])
   return jnp.sum(ce_bn * w_bn) / jnp.maximum(jnp.sum(w_bn), 1.0)
 
 
-def _masked_mean(h_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
+def masked_mean(h_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
+  """`[b, d]` float32 mean of the states where `mask_bt` is 1 (zeros for an empty mask)."""
   m_bt1 = mask_bt[..., None].astype(jnp.float32)
   return (h_btd.astype(jnp.float32) * m_bt1).sum(1) / jnp.maximum(m_bt1.sum(1), 1.0)
 
@@ -204,7 +205,7 @@ def text_cl_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Array
   """InfoNCE between the LLM's mean-pooled final states of two text views of the same user (one pass)."""
   tokens_bt = jnp.concatenate([batch["view1_tokens"], batch["view2_tokens"]])
   mask_bt = jnp.concatenate([batch["view1_mask"], batch["view2_mask"]])
-  z_bd = _masked_mean(model.llm.hidden_states(tokens_bt, None, mask_bt, dropout_key=key), mask_bt)
+  z_bd = masked_mean(model.llm.hidden_states(tokens_bt, None, mask_bt, dropout_key=key), mask_bt)
   b = batch["view1_tokens"].shape[0]
   return info_nce(z_bd[:b], z_bd[b:], temperature=model.config.text_temperature, similarity="cosine")
 
@@ -215,6 +216,6 @@ def align_cl_loss(model: FusedRec, batch: Mapping[str, jax.Array], key: jax.Arra
   llm_key, enc_key = jax.random.split(key)
   h_btd = model.llm.hidden_states(batch["tokens"], batch.get("positions"), batch["attention_mask"],
                                   dropout_key=llm_key)
-  v_be = model.align_proj(_masked_mean(h_btd, batch["history_mask"]))
+  v_be = model.align_proj(masked_mean(h_btd, batch["history_mask"]))
   z_be, _ = model.encode_history(batch["history_ids"], batch["history_feedback"], dropout_key=enc_key)
   return info_nce(v_be, z_be, temperature=model.config.align_temperature, similarity="cosine")

@@ -146,12 +146,6 @@ def trains_projector(path, value) -> bool:
 
 # --- Losses ---------------------------------------------------------------------------------------
 
-def span_mean(h_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
-  """`[b, d]` the mean of the states where `mask_bt` is 1 (zeros for an empty mask)."""
-  m_bt1 = mask_bt[..., None].astype(jnp.float32)
-  return (h_btd.astype(jnp.float32) * m_bt1).sum(1) / jnp.maximum(m_bt1.sum(1), 1.0)
-
-
 def title_states(h_btd: jax.Array, item_slot_bt: jax.Array, k: int) -> jax.Array:
   """`[b, k, d]` the mean state over each item slot's title tokens (`item_slot` = slot + 1 there)."""
   onehot_btk = (item_slot_bt[..., None] == jnp.arange(1, k + 1)).astype(jnp.float32)
@@ -168,7 +162,7 @@ def _info_nce(a_nd: jax.Array, b_nd: jax.Array, valid_n: jax.Array, temperature:
 
 def user_cl(model: UnifiedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
   """InfoNCE between the LLM's pooled history state and the encoder's projected user representation."""
-  text_bd = span_mean(h_btd, batch["history_mask"])
+  text_bd = losses.masked_mean(h_btd, batch["history_mask"])
   return _info_nce(text_bd, model.user_embeds(batch["history_ids"]), batch["user_valid"] > 0,
                    model.settings.user_temperature)
 
