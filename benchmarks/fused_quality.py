@@ -122,10 +122,15 @@ def test_subset(splits, size: int, seed: int = 0, split: str = "test") -> list:
   return fewshot.fewshot(getattr(splits, split), size if size > 0 else None, seed)
 
 
+def settings(r: dict) -> str:
+  """The row's `--set` overrides as one canonical string ('{}' for the configs as written)."""
+  return json.dumps(r.get("overrides", {}), sort_keys=True)
+
+
 def row_key(r: dict) -> tuple:
   """Rows with equal keys measure the same thing; zero-shot has no shots, seed or steps."""
   return (r["domain"], r["variant"], r["shots"], r["seed"], r["test_size"], r["test_seed"], r["stage1_steps"],
-          r["stage2_steps"], common.split_of(r))
+          r["stage2_steps"], common.split_of(r), settings(r))
 
 
 def steps_of(config, args) -> tuple[int, int]:
@@ -139,6 +144,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
   config = CONFIGS[domain].get_config()
   if args.config_seed is not None:  # the LoRA init and encoder-pretraining draws; the cell seed picks the shots
     config.seed = args.config_seed
+  common.apply_overrides(config, args.overrides)
   s1, s2 = steps_of(config, args)
   t0 = time.time()
   r = recipe.build(config)
@@ -158,7 +164,8 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
   initial = jax.tree.map(np.array, nnx.state(model, nnx.Param))
   evals = {spec.num_soft_tokens: r.eval_batches(test, spec, args.eval_batch_size) for spec in (text, fused)}
   base = {"domain": domain, "split": args.split, "test_size": len(test), "test_total": total,
-          "test_seed": args.test_seed, "batch_size": config.train.batch_size, "lr": config.optim.lr, "run": run}
+          "test_seed": args.test_seed, "batch_size": config.train.batch_size, "lr": config.optim.lr, "run": run} \
+      | ({"overrides": args.overrides} if args.overrides else {})
   meta[meta_key(domain, len(test), total, args.split)] = {
                   "split": args.split, "test_size": len(test), "test_total": total, "test_seed": args.test_seed,
                   "config_seed": config.seed,
@@ -240,7 +247,15 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         # keeping the best, so a cell whose training lowers the validation AUC scores its encoder (step 0)
         fit = train(spec, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed), trains,
                     validate=ablation.residual)
-        auc, score_s, p_yes = test_auc(spec, f"{shots}-shot seed {seed} {variant}")
+        if ablation.residual and fit["best_step"] == 0:
+          # LoRA at zero and gates at one: the residual logit is the encoder's (tests/test_residual_stage.py), so
+          # the row is the encoder's scores and the two LLM passes over the prompts are skipped
+          t = time.time()
+          p = feedback.like_probabilities(model, test)
+          auc, score_s, p_yes = 100 * evaluate.auc(p, np.asarray([x.label for x in test])), time.time() - t, \
+              ",".join(f"{x:.5f}" for x in p)
+        else:
+          auc, score_s, p_yes = test_auc(spec, f"{shots}-shot seed {seed} {variant}")
         gates = model.residual_gates
         model.configure(fcfg)
         record({**cell, "variant": variant, "stage1_steps": 0 if ablation.residual else s1, "stage2_steps": s2,
@@ -250,7 +265,8 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
                | ({} if gates is None else {"gates": [float(g) for g in np.asarray(gates[...])]})
                | ({"best_step": fit["best_step"], "valid_auc": 100 * fit["valid_auc"]} if ablation.residual else {}))
   same_prompts = [x for x in merge_rows(previous, mine) if x["domain"] == domain and "p_yes" in x
-                  and (x["test_size"], x["test_seed"], common.split_of(x)) == (len(test), args.test_seed, args.split)]
+                  and (x["test_size"], x["test_seed"], common.split_of(x), settings(x))
+                  == (len(test), args.test_seed, args.split, settings(base))]
   labels = [x.label for x in test]
   meta[meta_key(domain, len(test), total, args.split)]["paired"] = (
       paired(same_prompts, labels, common.RECIPES[domain]) + paired_with_encoder(same_prompts, labels))
@@ -346,8 +362,8 @@ def markdown(result: dict) -> str:
             "| domain | test | shots | variant | steps | AUC x100 | seeds | pool enc. | train + score min per seed | "
             "run | TALLRec 7B | goal |", "|" + " --- |" * 12]
   groups = common.group_by(rows, lambda r: (r["domain"], r["shots"], r["variant"], r["stage1_steps"],
-                                            r["stage2_steps"], r["test_size"], common.split_of(r)))
-  order = lambda k: (domains.index(k[0]), k[6] != "test", k[1], VARIANTS.index(k[2]), k[3], k[4], k[5])  # noqa: E731
+                                            r["stage2_steps"], r["test_size"], common.split_of(r), settings(r)))
+  order = lambda k: (domains.index(k[0]), k[6] != "test", k[1], VARIANTS.index(k[2]), k[3], k[4], k[5], k[7])  # noqa: E731
   for key in sorted(groups, key=order):
     rs = groups[key]
     aucs = [r["auc"] for r in rs]
@@ -359,7 +375,8 @@ def markdown(result: dict) -> str:
     pool = f"{statistics.mean(pool):.1f}" if len(pool) == len(rs) else ""
     test = "all" if rs[0]["test_size"] == rs[0]["test_total"] else f"{rs[0]['test_size']}/{rs[0]['test_total']}"
     test = test if on_test else f"{key[6]} {test}"
-    lines.append(f"| {domain} | {test} | {shots or '-'} | {variant} | {key[3]}+{key[4]} | "
+    shown = variant + ("" if key[7] == "{}" else " " + ", ".join(f"{k}={v}" for k, v in json.loads(key[7]).items()))
+    lines.append(f"| {domain} | {test} | {shots or '-'} | {shown} | {key[3]}+{key[4]} | "
                  f"{common.mean_std(aucs)} | "
                  f"{','.join(str(r['seed']) for r in rs if r['seed'] is not None) or '-'} | {pool} | {minutes:.1f} | "
                  f"{','.join(sorted({str(r['run']) for r in rs}))} | "
@@ -398,7 +415,11 @@ def parse_args(argv: list[str] | None):
                       help="config.seed (LoRA init, encoder pretraining); default: the config's. Use a separate --out")
   parser.add_argument("--out", default=None, help="default benchmarks/results/fused_quality, + `_valid` for valid")
   parser.add_argument("--merge", action="store_true", help="keep OUT/results.json rows this run does not redo")
+  parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override for every domain, e.g. optim.lr=3e-4 or train.eval_every=8 "
+                           "(repeatable); the rows carry them; use a separate --out (the paired tables are per domain)")
   args = parser.parse_args(argv)
+  args.overrides = common.parse_overrides(args.overrides)
   unknown = set(args.variants) - set(VARIANTS)
   if unknown:
     parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")

@@ -209,6 +209,20 @@ def test_fused_quality_merge_and_markdown(tmp_path):
   assert "| movie | all | 16 | fused | 2+2 | 75.00 | 0 |" in text
   assert "| movie | 16/1000 | - | zero_shot | 0+0 | 50.00 | - |" in text
   assert "`python benchmarks/fused_quality.py --seeds 1`" in text
+  # a row trained under `--set` overrides measures something else: it neither replaces nor averages with the others
+  lower = {**result["rows"][2], "overrides": {"optim.lr": 3e-4}, "auc": 40.0}
+  assert len(fused_quality.merge_rows(result["rows"], [lower])) == len(result["rows"]) + 1
+  result["rows"].append(lower)
+  text = fused_quality.markdown(result)
+  assert "| movie | 16/1000 | 16 | fused | 2+2 | 71.00 ± 1.41 | 0,1 |" in text
+  assert "| movie | 16/1000 | 16 | fused optim.lr=0.0003 | 2+2 | 40.00 | 0 |" in text
+
+
+def test_fused_quality_overrides_reach_the_config():
+  args = fused_quality.parse_args(["--set", "optim.lr=3e-4", "--set", "train.eval_every=8"])
+  assert args.overrides == {"optim.lr": 3e-4, "train.eval_every": 8}
+  c = common.apply_overrides(fused_quality.CONFIGS["book"].get_config(), args.overrides)
+  assert (c.optim.lr, c.train.eval_every) == (3e-4, 8)
 
 
 def test_fused_quality_pairs_the_recipe_with_each_variant_on_the_same_prompts(tmp_path):
