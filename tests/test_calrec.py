@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clclm_jax.contrastive import losses
 from clclm_jax.data import nextitem, nextitem_tokens
 from clclm_jax.data.nextitem_tokens import Layout
 from clclm_jax.model.llama import Frozen
@@ -108,14 +109,14 @@ def test_span_pooling_equals_hand_computation_and_the_inference_user_tower(toy):
   rng = np.random.default_rng(0)
   h = rng.normal(size=(3, 5, 4)).astype(np.float32)
   mask = np.array([[0, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
-  np.testing.assert_allclose(calrec.span_mean(h, mask), masked_mean(h, mask), rtol=1e-6)
-  np.testing.assert_allclose(calrec.span_mean(h, mask)[0], (h[0, 1] + h[0, 2]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(losses.masked_mean(h, mask), masked_mean(h, mask), rtol=1e-6)
+  np.testing.assert_allclose(losses.masked_mean(h, mask)[0], (h[0, 1] + h[0, 2]) / 2, rtol=1e-6)
   batch, examples = toy_batch(toy)
-  v_u_joint = calrec.span_mean(hidden(llm, batch["tokens"], batch["attention_mask"]), batch["history_mask"])
+  v_u_joint = losses.masked_mean(hidden(llm, batch["tokens"], batch["attention_mask"]), batch["history_mask"])
   v_u = calrec.encode_users(llm, it, [ex.history for ex in examples], LAYOUT, batch_size=4)  # prompts alone
   np.testing.assert_allclose(v_u, v_u_joint, rtol=2e-4, atol=2e-5)
   v_t = calrec.encode_items(llm, it, [ex.target for ex in examples], batch_size=4)
-  v_t_batch = calrec.span_mean(hidden(llm, batch["item_tokens"], batch["item_attention"]), batch["item_mask"])
+  v_t_batch = losses.masked_mean(hidden(llm, batch["item_tokens"], batch["item_attention"]), batch["item_mask"])
   np.testing.assert_allclose(v_t, v_t_batch, rtol=2e-4, atol=2e-5)
 
 

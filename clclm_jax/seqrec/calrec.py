@@ -37,13 +37,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
 from clclm_jax.contrastive import losses
-from clclm_jax.contrastive.encoder import pool
 from clclm_jax.data import nextitem, nextitem_tokens
 from clclm_jax.data.nextitem_tokens import ItemTokens, Layout
 from clclm_jax.model import build as model_build
@@ -76,21 +74,16 @@ class CALRec(nnx.Module):
     self.settings = settings
 
 
-def span_mean(h_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
-  """float32 mean `[b, d]` of the states where `mask_bt` is 1 (a row without any: zeros)."""
-  return pool(h_btd.astype(jnp.float32), mask_bt.astype(jnp.float32), "mean")
-
-
 def user_vectors(llm: Llama, batch: Mapping[str, jax.Array], key: jax.Array | None = None) -> jax.Array:
   """v_U of prompt rows (`tokens`, `attention_mask`, `history_mask`)."""
   h_btd = llm.hidden_states(batch["tokens"], None, batch["attention_mask"], dropout_key=key)
-  return span_mean(h_btd, batch["history_mask"])
+  return losses.masked_mean(h_btd, batch["history_mask"])
 
 
 def item_vectors(llm: Llama, batch: Mapping[str, jax.Array], key: jax.Array | None = None) -> jax.Array:
   """v_T of item rows (`item_tokens`, `item_attention`, `item_mask`)."""
   h_btd = llm.hidden_states(batch["item_tokens"], None, batch["item_attention"], dropout_key=key)
-  return span_mean(h_btd, batch["item_mask"])
+  return losses.masked_mean(h_btd, batch["item_mask"])
 
 
 @register_loss(NIG, TT, UT, per_token=(NIG,))
@@ -108,9 +101,9 @@ def calrec_losses(model: CALRec, batch: Mapping[str, jax.Array], key: jax.Array 
     valid_b = batch["contrastive_valid"] > 0
     nce = functools.partial(losses.info_nce, temperature=tau, similarity="cosine", valid_n=valid_b)
     if TT in names:
-      terms[TT] = nce(span_mean(h_btd, batch["target_mask"]), v_t)
+      terms[TT] = nce(losses.masked_mean(h_btd, batch["target_mask"]), v_t)
     if UT in names:
-      terms[UT] = nce(span_mean(h_btd, batch["history_mask"]), v_t)
+      terms[UT] = nce(losses.masked_mean(h_btd, batch["history_mask"]), v_t)
   return terms
 
 
