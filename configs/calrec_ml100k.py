@@ -51,7 +51,34 @@ def calrec_overrides(c: ConfigDict) -> ConfigDict:
   return c
 
 
-def get_config() -> ConfigDict:
+def with_tasks(c: ConfigDict, ratios: dict[str, float]) -> ConfigDict:
+  """Cao et al.'s auxiliary-task prompts mixed into both stages' batches (data/auxtasks.py), the `tasks` block of
+  configs/cand_ml100k.py: each training row's task drawn by `ratios` ("rec": CALRec's own next-item row)."""
+  with c.unlocked():
+    c.tasks = ConfigDict(dict(
+        ratios=ConfigDict({"rec": 0.0, "mim": 0.0, "bpr": 0.0, "mlm": 0.0, **ratios}),
+        mim_max_masks=2,  # masked item modelling hides 1..this many items
+        mlm_max_words=12,  # masked language modelling reads a title's first words ...
+        mlm_mask_rate=0.3,  # ... and hides this share of them (at least one)
+    ))
+  return c
+
+
+def variant(c: ConfigDict, name: str, path: str) -> ConfigDict:
+  """`<path>:aux`: every auxiliary task beside CALRec's rows (cand_beauty's ratios). Their prompts are never cut,
+  so max_prompt_tokens rises to hold 20 items at their 32-token cut (SmolLM2: BPR's bound is 752 tokens); compare
+  with the plain config at the same max_prompt_tokens (it also lets the rec prompts keep more of a long history)."""
+  if name not in ("", "aux"):
+    raise ValueError(f"{path}:{name}: use no variant or 'aux'")
+  if name == "aux":
+    c = with_tasks(c, {"rec": 1.0, "mim": 0.2, "bpr": 0.2, "mlm": 0.2})
+    c.name += "_aux"
+    c.data.max_prompt_tokens = 768
+  return c
+
+
+def get_config(name: str = "") -> ConfigDict:
+  """`configs/calrec_ml100k.py:aux`: with the auxiliary tasks (`variant`)."""
   c = calrec_overrides(base.get_config())
   c.name = "calrec_ml100k"
-  return c
+  return variant(c, name, "configs/calrec_ml100k.py")

@@ -4,7 +4,10 @@ Beauty (both stages, dense and generation+BM25 evaluation). Tests and smoke runs
 from configs import calrec_ml100k
 
 
-def get_config():
+def get_config(name: str = ""):
+  """`configs/tiny_calrec.py:aux`: every auxiliary task beside CALRec's rows, at equal ratios."""
+  if name not in ("", "aux"):
+    raise ValueError(f"configs/tiny_calrec.py:{name}: use no variant or 'aux'")
   c = calrec_ml100k.get_config()
   c.name = "tiny_calrec"
   c.model.source, c.model.preset, c.model.tokenizer = "", "tiny", "bytes"
@@ -19,4 +22,9 @@ def get_config():
   c.train.eval_every, c.train.patience, c.train.checkpoint_every = 0, 0, 2  # validated after each stage's last step
   c.optim.lr, c.optim.warmup_steps = 1e-3, 1
   c.eval.num_samples, c.eval.temperature, c.eval.top_p = 2, 1.0, 1.0
+  if name == "aux":
+    c = calrec_ml100k.with_tasks(c, {"rec": 1.0, "mim": 1.0, "bpr": 1.0, "mlm": 1.0})
+    c.name = "tiny_calrec_aux"
+    c.tasks.mlm_max_words = 4
+    c.data.max_item_tokens = 20  # bytes: BPR's 6 item lines at this cut and its template fit 256 tokens (236)
   return c

@@ -1,7 +1,8 @@
 """CALRec: token batches and their spans, the three losses against numpy, the resumable batch source, the
-evaluation entry points, full fine-tuning, and the tiny config's two stages through the one trainer, killed and
-resumed."""
+evaluation entry points, full fine-tuning, the auxiliary-task rows a `tasks` block mixes in, and the tiny config's
+two stages through the one trainer, killed and resumed."""
 
+import collections
 import dataclasses
 import functools
 import json
@@ -15,7 +16,8 @@ import pytest
 from flax import nnx
 
 from clclm_jax.contrastive import losses
-from clclm_jax.data import nextitem, nextitem_tokens
+from clclm_jax.data import auxtasks, nextitem, nextitem_tokens
+from clclm_jax.data import candidates as cd
 from clclm_jax.data.nextitem_tokens import Layout
 from clclm_jax.model.llama import Frozen
 from clclm_jax.seqrec import calrec, retrieval
@@ -207,6 +209,29 @@ def test_dense_and_generation_rankings(toy, tmp_path):
              for g, ex in zip(gen, examples[:2]))
 
 
+def test_rows_without_a_contrastive_pair_give_finite_gradients(toy):
+  """Auxiliary rows (`auxtasks.with_aux_rows`) have empty history and target spans (zero vectors) and no pair; a
+  micro-batch may hold only such rows. The InfoNCE terms leave them out without a NaN reaching the gradient."""
+  _, _, _, llm = toy
+  batch, _ = toy_batch(toy)
+  model = calrec.CALRec(llm, calrec.LossSettings())
+  graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
+  names = (calrec.NIG, calrec.TT, calrec.UT)
+  def total(p, b):
+    out = step_lib.loss_terms(nnx.merge(graphdef, p, rest), b, None, names)
+    return sum(out.values()), out
+  grad = jax.jit(jax.grad(total, has_aux=True))
+  for aux in ([1, 2, 3, 4], [0, 1, 2, 3, 4]):  # one pair left (its only candidate is its positive: loss 0); none
+    b = {k: v.copy() for k, v in batch.items()}
+    for k in ("history_mask", "target_mask", "contrastive_valid"):
+      b[k][aux] = 0
+    grads, out = grad(params, b)
+    assert float(out[calrec.TT]) == float(out[calrec.UT]) == 0.0 and np.isfinite(float(out[calrec.NIG]))
+    leaves = jax.tree.leaves(grads)
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves) and any(np.abs(np.asarray(x)).sum() > 0
+                                                                         for x in leaves)
+
+
 def test_full_finetuning_trains_every_float_weight(toy):
   _, _, _, llm = toy
   batch, _ = toy_batch(toy)
@@ -249,6 +274,107 @@ def test_config_errors_are_one_line(tmp_path):
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
       "error: config.data.mixture[1]='nope' is not a dataset with item text: use one of ['beauty', 'ml100k']")
+
+
+def toy_datasets(toy):
+  """The toy catalogue as the target (ml100k's place) and a second toy domain as the mixture's other dataset."""
+  other = nextitem.from_histories("toy2", "movie", [(3, 1, 2, 4, 5), (6, 5, 4, 3, 2), (2, 4, 6, 1, 7, 3)],
+                                  TITLES[:8])  # every user leaves items out: BPR's negatives
+  return {"ml100k": toy[0], "beauty": other}
+
+
+def aux_config(**ratios):
+  from configs import tiny_calrec  # pylint: disable=g-import-not-at-top
+  c = tiny_calrec.get_config("aux")
+  with c.unlocked():  # lets a test name an unknown task
+    c.tasks.ratios.update(ratios)
+  return c
+
+
+QUESTIONS = {"mim": auxtasks.MIM_QUESTION, "bpr": auxtasks.bpr_question("product")[:25],
+             "mlm": auxtasks.MLM_QUESTION}  # bpr: the verb differs per domain, the start does not
+
+
+@pytest.fixture(scope="module")
+def aux_run(toy):
+  """A tiny_calrec:aux run on the toy datasets, rows drawn rec 1 : mim 1 : bpr 0.5 : mlm 0.5."""
+  return calrec.build(aux_config(rec=1.0, mim=1.0, bpr=0.5, mlm=0.5), toy_datasets(toy))
+
+
+def test_aux_tasks_fill_calrec_batches_at_their_ratios_from_training_data_only(aux_run, tmp_path):
+  r = aux_run
+  c, tok = r.config, r.tokenizer
+  counts = collections.Counter()
+  for st, names, block in zip(calrec.stages(r, tmp_path), (c.data.mixture, [c.data.dataset]),
+                              (c.calrec.mixture, c.calrec.target), strict=True):
+    examples = [calrec.train_examples(r, n, block.max_prefixes) for n in names]
+    source = st.batches()
+    for _ in range(40):
+      batch = next(source)
+      src, rows = source.batches.plan[source.index - 1]  # the training examples of the batch just read
+      data = r.datasets[names[src]]
+      held_out = {ex.user: {ex.target, *(x.target for x in nextitem.examples(data, "test") if x.user == ex.user)}
+                  - set(ex.history) for ex in nextitem.examples(data, "valid")}  # valid history: the train part
+      for row, e in enumerate(rows):
+        ex = examples[src][e]
+        text = tok.decode(batch["tokens"][row][batch["attention_mask"][row] > 0])
+        tasks = [t for t, q in QUESTIONS.items() if q in text]
+        if batch["history_mask"][row].any():  # CALRec's own row
+          assert not tasks and batch["target_ids"][row] == ex.target
+          counts["rec"] += 1
+          continue
+        assert len(tasks) == 1 and batch["contrastive_valid"][row] == 0, text
+        counts[tasks[0]] += 1
+        assert not [t for t in held_out[ex.user] if data.titles[t - 1] in text], (ex, text)
+        assert batch["loss_mask"][row].sum() > 0  # its answer trains next-item generation's LM loss
+    state = source.get_state()
+    rest = [next(source) for _ in range(3)]
+    again = st.batches()
+    again.set_state(json.loads(json.dumps(state)))  # resumes the same batches
+    for a, b in zip(rest, [next(again) for _ in range(3)], strict=True):
+      assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  n = sum(counts.values())
+  assert n == 2 * 40 * c.train.batch_size
+  for task, share in {"rec": 1 / 3, "mim": 1 / 3, "bpr": 1 / 6, "mlm": 1 / 6}.items():
+    assert abs(counts[task] / n - share) < 0.08, (task, counts)
+
+
+def test_without_aux_tasks_the_batches_are_calrecs_own(aux_run, tmp_path):
+  c = aux_config(rec=1.0, mim=0.0, bpr=0.0, mlm=0.0)  # a tasks block with rec alone: the recipe unchanged
+  prompts, layout = calrec.aux_prompts(c, aux_run.datasets, aux_run.tokenizer)
+  assert prompts == {} and layout is None and calrec.aux_tasks(c) == ()
+  r = dataclasses.replace(aux_run, config=c, prompts=prompts, aux_layout=layout)  # as calrec.build makes it
+  target = calrec.stages(r, tmp_path)[-1]
+  examples = calrec.train_examples(r, "ml100k", c.calrec.target.max_prefixes)
+  sources = [(r.tokens["ml100k"], examples)]
+  plain = nextitem_tokens.train_batches(sources, c.train.batch_size, r.layout, c.seed)
+  pt = cd.PromptTokens(r.datasets["ml100k"], r.tokenizer, c.data.max_item_tokens)
+  mixed = auxtasks.calrec_train_batches([(*sources[0], r.datasets["ml100k"], pt)], c.train.batch_size, r.layout,
+                                        cd.Layout(), {"rec": 1.0}, calrec.task_settings(c),
+                                        c.seed)
+  for a, b, m in zip(*[[next(x) for _ in range(5)] for x in (target.batches(), plain, mixed)], strict=True):
+    assert a.keys() == b.keys() == m.keys() and all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], m[k])
+                                                    for k in a)
+
+
+def test_bad_tasks_block_gets_one_line_errors(toy, tmp_path):
+  for change, message in [(dict(mim=-1.0), r"config.tasks.ratios=.*ratios must be finite and 0 or more"),
+                          (dict(ctr=1.0), r"config.tasks.ratios names unknown task\(s\) \['ctr'\]"),
+                          (dict(rec=0.0, mim=0.0, bpr=0.0, mlm=0.0), r"config.tasks.ratios=.* sums to zero")]:
+    c = aux_config(**change)
+    with pytest.raises(ConfigError, match=message) as e:
+      calrec.train(c, tmp_path / "run")
+    assert "\n" not in str(e.value)
+  c = aux_config()
+  c.tasks.mlm_mask_rate = 0.0
+  with pytest.raises(ConfigError, match=r"config.tasks.mlm_mask_rate=0.0: use a share in \(0, 1\]"):
+    calrec.train(c, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+  c = aux_config()
+  c.data.max_prompt_tokens = 200  # CALRec's prompts are cut to fit; an auxiliary prompt would not be
+  with pytest.raises(ConfigError, match=r"config.data.max_prompt_tokens=200: ml100k's (mim|bpr) prompts "
+                                        r"\(config.tasks.ratios\) may take \d+ tokens"):
+    calrec.aux_prompts(c, toy_datasets(toy), toy[1])  # what calrec.build runs before the stages
 
 
 def test_tiny_calrec_two_stages_killed_and_resumed_match(tmp_path, data_root, monkeypatch):

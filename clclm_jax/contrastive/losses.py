@@ -33,17 +33,21 @@ def info_nce(z1_nd: jax.Array, z2_nd: jax.Array, *, temperature: float = 1.0,
              similarity: str = "dot", valid_n: jax.Array | None = None) -> jax.Array:
   """NT-Xent over 2N views: each view's positive is its pair, the other 2N - 2 are negatives.
 
-  Pairs with `valid_n` False take no part: neither anchors nor negatives (the mean is over valid ones).
+  Pairs with `valid_n` False take no part: neither anchors nor negatives (the mean is over valid ones; 0 when
+  none is). Their values are replaced before use (ones as vectors: a zero vector's norm has a NaN gradient;
+  zeros as an anchor's logits: a row with every column masked is NaN when no pair is valid), since a NaN there
+  would reach the valid rows' gradients as 0 x NaN. The valid pairs' loss is unchanged by it.
   """
   if similarity not in ("dot", "cosine"):
     raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
-  z_md = jnp.concatenate([z1_nd, z2_nd], axis=0).astype(jnp.float32)
-  if similarity == "cosine":
-    z_md = z_md / jnp.maximum(jnp.linalg.norm(z_md, axis=-1, keepdims=True), 1e-8)
   n = z1_nd.shape[0]
   valid_m = jnp.ones(2 * n, bool) if valid_n is None else jnp.concatenate([valid_n, valid_n])
+  z_md = jnp.where(valid_m[:, None], jnp.concatenate([z1_nd, z2_nd], axis=0).astype(jnp.float32), 1.0)
+  if similarity == "cosine":
+    z_md = z_md / jnp.maximum(jnp.linalg.norm(z_md, axis=-1, keepdims=True), 1e-8)
   logits_mm = z_md @ z_md.T / temperature
   logits_mm = jnp.where(jnp.eye(2 * n, dtype=bool) | ~valid_m[None, :], -jnp.inf, logits_mm)
+  logits_mm = jnp.where(valid_m[:, None], logits_mm, 0.0)
   positive_m = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
   log_probs_mm = jax.nn.log_softmax(logits_mm, axis=-1)
   nll_m = -jnp.take_along_axis(log_probs_mm, positive_m[:, None], axis=1)[:, 0]

@@ -65,6 +65,18 @@ def mixture(ratios: Mapping[str, float], field: str = "config.tasks.ratios") -> 
   return names, p / p.sum()
 
 
+def check_tasks(tasks, field: str = "config.tasks") -> tuple[tuple[str, ...], np.ndarray]:
+  """A config's `tasks` block (`ratios`, `mim_max_masks`, `mlm_max_words`, `mlm_mask_rate`; configs/cand_ml100k.py,
+  configs/calrec_ml100k.py:aux): its `mixture`, or a one-line ValueError naming the field."""
+  out = mixture(dict(tasks.ratios), f"{field}.ratios")
+  if tasks.mim_max_masks < 1 or tasks.mlm_max_words < 1:
+    raise ValueError(f"{field}: mim_max_masks={tasks.mim_max_masks} and mlm_max_words={tasks.mlm_max_words} must "
+                     "be 1 or more")
+  if not 0 < tasks.mlm_mask_rate <= 1:
+    raise ValueError(f"{field}.mlm_mask_rate={tasks.mlm_mask_rate}: use a share in (0, 1]")
+  return out
+
+
 def _sequence(ex: nextitem.Example, s: TaskSettings) -> tuple[int, ...]:
   return candidates.recent((*ex.history, ex.target), s.max_history)
 

@@ -19,8 +19,12 @@ target repeats an earlier row's in the batch are left out of both InfoNCE terms 
 Stages (`stages`): "mixture" (every `data.mixture` dataset, single-domain batches interleaved, seeded) in
 WORKDIR/mixture, then "target" (`data.dataset` only) in WORKDIR; both validated by dense Recall@10 / NDCG@10
 (cosine(v_U, v_T) over the whole target catalogue) on a seeded validation subset, NDCG@10 picking the best
-checkpoint. LoRA (`nnx.LoRAParam`) by default; `calrec.finetune="full"` trains every float weight of an
-unquantised float32 model (embedding, norms, projections; the LoRA factors too).
+checkpoint. With a `tasks` block (configs/calrec_ml100k.py:aux, the schema of the candidate configs) each stage's
+batches also carry Cao et al.'s auxiliary-task prompts (`data/auxtasks.calrec_train_batches`: rows drawn by
+`tasks.ratios`, "rec" being CALRec's own row; made from training examples only) that train next-item generation's
+LM loss and neither InfoNCE term; without one, or with "rec" alone, the batches are CALRec's own. LoRA
+(`nnx.LoRAParam`) by default; `calrec.finetune="full"` trains every float weight of an unquantised float32 model
+(embedding, norms, projections; the LoRA factors too).
 
 Evaluation: `dense_rankings` (cosine over the catalogue, item vectors cached per parameters) and
 `generation_rankings` (`model.generate` continuations, BM25 per continuation, round-robin merge), both full
@@ -42,7 +46,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from clclm_jax.contrastive import losses
-from clclm_jax.data import nextitem, nextitem_tokens
+from clclm_jax.data import auxtasks, nextitem, nextitem_tokens
+from clclm_jax.data import candidates as cand_data
 from clclm_jax.data.nextitem_tokens import ItemTokens, Layout
 from clclm_jax.model import build as model_build
 from clclm_jax.model import generate as generate_lib
@@ -233,6 +238,9 @@ class Run:
   datasets: dict[str, nextitem.NextItemData]
   tokens: dict[str, ItemTokens]
   mesh: Any
+  # With auxiliary tasks on (`aux_tasks`): each dataset's title tokens for their prompts, and those prompts' layout.
+  prompts: dict[str, cand_data.PromptTokens] = dataclasses.field(default_factory=dict)
+  aux_layout: cand_data.Layout | None = None
 
   @property
   def target(self) -> nextitem.NextItemData:
@@ -248,6 +256,23 @@ def dataset_names(config: ConfigDict) -> list[str]:
   d = config.data
   mixture = list(d.mixture) if config.calrec.mixture.steps > 0 else []
   return list(dict.fromkeys([d.dataset, *mixture]))
+
+
+def task_ratios(config: ConfigDict) -> dict[str, float]:
+  """`tasks.ratios` of a config with a `tasks` block; CALRec's own rows only without one."""
+  return dict(config.tasks.ratios) if "tasks" in config else {"rec": 1.0}
+
+
+def aux_tasks(config: ConfigDict) -> tuple[str, ...]:
+  """The auxiliary tasks a config mixes into CALRec's batches (none: the batches are CALRec's own)."""
+  return tuple(t for t in auxtasks.TASKS if t != "rec" and task_ratios(config).get(t, 0) > 0)
+
+
+def task_settings(config: ConfigDict) -> auxtasks.TaskSettings:
+  """What the auxiliary prompts read: the rec prompts' `data.max_history` and the `tasks` block."""
+  t = config.tasks
+  return auxtasks.TaskSettings(max_history=config.data.max_history, mim_max_masks=t.mim_max_masks,
+                               mlm_max_words=t.mlm_max_words, mlm_mask_rate=t.mlm_mask_rate)
 
 
 def check_config(config: ConfigDict) -> None:
@@ -273,6 +298,11 @@ def check_config(config: ConfigDict) -> None:
                       "at least one above 0")
   if not cr.temperature > 0:
     raise ConfigError(f"config.calrec.temperature={cr.temperature}: use a positive temperature")
+  if "tasks" in config:
+    try:
+      auxtasks.check_tasks(config.tasks)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   for block in ("mixture", "target"):
     if cr[block].steps < 0 or cr[block].max_prefixes < 0:
       raise ConfigError(f"config.calrec.{block}: steps={cr[block].steps} and max_prefixes="
@@ -292,6 +322,25 @@ def load_datasets(config: ConfigDict) -> dict[str, nextitem.NextItemData]:
   return {name: nextitem.load(name) for name in dataset_names(config)}
 
 
+def aux_prompts(config: ConfigDict, datasets: Mapping[str, nextitem.NextItemData],
+                tokenizer) -> tuple[dict[str, cand_data.PromptTokens], cand_data.Layout | None]:
+  """Each dataset's title tokens for the auxiliary prompts and their layout (none without auxiliary tasks). Those
+  prompts are never cut: one that may not fit `data.max_prompt_tokens` whole stops the run with one line."""
+  if not aux_tasks(config):
+    return {}, None
+  d, s = config.data, task_settings(config)
+  prompts = {}
+  for name, data in datasets.items():
+    pt = prompts[name] = cand_data.PromptTokens(data, tokenizer, d.max_item_tokens)
+    for task in aux_tasks(config):
+      need = auxtasks.prompt_bound(pt, data.kind, task, s)
+      if need > d.max_prompt_tokens:
+        raise ConfigError(f"config.data.max_prompt_tokens={d.max_prompt_tokens}: {name}'s {task} prompts "
+                          f"(config.tasks.ratios) may take {need} tokens (max_history={d.max_history}, "
+                          f"max_item_tokens={d.max_item_tokens}): raise it or lower those")
+  return prompts, cand_data.Layout(d.max_history, d.max_prompt_tokens, d.max_item_tokens, d.pad_multiple)
+
+
 def build(config: ConfigDict, datasets: dict[str, nextitem.NextItemData] | None = None) -> Run:
   """The LLM (`model_build.build_model`), its loss settings, each dataset's `ItemTokens`, the mesh."""
   check_config(config)
@@ -305,8 +354,10 @@ def build(config: ConfigDict, datasets: dict[str, nextitem.NextItemData] | None 
     if it.fixed_prompt_tokens >= layout.max_prompt_tokens:
       raise ConfigError(f"config.data.max_prompt_tokens={layout.max_prompt_tokens} leaves no room for a history "
                         f"item in {name}'s prompts ({it.fixed_prompt_tokens} tokens of fixed text)")
+  prompts, aux_layout = aux_prompts(config, datasets, tokenizer)
   model = CALRec(llm, LossSettings(config.calrec.temperature))
-  return Run(config, model, tokenizer, layout, datasets, tokens, sharding.make_mesh(config.mesh))
+  return Run(config, model, tokenizer, layout, datasets, tokens, sharding.make_mesh(config.mesh), prompts,
+             aux_layout)
 
 
 def subset(r: Run, part: str, n: int) -> list[nextitem.Example]:
@@ -342,11 +393,17 @@ def train_examples(r: Run, name: str, max_prefixes: int) -> list[nextitem.Exampl
 
 def stage(r: Run, name: str, names: Sequence[str], block: ConfigDict, workdir: pathlib.Path,
           cache_dir: pathlib.Path) -> trainer.Stage:
-  """`block.steps` updates on batches of `names`' training examples, validated by dense NDCG@10 on the target's
-  `data.valid_size` validation users."""
+  """`block.steps` updates on batches of `names`' training examples (with auxiliary-task rows at `tasks.ratios`
+when the run has them), validated by dense NDCG@10 on the target's `data.valid_size` validation users."""
   c = r.config
   sources = [(r.tokens[n], train_examples(r, n, block.max_prefixes)) for n in names]
-  batches = lambda: nextitem_tokens.train_batches(sources, c.train.batch_size, r.layout, c.seed)  # noqa: E731
+  if r.prompts:
+    aux_sources = [(it, xs, r.datasets[n], r.prompts[n]) for n, (it, xs) in zip(names, sources)]
+    batches = lambda: auxtasks.calrec_train_batches(  # noqa: E731
+        aux_sources, c.train.batch_size, r.layout, r.aux_layout, task_ratios(c), task_settings(c), c.seed)
+  else:
+    batches = lambda: nextitem_tokens.train_batches(sources, c.train.batch_size, r.layout, c.seed)  # noqa: E731
+  tasks = " + ".join(aux_tasks(c))
   valid = subset(r, "valid", c.data.valid_size)
 
   def check(model: CALRec) -> dict[str, float]:
@@ -356,7 +413,8 @@ def stage(r: Run, name: str, names: Sequence[str], block: ConfigDict, workdir: p
       name, workdir, batches, dict(c.calrec.loss_weights), block.steps, c.optim, c.train.batch_size,
       min(c.train.micro_batch_size, c.train.batch_size), trains=r.trains, validate=check, metric=METRIC,
       eval_every=c.train.eval_every, patience=c.train.patience, checkpoint_every=c.train.checkpoint_every,
-      seed=c.seed, config=c, title=f"{c.name}: {name} ({' + '.join(names)})")
+      seed=c.seed, config=c,
+      title=f"{c.name}: {name} ({' + '.join(names)}{'; ' + tasks if tasks else ''})")
 
 
 def stages(r: Run, workdir: pathlib.Path) -> list[trainer.Stage]:
@@ -407,6 +465,7 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
   def finish(r: Run, summaries: list[dict]) -> dict[str, Any]:
     c = config
     summary = {"dataset": c.data.dataset, "finetune": c.calrec.finetune, "loss_weights": dict(c.calrec.loss_weights),
+               **({"tasks": {k: v for k, v in task_ratios(c).items() if v}} if aux_tasks(c) else {}),
                "stages": [{k: s[k] for k in ("stage", "steps", "best_step", f"valid_{METRIC}", "stopped", "wall_s")}
                           for s in summaries],
                "valid": {"dense": dense_metrics(r, r.model, subset(r, "valid", c.data.valid_size), workdir)}}
@@ -441,6 +500,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     return f"preempted at step {summary['steps']} of {summary['stage']}: run the same command again to continue"
   lines = [f"{'dataset':<22}{summary['dataset']} ({summary['finetune']}; loss weights "
            + ", ".join(f"{k} {v:g}" for k, v in summary["loss_weights"].items()) + ")"]
+  if "tasks" in summary:
+    lines.append(f"{'tasks':<22}" + ", ".join(f"{k} {v:g}" for k, v in summary["tasks"].items()))
   for s in summary["stages"]:
     lines.append(f"{'stage ' + s['stage']:<22}{s['steps']} steps, best {s['best_step']} (valid {METRIC} "
                  f"{s[f'valid_{METRIC}']:.4f}), stopped by {s['stopped']}, {s['wall_s'] / 60:.1f} min")

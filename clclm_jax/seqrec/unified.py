@@ -154,10 +154,9 @@ def title_states(h_btd: jax.Array, item_slot_bt: jax.Array, k: int) -> jax.Array
 
 
 def _info_nce(a_nd: jax.Array, b_nd: jax.Array, valid_n: jax.Array, temperature: float) -> jax.Array:
-  """`losses.info_nce` (cosine) over the valid pairs; invalid rows (empty spans: zero vectors) are set to ones
-  first, since the gradient of a zero vector's norm is NaN and would reach the valid rows through 0 x NaN."""
-  fill = lambda z: jnp.where(valid_n[:, None], z.astype(jnp.float32), 1.0)  # noqa: E731
-  return losses.info_nce(fill(a_nd), fill(b_nd), similarity="cosine", temperature=temperature, valid_n=valid_n)
+  """`losses.info_nce` (cosine) over the valid pairs (invalid rows, empty spans, are zero vectors: it sets them
+  aside without a NaN gradient)."""
+  return losses.info_nce(a_nd, b_nd, similarity="cosine", temperature=temperature, valid_n=valid_n)
 
 
 def user_cl(model: UnifiedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
