@@ -196,8 +196,15 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
                             trains, validate)
 
   def record(row):
-    emit(row)
+    """Saves the row with the paired intervals updated, so a run stopped between cells keeps both."""
     mine.append(row)
+    same_prompts = [x for x in merge_rows(previous, mine) if x["domain"] == domain and "p_yes" in x
+                    and (x["test_size"], x["test_seed"], common.split_of(x), settings(x))
+                    == (len(test), args.test_seed, args.split, settings(base))]
+    labels = [x.label for x in test]
+    meta[meta_key(domain, len(test), total, args.split)]["paired"] = (
+        paired(same_prompts, labels, common.RECIPES[domain]) + paired_with_encoder(same_prompts, labels))
+    emit(row)
     log(f"{domain} {row['shots']}-shot seed {row['seed']} {row['variant']}: AUC {row['auc']:.2f} "
         f"(train {row['train_s']:.0f}s, score {row['score_s']:.0f}s)")
 
@@ -264,12 +271,6 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
                 "p_yes": p_yes}
                | ({} if gates is None else {"gates": [float(g) for g in np.asarray(gates[...])]})
                | ({"best_step": fit["best_step"], "valid_auc": 100 * fit["valid_auc"]} if ablation.residual else {}))
-  same_prompts = [x for x in merge_rows(previous, mine) if x["domain"] == domain and "p_yes" in x
-                  and (x["test_size"], x["test_seed"], common.split_of(x), settings(x))
-                  == (len(test), args.test_seed, args.split, settings(base))]
-  labels = [x.label for x in test]
-  meta[meta_key(domain, len(test), total, args.split)]["paired"] = (
-      paired(same_prompts, labels, common.RECIPES[domain]) + paired_with_encoder(same_prompts, labels))
 
 
 def paired(rows: list[dict], labels: list[int], reference: str, resamples: int = 1000) -> list[dict]:
