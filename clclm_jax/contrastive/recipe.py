@@ -41,8 +41,8 @@ class Recipe:
   fused: fused_data.PromptSpec  # the same prompts with k soft-token placeholders (stage 2)
   mesh: Any
   scorer: evaluate.Scorer
-  # tuple(prompts) -> their base logits (`base_logits`): each prompt set (train pool, valid, test) runs its base
-  # pass once per run, however often it is trained on or scored.
+  # The name of a prompt set (train pool, "valid", a split) -> (its interactions, their base logits): each set
+  # runs its base pass once per run, however often it is trained on or scored (`base_logits`).
   base_cache: dict = dataclasses.field(default_factory=dict)
 
   @property
@@ -67,17 +67,23 @@ class Recipe:
     the base pass is recomputed at every step."""
     return self.model.residual and not spec.num_soft_tokens
 
-  def base_logits(self, xs: Sequence[Interaction]) -> np.ndarray:
-    """The frozen base's Yes-minus-No logit (LoRA off) of each text-only prompt of `xs`, computed once per set."""
-    key = tuple(xs)
-    if key not in self.base_cache:
+  def base_logits(self, xs: Sequence[Interaction], name: str = "prompts") -> np.ndarray:
+    """The frozen base's Yes-minus-No logit (LoRA off) of each text-only prompt of `xs`, computed once per set.
+    The cache is keyed by the set's `name`; an entry is used only for the same interactions (the tuple comparison
+    checks each element's identity first: a set rebuilt from the same records costs a pointer compare per prompt,
+    not a hash of every field as a tuple key did), and another set under that name replaces it."""
+    xs = tuple(xs)
+    cached = self.base_cache.get(name)
+    if cached is None or cached[0] != xs:
       batches = self._eval_batches(xs, self.text, None, None)
-      self.base_cache[key] = self.scorer.base_logits(self.model, batches, desc=f"base logits of {len(xs)} prompts")
-    return self.base_cache[key]
+      cached = self.base_cache[name] = (xs, self.scorer.base_logits(self.model, batches,
+                                                                     desc=f"base logits of {len(xs)} prompts"))
+    return cached[1]
 
-  def eval_batches(self, xs: Sequence[Interaction], spec: fused_data.PromptSpec, batch_size: int | None = None):
-    """Scoring batches of `xs` with `spec`'s prompts, with their base logits where `cached_base`."""
-    return self._eval_batches(xs, spec, batch_size, self.base_logits(xs) if self.cached_base(spec) else None)
+  def eval_batches(self, xs: Sequence[Interaction], spec: fused_data.PromptSpec, batch_size: int | None = None,
+                   name: str = "prompts"):
+    """Scoring batches of `xs` with `spec`'s prompts, with their base logits (the set `name`) where `cached_base`."""
+    return self._eval_batches(xs, spec, batch_size, self.base_logits(xs, name) if self.cached_base(spec) else None)
 
   def _eval_batches(self, xs, spec, batch_size, base_logits):
     return fused_data.eval_batches(xs, self.splits.catalogue, self.tokenizer, spec,
@@ -88,7 +94,7 @@ class Recipe:
   def score(self, xs: Sequence[Interaction], spec: fused_data.PromptSpec, desc: str | None = None,
             batch_size: int | None = None) -> evaluate.Scores:
     """P(Yes) of the model as it is now for the prompts `xs` (ordered as `xs`), with `spec`'s layout."""
-    return self.scorer(self.model, self.eval_batches(xs, spec, batch_size), desc=desc or "eval")
+    return self.scorer(self.model, self.eval_batches(xs, spec, batch_size, desc or "eval"), desc=desc or "eval")
 
 
 def build(config: ConfigDict) -> Recipe:
@@ -148,9 +154,10 @@ def rec_stage(r: Recipe, name: str, spec: fused_data.PromptSpec, pool: Sequence[
   cached = r.cached_base(spec)
   batches = lambda: fused_data.train_batches(  # noqa: E731
       pool, r.splits.catalogue, r.tokenizer, spec, batch_size=c.train.batch_size, seed=seed, views=views,
-      pad_multiple=c.data.pad_multiple, base_logits=r.base_logits(pool) if cached else None)
+      pad_multiple=c.data.pad_multiple, base_logits=r.base_logits(pool, f"train {name}") if cached else None)
   valid_xs = configured.eval_interactions(c, r.splits, "valid")
-  check = lambda model: r.scorer(model, r.eval_batches(valid_xs, spec), desc="valid").metrics()  # noqa: E731
+  check = lambda model: r.scorer(  # noqa: E731
+      model, r.eval_batches(valid_xs, spec, name="valid"), desc="valid").metrics()
   return trainer.Stage(
       name, workdir, batches, dict(loss_weights), steps, c.optim, c.train.batch_size,
       min(c.train.micro_batch_size, c.train.batch_size), trains=trains, validate=check if validate else None,
