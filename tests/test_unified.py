@@ -2,8 +2,11 @@
 generation of unified prompts against a full forward, the two InfoNCE losses against numpy, what each stage trains,
 the curriculum's share, one-line errors, and the tiny unified config through train.py's candidates branch."""
 
+import dataclasses
 import json
+import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -277,6 +280,34 @@ def test_projector_trains_in_stage_2_only(toy, tmp_path):
   assert all(np.array_equal(a, b) for a, b in zip(before["encoder"], _params(r.model, "encoder")))
   rows = [json.loads(x) for x in (tmp_path / "unified" / "metrics.jsonl").read_text().splitlines()]
   assert {"train/loss/answer_lm", "train/loss/user_cl", "train/loss/item_cl"} <= set(rows[-1])
+
+
+def test_sigterm_in_encoder_pretraining_saves_returns_and_resumes(toy, tmp_path, monkeypatch):
+  """As at every other stage: the pretraining saves, `train` returns its preempted summary (no exception), and the
+  same call goes on from the saved step."""
+  from configs import tiny_cand  # pylint: disable=g-import-not-at-top
+  data = toy[0]
+  c = tiny_cand.get_config("unified")
+  c.data.max_users, c.data.valid_size, c.data.test_size = 0, 2, 0
+  c.candidates.steps = c.unified.steps = 0  # the encoder, then the untrained unified model's valid score: quick
+  c.unified.encoder_overrides.batch_size = 2  # 6 toy users: a few steps an epoch
+  run_stage = trainer.run_stage
+
+  def preempted(stage, model, mesh):
+    if stage.name.startswith("pretrain"):
+      term = lambda: os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+      stage = dataclasses.replace(stage, batches=lambda b=stage.batches: train_helpers.DiesAt(b(), 2, term))
+    return run_stage(stage, model, mesh)
+  monkeypatch.setattr(trainer, "run_stage", preempted)
+  summary = cs.train(c, tmp_path, log=lambda _: None, data=data)
+  assert summary["preempted"] and summary["stage"] == "pretrain toy" and summary["steps"] == 2
+  assert "preempted at step 2 of pretrain toy: run the same command again" in cs.format_summary(summary)
+  assert (tmp_path / "encoder" / "checkpoints" / "latest" / "2").is_dir() and not (tmp_path / cs.SUMMARY).exists()
+  monkeypatch.setattr(trainer, "run_stage", run_stage)
+  done = cs.train(c, tmp_path, log=lambda _: None, data=data)
+  steps = [json.loads(x)["step"] for x in (tmp_path / "encoder" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == list(range(1, done["unified"]["encoder"]["steps"] + 1)) and steps[-1] > 2  # resumed, not redone
+  assert not done.get("preempted") and (tmp_path / cs.SUMMARY).is_file() and done["valid"]["count"] == 2
 
 
 def test_tiny_unified_config_trains_through_train_py(data_root, tmp_path):

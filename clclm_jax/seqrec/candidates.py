@@ -239,7 +239,7 @@ def check_config(config: ConfigDict) -> None:
     raise ConfigError(f"config.data.dataset={d.dataset!r} is not a dataset with item text: use one of "
                       f"{sorted(nextitem.TEXT_DATASETS)}")
   try:
-    auxtasks.mixture(dict(t.ratios), "config.tasks.ratios")
+    auxtasks.check_tasks(t)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   if d.num_candidates < 2:
@@ -251,11 +251,6 @@ def check_config(config: ConfigDict) -> None:
                        ("candidates.steps", config.candidates.steps)):
     if value < 0:
       raise ConfigError(f"config.{field}={value}: use 0 or more")
-  if t.mim_max_masks < 1 or t.mlm_max_words < 1:
-    raise ConfigError(f"config.tasks: mim_max_masks={t.mim_max_masks} and mlm_max_words={t.mlm_max_words} must "
-                      "be 1 or more")
-  if not 0 < t.mlm_mask_rate <= 1:
-    raise ConfigError(f"config.tasks.mlm_mask_rate={t.mlm_mask_rate}: use a share in (0, 1]")
   if unified_on(config):
     check_unified(config)
 
@@ -295,6 +290,17 @@ def check_lengths(config: ConfigDict, pt: PromptTokens, kind: str) -> None:
                         f"max_item_tokens={config.data.max_item_tokens}): raise it or lower those")
 
 
+class EncoderPreempted(KeyboardInterrupt):
+  """A unified run's ID-encoder pretraining (run inside `build`: the model needs the encoder) stopped on SIGTERM or
+  Ctrl-C and saved its latest checkpoint. `train` returns its stage summary as every preempted stage's is returned
+  (the same command resumes it); other callers of `build` stop as on Ctrl-C."""
+
+  def __init__(self, summary: dict):
+    super().__init__(f"preempted in the ID encoder's pretraining (step {summary['steps']}): run the same command "
+                     "again to continue")
+    self.summary = summary
+
+
 def build(config: ConfigDict, data: nextitem.NextItemData | None = None, workdir: str | pathlib.Path | None = None,
           log: Callable[[str], None] = print) -> Run:
   """The LLM with LoRA, the dataset's prompt tokens, the mesh; with `config.unified.enabled`, the ID encoder
@@ -322,8 +328,7 @@ def build(config: ConfigDict, data: nextitem.NextItemData | None = None, workdir
   check_lengths(config, pt, data.kind)
   encoder, encoder_cfg, encoder_summary = unified.pretrained_encoder(config, data, pathlib.Path(workdir), mesh, log)
   if encoder_summary["preempted"]:
-    raise KeyboardInterrupt(f"preempted in the ID encoder's pretraining (step {encoder_summary['steps']}): run the "
-                            "same command again to continue")
+    raise EncoderPreempted(encoder_summary)
   model = unified.build_model(config, llm, encoder, encoder_cfg, ph, data)
   keep = ("steps", "best_step", "stopped", "wall_s", "valid_NDCG@10")
   return Run(config, llm, data, pt, layout, s, mesh, model, {k: encoder_summary.get(k) for k in keep})
@@ -408,7 +413,8 @@ def evaluate_split(r: Run, split: str, workdir: pathlib.Path, n: int) -> dict[st
 def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], None] = print,
           data: nextitem.NextItemData | None = None) -> dict[str, Any]:
   """The stage through `trainer.run` (resumable), then the best model's valid and test metrics; writes and
-  returns the summary (a finished run returns it)."""
+  returns the summary (a finished run returns it; a preempted stage, the ID encoder's pretraining included,
+  returns its stage summary, and the same call resumes it)."""
   workdir, t0 = pathlib.Path(workdir), time.time()
   check_config(config)
   data = data if data is not None else nextitem.load(config.data.dataset)
@@ -429,7 +435,10 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
       summary["test"] = evaluate_split(r, "test", workdir, c.data.test_size)
     return summary | {"wall_s": time.time() - t0}
 
-  return trainer.run_once(config, workdir, SUMMARY, build_run, finish, log)
+  try:
+    return trainer.run_once(config, workdir, SUMMARY, build_run, finish, log)
+  except EncoderPreempted as e:  # saved, the run folder unlocked: as `trainer.run` stops after a preempted stage
+    return e.summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
