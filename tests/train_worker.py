@@ -74,12 +74,14 @@ def last_eval_batch_shape(mesh_shape) -> list[int]:
 
 def recipe_run(mesh_shape, workdir, **distributed) -> dict:
   """The CLCLMRec recipe on the tiny model (encoder pretraining, 1 text step, 2 fused steps) on a mesh: every
-  stage's losses, and the encoder's, valid and test AUCs."""
+  stage's losses, and the encoder's, valid and test AUCs. The sequence augmentation (seq_cl) is off: its compile
+  is most of the recipe's, paid once per mesh; test_cli's tiny_fused run trains the recipe with it."""
   from clclm_jax.contrastive import recipe  # pylint: disable=g-import-not-at-top
   from configs import tiny_fused  # pylint: disable=g-import-not-at-top
   c = tiny_fused.get_config()
   c.mesh, c.train.batch_size, c.train.micro_batch_size, c.train.eval_batch_size = tuple(mesh_shape), 8, 8, 8
   c.stage1.steps, c.stage2.steps = 1, 2
+  c.fusion.pretrain.cl_weight = c.stage2.loss_weights.seq_cl = 0.0
   c.update(distributed)
   summary = recipe.train(c, workdir, log=lambda _: None)
   losses = {sub or "fused": [json.loads(line)["train/loss"] for line in
