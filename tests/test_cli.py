@@ -58,6 +58,8 @@ def test_tiny_train_then_eval_under_a_minute(tmp_path, data_root):
 
 
 def test_tiny_fused_recipe_then_eval_scores_the_saved_model(tmp_path, data_root):
+  """configs/tiny_fused.py as it is, the sequence augmentation (seq_cl) on in encoder pretraining and stage 2: the
+  default suite's end-to-end run of the recipe with it (the resume, sharding and feedback tests turn it off)."""
   train = _run("train.py", "--config=configs/tiny_fused.py", f"--workdir={tmp_path}")
   assert train.returncode == 0, train.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
