@@ -350,7 +350,7 @@ def test_without_aux_tasks_the_batches_are_calrecs_own(aux_run, tmp_path):
   plain = nextitem_tokens.train_batches(sources, c.train.batch_size, r.layout, c.seed)
   pt = cd.PromptTokens(r.datasets["ml100k"], r.tokenizer, c.data.max_item_tokens)
   mixed = auxtasks.calrec_train_batches([(*sources[0], r.datasets["ml100k"], pt)], c.train.batch_size, r.layout,
-                                        cd.Layout(), {"rec": 1.0}, calrec.task_settings(c),
+                                        cd.Layout(), {"rec": 1.0}, auxtasks.settings(c),
                                         c.seed)
   for a, b, m in zip(*[[next(x) for _ in range(5)] for x in (target.batches(), plain, mixed)], strict=True):
     assert a.keys() == b.keys() == m.keys() and all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], m[k])

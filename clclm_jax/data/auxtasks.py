@@ -65,6 +65,14 @@ def mixture(ratios: Mapping[str, float], field: str = "config.tasks.ratios") -> 
   return names, p / p.sum()
 
 
+def settings(config) -> TaskSettings:
+  """What a config's prompts read: `data.max_history`, `data.num_candidates` (candidate configs; CALRec's have none)
+  and its `tasks` block."""
+  d, t = config.data, config.tasks
+  return TaskSettings(d.max_history, d.get("num_candidates", candidates.NUM_CANDIDATES), t.mim_max_masks,
+                      t.mlm_max_words, t.mlm_mask_rate)
+
+
 def check_tasks(tasks, field: str = "config.tasks") -> tuple[tuple[str, ...], np.ndarray]:
   """A config's `tasks` block (`ratios`, `mim_max_masks`, `mlm_max_words`, `mlm_mask_rate`; configs/cand_ml100k.py,
   configs/calrec_ml100k.py:aux): its `mixture`, or a one-line ValueError naming the field."""

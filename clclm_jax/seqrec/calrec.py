@@ -268,13 +268,6 @@ def aux_tasks(config: ConfigDict) -> tuple[str, ...]:
   return tuple(t for t in auxtasks.TASKS if t != "rec" and task_ratios(config).get(t, 0) > 0)
 
 
-def task_settings(config: ConfigDict) -> auxtasks.TaskSettings:
-  """What the auxiliary prompts read: the rec prompts' `data.max_history` and the `tasks` block."""
-  t = config.tasks
-  return auxtasks.TaskSettings(max_history=config.data.max_history, mim_max_masks=t.mim_max_masks,
-                               mlm_max_words=t.mlm_max_words, mlm_mask_rate=t.mlm_mask_rate)
-
-
 def check_config(config: ConfigDict) -> None:
   """Stops on a bad value with one line naming the field, before anything is built or written."""
   runconfig.validate(config)
@@ -328,7 +321,7 @@ def aux_prompts(config: ConfigDict, datasets: Mapping[str, nextitem.NextItemData
   prompts are never cut: one that may not fit `data.max_prompt_tokens` whole stops the run with one line."""
   if not aux_tasks(config):
     return {}, None
-  d, s = config.data, task_settings(config)
+  d, s = config.data, auxtasks.settings(config)
   prompts = {}
   for name, data in datasets.items():
     pt = prompts[name] = cand_data.PromptTokens(data, tokenizer, d.max_item_tokens)
@@ -400,7 +393,7 @@ when the run has them), validated by dense NDCG@10 on the target's `data.valid_s
   if r.prompts:
     aux_sources = [(it, xs, r.datasets[n], r.prompts[n]) for n, (it, xs) in zip(names, sources)]
     batches = lambda: auxtasks.calrec_train_batches(  # noqa: E731
-        aux_sources, c.train.batch_size, r.layout, r.aux_layout, task_ratios(c), task_settings(c), c.seed)
+        aux_sources, c.train.batch_size, r.layout, r.aux_layout, task_ratios(c), auxtasks.settings(c), c.seed)
   else:
     batches = lambda: nextitem_tokens.train_batches(sources, c.train.batch_size, r.layout, c.seed)  # noqa: E731
   tasks = " + ".join(aux_tasks(c))

@@ -223,11 +223,6 @@ def unified_on(config: ConfigDict) -> bool:
   return "unified" in config and bool(config.unified.enabled)
 
 
-def settings(config: ConfigDict) -> auxtasks.TaskSettings:
-  d, t = config.data, config.tasks
-  return auxtasks.TaskSettings(d.max_history, d.num_candidates, t.mim_max_masks, t.mlm_max_words, t.mlm_mask_rate)
-
-
 def check_config(config: ConfigDict) -> None:
   """Stops on a bad value with one line naming the field, before anything is built or written."""
   runconfig.validate(config)
@@ -280,7 +275,7 @@ def check_unified(config: ConfigDict) -> None:
 def check_lengths(config: ConfigDict, pt: PromptTokens, kind: str) -> None:
   """Every prompt of the asked tasks must fit `data.max_prompt_tokens` (the longest title and the longest
   history; unified prompts with their soft tokens): no prompt is cut silently."""
-  s = settings(config)
+  s = auxtasks.settings(config)
   tasks, _ = auxtasks.mixture(dict(config.tasks.ratios))
   for task in dict.fromkeys(("rec", *tasks)):  # rec: the evaluation prompts
     need = auxtasks.prompt_bound(pt, kind, task, s, unified_on(config))
@@ -309,7 +304,7 @@ def build(config: ConfigDict, data: nextitem.NextItemData | None = None, workdir
   sharding.maybe_initialize_distributed(config)
   data = data if data is not None else nextitem.load(config.data.dataset)
   d = config.data
-  s = settings(config)
+  s = auxtasks.settings(config)
   tasks, _ = auxtasks.mixture(dict(config.tasks.ratios))
   soft = unified_on(config)
   layout = Layout(d.max_history, d.max_prompt_tokens, d.max_item_tokens, d.pad_multiple,
