@@ -18,7 +18,9 @@ scalar weights on both parts, `residual+soft_tokens`: the prompt keeps the soft 
 as the recipe does, each residual cell is validated (the config's `data.valid_size` subset) before its first step
 and after its last (and every `train.eval_every` steps where > 0) and keeps the best, so it scores as its encoder
 unless training raised the validation AUC (the row's `best_step`, `valid_auc`; with `--split valid` the rows are
-then scored on prompts the step was chosen on, so they are optimistic).
+then scored on prompts the step was chosen on, so they are optimistic). `--set fusion.residual_confirm_size=-1`
+also asks the best step to beat the encoder on the whole validation split (paired interval above zero) to be kept
+(the row's `confirm`).
 Every variant is also paired with `encoder_only` (the same prompts scored by the encoder alone).
 The full protocol is 2 domains x 16/64/256 shots x 3 seeds on the whole test sets; flags choose a slice,
 and the output says which. `--split valid` scores the validation split instead (by default into
@@ -270,7 +272,8 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
                 "train_s": (0.0 if ablation.residual else train1_s) + fit["seconds"], "score_s": score_s,
                 "p_yes": p_yes}
                | ({} if gates is None else {"gates": [float(g) for g in np.asarray(gates[...])]})
-               | ({"best_step": fit["best_step"], "valid_auc": 100 * fit["valid_auc"]} if ablation.residual else {}))
+               | ({"best_step": fit["best_step"], "valid_auc": 100 * fit["valid_auc"]} if ablation.residual else {})
+               | ({"confirm": fit["confirm"]} if "confirm" in fit else {}))
 
 
 def paired(rows: list[dict], labels: list[int], reference: str, resamples: int = 1000) -> list[dict]:

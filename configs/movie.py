@@ -41,7 +41,9 @@ def fused_overrides(c: ConfigDict) -> ConfigDict:
         # the same with LoRA off), trained by the residual_answer loss; stage 1 off, so it starts as its encoder.
         # residual_gate: learned scalar weights on both parts; residual_soft_tokens: the prompt keeps the soft
         # tokens (else the text-only prompt).
-        mode="soft_tokens", residual_gate=False, residual_soft_tokens=False,
+        # residual_confirm_size: validation prompts (-1: all) on which the best step must beat the encoder alone
+        # (paired-bootstrap 95% interval above zero) to be kept over it; 0: the best validated step stands.
+        mode="soft_tokens", residual_gate=False, residual_soft_tokens=False, residual_confirm_size=0,
         pretrain=ConfigDict(dict(epochs=12, batch_size=256, lr=1e-3, stride=5, cl_weight=0.1, patience=3,
                                  item_mask_rate=0.0, shuffle_order=False))))
     # Two stages as in the seeds: text-only prompts, then prompts with the fused tokens.

@@ -15,7 +15,8 @@ import test_residual as tr
 import train_helpers
 from clclm_jax.contrastive import feedback, fusion
 from clclm_jax.data import fused
-from clclm_jax.train import evaluate, sharding, trainer
+from clclm_jax.train import evaluate, runconfig, sharding, trainer
+from clclm_jax.train.errors import ConfigError
 
 
 class Killed(BaseException):
@@ -124,3 +125,73 @@ def test_residual_recipe_validates_step_0_and_resumes_bitwise(tmp_path, data_roo
   assert step_a == step_b == whole["best_step"]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+def _rising_stage(workdir, model, xs, cat, scorer, base, keep: bool, confirms: list) -> trainer.Stage:
+  """`_flipped_stage` validated by a metric that rises with every validation (steps 0..6: 0.1 .. 0.7), so step 6 is
+  the best validated step, then confirmed by a check that says `keep` (and records each call in `confirms`)."""
+  seen = []
+
+  def validate(_):
+    seen.append(None)
+    return {"auc": 0.1 * len(seen)}
+
+  def confirm(m):
+    confirms.append(m)
+    return {"keep": keep, "n": len(xs)}
+  stage = _flipped_stage(workdir, model, xs, cat, scorer, base)
+  return dataclasses.replace(stage, validate=validate, confirm=confirm, patience=0)
+
+
+def test_a_best_step_that_fails_its_confirmation_leaves_the_start_and_a_rerun_checks_nothing(tmp_path):
+  xs, cat = tf._data(8)  # pylint: disable=protected-access
+  model = tr._model(gate=True)  # pylint: disable=protected-access
+  mesh = sharding.make_mesh((-1, 1, 1))
+  scorer, base = tr._base_logits(model, xs, cat)  # pylint: disable=protected-access
+  start = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+  params = lambda: nnx.to_flat_state(nnx.state(model, nnx.Param))  # noqa: E731
+
+  confirms = []
+  kept = trainer.run_stage(_rising_stage(tmp_path / "kept", model, xs, cat, scorer, base, True, confirms), model, mesh)
+  assert (kept["best_step"], kept["valid_auc"], kept["confirm"]) == (6, pytest.approx(0.7),
+                                                                      {"keep": True, "n": 8, "best_step": 6})
+  assert len(confirms) == 1 and train_helpers.best_params(tmp_path / "kept")[1] == 6
+  assert any(not np.array_equal(a.get_value(), np.asarray(b.get_value()))
+             for (_, a), (_, b) in zip(nnx.to_flat_state(start), params()))  # the trained step is the result
+
+  nnx.update(model, start)
+  confirms.clear()
+  stage = _rising_stage(tmp_path / "not_kept", model, xs, cat, scorer, base, False, confirms)
+  summary = trainer.run_stage(stage, model, mesh)
+  assert (summary["best_step"], summary["valid_auc"], summary["confirm"]) == (0, pytest.approx(0.1),
+                                                                             {"keep": False, "n": 8, "best_step": 6})
+  assert len(confirms) == 1 and train_helpers.best_params(tmp_path / "not_kept")[1] == 0
+  for (_, a), (_, b) in zip(nnx.to_flat_state(start), params(), strict=True):
+    np.testing.assert_array_equal(a.get_value(), np.asarray(b.get_value()))  # exactly the starting parameters
+  # Rerun on the finished folder (as after a kill between the check and the stage's end): the saved result, no check.
+  nnx.update(model, start)
+  again = trainer.run_stage(stage, model, mesh)
+  timing = ("wall_s", "tokens_per_s")
+  assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in summary.items() if k not in timing}
+  assert len(confirms) == 1
+
+
+def test_the_recipe_confirmation_pairs_the_best_step_with_the_encoder_on_the_validation_split(data_root):
+  from clclm_jax.contrastive import recipe  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from clclm_jax.data import fewshot  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  c = _tiny_residual()
+  c.fusion.residual_confirm_size = 48
+  r = recipe.build(c)
+  check = recipe.residual_confirm(r)
+  xs = [r.splits.valid[i] for i in fewshot.fewshot_positions(len(r.splits.valid), 48, c.data.fewshot_seed)]
+  # LoRA at zero: the model is its encoder, so the difference is exactly zero and the step is not kept.
+  result = check(r.model)
+  assert result["n"] == 48 and not result["keep"]
+  assert result["auc"] == result["encoder_auc"] == feedback.encoder_auc(r.model, xs)
+  assert result["difference"] == 0.0 and result["ci95"] == [0.0, 0.0]
+  c.fusion.residual_confirm_size = len(r.splits.valid) + 1
+  with pytest.raises(ConfigError, match="residual_confirm_size"):
+    recipe.residual_confirm(dataclasses.replace(r, config=c))
+  c.fusion.residual_confirm_size, c.fusion.mode = -1, "soft_tokens"
+  with pytest.raises(ConfigError, match="residual_confirm_size"):
+    runconfig.validate(c)

@@ -162,8 +162,30 @@ def rec_stage(r: Recipe, name: str, spec: fused_data.PromptSpec, pool: Sequence[
       name, workdir, batches, dict(loss_weights), steps, c.optim, c.train.batch_size,
       min(c.train.micro_batch_size, c.train.batch_size), trains=trains, validate=check if validate else None,
       eval_every=c.train.eval_every, patience=c.train.patience, checkpoint_every=c.train.checkpoint_every,
-      validate_at_start=validate and r.model.residual, seed=seed, config=c,
+      validate_at_start=validate and r.model.residual, confirm=residual_confirm(r) if validate else None,
+      seed=seed, config=c,
       valid_reference=evaluate.like_ratio_auc(valid_xs), title=f"{c.name}: {name}")
+
+
+def residual_confirm(r: Recipe) -> Callable[[nnx.Module], dict] | None:
+  """For a residual model with `fusion.residual_confirm_size` != 0: the stage's last check (`Stage.confirm`). The
+  best validated step is scored on that many validation prompts (seeded; -1: the whole split) and kept only if its
+  paired-bootstrap 95% interval against the encoder alone (the stage's start) lies above zero."""
+  n = r.config.fusion.residual_confirm_size
+  if not (r.model.residual and n):
+    return None
+  if n > len(r.splits.valid):
+    raise ConfigError(f"config.fusion.residual_confirm_size={n}, but the valid split has {len(r.splits.valid)} "
+                      "prompts: lower it, or use -1 for all of them")
+  xs = [r.splits.valid[i] for i in fewshot.fewshot_positions(len(r.splits.valid), n if n > 0 else None,
+                                                             r.config.data.fewshot_seed)]
+
+  def check(model: nnx.Module) -> dict:
+    p_yes = r.scorer(model, r.eval_batches(xs, r.answer_spec, name="confirm"), desc="confirm").p_yes
+    c = evaluate.paired_bootstrap(p_yes, feedback.like_probabilities(model, xs), [x.label for x in xs])
+    return {"keep": bool(c["ci95"][0] > 0), "n": c["n"], "auc": c["auc_a"], "encoder_auc": c["auc_b"],
+            "difference": c["difference"], "ci95": c["ci95"]}
+  return check
 
 
 def pretrain_encoder(r: Recipe, workdir: pathlib.Path) -> dict | None:
@@ -260,7 +282,8 @@ def _train(config: ConfigDict, workdir: pathlib.Path, t0: float, log: Callable[[
              "encoder_valid_auc": None if encoder is None else encoder["valid_auc"],
              "valid_auc": valid if valid is not None else score_split(r, "valid")["auc"],
              "valid_like_ratio_auc": reference, "tokens_per_s": by_stage.get("fused", {}).get("tokens_per_s"),
-             "collapsed": by_stage.get("fused", {}).get("collapsed")}
+             "collapsed": by_stage.get("fused", {}).get("collapsed"),
+             **({"confirm": by_stage["fused"]["confirm"]} if "confirm" in by_stage.get("fused", {}) else {})}
   if d.test_size != 0:
     test = score_split(r, "test", workdir)
     summary.update(test_auc=test["auc"], test_like_ratio_auc=test["like_ratio_auc"],

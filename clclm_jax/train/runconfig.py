@@ -21,10 +21,10 @@ RESUMABLE = ("name", "mesh", "coordinator_address", "num_processes", "process_id
              "data.eval_widths", "data.files.test", "data.allow_test_in_train")
 # Fields that define the trained model: scoring (eval.py, PEFT export) must use the same.
 MODEL = ("model.source", "model.preset", "model.tokenizer", "lora.r", "lora.alpha", "lora.targets", "fusion.")
-MODEL_EXCEPT = ("fusion.pretrain.",)
+MODEL_EXCEPT = ("fusion.pretrain.", "fusion.residual_confirm_size")  # how it trains, not what it is
 # Fused-recipe fields added after runs were saved: an older run's config.json lacks them and ran as these values.
 ADDED_FUSED = {"fusion.mode": "soft_tokens", "fusion.residual_gate": False, "fusion.residual_soft_tokens": False,
-               "stage2.loss_weights.residual_answer": 0.0}
+               "fusion.residual_confirm_size": 0, "stage2.loss_weights.residual_answer": 0.0}
 
 
 def flat(config: ConfigDict | dict) -> dict[str, object]:
@@ -145,9 +145,9 @@ def _validate_fusion(config: ConfigDict) -> None:
           "(the encoder's logit + what LoRA changes in the LLM's answer)")
   residual_weight = weights.get("residual_answer", 0.0)
   if f.mode != "residual":
-    if f.residual_gate or f.residual_soft_tokens or residual_weight:
-      _fail("fusion.mode", f.mode, "fusion.residual_gate, fusion.residual_soft_tokens and the residual_answer loss "
-            "need --config.fusion.mode=residual")
+    if f.residual_gate or f.residual_soft_tokens or f.residual_confirm_size or residual_weight:
+      _fail("fusion.mode", f.mode, "fusion.residual_gate, fusion.residual_soft_tokens, fusion.residual_confirm_size "
+            "and the residual_answer loss need --config.fusion.mode=residual")
     return
   if not f.target_aware:
     _fail("fusion.target_aware", f.target_aware, "residual fusion adds to the encoder's like-logit: use True")

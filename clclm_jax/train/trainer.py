@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
@@ -51,6 +52,10 @@ class Stage:
   # Also validate before the first step: the starting parameters are the best checkpoint (step 0) until a step
   # beats them, so a stage that starts from a good model (residual fusion: its encoder) can only keep or climb.
   validate_at_start: bool = False
+  # A last, stricter check of the best validated step, when that is not the start: `confirm(model)` returns a dict
+  # whose `keep` says whether it stands; if not, the starting parameters are the stage's result (best step 0). A
+  # small validation subset picks a step by noise; this asks for evidence on more prompts before leaving the start.
+  confirm: Callable[[nnx.Module], dict] | None = None
   patience: int = 0  # validations without a better metric before stopping; <= 0: never early
   checkpoint_every: int = 0  # steps between latest checkpoints (also at each validation and the end)
   max_seconds: float = 0.0  # > 0: the stage ends after the step that passes this much training time
@@ -58,6 +63,10 @@ class Stage:
   config: ConfigDict | None = None  # the run's config: saved as config.json, checked on resume
   valid_reference: float | None = None  # drawn dashed on the validation curve (e.g. the like-ratio AUC)
   title: str = ""
+  # What this stage trains, validates and checkpoints when it is not the run's model (`run`): a part of the model
+  # trained by its own loss, e.g. a unified model's ID encoder inside its pretraining model (`pretrain.NextItemRec`,
+  # which holds the same encoder variables), so its checkpoints read as that pretraining's own.
+  module: nnx.Module | None = None
 
 
 class MetricsLog:
@@ -140,6 +149,24 @@ def _check_stage(stage: Stage) -> int:
   return stage.batch_size // stage.micro_batch_size
 
 
+def _confirm(stage: Stage, ckpts: checkpoint.Checkpoints, graphdef, params, frozen, start_params,
+             metrics_path: pathlib.Path, best_step: int, best_metric: float) -> tuple[int, float | None, dict]:
+  """`stage.confirm` on the best checkpoint: (best step, its validation metric, the check's result). Not kept: the
+  starting parameters become the best checkpoint at step 0 (with the start's validation metric where step 0 was
+  validated). A rerun after that finds step 0 best and checks nothing again."""
+  if ckpts.best_step() == 0:  # checked and not kept before this process (a rerun): the check's result is saved
+    _, meta = ckpts.restore_best(params)
+    return 0, meta.get("valid", {}).get(stage.metric), meta["confirm"]
+  best, _ = ckpts.restore_best(params)
+  confirmed = stage.confirm(nnx.merge(graphdef, best, frozen)) | {"best_step": best_step}
+  if confirmed["keep"]:
+    return best_step, best_metric, confirmed
+  start = [r for r in curves.read_rows(metrics_path) if r["step"] == 0 and f"valid/{stage.metric}" in r]
+  valid = {k.removeprefix("valid/"): v for k, v in start[0].items() if k.startswith("valid/")} if start else {}
+  ckpts.reset_best(0, start_params, {"step": 0, "valid": valid, "confirm": confirmed})
+  return 0, valid.get(stage.metric), confirmed
+
+
 def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
   """Trains `stage.trains` of `model` in `stage.workdir`, resuming from its latest checkpoint; leaves the
   best validated (or, without validation, the last) parameters in `model`; returns the stage's summary."""
@@ -147,6 +174,7 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
   workdir = stage.workdir
   workdir.mkdir(parents=True, exist_ok=True)
   graphdef, params, frozen = nnx.split(model, stage.trains, ...)
+  start_params = jax.tree.map(jnp.copy, params) if stage.confirm is not None else None  # the state donates params
   weights = {k: float(v) for k, v in stage.loss_weights.items() if v}
   tx = state_lib.make_optimizer(ConfigDict({**stage.optim.to_dict(), "total_steps": stage.steps}))
   state = state_lib.init_state(params, tx, stage.seed, mesh)
@@ -179,7 +207,8 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
       stopper = stopper.update(valid[stage.metric], 0)
       ckpts.save_best(0, state["params"], {"step": 0, "valid": valid})
       log.write({"step": 0, **{f"valid/{k}": v for k, v in valid.items()}})
-    for step in range(start + 1, stage.steps + 1):
+    last = start if stopper.should_stop else stage.steps  # a stage stopped early and rerun trains no further
+    for step in range(start + 1, last + 1):
       batch = local_rows(next(data_iter))
       state, metrics = train_step(state, sharding.global_batch(batch, mesh), frozen)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -213,10 +242,14 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
     ckpts.save_best(int(state["step"]), state["params"], {"step": int(state["step"])})
   stopped = ("preempted" if preempted else "early stopping" if stopper.should_stop else
              "time budget" if int(state["step"]) < stage.steps else "last step")
+  best_step, best_metric, confirmed = (stopper.best_step, stopper.best, None) if stage.validate else (
+      int(state["step"]), None, None)
+  if stage.confirm is not None and not preempted and best_step > 0:
+    best_step, best_metric, confirmed = _confirm(stage, ckpts, graphdef, state["params"], frozen, start_params,
+                                                 log.path, best_step, best_metric)
   summary = {"stage": stage.name, "steps": int(state["step"]), "total_steps": stage.steps,
-             "preempted": preempted, "stopped": stopped,
-             "best_step": stopper.best_step if stage.validate else int(state["step"]),
-             f"valid_{stage.metric}": stopper.best if stage.validate else None,
+             "preempted": preempted, "stopped": stopped, "best_step": best_step,
+             f"valid_{stage.metric}": best_metric, **({"confirm": confirmed} if confirmed else {}),
              "tokens_per_s": n_tokens / max(wall, 1e-9), "wall_s": wall,
              "collapsed": evaluate.collapsed(grad_norm=grad_norm, valid=spread)}
   best, _ = ckpts.restore_best(state["params"])
@@ -287,20 +320,24 @@ class RunLock:
 
 def run(stages: Sequence[Stage], model: nnx.Module, mesh, log: Callable[[str], None] = print) -> list[dict]:
   """Runs the stages in order on `model` (placed on `mesh` once); a finished stage is not rerun: its best
-  parameters are restored. Stops after a preempted stage (its summary says so)."""
+  parameters are restored. Stops after a preempted stage (its summary says so). A stage with a `module` trains
+  that module instead of `model`."""
   place(model, mesh)
   summaries = []
   for stage in stages:
+    part = model if stage.module is None else stage.module
+    if part is not model:
+      place(part, mesh)  # its variables outside `model` (those it shares are placed already)
     summary = finished(stage)
     if summary is not None and stage.config is not None:
       runconfig.check_resume(stage.config, stage.workdir)  # a finished run rerun with other values stops too
     if summary is not None and summary.get("stopped") == "last step" and stage.steps > summary["total_steps"]:
       summary = None  # finished at its old length: a longer run goes on from its last checkpoint
     if summary is not None:
-      restore_best(stage, model)
+      restore_best(stage, part)
       log(f"{stage.name}: finished before (step {summary['steps']}), its parameters restored")
     else:
-      summary = run_stage(stage, model, mesh)
+      summary = run_stage(stage, part, mesh)
     summaries.append(summary)
     if summary["preempted"]:
       break
@@ -320,7 +357,8 @@ def run_once(config: ConfigDict, workdir: pathlib.Path, summary_name: str,
       log(f"{workdir} is finished: its summary follows (delete {path} to evaluate it again)")
       return json.loads(path.read_text())
     r, stages, model, mesh = build()
-    if not stages and jax.process_index() == 0:  # zero-shot: no stage writes the config the run used
+    # Zero-shot, or every stage in a subfolder: no stage writes the config the run used in its folder.
+    if not any(s.workdir == workdir and s.config is not None for s in stages) and jax.process_index() == 0:
       workdir.mkdir(parents=True, exist_ok=True)
       runconfig.save(config, workdir)
     summaries = run(stages, model, mesh, log)
