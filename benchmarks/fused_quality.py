@@ -256,9 +256,9 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         # keeping the best, so a cell whose training lowers the validation AUC scores its encoder (step 0)
         fit = train(spec, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed), trains,
                     validate=ablation.residual)
-        if ablation.residual and fit["best_step"] == 0:
-          # LoRA at zero and gates at one: the residual logit is the encoder's (tests/test_residual_stage.py), so
-          # the row is the encoder's scores and the two LLM passes over the prompts are skipped
+        if fusion.at_its_encoder(model):
+          # no trained step kept: the residual logit is the encoder's (tests/test_residual.py), so the row is the
+          # encoder's scores and the two LLM passes over the prompts are skipped
           t = time.time()
           p = feedback.like_probabilities(model, test)
           auc, score_s, p_yes = 100 * evaluate.auc(p, np.asarray([x.label for x in test])), time.time() - t, \

@@ -50,8 +50,15 @@ def test_at_step_0_the_residual_model_scores_as_its_encoder(k, gate):
   encoder = feedback.like_probabilities(model, xs)
   np.testing.assert_allclose(scores.p_yes, encoder, rtol=1e-6, atol=1e-7)
   assert evaluate.auc(scores.p_yes, scores.label) == evaluate.auc(encoder, scores.label)
+  assert fusion.at_its_encoder(model)  # so scoring may skip the LLM (recipe.score_split)
   _set_lora_b(model, 0.01)  # once LoRA moves, the LLM part does too
   assert np.abs(_score(model, k).p_yes - encoder).max() > 1e-4
+  assert not fusion.at_its_encoder(model)
+  if gate:  # LoRA at zero again, a gate moved: the encoder's logit is scaled, so the scores are no longer its own
+    _set_lora_b(model, 0.0)
+    model.residual_gates.set_value(jnp.asarray([0.5, 1.0]))
+    assert not fusion.at_its_encoder(model)
+  assert not fusion.at_its_encoder(tf._model(target_aware=True))  # pylint: disable=protected-access
 
 
 def _reference_logits(model, b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

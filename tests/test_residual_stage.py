@@ -178,7 +178,7 @@ def test_a_best_step_that_fails_its_confirmation_leaves_the_start_and_a_rerun_ch
 
 def test_the_recipe_confirmation_pairs_the_best_step_with_the_encoder_on_the_validation_split(data_root):
   from clclm_jax.contrastive import recipe  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  from clclm_jax.data import fewshot  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from clclm_jax.data import configured, fewshot  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   c = _tiny_residual()
   c.fusion.residual_confirm_size = 48
   r = recipe.build(c)
@@ -189,6 +189,11 @@ def test_the_recipe_confirmation_pairs_the_best_step_with_the_encoder_on_the_val
   assert result["n"] == 48 and not result["keep"]
   assert result["auc"] == result["encoder_auc"] == feedback.encoder_auc(r.model, xs)
   assert result["difference"] == 0.0 and result["ci95"] == [0.0, 0.0]
+  # At its encoder the recipe scores a split by the encoder alone: the same AUC as the LLM passes give.
+  scored = [r.splits.valid[i] for i in configured.eval_positions(c, r.splits, "valid")]
+  llm = r.score(scored, r.answer_spec)
+  r.score = None  # not called: no LLM pass
+  assert recipe.score_split(r, "valid")["auc"] == evaluate.auc(llm.p_yes, llm.label)
   c.fusion.residual_confirm_size = len(r.splits.valid) + 1
   with pytest.raises(ConfigError, match="residual_confirm_size"):
     recipe.residual_confirm(dataclasses.replace(r, config=c))

@@ -135,6 +135,17 @@ def residual_trains(soft_tokens: bool):
   return lambda path, value: isinstance(value, nnx.LoRAParam) or (isinstance(value, nnx.Param) and path[0] in parts)
 
 
+def at_its_encoder(model: "FusedRec") -> bool:
+  """Whether a residual model answers exactly as its encoder: every LoRA B at zero (the LLM part is then zero) and
+  the gates, if any, at one. So it starts, and so it ends when no trained step is kept: its scores are then the
+  encoder's (`feedback.like_probabilities`), without the two LLM passes."""
+  if not model.residual:
+    return False
+  gates = model.residual_gates
+  return (all(not np.any(np.asarray(lin.lora_b[...])) for _, lin in model.llm.projections() if lin.lora_b is not None)
+          and (gates is None or bool(np.all(np.asarray(gates[...]) == 1.0))))
+
+
 def yes_minus_no(llm: Llama, yes_no: tuple[int, int], x_btd: jax.Array, *, positions_bt, attention_mask_bt, rows_b,
                  dropout_key=None, prefix_kv=None) -> jax.Array:
   """`[b]` float32: the Yes logit minus the No logit of `llm` on input embeddings `x_btd`, at `rows_b` only."""

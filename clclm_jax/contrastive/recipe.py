@@ -230,15 +230,19 @@ def stages(r: Recipe, workdir: pathlib.Path, pool: Sequence[Interaction]) -> lis
 
 
 def score_split(r: Recipe, split: str, workdir: pathlib.Path | None = None) -> dict:
-  """AUC of the fused model on the prompts `split` scores (`configured.eval_positions`) and the like-ratio reference
-  on them; with `workdir`, also WORKDIR/eval/<split>_predictions.jsonl."""
+  """AUC of the fused model on the prompts `split` scores (`configured.eval_positions`; a residual model at its encoder
+  by the encoder alone, `fusion.at_its_encoder`) and the like-ratio reference on them; with `workdir`, also WORKDIR/eval/<split>_predictions.jsonl."""
   positions = configured.eval_positions(r.config, r.splits, split)
   xs = [getattr(r.splits, split)[i] for i in positions]
-  scores = r.score(xs, r.answer_spec, desc=split)
+  if fusion.at_its_encoder(r.model):  # a residual model that kept no trained step: the LLM passes would add zero
+    p_yes, label = feedback.like_probabilities(r.model, xs), np.asarray([x.label for x in xs])
+  else:
+    scores = r.score(xs, r.answer_spec, desc=split)
+    p_yes, label = scores.p_yes, scores.label
   if workdir is not None and jax.process_index() == 0:
-    predictions.write(workdir, split, positions, scores.label, scores.p_yes)
-  return {"auc": evaluate.auc(scores.p_yes, scores.label), "n": len(xs),
-          "like_ratio_auc": evaluate.like_ratio_auc(xs), "p_yes_spread": float(np.ptp(scores.p_yes))}
+    predictions.write(workdir, split, positions, label, p_yes)
+  return {"auc": evaluate.auc(p_yes, label), "n": len(xs),
+          "like_ratio_auc": evaluate.like_ratio_auc(xs), "p_yes_spread": float(np.ptp(p_yes))}
 
 
 SUMMARY = "summary.json"
