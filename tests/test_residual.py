@@ -166,7 +166,7 @@ def test_residual_config_fields_are_checked():
   for ready in (movie_residual.get_config(), book_residual.get_config()):
     runconfig.validate(ready)  # `python train.py --config=configs/<domain>_residual.py` passes its checks
   changed = _changed(movie.get_config(), residual())
-  assert changed == {"name", "fusion.mode", "stage1.steps", "stage1.loss_weights.text_lm", "stage1.history_targets",
+  assert changed == {"name", "fusion.mode", "fusion.residual_confirm_size", "stage1.steps", "stage1.loss_weights.text_lm", "stage1.history_targets",
                      "stage2.loss_weights.residual_answer", "stage2.loss_weights.fused_lm",
                      "stage2.loss_weights.seq_cl", "stage2.loss_weights.text_cl", "stage2.loss_weights.align_cl",
                      "train.eval_every", "train.patience"}

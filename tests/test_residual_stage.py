@@ -98,6 +98,7 @@ def _tiny_residual():
   c = movie_residual.residual_overrides(tiny_fused.get_config())
   c.data.test_size, c.fusion.pretrain.epochs = 0, 0
   c.stage2.steps, c.train.eval_every, c.train.patience = 3, 1, 0
+  c.fusion.residual_confirm_size = 0  # the best validated step stands (the confirmation has its own tests below)
   return c
 
 
