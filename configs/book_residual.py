@@ -1,6 +1,7 @@
 """Residual fusion on TALLRec book (issue 51): configs/movie_residual.py's switch on configs/book.py. The encoder's
 like-logit plus what LoRA changes in the LLM's Yes-minus-No logit on the text-only prompt; stage 2 alone, validated
-at step 0 (the encoder) and every `train.eval_every` steps, keeping the best (if it also beats the encoder on the whole validation split).
+at step 0 (the encoder) and every `train.eval_every` steps, keeping the best if it also beats the encoder on the
+whole validation split.
 
   python train.py --config=configs/book_residual.py
 """
