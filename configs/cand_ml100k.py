@@ -54,7 +54,10 @@ def candidate_overrides(c: ConfigDict) -> ConfigDict:
         item_temperature=0.1,
     ))
     c.eval = ConfigDict(dict(
-        generation=True,  # generated answers on test (one greedy decode per user)
+        generation=True,  # generated answers on test (one decode per user) ...
+        temperature=0.0,  # ... greedy (0), or one sample from softmax(logits / this) (seed: config.seed) ...
+        top_p=1.0,  # ... within its nucleus of this probability (1: every token) ...
+        num_beams=1,  # ... or the best of beam search with this many beams (> 1, temperature 0)
         # Decoding-free scores: the answer's mean token log-likelihood instead of its sum (the sum is lower for
         # longer titles). Zero-shot SmolLM2 on 100 MovieLens test users: HitRatio@1 0.03 (sum), 0.05 (mean), chance
         # 0.05, popularity 0.21: the untrained model does not rank candidates.

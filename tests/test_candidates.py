@@ -205,7 +205,10 @@ def test_bad_config_gets_one_line_errors(toy, tmp_path):
            ("tasks.ratios", {"rec": 1.0, "cloze": 1.0}, r"config.tasks.ratios names unknown task\(s\) \['cloze'\]"),
            ("tasks.ratios", {"rec": -1.0}, "ratios must be finite and 0 or more"),
            ("data.dataset", "sports", "config.data.dataset='sports' has no item titles"),
-           ("data.num_candidates", 1, "config.data.num_candidates=1: use 2 or more")]
+           ("data.num_candidates", 1, "config.data.num_candidates=1: use 2 or more"),
+           ("eval.num_beams", 0, "config.eval.num_beams=0: use 1"),
+           ("eval.temperature", -0.5, "config.eval.temperature=-0.5: use 0"),
+           ("eval.top_p", 0.0, r"config.eval.top_p=0.0: use a share in \(0, 1\]")]
   for field, value, message in cases:
     c = tiny_cand.get_config()
     block, name = field.split(".")
@@ -215,6 +218,10 @@ def test_bad_config_gets_one_line_errors(toy, tmp_path):
       cs.train(c, tmp_path / "run")
     assert "\n" not in str(e.value)
   assert not (tmp_path / "run").exists()
+  c = tiny_cand.get_config()
+  c.eval.num_beams, c.eval.temperature = 2, 0.7
+  with pytest.raises(ConfigError, match="config.eval.temperature=0.7 with num_beams=2: beam search does not sample"):
+    cs.check_config(c)
   data, _, pt, _ = toy
   c = tiny_cand.get_config()
   c.data.max_prompt_tokens = 100
@@ -228,6 +235,7 @@ def test_tiny_config_trains_through_the_one_trainer(toy, tmp_path):
   c = tiny_cand.get_config()
   c.data.max_users, c.data.valid_size, c.data.test_size = 0, 4, 4
   c.data.max_history, c.data.num_candidates = 3, 5
+  c.eval.num_beams = 2  # the generated answers are the best beams
   said = []
   summary = cs.train(c, tmp_path / "run", log=said.append, data=data)
   assert [s["stage"] for s in summary["stages"]] == ["candidates"] and summary["stages"][0]["steps"] == 3

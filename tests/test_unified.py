@@ -22,7 +22,7 @@ from clclm_jax.data import candidates as cd
 from clclm_jax.model import generate as generate_lib
 from clclm_jax.seqrec import candidates as cs
 from clclm_jax.seqrec import unified
-from clclm_jax.train import trainer
+from clclm_jax.train import sharding, trainer
 from clclm_jax.train.errors import ConfigError
 import train_helpers
 
@@ -138,6 +138,52 @@ def test_scores_and_generation_read_the_unified_prompt(toy):
       seq.append(int(t))
   answers = cs.generate_answers(model, pt, data, xs, LAYOUT, batch_size=2, soft=True)
   assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def _sequence_logp(model, heads, ids, tokens_rn):
+  """Sum of log p of each row's generated tokens after its prompt under a full forward with `ids`' soft items (the
+  placeholder never generated: its logit is -inf), in float64."""
+  width = 512  # one shape: one compile
+  tokens, mask = np.zeros((len(heads), width), np.int32), np.zeros((len(heads), width), np.int32)
+  for r, (h, t) in enumerate(zip(heads, tokens_rn)):
+    tokens[r, :len(h) + len(t)], mask[r, :len(h) + len(t)] = np.r_[h, t], 1
+  logits = np.asarray(_logits(model, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(ids)), np.float64)
+  logits[..., PH] = -np.inf
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  return np.asarray([sum(logp[r, len(h) + j - 1, x] for j, x in enumerate(t))
+                     for r, (h, t) in enumerate(zip(heads, tokens_rn))])
+
+
+def test_beams_and_samples_of_unified_prompts_read_their_own_soft_items(toy):
+  """Beam search and sampling of unified prompts (`SoftPrompted`, whose prefill is one row per prompt before
+  `generate` repeats rows): every returned sequence scores as a full forward with its own prompt's soft items,
+  not another's; a prompt's beams do not depend on its row in the batch; samples are the key's."""
+  data, tok, pt, model = toy
+  _, prompts = _prompts(data, 2)
+  heads = [pt.prompt(p, True) for p in prompts]
+  ids = cd.soft_item_ids(prompts, LAYOUT.max_items)
+
+  def run(rows, **kw):
+    return generate_lib.generate(unified.SoftPrompted(model, ids[rows]), tok, [heads[i] for i in rows],
+                                 max_new_tokens=3, pad_to_multiple_of=256, stop_token_ids=[], **kw)
+  beams = dict(num_beams=3, num_return_sequences=2, length_penalty=0.0)  # no stop, penalty 0: scores are sums
+  samples = dict(temperature=1.0, top_p=0.9, num_return_sequences=2, key=jax.random.key(7))
+  both, sampled = run([0, 1], **beams), run([0, 1], **samples)
+  for g in (both, sampled):
+    rows = [(u, t) for u in (0, 1) for t in g.tokens_brn[u]]
+    own = _sequence_logp(model, [heads[u] for u, _ in rows], ids[[u for u, _ in rows]], [t for _, t in rows])
+    np.testing.assert_allclose(g.scores_br.reshape(-1), own, rtol=1e-4, atol=1e-3)
+    other = _sequence_logp(model, [heads[u] for u, _ in rows], ids[[1 - u for u, _ in rows]], [t for _, t in rows])
+    assert np.abs(other - own).max() > 1e-2  # the soft items change the scores: each row read its own
+  swapped = run([1, 0], **beams)  # each prompt in the other row (the same shape: no second compile)
+  np.testing.assert_array_equal(swapped.tokens_brn[::-1], both.tokens_brn)
+  np.testing.assert_allclose(swapped.scores_br[::-1], both.scores_br, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(run([0, 1], **samples).tokens_brn, sampled.tokens_brn)  # seeded
+  assert not np.array_equal(run([0, 1], **samples | {"key": jax.random.key(8)}).tokens_brn, sampled.tokens_brn)
+  bound = unified.SoftPrompted(model, ids)  # two prompts' soft items, a prefill of three rows
+  with pytest.raises(ValueError, match="one row per prompt"):
+    bound.decode(jnp.asarray(np.repeat(np.asarray(heads[0])[None], 3, 0)), bound.init_cache(3, len(heads[0])), 0)
 
 
 def _nt_xent(a, b, valid, t):
@@ -264,9 +310,10 @@ def test_projector_trains_in_stage_2_only(toy, tmp_path):
   c.data.max_users, c.data.valid_size, c.data.test_size = 0, 4, 4
   c.candidates.steps, c.unified.steps = 2, 2
   c.unified.encoder_overrides.batch_size = 2  # 6 toy users
-  r = cs.build(c, data, tmp_path, log=lambda _: None)
-  text, soft = cs.stages(r, tmp_path)
-  assert (text.name, soft.name) == ("text", "unified")
+  r = cs.build(c, data, tmp_path)
+  encoder, text, soft = cs.stages(r, tmp_path)
+  assert (encoder.name, text.name, soft.name) == ("pretrain toy", "text", "unified")
+  assert encoder.module.encoder is r.model.encoder  # the encoder's pretraining trains the model's encoder
   before = {p: _params(r.model, p) for p in ("projector", "encoder")}
   lora = lambda: [np.asarray(x) for x in jax.tree.leaves(nnx.state(r.model, nnx.LoRAParam))]  # noqa: E731
   lora0 = lora()
@@ -308,11 +355,21 @@ def test_sigterm_in_encoder_pretraining_saves_returns_and_resumes(toy, tmp_path,
   steps = [json.loads(x)["step"] for x in (tmp_path / "encoder" / "metrics.jsonl").read_text().splitlines()]
   assert steps == list(range(1, done["unified"]["encoder"]["steps"] + 1)) and steps[-1] > 2  # resumed, not redone
   assert not done.get("preempted") and (tmp_path / cs.SUMMARY).is_file() and done["valid"]["count"] == 2
+  # The resumed pretraining ends where an uninterrupted one does: the same best step, metric and parameters.
+  mesh = sharding.make_mesh(c.mesh)
+  resumed, _, again = unified.pretrained_encoder(c, data, tmp_path, mesh, log=lambda _: None)  # restored
+  c.unified.encoder_workdir = str(tmp_path / "uninterrupted")
+  straight, _, once = unified.pretrained_encoder(c, data, tmp_path, mesh, log=lambda _: None)
+  assert not once["preempted"] and once["steps"] == again["steps"] == done["unified"]["encoder"]["steps"]
+  assert once["best_step"] == again["best_step"] and once["valid_NDCG@10"] == again["valid_NDCG@10"]
+  for a, b in zip(jax.tree.leaves(nnx.state(resumed)), jax.tree.leaves(nnx.state(straight))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_tiny_unified_config_trains_through_train_py(data_root, tmp_path):
-  run = subprocess.run([sys.executable, "train.py", "--config=configs/tiny_cand.py:unified",
-                        f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  run = subprocess.run([sys.executable, "train.py", "--config=configs/tiny_cand.py:unified",  # answers sampled
+                        "--config.eval.temperature=0.8", f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
   summary = json.loads((tmp_path / cs.SUMMARY).read_text())
   assert [s["stage"] for s in summary["stages"]] == ["text", "unified"]

@@ -10,8 +10,9 @@ Metrics over the `num_candidates` candidates of an example (the target among the
   `HitRatio@1_scored`  the target has the highest log-likelihood `sum log p(title + newline | prompt)` (ties go
                        to the earlier candidate in the prompt; candidates are in a random order): no decoding;
                        with `eval.per_token` the mean over the answer's tokens instead of the sum;
-  `HitRatio@1`         the greedy answer (up to its newline) names the target;
-  `ValidRatio`         the greedy answer names one of the candidates.
+  `HitRatio@1`         the generated answer (up to its newline; greedy, sampled or the best beam: `eval.temperature`,
+                       `eval.top_p`, `eval.num_beams`) names the target;
+  `ValidRatio`         the generated answer names one of the candidates.
 An answer names a candidate when its text equals the candidate's title as the prompt's tokens decode it
 (lower-cased, whitespace collapsed), else when exactly one candidate's title occurs in it (LLaRA's rule).
 Popularity (training-split counts) ranks the same candidates as the no-LLM reference; `encoder_scores` lets a
@@ -160,9 +161,12 @@ def named_candidate(answer: str, titles: Sequence[str]) -> int | None:
 
 def generate_answers(llm: Llama | unified.UnifiedRec, pt: PromptTokens, data: nextitem.NextItemData,
                      examples: Sequence[CandidateExample], layout: Layout, *, batch_size: int = 8,
-                     soft: bool = False) -> list[str]:
-  """The greedy answer line of each example's rec prompt (`batch_size` prompts a call, one shape per width); with
-  `soft` the unified prompt (`llm` a `unified.UnifiedRec`, its soft items bound per call: `unified.SoftPrompted`)."""
+                     soft: bool = False, temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1,
+                     key: jax.Array | None = None) -> list[str]:
+  """The answer line of each example's rec prompt (`batch_size` prompts a call, one shape per width): greedy; with
+  `temperature > 0` one sample (nucleus `top_p`; call c draws with `fold_in(key, c)`); with `num_beams > 1` the
+  best beam. With `soft` the unified prompt (`llm` a `unified.UnifiedRec`, its soft items bound per call:
+  `unified.SoftPrompted`)."""
   recs = [cand_data.rec_prompt(data, ex, layout.max_history) for ex in examples]
   prompts = [pt.prompt(p, soft) for p in recs]
   soft_ids = cand_data.soft_item_ids(recs, layout.max_items) if soft else None
@@ -178,8 +182,9 @@ def generate_answers(llm: Llama | unified.UnifiedRec, pt: PromptTokens, data: ne
       ids = soft_ids[start:start + batch_size]
       model = unified.SoftPrompted(llm, np.concatenate([ids, np.repeat(ids[-1:], batch_size - len(part), 0)]))
     g = generate_lib.generate(model, tok, part + [part[-1]] * (batch_size - len(part)),
-                              max_new_tokens=pt.line_bound(), stop_token_ids=stops,
-                              pad_to_multiple_of=layout.pad_multiple)
+                              max_new_tokens=pt.line_bound(), temperature=temperature, top_p=top_p,
+                              key=None if key is None else jax.random.fold_in(key, start // batch_size),
+                              num_beams=num_beams, stop_token_ids=stops, pad_to_multiple_of=layout.pad_multiple)
     out += [texts[0].split("\n", 1)[0].strip() for texts in g.texts_br[:len(part)]]
   return out
 
@@ -212,7 +217,7 @@ class Run:
   settings: auxtasks.TaskSettings
   mesh: Any
   model: Any = None
-  encoder: dict | None = None  # the ID encoder's pretraining summary (unified runs)
+  encoder_stage: trainer.Stage | None = None  # unified runs: the ID encoder's pretraining, their first stage
 
   @property
   def soft(self) -> bool:
@@ -242,12 +247,26 @@ def check_config(config: ConfigDict) -> None:
   for field in ("max_item_tokens", "max_prompt_tokens", "pad_multiple"):
     if d[field] < 1:
       raise ConfigError(f"config.data.{field}={d[field]}: use 1 or more")
+  check_decoding(config.eval)
   for field, value in (("data.max_history", d.max_history), ("data.max_prefixes", d.max_prefixes),
                        ("candidates.steps", config.candidates.steps)):
     if value < 0:
       raise ConfigError(f"config.{field}={value}: use 0 or more")
   if unified_on(config):
     check_unified(config)
+
+
+def check_decoding(e: ConfigDict) -> None:
+  """The generated answers' decoding fields of `config.eval` (one line naming the field)."""
+  if not (isinstance(e.num_beams, int) and e.num_beams >= 1):
+    raise ConfigError(f"config.eval.num_beams={e.num_beams!r}: use 1 (greedy or sampling) or more (beam search)")
+  if not e.temperature >= 0:
+    raise ConfigError(f"config.eval.temperature={e.temperature}: use 0 (greedy) or above (sampling)")
+  if not 0 < e.top_p <= 1:
+    raise ConfigError(f"config.eval.top_p={e.top_p}: use a share in (0, 1]")
+  if e.num_beams > 1 and e.temperature > 0:
+    raise ConfigError(f"config.eval.temperature={e.temperature} with num_beams={e.num_beams}: beam search does not "
+                      "sample; use temperature 0 or num_beams 1")
 
 
 def check_unified(config: ConfigDict) -> None:
@@ -285,21 +304,11 @@ def check_lengths(config: ConfigDict, pt: PromptTokens, kind: str) -> None:
                         f"max_item_tokens={config.data.max_item_tokens}): raise it or lower those")
 
 
-class EncoderPreempted(KeyboardInterrupt):
-  """A unified run's ID-encoder pretraining (run inside `build`: the model needs the encoder) stopped on SIGTERM or
-  Ctrl-C and saved its latest checkpoint. `train` returns its stage summary as every preempted stage's is returned
-  (the same command resumes it); other callers of `build` stop as on Ctrl-C."""
-
-  def __init__(self, summary: dict):
-    super().__init__(f"preempted in the ID encoder's pretraining (step {summary['steps']}): run the same command "
-                     "again to continue")
-    self.summary = summary
-
-
-def build(config: ConfigDict, data: nextitem.NextItemData | None = None, workdir: str | pathlib.Path | None = None,
-          log: Callable[[str], None] = print) -> Run:
-  """The LLM with LoRA, the dataset's prompt tokens, the mesh; with `config.unified.enabled`, the ID encoder
-  (pretrained or restored in `unified.encoder_folder(config, workdir)`) and the `UnifiedRec` around the LLM."""
+def build(config: ConfigDict, data: nextitem.NextItemData | None = None,
+          workdir: str | pathlib.Path | None = None) -> Run:
+  """The LLM with LoRA, the dataset's prompt tokens, the mesh; with `config.unified.enabled`, the `UnifiedRec`
+  around the LLM and a fresh ID encoder, with the encoder's pretraining stage (`unified.encoder_stage`, in
+  `unified.encoder_folder(config, workdir)`), which `stages` puts first."""
   check_config(config)
   sharding.maybe_initialize_distributed(config)
   data = data if data is not None else nextitem.load(config.data.dataset)
@@ -321,12 +330,9 @@ def build(config: ConfigDict, data: nextitem.NextItemData | None = None, workdir
   pt = PromptTokens(data, tokenizer, d.max_item_tokens, ph)
   unified.check_placeholder(pt, ph, config)
   check_lengths(config, pt, data.kind)
-  encoder, encoder_cfg, encoder_summary = unified.pretrained_encoder(config, data, pathlib.Path(workdir), mesh, log)
-  if encoder_summary["preempted"]:
-    raise EncoderPreempted(encoder_summary)
-  model = unified.build_model(config, llm, encoder, encoder_cfg, ph, data)
-  keep = ("steps", "best_step", "stopped", "wall_s", "valid_NDCG@10")
-  return Run(config, llm, data, pt, layout, s, mesh, model, {k: encoder_summary.get(k) for k in keep})
+  encoder_rec, encoder_cfg, encoder_stage = unified.encoder_stage(config, data, pathlib.Path(workdir))
+  model = unified.build_model(config, llm, encoder_rec.encoder, encoder_cfg, ph, data)
+  return Run(config, llm, data, pt, layout, s, mesh, model, encoder_stage)
 
 
 def subset(r: Run, part: str, n: int) -> list[CandidateExample]:
@@ -353,10 +359,10 @@ def train_examples(r: Run) -> list[nextitem.Example]:
 
 
 def stages(r: Run, workdir: pathlib.Path) -> list[trainer.Stage]:
-  """One LoRA stage on the task mixture (none with 0 steps: the zero-shot LLM). Unified runs: that stage on
-  text-only prompts (WORKDIR/text), then LoRA and the projector on unified prompts (WORKDIR/unified,
-  `unified.steps`, loss weights `unified.loss_weights`; with `unified.curriculum` the unified share of each batch
-  rises from 0 to 1 over the stage)."""
+  """One LoRA stage on the task mixture (none with 0 steps: the zero-shot LLM). Unified runs: the ID encoder's
+  pretraining (`Run.encoder_stage`), that stage on text-only prompts (WORKDIR/text), then LoRA and the projector
+  on unified prompts (WORKDIR/unified, `unified.steps`, loss weights `unified.loss_weights`; with
+  `unified.curriculum` the unified share of each batch rises from 0 to 1 over the stage)."""
   c = r.config
   examples = train_examples(r)
   valid = subset(r, "valid", c.data.valid_size)
@@ -375,7 +381,7 @@ def stages(r: Run, workdir: pathlib.Path) -> list[trainer.Stage]:
     return [stage("candidates", workdir, r.layout, {LOSS: 1.0}, c.candidates.steps, nnx.LoRAParam, False)
             ][:int(c.candidates.steps > 0)]
   u = c.unified
-  out = []
+  out = [r.encoder_stage]
   if c.candidates.steps > 0:
     out.append(stage("text", workdir / "text", dataclasses.replace(r.layout, max_items=0), {LOSS: 1.0},
                      c.candidates.steps, nnx.LoRAParam, False))
@@ -391,9 +397,11 @@ def evaluate_split(r: Run, split: str, workdir: pathlib.Path, n: int) -> dict[st
   xs = subset(r, split, n)
   out: dict[str, Any] = scored_metrics(r, r.model, xs)
   out["popularity"] = {SCORED: hit_ratio(target_ranks(popularity_scores(r.data, xs), xs))}
-  if r.config.eval.generation:
+  e = r.config.eval
+  if e.generation:
     answers = generate_answers(r.model, r.pt, r.data, xs, r.layout, batch_size=r.config.train.eval_batch_size,
-                               soft=r.soft)
+                               soft=r.soft, temperature=e.temperature, top_p=e.top_p, num_beams=e.num_beams,
+                               key=jax.random.key(r.config.seed))
     out.update(answer_metrics(answers, xs, r.pt))
     if jax.process_index() == 0:
       (workdir / "eval").mkdir(parents=True, exist_ok=True)
@@ -407,33 +415,32 @@ def evaluate_split(r: Run, split: str, workdir: pathlib.Path, n: int) -> dict[st
 
 def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], None] = print,
           data: nextitem.NextItemData | None = None) -> dict[str, Any]:
-  """The stage through `trainer.run` (resumable), then the best model's valid and test metrics; writes and
+  """The stages through `trainer.run` (resumable), then the best model's valid and test metrics; writes and
   returns the summary (a finished run returns it; a preempted stage, the ID encoder's pretraining included,
   returns its stage summary, and the same call resumes it)."""
   workdir, t0 = pathlib.Path(workdir), time.time()
   check_config(config)
   data = data if data is not None else nextitem.load(config.data.dataset)
   def build_run():
-    r = build(config, data, workdir, log)
+    r = build(config, data, workdir)
     return r, stages(r, workdir), r.model, r.mesh
 
   def finish(r, summaries: list[dict]) -> dict[str, Any]:
     c = config
+    encoder, summaries = (summaries[0], summaries[1:]) if r.soft else (None, summaries)  # `stages`' order
     summary = {"dataset": c.data.dataset, "tasks": {k: v for k, v in dict(c.tasks.ratios).items() if v},
                "stages": [{k: s[k] for k in ("stage", "steps", "best_step", f"valid_{METRIC}", "stopped", "wall_s")}
                           for s in summaries],
                "valid": scored_metrics(r, r.model, subset(r, "valid", c.data.valid_size))}
     if r.soft:
-      summary["unified"] = {"encoder": r.encoder, "curriculum": bool(c.unified.curriculum),
+      keep = ("steps", "best_step", "stopped", "wall_s", "valid_NDCG@10")
+      summary["unified"] = {"encoder": {k: encoder.get(k) for k in keep}, "curriculum": bool(c.unified.curriculum),
                             "loss_weights": {k: v for k, v in dict(c.unified.loss_weights).items() if v}}
     if c.data.test_size != 0:
       summary["test"] = evaluate_split(r, "test", workdir, c.data.test_size)
     return summary | {"wall_s": time.time() - t0}
 
-  try:
-    return trainer.run_once(config, workdir, SUMMARY, build_run, finish, log)
-  except EncoderPreempted as e:  # saved, the run folder unlocked: as `trainer.run` stops after a preempted stage
-    return e.summary
+  return trainer.run_once(config, workdir, SUMMARY, build_run, finish, log)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

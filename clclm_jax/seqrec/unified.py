@@ -7,10 +7,11 @@ project's pretrained ID encoder (SASRec / CL4SRec, `contrastive/pretrain.py`, fr
 placed by the fused prompts' `fusion.place_soft_tokens`. `UnifiedRec` is the LLM with LoRA, the encoder and the
 projector; without soft items it is exactly its LLM, so the text-only stage 1 and the unified stage 2 share it.
 
-Training (`seqrec/candidates.py`, two stages of the one trainer): stage 1 trains LoRA on text-only prompts with
-`answer_lm`; stage 2 trains LoRA and the projector on unified prompts, optionally with LLaRA's curriculum (the share
-of unified rows in a batch rising linearly from 0 at the stage's first batch to 1 at its last, `soft_share`),
-with, from one forward of the batch (`answer_terms`):
+Training (`seqrec/candidates.py`, stages of the one trainer): first the ID encoder's pretraining (`encoder_stage`,
+or its finished checkpoint restored), then stage 1 trains LoRA on text-only prompts with `answer_lm`; stage 2
+trains LoRA and the projector on unified prompts, optionally with LLaRA's curriculum (the share of unified rows in
+a batch rising linearly from 0 at the stage's first batch to 1 at its last, `soft_share`), with, from one forward
+of the batch (`answer_terms`):
   `answer_lm`  next-token CE on the answer lines (`contrastive.losses.target_ce`);
   `user_cl`    InfoNCE (`contrastive.losses.info_nce`: in-batch, cosine, temperature `user_temperature`)
                between the LLM's mean final state over a rec prompt's history lines and the encoder's user
@@ -18,7 +19,8 @@ with, from one forward of the batch (`answer_terms`):
   `item_cl`    InfoNCE (`item_temperature`) between the LLM's mean final state over an item line's title
                tokens (causal: the title does not see its own soft token) and the item's projected ID embedding,
                over the batch's item lines (an item repeated in the batch counts once).
-Scoring and generation (`candidate_scores`, `generate_answers` with `soft=True`) read the same unified prompts.
+Scoring and generation (`candidate_scores`, `generate_answers` with `soft=True`: greedy, sampled or beam search
+through `SoftPrompted`) read the same unified prompts.
 """
 
 import dataclasses
@@ -113,9 +115,10 @@ class SoftItemIds(nnx.Variable):
 
 
 class SoftPrompted(nnx.Module):
-  """A `UnifiedRec` with its prompts' soft items bound, as `model.generate.generate` calls a model (greedy: one
-  row per prompt). The prefill fills the placeholders; the model never writes one (its logit is -inf), so the
-  decode steps (one generated token a row) are plain tokens."""
+  """A `UnifiedRec` with its prompts' soft items bound (row i: prompt i's), as `model.generate.generate` calls a
+  model in every mode. The prefill (one row per prompt, before any row is repeated) fills the placeholders; the
+  model never writes one (its logit is -inf), so the decode steps (one token a row) are plain tokens and the rows
+  `generate` makes of a prompt (samples, beams) carry its soft tokens in the cache they copy from its prefill."""
 
   def __init__(self, model: UnifiedRec, soft_item_ids_bk):
     self.model = model
@@ -131,6 +134,9 @@ class SoftPrompted(nnx.Module):
   def decode(self, tokens_bt, cache: KVCache, index, attention_mask_bt=None, *, positions_bt=None,
              last_only: bool = False):
     prefill = tokens_bt.shape[1] > 1  # decode steps feed one generated token a row: never a placeholder
+    if prefill and tokens_bt.shape[0] != self.ids.shape[0]:
+      raise ValueError(f"a prefill of {tokens_bt.shape[0]} rows for {self.ids.shape[0]} bound prompts: prefill "
+                       "one row per prompt, then repeat its cache rows (as `generate` does for samples and beams)")
     embeds = self.model.inputs_embeds(tokens_bt, self.ids[...]) if prefill else None
     return self.model.decode(tokens_bt, cache, index, attention_mask_bt, positions_bt=positions_bt,
                              last_only=last_only, inputs_embeds_btd=embeds)
@@ -153,17 +159,11 @@ def title_states(h_btd: jax.Array, item_slot_bt: jax.Array, k: int) -> jax.Array
   return sums_bkd / jnp.maximum(onehot_btk.sum(1), 1.0)[..., None]
 
 
-def _info_nce(a_nd: jax.Array, b_nd: jax.Array, valid_n: jax.Array, temperature: float) -> jax.Array:
-  """`losses.info_nce` (cosine) over the valid pairs (invalid rows, empty spans, are zero vectors: it sets them
-  aside without a NaN gradient)."""
-  return losses.info_nce(a_nd, b_nd, similarity="cosine", temperature=temperature, valid_n=valid_n)
-
-
 def user_cl(model: UnifiedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
   """InfoNCE between the LLM's pooled history state and the encoder's projected user representation."""
   text_bd = losses.masked_mean(h_btd, batch["history_mask"])
-  return _info_nce(text_bd, model.user_embeds(batch["history_ids"]), batch["user_valid"] > 0,
-                   model.settings.user_temperature)
+  return losses.info_nce(text_bd, model.user_embeds(batch["history_ids"]), similarity="cosine",
+                         temperature=model.settings.user_temperature, valid_n=batch["user_valid"] > 0)
 
 
 def item_cl(model: UnifiedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -172,8 +172,8 @@ def item_cl(model: UnifiedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array])
   text_bkd = title_states(h_btd, batch["item_slot"], ids_bk.shape[1])
   id_bkd = model.item_embeds(ids_bk)
   d = text_bkd.shape[-1]
-  return _info_nce(text_bkd.reshape(-1, d), id_bkd.reshape(-1, d), batch["item_valid"].reshape(-1) > 0,
-                   model.settings.item_temperature)
+  return losses.info_nce(text_bkd.reshape(-1, d), id_bkd.reshape(-1, d), similarity="cosine",
+                         temperature=model.settings.item_temperature, valid_n=batch["item_valid"].reshape(-1) > 0)
 
 
 def answer_terms(model, batch: Mapping[str, jax.Array], key: jax.Array | None, names: Sequence[str],
@@ -245,16 +245,27 @@ def encoder_folder(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(w) if w else pathlib.Path(workdir) / "encoder"
 
 
-def pretrained_encoder(config: ConfigDict, data: nextitem.NextItemData, workdir: pathlib.Path, mesh,
-                       log: Callable[[str], None] = print) -> tuple[SeqEncoder, ConfigDict, dict]:
-  """(encoder, its config, its stage summary): pretrained by its config in `encoder_folder` through the one
-  trainer (a finished pretraining there is restored, a stopped one resumed) on the run's histories (the ids of
-  `sequences.load`, user for user)."""
+def encoder_stage(config: ConfigDict, data: nextitem.NextItemData,
+                  workdir: pathlib.Path) -> tuple[pretrain.NextItemRec, ConfigDict, trainer.Stage]:
+  """(the fresh ID encoder in its pretraining model, its config, the pretraining stage): `pretrain.stage` of its
+  config in `encoder_folder` on the run's histories (the ids of `sequences.load`, user for user). The stage
+  trains that model (`Stage.module`), whose `encoder` the `UnifiedRec` holds too: first in a unified run's stage
+  list, it is preempted, resumed or restored (a finished pretraining in that folder) as every stage is, and its
+  checkpoints are a plain pretraining's (`pretrain.train`, `pretrained_encoder`)."""
   cfg = encoder_config(config)
   seqs = sequences.SequenceData(data.name, tuple(np.asarray(h, np.int32) for h in data.histories), data.num_items)
-  model = pretrain.NextItemRec(cfg, seqs)
-  summary = trainer.run([pretrain.stage(cfg, model, seqs, encoder_folder(config, workdir))], model, mesh, log)[-1]
-  return model.encoder, cfg, summary
+  rec = pretrain.NextItemRec(cfg, seqs)
+  stage = pretrain.stage(cfg, rec, seqs, encoder_folder(config, workdir))
+  return rec, cfg, dataclasses.replace(stage, module=rec)
+
+
+def pretrained_encoder(config: ConfigDict, data: nextitem.NextItemData, workdir: pathlib.Path, mesh,
+                       log: Callable[[str], None] = print) -> tuple[SeqEncoder, ConfigDict, dict]:
+  """(encoder, its config, its stage summary): `encoder_stage` alone through the one trainer (benchmarks that
+  rank with the encoder; a unified run trains it in its stage list)."""
+  rec, cfg, stage = encoder_stage(config, data, workdir)
+  summary = trainer.run([stage], rec, mesh, log)[-1]
+  return rec.encoder, cfg, summary
 
 
 def placeholder_id(tokenizer, config: ConfigDict, vocab_size: int) -> int:
