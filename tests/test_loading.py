@@ -69,13 +69,17 @@ def test_smollm2_int8_agrees_with_float(smollm2, prompts):
     agree = ((lg.argmax(-1) == lg8.argmax(-1)) * mask).sum()
     return agree, (((lg8 - lg) * real) ** 2).sum(), ((lg * real) ** 2).sum()
 
-  batch = tokenizer(prompts[:50], padding="longest", return_tensors="np")
+  # 10 prompts, 2,180 tokens (a 1% disagreement is 22 of them): the two forwards of the 135M model are this test's
+  # cost (50 prompts took two minutes); the prompts share their first 71 tokens (the instruction), which more prompts
+  # only repeat. On these GGUF weights (Q4_1) the agreement was 1.0000 on 10 and on 50 prompts alike.
+  n = 10
+  batch = tokenizer(prompts[:n], padding="longest", return_tensors="np")
   tokens, mask = batch["input_ids"], batch["attention_mask"]
   sums = np.zeros(3)
-  for s in range(0, 50, 10):
+  for s in range(0, n, 10):
     sums += np.asarray(compare(model, model8, jnp.asarray(tokens[s:s + 10]), jnp.asarray(mask[s:s + 10])))
   rate = sums[0] / mask.sum()
-  print(f"int8 vs float32 on 50 TALLRec prompts ({mask.sum()} tokens): argmax agreement {rate:.4f}, "
+  print(f"int8 vs float32 on {n} TALLRec prompts ({mask.sum()} tokens): argmax agreement {rate:.4f}, "
         f"relative logits error {np.sqrt(sums[1] / sums[2]):.4f}")
   assert rate >= 0.99
 
