@@ -299,3 +299,19 @@ def test_id_encoder_scores_its_candidates_as_its_full_ranking_would(toy):
   pop = cs.popularity_scores(data, xs)
   counts = {i: sum(h.count(i) for h in nextitem.train_histories(data)) for i in range(1, data.num_items + 1)}
   assert pop.tolist() == [[counts[i] for i in x.candidates] for x in xs]
+
+
+def test_a_run_saved_before_the_decoding_fields_resumes_and_other_changes_still_refuse(tmp_path):
+  from clclm_jax.train import runconfig  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from configs import cand_ml100k  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  c = cand_ml100k.get_config()
+  runconfig.save(c, tmp_path)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  for k in ("temperature", "top_p", "num_beams"):  # as a run saved before they existed
+    del saved["eval"][k]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  c.eval.num_beams = 4  # how answers decode is scoring, not training: may change on resume
+  runconfig.check_resume(c, tmp_path)
+  c.optim.lr *= 2
+  with pytest.raises(ConfigError, match="optim.lr"):
+    runconfig.check_resume(c, tmp_path)
