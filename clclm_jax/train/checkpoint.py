@@ -109,10 +109,10 @@ class Checkpoints:
   def reset_best(self, step: int, params, meta: dict[str, Any]) -> None:
     """Replaces the best checkpoint by one at `step`, an earlier step too (a stage's start that a later check
     kept over its best validated step)."""
-    check_finite(params, "the best checkpoint")
+    check_finite(params, "the best checkpoint")  # before deleting: a refused save leaves the old best in place
     for old in self.best.all_steps():
       self.best.delete(old)
-    _save_params(self.best, step, params, meta, "the best checkpoint")
+    self.save_best(step, params, meta)
 
   def best_step(self) -> int | None:
     return self.best.latest_step()
