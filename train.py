@@ -1,7 +1,9 @@
 """Trains per `--config` (default configs/book.py) in `--workdir` (default runs/<config name>), resuming there.
 
-Configs with a `fusion` block (configs/book.py, movie.py) run the CLCLMRec recipe: encoder pretraining,
-text-only stage 1, fused stage 2, then valid and test AUC (contrastive/recipe.py); the others without a
+Configs with a `fusion` block run the CLCLMRec recipe: encoder pretraining, then residual fusion
+(configs/book.py, movie.py: the encoder's logit + what LoRA adds, kept only if it beats the encoder) or text-only
+stage 1 and soft-token stage 2 (configs/book_soft_tokens.py, movie_soft_tokens.py), then valid and test AUC
+(contrastive/recipe.py); the others without a
 `dataset` (configs/tallrec_book.py, tallrec_movie.py, tiny.py) TALLRec's instruct -> rec LoRA tuning
 (train/loop.py); configs with a `dataset` (configs/pretrain_beauty.py, pretrain_ml100k.py) pretrain the
 sequence encoder (contrastive/pretrain.py); configs with a `calrec` block (configs/calrec_ml100k.py,

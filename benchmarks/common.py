@@ -20,7 +20,9 @@ from clclm_jax.train import malloc
 
 TALLREC_PUBLISHED = tallrec.PUBLISHED_AUC  # LLaMA-7B, test AUC x 100 by shots
 FUSED_GOALS = {"movie": {16: 74, 64: 75, 256: 77}, "book": {16: 71, 64: 72, 256: 74}}  # issue 5, mean of 3 seeds
-RECIPES = {"movie": "fused+align_cl", "book": "fused+hint_kd-text_cl"}  # fused_quality's name of configs/<domain>.py
+RECIPES = {"movie": "residual", "book": "residual"}  # fused_quality's name of configs/<domain>.py
+# fused_quality's name of configs/<domain>_soft_tokens.py: the soft-token recipe its fused ablations change
+SOFT_TOKEN_RECIPES = {"movie": "fused+align_cl", "book": "fused+hint_kd-text_cl"}
 SHARP_HINT_SCALE = 3.0  # fused_quality's `fused+sharp_hint`: the hint's P(like) from this x the encoder's logit
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft", "numpy")
 

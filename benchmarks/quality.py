@@ -1,10 +1,13 @@
 """Few-shot TALLRec AUC grid: zero-shot, TALLRec-style LoRA and the fused model against TALLRec and a heuristic.
 
-  python benchmarks/quality.py [--out benchmarks/results] [--fused benchmarks/results/fused_quality/results.json]
+  python benchmarks/quality.py [--out benchmarks/results] [--fused RESULTS.json ...]
 
-One source of truth for the model rows: they are read from `benchmarks/fused_quality.py`'s results.json
-(`zero_shot`; `text_only` = TALLRec-style LoRA, shown as `lora`; `fused` and its ablations), and each
-row names the fused_quality command that measured it. This script computes only what needs no model:
+One source of truth for the model rows: they are read from `benchmarks/fused_quality.py`'s results.json files
+(`zero_shot`; `text_only` = TALLRec-style LoRA, shown as `lora`; `fused` and its ablations; `residual`), by
+default benchmarks/results/fused_quality (the soft-token grid) then residual_confirm (residual fusion with its
+guard, the configs' recipe); a later file's rows replace an earlier file's rows of the same method, domain, shots
+and test set (a newer measurement, e.g. the encoder alone after a change to its pretraining). Each row names the
+fused_quality command that measured it. This script computes only what needs no model:
 the history like-ratio heuristic, on the whole test sets and on every test subset the model rows used.
 Writes quality.{json,md,png} into --out.
 """
@@ -48,13 +51,14 @@ NAMES = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "his
          "residual+soft_tokens": "ours, residual fusion + soft tokens"}
 VARIANT_PREFIXES = ("fused-", "fused+", "residual")  # the fused variants plotted beside the recipe
 ABLATION_MARKERS = "v^x*hPXpD<>dH8+12"  # one per fused variant, in NAMES order
-FUSED_DEFAULT = ROOT / "benchmarks" / "results" / "fused_quality" / "results.json"
+FUSED_DEFAULT = [ROOT / "benchmarks" / "results" / name / "results.json" for name in ("fused_quality", "residual_confirm")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="benchmarks/results", help="folder for quality.{json,md,png}")
-  p.add_argument("--fused", default=str(FUSED_DEFAULT), help="benchmarks/fused_quality.py's results.json")
+  p.add_argument("--fused", nargs="+", default=[str(f) for f in FUSED_DEFAULT],
+                 help="benchmarks/fused_quality.py results.json files; later files' rows replace earlier ones'")
   p.add_argument("--domains", nargs="+", default=["movie", "book"], choices=("movie", "book"))
   return p.parse_args(argv)
 
@@ -74,8 +78,9 @@ def heuristic_row(domain: str, test_size: int, seed: int) -> dict[str, Any]:
           "auc": evaluate.like_ratio_auc(xs)}
 
 
-def fused_rows(fused: dict[str, Any], domains: list[str]) -> list[dict[str, Any]]:
-  """fused_quality rows in this table's form (AUC as a fraction), each with the command that measured it."""
+def fused_rows(fused: dict[str, Any], domains: list[str], source: str = "fused_quality") -> list[dict[str, Any]]:
+  """fused_quality rows in this table's form (AUC as a fraction), each with the command that measured it and its
+  run (`source` run i: the i-th run of that results file)."""
   rows = []
   for r in fused["rows"]:
     if r["domain"] not in domains or common.split_of(r) != "test":  # valid rows choose, test rows report
@@ -85,10 +90,30 @@ def fused_rows(fused: dict[str, Any], domains: list[str]) -> list[dict[str, Any]
                  "shots": r["shots"], "seed": r["seed"], "test_n": r["test_size"], "test_full_n": r["test_total"],
                  "subset": subset, "subset_seed": r["test_seed"] if subset else None, "auc": r["auc"] / 100,
                  "steps": f"{r['stage1_steps']}+{r['stage2_steps']}", "batch_size": r["batch_size"],
-                 "train_s": r["train_s"], "score_s": r["score_s"], "run": r["run"],
+                 "train_s": r["train_s"], "score_s": r["score_s"], "run": f"{source} run {r['run']}",
                  "command": fused["runs"][r["run"]]["command"]}
                 | {k: v for k, v in fused["runs"][r["run"]].items() if k in ("stopped", "cpu")})
   return rows
+
+
+def _cell(r: dict[str, Any]) -> tuple:
+  """Rows of one method in one table cell on one test set (several seeds; untrained rows in every shots column)."""
+  return r["method"], r["domain"], r["shots"], r["test_n"], r["subset_seed"]
+
+
+def read_fused(paths: list[pathlib.Path], domains: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+  """The model rows of several fused_quality results files, a later file's replacing an earlier one's in the same
+  cell; and the machine of the last file that has one."""
+  rows, machine = [], None
+  for path in paths:
+    if not path.exists():
+      continue
+    fused = json.loads(path.read_text())
+    mine = fused_rows(fused, domains, path.parent.name)
+    cells = {_cell(r) for r in mine}
+    rows = [r for r in rows if _cell(r) not in cells] + mine
+    machine = fused.get("machine") or machine
+  return rows, machine
 
 
 def published_rows() -> list[dict[str, Any]]:
@@ -118,8 +143,8 @@ def auc_table(rows_in: list[dict[str, Any]]) -> str:
     notes = ""
     if "run" in rs[0]:
       minutes = statistics.mean(r["train_s"] + r["score_s"] for r in rs) / 60
-      runs = ",".join(sorted({str(r["run"]) for r in rs}))
-      notes = f"{minutes:.1f} min per seed (train + score), fused_quality run {runs}"
+      runs = ", ".join(sorted({r["run"] for r in rs}))
+      notes = f"{minutes:.1f} min per seed (train + score), {runs}"
     rows.append([key[0], NAMES[key[1]], key[2] or "-", key[3] or "-", seeds, test_label(rs[0]),
                  common.mean_std(aucs), notes])
   return common.markdown_table(["domain", "method", "shots", "steps", "seeds", "test set",
@@ -167,8 +192,9 @@ ISSUE_ROWS = (  # (label, variant by domain): issue 5's table; the recipe is con
     ("history like-ratio (no training)", dict.fromkeys(common.RECIPES, "heuristic")),
     ("TALLRec-style LoRA, text only", dict.fromkeys(common.RECIPES, "lora")),
     ("pretrained encoder alone (no LLM)", dict.fromkeys(common.RECIPES, "encoder_only")),
-    ("fused, the config's recipe", common.RECIPES),
-    # Book's recipe has text_cl off: its rows below are measured with text_cl on.
+    ("CLCLMRec, the config's recipe (residual fusion)", common.RECIPES),
+    ("soft-token fusion (configs/<domain>_soft_tokens.py)", common.SOFT_TOKEN_RECIPES),
+    # Book's soft-token recipe has text_cl off: its rows below are measured with text_cl on.
     ("recipe - seq_cl (book: + text_cl)", {"movie": "fused+align_cl-seq_cl", "book": "fused+hint_kd-seq_cl"}),
     ("recipe, text_cl switched (movie: off, book: on)", {"movie": "fused+align_cl-text_cl", "book": "fused+hint_kd"}),
     ("plain fused (no align_cl, no hint_kd)", dict.fromkeys(common.RECIPES, "fused")),
@@ -176,15 +202,16 @@ ISSUE_ROWS = (  # (label, variant by domain): issue 5's table; the recipe is con
 ISSUE_CAPTION = ("Issue 5's table, whole test sets only (the goals' protocol): mean ± std of seeds (number of "
                  "seeds, steps s1+s2); where a row has several step settings, the cell shows the one with the most "
                  "seeds, then the most steps; '-': not run on the whole test set (subset runs are under All rows). "
-                 "The recipe is each domain's config: movie `" + common.RECIPES["movie"] + "`, book `"
-                 + common.RECIPES["book"] + "`.")
+                 "The recipe is each domain's config (configs/<domain>.py): `" + common.RECIPES["movie"] + "`; the "
+                 "soft-token recipe (configs/<domain>_soft_tokens.py): movie `" + common.SOFT_TOKEN_RECIPES["movie"]
+                 + "`, book `" + common.SOFT_TOKEN_RECIPES["book"] + "`.")
 
 
 def _steps_total(steps: str) -> int:
   return sum(int(s) for s in steps.split("+"))
 
 
-README_ROWS = 5  # the README's table: the rows up to the recipe (ablations: docs/results.md)
+README_ROWS = 6  # the README's table: the rows up to the soft-token recipe (ablations: docs/results.md)
 
 
 def issue_table(rows_in: list[dict[str, Any]], num_rows: int | None = None) -> str:
@@ -221,11 +248,14 @@ def issue_table(rows_in: list[dict[str, Any]], num_rows: int | None = None) -> s
 
 
 def sources(result: dict[str, Any]) -> list[str]:
-  """The commands behind the model rows, by fused_quality run number."""
+  """The commands behind the model rows, by results file and run number."""
+  def order(run: str) -> tuple[str, int]:
+    source, number = run.rsplit(" ", 1)
+    return source, int(number)
   runs = sorted({(r["run"], r["command"], r.get("stopped", ""), r.get("cpu", ""))
-                 for r in result["rows"] if "run" in r})
-  return [f"- fused_quality run {i}: `{cmd}`" + (f" on {cpu}" if cpu else "")
-          + (f" ({common.stopped_note(why)})" if why else "") for i, cmd, why, cpu in runs]
+                 for r in result["rows"] if "run" in r}, key=lambda x: order(x[0]))
+  return [f"- {run}: `{cmd}`" + (f" on {cpu}" if cpu else "")
+          + (f" ({common.stopped_note(why)})" if why else "") for run, cmd, why, cpu in runs]
 
 
 def machine_note(machine: dict[str, Any]) -> str:
@@ -319,17 +349,16 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   out = pathlib.Path(args.out)
-  fused_path = pathlib.Path(args.fused)
-  fused = json.loads(fused_path.read_text()) if fused_path.exists() else {"rows": [], "runs": [], "meta": {}}
-  model_rows = fused_rows(fused, args.domains)
+  fused_paths = [pathlib.Path(f) for f in args.fused]
+  model_rows, model_machine = read_fused(fused_paths, args.domains)
   rows = [r for r in published_rows() if r["domain"] in args.domains]
   for domain in args.domains:
     rows.append(heuristic_row(domain, -1, 0))
     for test_n, seed in sorted({(r["test_n"], r["subset_seed"]) for r in model_rows
                                 if r["domain"] == domain and r["subset"]}):
       rows.append(heuristic_row(domain, test_n, seed))
-  result = {"machine": common.machine(), "model": "smollm2-135m-instruct", "model_machine": fused.get("machine"),
-            "fused_results": str(fused_path), "rows": rows + model_rows}
+  result = {"machine": common.machine(), "model": "smollm2-135m-instruct", "model_machine": model_machine,
+            "fused_results": [str(f) for f in fused_paths], "rows": rows + model_rows}
   common.write_result(out, "quality", result, markdown(result), echo=False)
   plot(result, out / "quality.png")
   print(markdown(result))

@@ -134,8 +134,10 @@ def readme_section(results: pathlib.Path) -> str:
   if (results / "quality.json").exists():
     q = json.loads((results / "quality.json").read_text())
     lines += ["### Few-shot AUC (x100, whole test sets)", "",
-              f"SmolLM2-135M-Instruct, int8 base, LoRA r=8 on q, v; mean ± std of 3 seeds (steps of stage 1 + "
-              f"stage 2); latest run on {short(q.get('model_machine') or q['machine'])}. Made by "
+              f"SmolLM2-135M-Instruct, int8 base, LoRA r=8 on q, v; mean ± std of the seeds (how many, steps of "
+              f"stage 1 + stage 2); residual fusion keeps a trained step only if it beats the encoder on the whole "
+              f"validation split, so it can score exactly as the encoder; latest run on "
+              f"{short(q.get('model_machine') or q['machine'])}. Made by "
               "`benchmarks/fused_quality.py` then `benchmarks/quality.py`; every variant, ablation and subset "
               "run: [docs/results.md](docs/results.md).", "", issue_table(q["rows"], README_ROWS), ""]
   if (path := results / README_SPEED).exists():

@@ -4,7 +4,7 @@ scoring, on `--n` validation prompts of the config's model; timed interleaved af
 with the one-off cost of computing the base logits and the largest P(Yes) difference between the two paths
 (LoRA at zero: both are the encoder). Wall and CPU seconds (all threads) are reported.
 
-  python benchmarks/residual_cache.py --config configs/movie_residual.py --n 64 --repeats 3
+  python benchmarks/residual_cache.py --config configs/movie.py --n 64 --repeats 3
 """
 
 import argparse
@@ -25,7 +25,7 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/movie_residual.py")
+  parser.add_argument("--config", default="configs/movie.py")
   parser.add_argument("--n", type=int, default=64, help="validation prompts scored")
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args(argv)

@@ -1,10 +1,11 @@
-"""The CLCLMRec recipe on a tiny random Llama (SmolLM2 vocabulary) and a small slice of the book data."""
+"""The soft-token CLCLMRec recipe (configs/book_soft_tokens.py) on a tiny random Llama (SmolLM2 vocabulary) and a
+small slice of the book data."""
 
-from configs import book
+from configs import book_soft_tokens
 
 
 def get_config():
-  c = book.get_config()
+  c = book_soft_tokens.get_config()
   c.name = "tiny_fused"
   c.model.source, c.model.preset, c.model.tokenizer = "", "tiny", "smollm2"  # the placeholder token needs SmolLM2's vocabulary
   c.lora.r, c.lora.alpha = 4, 8.0

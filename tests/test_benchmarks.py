@@ -1,6 +1,7 @@
 """Benchmark plumbing: timing helpers, FLOP counts, throughput on the tiny model, quality tables, README markers."""
 
 import dataclasses
+import importlib
 import json
 import pathlib
 import subprocess
@@ -291,9 +292,13 @@ def test_fused_ablations_name_real_loss_terms_and_fusion_fields():
   assert fused_quality.stage2_weights("fused-seq_cl") == {**plain, "seq_cl": 0.0}
   assert fused_quality.stage2_weights("fused+hint_kd-text_cl") == {**plain, "hint_kd": 1.0, "text_cl": 0.0}
   nonzero = lambda w: {k: v for k, v in w.items() if v}  # noqa: E731
-  for domain, recipe in common.RECIPES.items():  # the issue table's "recipe" rows are what the configs train
+  for domain, recipe in common.SOFT_TOKEN_RECIPES.items():  # the soft-token rows are what those configs train
     config = fused_quality.CONFIGS[domain].get_config()
     assert nonzero(fused_quality.stage2_weights(recipe)) == nonzero(dict(config.stage2.loss_weights))
+  for domain, recipe in common.RECIPES.items():  # the issue table's "recipe" rows are what configs/<domain>.py trains
+    config = importlib.import_module(f"configs.{domain}").get_config()
+    assert nonzero(fused_quality.stage2_weights(recipe)) == nonzero(dict(config.stage2.loss_weights))
+    assert fused_quality.FUSED[recipe].fusion == {"mode": config.fusion.mode}
 
 
 def test_quality_reads_the_fused_results(tmp_path, data_root):
@@ -321,6 +326,15 @@ def test_quality_reads_the_fused_results(tmp_path, data_root):
           in text)
   assert "| movie | ours, fused (CLCLMRec) | 16 | 2+2 | 0,1 | SUBSET 16/1000 (seed 0) | 71.00 ± 1.41 |" in text
   assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
+  # A later results file's rows replace the earlier file's in the same cell (method, domain, shots, test set) only.
+  later = json.loads(fused.read_text())
+  later["rows"] = [{**later["rows"][2], "auc": 55.0, "run": 0}, {**later["rows"][2], "test_size": 1000, "run": 0}]
+  later_path = common.write_json(tmp_path / "later" / "results.json", later)
+  result = quality.main(["--out", str(tmp_path), "--fused", str(fused), str(later_path), "--domains", "movie"])
+  fused_16 = [r for r in result["rows"] if r["method"] == "fused" and r["test_n"] == 16]
+  assert [(r["seed"], r["auc"], r["run"]) for r in fused_16] == [(0, pytest.approx(0.55), "later run 0")]
+  assert [r["run"] for r in result["rows"] if r["method"] == "fused" and r["test_n"] == 1000] == ["later run 0"]
+  assert {r["run"] for r in result["rows"] if r["method"] == "lora"} == {"fused run 0", "fused run 1"}
 
 
 def test_goal_table_needs_three_seeds_and_signs_the_gap():
@@ -349,14 +363,14 @@ def test_issue_table_takes_whole_test_rows_and_prefers_more_seeds():
   recipe = common.RECIPES["movie"]
   rows = [row(recipe, s, a) for s, a in enumerate((0.76, 0.77, 0.78))]
   rows += [row(recipe, s, 0.99, steps="32+32") for s in range(2)]  # fewer seeds: not shown
-  rows += [row(f"{recipe}-seq_cl", s, 0.90, test_n=128) for s in range(3)]  # subset: not shown
+  rows += [row(f"{common.SOFT_TOKEN_RECIPES['movie']}-seq_cl", s, 0.90, test_n=128) for s in range(3)]  # subset: not shown
   rows += [row("lora", 0, 0.50, steps="8+0"), row("zero_shot", None, 0.54, shots=0, steps="0+0")]
   rows += quality.published_rows()
   lines = quality.issue_table(rows).splitlines()
   assert lines[0] == "|  | movie 16 | movie 64 | movie 256 | book 16 | book 64 | book 256 |"
   by_label = {line.split(" | ")[0][2:]: line for line in lines[2:]}
   assert by_label["TALLRec, LLaMA-7B (published)"].startswith("| TALLRec, LLaMA-7B (published) | 67.24 | 67.48 |")
-  assert "| 77.00 ± 1.00 (3 seeds, 8+8) | - |" in by_label["fused, the config's recipe"]
+  assert "| 77.00 ± 1.00 (3 seeds, 8+8) | - |" in by_label["CLCLMRec, the config's recipe (residual fusion)"]
   assert "| +3.00 (met) | - |" in by_label["recipe vs goal"]
   assert "| 54.00 | 54.00 | 54.00 | - |" in by_label["zero-shot"]  # untrained: the same in every shots column
   assert "| 50.00 (1 seed, 8+0) | - |" in by_label["TALLRec-style LoRA, text only"]

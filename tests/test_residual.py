@@ -16,7 +16,7 @@ from clclm_jax.contrastive import feedback, fusion, losses  # noqa: F401 (losses
 from clclm_jax.data import fused
 from clclm_jax.train import evaluate, runconfig, sharding, step as step_lib, trainer
 from clclm_jax.train.errors import ConfigError
-from configs import book, book_residual, movie, movie_residual
+from configs import book, book_soft_tokens, movie, movie_soft_tokens
 
 YES_NO = (7 + ord("Y"), 7 + ord("N"))  # the test tokenizer's ids of "Y" and "N"
 
@@ -160,23 +160,23 @@ def test_cached_base_logits_give_the_recomputed_scores_and_loss():
 
 
 def test_residual_config_fields_are_checked():
-  c = movie.get_config()
-  runconfig.validate(c)  # the default: soft tokens
-  residual = movie_residual.get_config
-  for ready in (movie_residual.get_config(), book_residual.get_config()):
-    runconfig.validate(ready)  # `python train.py --config=configs/<domain>_residual.py` passes its checks
-  changed = _changed(movie.get_config(), residual())
+  c = movie_soft_tokens.get_config()
+  runconfig.validate(c)  # fusion.mode's default: soft tokens
+  residual = movie.get_config
+  for ready in (movie.get_config(), book.get_config()):
+    runconfig.validate(ready)  # `python train.py --config=configs/<domain>.py` (residual fusion) passes its checks
+  changed = _changed(movie_soft_tokens.get_config(), residual())
   assert changed == {"name", "fusion.mode", "fusion.residual_confirm_size", "stage1.steps", "stage1.loss_weights.text_lm", "stage1.history_targets",
                      "stage2.loss_weights.residual_answer", "stage2.loss_weights.fused_lm",
                      "stage2.loss_weights.seq_cl", "stage2.loss_weights.text_cl", "stage2.loss_weights.align_cl",
                      "train.eval_every", "train.patience"}
-  assert _changed(book.get_config(), book_residual.get_config()) == changed - {"stage2.loss_weights.align_cl",
+  assert _changed(book_soft_tokens.get_config(), book.get_config()) == changed - {"stage2.loss_weights.align_cl",
                                                                                 "stage2.loss_weights.text_cl"} | {
                                                                                     "stage2.loss_weights.hint_kd"}
   c.fusion.mode = "sum"
   with pytest.raises(ConfigError, match="config.fusion.mode='sum': use 'soft_tokens'"):
     runconfig.validate(c)
-  c = movie.get_config()
+  c = movie_soft_tokens.get_config()
   c.fusion.residual_gate = True
   with pytest.raises(ConfigError, match="config.fusion.mode='soft_tokens'.*mode=residual"):
     runconfig.validate(c)

@@ -92,10 +92,10 @@ def test_a_residual_stage_that_lowers_validation_ends_as_its_encoder_and_resumes
 
 
 def _tiny_residual():
-  """configs/tiny_fused.py switched as configs/movie_residual.py switches movie (`residual_overrides`), without
-  encoder pretraining (the stage list is the residual stage alone), validated at steps 0..3."""
-  from configs import movie_residual, tiny_fused  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  c = movie_residual.residual_overrides(tiny_fused.get_config())
+  """configs/tiny_fused.py switched as configs/movie.py switches configs/movie_soft_tokens.py (`residual_overrides`),
+  without encoder pretraining (the stage list is the residual stage alone), validated at steps 0..3."""
+  from configs import movie, tiny_fused  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  c = movie.residual_overrides(tiny_fused.get_config())
   c.data.test_size, c.fusion.pretrain.epochs = 0, 0
   c.stage2.steps, c.train.eval_every, c.train.patience = 3, 1, 0
   c.fusion.residual_confirm_size = 0  # the best validated step stands (the confirmation has its own tests below)

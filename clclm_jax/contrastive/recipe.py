@@ -1,8 +1,8 @@
 """CLCLMRec from one config as a stage list of the one trainer: encoder pretraining, stage 1 (text-only
-LoRA), stage 2 (fused soft tokens), then AUC.
+LoRA), stage 2 (fused soft tokens, or residual fusion with no stage 1), then AUC.
 
 `train.py` and `eval.py` run `train` and `evaluate_split` for configs with a `fusion` block
-(configs/movie.py, book.py); `benchmarks/fused_quality.py` runs the same stages per few-shot
+(configs/movie.py, book.py: residual; movie_soft_tokens.py, book_soft_tokens.py); `benchmarks/fused_quality.py` runs the same stages per few-shot
 cell and ablation.
 """
 
