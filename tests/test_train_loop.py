@@ -95,6 +95,20 @@ def test_summary_names_tallrecs_published_auc_only_for_its_test_set_and_shots(tm
   assert "published" not in loop.format_summary(summary, config)  # not the whole test set
 
 
+def test_summary_says_how_many_prompts_each_auc_is_on_and_whether_the_residual_step_was_kept():
+  confirm = {"keep": False, "n": 1000, "difference": 0.0011, "ci95": [-0.0039, 0.0056], "best_step": 8}
+  summary = {"best_step": 0, "encoder_valid_auc": 0.6966, "encoder_valid_n": 1000, "valid_auc": 0.6507,
+             "valid_n": 128, "valid_like_ratio_auc": 0.666, "confirm": confirm, "test_auc": 0.692}
+  lines = loop.format_summary(summary).splitlines()
+  assert lines[1].endswith("0.6966   on 1000 prompts")
+  assert lines[2].endswith("0.6507   on 128 prompts; history like-ratio on the same prompts: 0.6660")
+  assert lines[3].startswith("confirmed             not kept   step 8 against the encoder alone on 1000 validation")
+  assert lines[3].endswith("+0.0011 (95% -0.0039 .. +0.0056); the model is its encoder")
+  kept = loop.format_summary({**summary, "confirm": {**confirm, "keep": True}}).splitlines()[3]
+  assert "    kept   step 8" in kept and "its encoder" not in kept
+  assert "confirmed" not in loop.format_summary({k: v for k, v in summary.items() if k != "confirm"})
+
+
 def test_like_ratio_references_score_the_same_prompts_as_evaluation(data_root):
   c = tiny.get_config()
   sp = configured.rec_splits(c)

@@ -279,12 +279,14 @@ def _train(config: ConfigDict, workdir: pathlib.Path, t0: float, log: Callable[[
     finally:
       ckpts.close()
   valid = by_stage.get("fused", {}).get("valid_auc")
-  reference = evaluate.like_ratio_auc(configured.eval_interactions(config, r.splits, "valid"))
+  valid_xs = configured.eval_interactions(config, r.splits, "valid")
+  reference = evaluate.like_ratio_auc(valid_xs)
   encoder = by_stage.get("encoder")
   summary = {"stage": "fused", "steps": sum(s["steps"] for s in summaries if s["stage"] != "encoder"),
              "best_step": by_stage.get("fused", {}).get("best_step"), "shots": len(pool),
              "encoder_valid_auc": None if encoder is None else encoder["valid_auc"],
-             "valid_auc": valid if valid is not None else score_split(r, "valid")["auc"],
+             **({} if encoder is None else {"encoder_valid_n": len(r.splits.valid)}),
+             "valid_auc": valid if valid is not None else score_split(r, "valid")["auc"], "valid_n": len(valid_xs),
              "valid_like_ratio_auc": reference, "tokens_per_s": by_stage.get("fused", {}).get("tokens_per_s"),
              "collapsed": by_stage.get("fused", {}).get("collapsed"),
              **({"confirm": by_stage["fused"]["confirm"]} if "confirm" in by_stage.get("fused", {}) else {})}

@@ -188,7 +188,13 @@ def format_summary(summary: dict, config: ConfigDict | None = None, workdir: str
   for k, v in rows:
     ref = summary.get(k.split()[0] + "_like_ratio_auc") if k in ("valid AUC", "test AUC") else None
     note = f"   history like-ratio on the same prompts: {ref:.4f}" if ref is not None and v is not None else ""
+    if (n := summary.get({"encoder valid AUC": "encoder_valid_n", "valid AUC": "valid_n"}.get(k, ""))) is not None:
+      note = f"   on {n} prompts" + (";" + note[2:] if note else "")
     lines.append(f"{k:<18}{fmt(v):>12}{note}")
+    if k == "valid AUC" and (c := summary.get("confirm")):  # residual fusion's check of its best step
+      lines.append(f"{'confirmed':<18}{'kept' if c['keep'] else 'not kept':>12}   step {c['best_step']} against the "
+                   f"encoder alone on {c['n']} validation prompts: {c['difference']:+.4f} (95% {c['ci95'][0]:+.4f} "
+                   f".. {c['ci95'][1]:+.4f})" + ("" if c["keep"] else "; the model is its encoder"))
   published = published_auc(config, shots)
   if published is not None and summary.get("test_auc") is not None:
     lines.append(f"{'':<30}   TALLRec, LLaMA-7B, {shots}-shot (published): {published / 100:.4f}")
