@@ -166,7 +166,6 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         f"valid AUC {100 * encoder['best_valid_auc']:.2f}, {args.split} subset AUC {100 * encoder['test_auc']:.2f}, "
         f"full test AUC {100 * encoder['full_test_auc']:.2f}")
   initial = jax.tree.map(np.array, nnx.state(model, nnx.Param))
-  evals = {spec.num_soft_tokens: r.eval_batches(test, spec, args.eval_batch_size) for spec in (text, fused)}
   base = {"domain": domain, "split": args.split, "test_size": len(test), "test_total": total,
           "test_seed": args.test_seed, "batch_size": config.train.batch_size, "lr": config.optim.lr, "run": run} \
       | ({"overrides": args.overrides} if args.overrides else {})
@@ -186,12 +185,11 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
 
   def test_auc(spec, what: str) -> tuple[float, float, str]:
     """(AUC x100, seconds, P(Yes) per prompt of `test` in its order, as one comma-separated line: model outputs,
-    no labels). A residual model on text-only prompts reads their base logits, computed once per domain."""
+    no labels). A residual model on text-only prompts reads their base logits, computed once per domain; one at
+    its encoder is scored by the encoder alone (`Recipe.score`)."""
     t = time.time()
-    if r.cached_base(spec) and "residual" not in evals:
-      evals["residual"] = r.eval_batches(test, spec, args.eval_batch_size)
-    batches = evals["residual" if r.cached_base(spec) else spec.num_soft_tokens]
-    scores = r.scorer(r.model, batches, desc=f"scoring {domain} {what}")
+    scores = r.score(test, spec, desc=f"scoring {domain} {what}", batch_size=args.eval_batch_size,
+                     name=f"scored {args.split}")
     p, label = scores.p_yes, scores.label
     return 100 * evaluate.auc(p, label), time.time() - t, ",".join(f"{x:.5f}" for x in p)
 
@@ -258,15 +256,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         # keeping the best, so a cell whose training lowers the validation AUC scores its encoder (step 0)
         fit = train(spec, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed), trains,
                     validate=ablation.residual)
-        if fusion.at_its_encoder(model):
-          # no trained step kept: the residual logit is the encoder's (tests/test_residual.py), so the row is the
-          # encoder's scores and the two LLM passes over the prompts are skipped
-          t = time.time()
-          p = feedback.like_probabilities(model, test)
-          auc, score_s, p_yes = 100 * evaluate.auc(p, np.asarray([x.label for x in test])), time.time() - t, \
-              ",".join(f"{x:.5f}" for x in p)
-        else:
-          auc, score_s, p_yes = test_auc(spec, f"{shots}-shot seed {seed} {variant}")
+        auc, score_s, p_yes = test_auc(spec, f"{shots}-shot seed {seed} {variant}")
         gates = model.residual_gates
         model.configure(fcfg)
         record({**cell, "variant": variant, "stage1_steps": 0 if ablation.residual else s1, "stage2_steps": s2,

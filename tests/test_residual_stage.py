@@ -192,8 +192,8 @@ def test_the_recipe_confirmation_pairs_the_best_step_with_the_encoder_on_the_val
   assert result["difference"] == 0.0 and result["ci95"] == [0.0, 0.0]
   # At its encoder the recipe scores a split by the encoder alone: the same AUC as the LLM passes give.
   scored = [r.splits.valid[i] for i in configured.eval_positions(c, r.splits, "valid")]
-  llm = r.score(scored, r.answer_spec)
-  r.score = None  # not called: no LLM pass
+  llm = r.scorer(r.model, r.eval_batches(scored, r.answer_spec), desc="the LLM passes")
+  r.scorer = None  # not called: no LLM pass
   assert recipe.score_split(r, "valid")["auc"] == evaluate.auc(llm.p_yes, llm.label)
   c.fusion.residual_confirm_size = len(r.splits.valid) + 1
   with pytest.raises(ConfigError, match="residual_confirm_size"):

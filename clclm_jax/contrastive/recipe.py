@@ -92,9 +92,15 @@ class Recipe:
                               base_logits=base_logits)
 
   def score(self, xs: Sequence[Interaction], spec: fused_data.PromptSpec, desc: str | None = None,
-            batch_size: int | None = None) -> evaluate.Scores:
-    """P(Yes) of the model as it is now for the prompts `xs` (ordered as `xs`), with `spec`'s layout."""
-    return self.scorer(self.model, self.eval_batches(xs, spec, batch_size, desc or "eval"), desc=desc or "eval")
+            batch_size: int | None = None, name: str | None = None) -> evaluate.Scores:
+    """P(Yes) of the model as it is now for the prompts `xs` (ordered as `xs`), with `spec`'s layout (`name`: the
+    prompt set whose base logits are cached, default `desc`). A residual model at its encoder
+    (`fusion.at_its_encoder`: no trained step kept) is scored by the encoder alone: the LLM passes would add zero."""
+    if fusion.at_its_encoder(self.model):
+      return evaluate.Scores(feedback.like_probabilities(self.model, xs), np.asarray([x.label for x in xs]),
+                             np.arange(len(xs)))
+    desc = desc or "eval"
+    return self.scorer(self.model, self.eval_batches(xs, spec, batch_size, name or desc), desc=desc)
 
 
 def build(config: ConfigDict) -> Recipe:
@@ -230,15 +236,12 @@ def stages(r: Recipe, workdir: pathlib.Path, pool: Sequence[Interaction]) -> lis
 
 
 def score_split(r: Recipe, split: str, workdir: pathlib.Path | None = None) -> dict:
-  """AUC of the fused model on the prompts `split` scores (`configured.eval_positions`; a residual model at its encoder
-  by the encoder alone, `fusion.at_its_encoder`) and the like-ratio reference on them; with `workdir`, also WORKDIR/eval/<split>_predictions.jsonl."""
+  """AUC of the fused model on the prompts `split` scores (`configured.eval_positions`) and the like-ratio reference
+  on them; with `workdir`, also WORKDIR/eval/<split>_predictions.jsonl."""
   positions = configured.eval_positions(r.config, r.splits, split)
   xs = [getattr(r.splits, split)[i] for i in positions]
-  if fusion.at_its_encoder(r.model):  # a residual model that kept no trained step: the LLM passes would add zero
-    p_yes, label = feedback.like_probabilities(r.model, xs), np.asarray([x.label for x in xs])
-  else:
-    scores = r.score(xs, r.answer_spec, desc=split)
-    p_yes, label = scores.p_yes, scores.label
+  scores = r.score(xs, r.answer_spec, desc=split)
+  p_yes, label = scores.p_yes, scores.label
   if workdir is not None and jax.process_index() == 0:
     predictions.write(workdir, split, positions, label, p_yes)
   return {"auc": evaluate.auc(p_yes, label), "n": len(xs),
