@@ -54,6 +54,7 @@ from clclm_jax.model import generate as generate_lib
 from clclm_jax.model.llama import Frozen, Llama
 from clclm_jax.seqrec import baselines, metrics, retrieval
 from clclm_jax.train import checkpoint, runconfig, sharding, trainer
+from clclm_jax.train.evaluate import progress
 from clclm_jax.train.errors import ConfigError
 from clclm_jax.train.step import register_loss
 
@@ -188,7 +189,7 @@ def generate_items(model: Llama, tokenizer, data: nextitem.NextItemData, example
   stops = sorted({*generate_lib.newline_token_ids(tokenizer), *([] if eos is None else [eos])})
   stops = [i for i in stops if i < model.config.vocab_size]
   out = []
-  for c, start in enumerate(range(0, len(prompts), batch_size)):
+  for c, start in enumerate(progress(range(0, len(prompts), batch_size), "generating")):
     part = prompts[start:start + batch_size]
     g = generate_lib.generate(
         model, tokenizer, part + [part[-1]] * (batch_size - len(part)),

@@ -45,6 +45,7 @@ from clclm_jax.model import generate as generate_lib
 from clclm_jax.model.llama import KVCache, Llama
 from clclm_jax.seqrec import baselines, unified
 from clclm_jax.train import checkpoint, runconfig, sharding, trainer
+from clclm_jax.train.evaluate import progress
 from clclm_jax.train.errors import ConfigError
 from clclm_jax.train.step import register_loss
 
@@ -94,7 +95,7 @@ def candidate_scores(llm: Llama | unified.UnifiedRec, pt: PromptTokens, data: ne
   line's title followed by its soft token; `llm` a `unified.UnifiedRec`)."""
   graphdef, state = nnx.split(llm)
   out = []
-  for start in range(0, len(examples), batch_size):
+  for start in progress(range(0, len(examples), batch_size), "candidate likelihoods"):
     part = list(examples[start:start + batch_size])
     b = cand_data.score_batch(pt, data, part + [part[-1]] * (batch_size - len(part)), layout, soft)
     scores = _scores(graphdef, state, b["prompt"], b["prompt_mask"], b["answer"], b["answer_mask"],
@@ -175,7 +176,7 @@ def generate_answers(llm: Llama | unified.UnifiedRec, pt: PromptTokens, data: ne
   stops = sorted({*generate_lib.newline_token_ids(tok), *([] if eos is None else [eos])})
   stops = [i for i in stops if i < llm.config.vocab_size]
   out = []
-  for start in range(0, len(prompts), batch_size):
+  for start in progress(range(0, len(prompts), batch_size), "generating"):
     part = prompts[start:start + batch_size]
     model = llm
     if soft:

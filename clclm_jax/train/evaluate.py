@@ -155,6 +155,11 @@ def strip_prefix(batch: dict[str, np.ndarray], width: int) -> dict[str, np.ndarr
   return out
 
 
+def progress(items, desc: str):
+  """`items` with a progress bar (per batch, cleared when done) on the first process only."""
+  return tqdm.tqdm(items, desc=desc, unit="batch", leave=False, disable=jax.process_index() != 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Scores:
   p_yes: np.ndarray
@@ -194,7 +199,7 @@ def score(eval_step: EvalStep, params, frozen, batches: Iterable[dict[str, np.nd
     prefix_kv = eval_step.prefix(params, frozen, jnp.asarray(prefix))
     batches = [strip_prefix(b, prefix.size) for b in batches]
   out = []
-  for batch in tqdm.tqdm(batches, desc=desc, unit="batch", leave=False, disable=jax.process_index() != 0):
+  for batch in progress(batches, desc):
     out.append(jax.device_get(eval_step.batch(params, frozen, sharding.global_batch(batch, mesh), prefix_kv)))
   p, label, index = (np.concatenate(x) for x in zip(*out))
   real = index >= 0
