@@ -18,12 +18,13 @@ def data_root():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """One persistent XLA cache for the session: tests that train the same tiny model several times (resume,
-  kill and rerun) compile each program once."""
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+def compilation_cache():
+  """train.py's XLA cache ($CLCLM_CACHE/xla) for the tests too: most of the suite's time is XLA compiling the same
+  tiny programs, so both workers and the subprocesses (train.py, eval.py, tests/train_worker.py) share one cache and
+  a rerun loads what an earlier run compiled. Its key holds the program, the XLA flags and the devices: a hit is the
+  executable XLA would compile again. Programs compiled in under 1 s stay out."""
+  from clclm_jax.train import cli  # pylint: disable=g-import-not-at-top
+  cli.enable_compilation_cache(1.0)
   yield
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import grain
 import train_helpers
 from clclm_jax.data import pipeline
-from clclm_jax.train import evaluate, sharding, state as state_lib, step as step_lib
+from clclm_jax.train import cli, evaluate, sharding, state as state_lib, step as step_lib
 
 
 def trajectory(mesh_shape, devices=None, steps: int = 4, accum_steps: int = 1) -> list[float]:
@@ -91,6 +91,7 @@ def recipe_run(mesh_shape, workdir, **distributed) -> dict:
 
 
 def main(argv):
+  cli.enable_compilation_cache(1.0)  # train.py's cache, as the test process's (tests/conftest.py)
   if argv[1] == "meshes":
     out = {"1": trajectory((1, 1, 1), jax.devices()[:1])}
     for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
