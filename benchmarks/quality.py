@@ -51,7 +51,8 @@ NAMES = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "his
          "residual+soft_tokens": "ours, residual fusion + soft tokens"}
 VARIANT_PREFIXES = ("fused-", "fused+", "residual")  # the fused variants plotted beside the recipe
 ABLATION_MARKERS = "v^x*hPXpD<>dH8+12"  # one per fused variant, in NAMES order
-FUSED_DEFAULT = [ROOT / "benchmarks" / "results" / name / "results.json" for name in ("fused_quality", "residual_confirm")]
+FUSED_DEFAULT = [ROOT / "benchmarks" / "results" / name / "results.json"
+                 for name in ("fused_quality", "residual_confirm")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,7 +79,7 @@ def heuristic_row(domain: str, test_size: int, seed: int) -> dict[str, Any]:
           "auc": evaluate.like_ratio_auc(xs)}
 
 
-def fused_rows(fused: dict[str, Any], domains: list[str], source: str = "fused_quality") -> list[dict[str, Any]]:
+def fused_rows(fused: dict[str, Any], domains: list[str], source: str) -> list[dict[str, Any]]:
   """fused_quality rows in this table's form (AUC as a fraction), each with the command that measured it and its
   run (`source` run i: the i-th run of that results file)."""
   rows = []
@@ -195,8 +196,10 @@ ISSUE_ROWS = (  # (label, variant by domain): issue 5's table; the recipe is con
     ("CLCLMRec, the config's recipe (residual fusion)", common.RECIPES),
     ("soft-token fusion (configs/<domain>_soft_tokens.py)", common.SOFT_TOKEN_RECIPES),
     # Book's soft-token recipe has text_cl off: its rows below are measured with text_cl on.
-    ("recipe - seq_cl (book: + text_cl)", {"movie": "fused+align_cl-seq_cl", "book": "fused+hint_kd-seq_cl"}),
-    ("recipe, text_cl switched (movie: off, book: on)", {"movie": "fused+align_cl-text_cl", "book": "fused+hint_kd"}),
+    ("soft-token recipe - seq_cl (book: + text_cl)",
+     {"movie": "fused+align_cl-seq_cl", "book": "fused+hint_kd-seq_cl"}),
+    ("soft-token recipe, text_cl switched (movie: off, book: on)",
+     {"movie": "fused+align_cl-text_cl", "book": "fused+hint_kd"}),
     ("plain fused (no align_cl, no hint_kd)", dict.fromkeys(common.RECIPES, "fused")),
 )
 ISSUE_CAPTION = ("Issue 5's table, whole test sets only (the goals' protocol): mean ± std of seeds (number of "

@@ -363,7 +363,8 @@ def test_issue_table_takes_whole_test_rows_and_prefers_more_seeds():
   recipe = common.RECIPES["movie"]
   rows = [row(recipe, s, a) for s, a in enumerate((0.76, 0.77, 0.78))]
   rows += [row(recipe, s, 0.99, steps="32+32") for s in range(2)]  # fewer seeds: not shown
-  rows += [row(f"{common.SOFT_TOKEN_RECIPES['movie']}-seq_cl", s, 0.90, test_n=128) for s in range(3)]  # subset: not shown
+  soft = common.SOFT_TOKEN_RECIPES["movie"]
+  rows += [row(f"{soft}-seq_cl", s, 0.90, test_n=128) for s in range(3)]  # subset: not shown
   rows += [row("lora", 0, 0.50, steps="8+0"), row("zero_shot", None, 0.54, shots=0, steps="0+0")]
   rows += quality.published_rows()
   lines = quality.issue_table(rows).splitlines()
@@ -374,7 +375,7 @@ def test_issue_table_takes_whole_test_rows_and_prefers_more_seeds():
   assert "| +3.00 (met) | - |" in by_label["recipe vs goal"]
   assert "| 54.00 | 54.00 | 54.00 | - |" in by_label["zero-shot"]  # untrained: the same in every shots column
   assert "| 50.00 (1 seed, 8+0) | - |" in by_label["TALLRec-style LoRA, text only"]
-  assert set(by_label["recipe - seq_cl (book: + text_cl)"].split(" | ")[1:]) == {"-", "- |"}
+  assert set(by_label["soft-token recipe - seq_cl (book: + text_cl)"].split(" | ")[1:]) == {"-", "- |"}
 
 
 def test_versus_goal_says_when_the_gap_is_under_one_standard_error():

@@ -2,8 +2,8 @@
 LoRA), stage 2 (fused soft tokens, or residual fusion with no stage 1), then AUC.
 
 `train.py` and `eval.py` run `train` and `evaluate_split` for configs with a `fusion` block
-(configs/movie.py, book.py: residual; movie_soft_tokens.py, book_soft_tokens.py); `benchmarks/fused_quality.py` runs the same stages per few-shot
-cell and ablation.
+(configs/movie.py, book.py: residual; movie_soft_tokens.py, book_soft_tokens.py); `benchmarks/fused_quality.py`
+runs the same stages per few-shot cell and ablation.
 """
 
 import dataclasses
