@@ -14,7 +14,9 @@ is one of its history items, `fused+hint_kd`: stage 2 also distils the encoder's
 the `FUSED` table below says what each changes. Residual fusion (`FusionConfig.mode='residual'`: the encoder's
 like-logit + what LoRA changes in the LLM's Yes-minus-No logit) starts from the pretrained encoder with LoRA at
 zero (no stage 1) and trains LoRA by `residual_answer` (`residual`: text-only prompts, `residual+gate`: learned
-scalar weights on both parts, `residual+soft_tokens`: the prompt keeps the soft tokens and the projector trains);
+scalar weights on both parts, `residual+soft_tokens`: the prompt keeps the soft tokens and the projector trains,
+`residual+text_cl` / `residual+align_cl`: the soft-token recipe's InfoNCE over text views / LLM-encoder alignment
+kept beside the residual answer, the latter training `align_proj` too);
 as the recipe does, each residual cell is validated (the config's `data.valid_size` subset) before its first step
 and after its last (and every `train.eval_every` steps where > 0) and keeps the best, so it scores as its encoder
 unless training raised the validation AUC (the row's `best_step`, `valid_auc`; with `--split valid` the rows are
@@ -84,6 +86,9 @@ class Ablation:
 ALIGN_CL = {"align_cl": movie_soft_tokens.ALIGN_CL_WEIGHT}  # the movie recipe's alignment
 HINT_KD = {"hint_kd": book_soft_tokens.HINT_KD_WEIGHT}  # the book recipe's distillation
 RESIDUAL = {"mode": "residual"}
+# Plain fusion's stage-2 weights (fused_lm, seq_cl and text_cl on; align_cl and hint_kd off), shared by both
+# domains, so a variant's name means the same weights whatever the domain config turns on or off.
+PLAIN = dict(movie_soft_tokens.fused_overrides(base.get_config()).stage2.loss_weights)
 RESIDUAL_WEIGHTS = {"residual_answer": 1.0}  # residual fusion's only stage-2 loss (the encoder does not train)
 FUSED = {
     "fused": Ablation(),
@@ -104,10 +109,10 @@ FUSED = {
     "residual": Ablation(fusion=RESIDUAL, soft_tokens=False),
     "residual+gate": Ablation(fusion=RESIDUAL | {"residual_gate": True}, soft_tokens=False),
     "residual+soft_tokens": Ablation(fusion=RESIDUAL),
+    # the soft-token recipe's contrastive terms kept beside the residual answer (the encoder frozen, so no seq_cl)
+    "residual+text_cl": Ablation(fusion=RESIDUAL, soft_tokens=False, loss_weights={"text_cl": PLAIN["text_cl"]}),
+    "residual+align_cl": Ablation(fusion=RESIDUAL, soft_tokens=False, loss_weights=ALIGN_CL),
 }
-# Plain fusion's stage-2 weights (fused_lm, seq_cl and text_cl on; align_cl and hint_kd off), shared by both
-# domains, so a variant's name means the same weights whatever the domain config turns on or off.
-PLAIN = dict(movie_soft_tokens.fused_overrides(base.get_config()).stage2.loss_weights)
 
 
 def stage2_weights(variant: str) -> dict[str, float]:
@@ -251,7 +256,8 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         weights = stage2_weights(variant)
         extra = config.stage2.history_targets or ablation.history_targets
         spec = fused if ablation.soft_tokens else text
-        trains = fusion.residual_trains(ablation.soft_tokens) if ablation.residual else nnx.Param
+        trains = (fusion.residual_trains(ablation.soft_tokens, weights.get("align_cl", 0.0) > 0) if ablation.residual
+                  else nnx.Param)
         # residual: validated before the first step and after the last (`train.eval_every` steps too, where > 0),
         # keeping the best, so a cell whose training lowers the validation AUC scores its encoder (step 0)
         fit = train(spec, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed), trains,

@@ -128,10 +128,11 @@ def lora_off(llm: Llama) -> Llama:
   return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, lora), rest)
 
 
-def residual_trains(soft_tokens: bool):
-  """The nnx filter of what a residual fused stage trains: LoRA and the gates, and the projector when the prompt
-  holds soft tokens. The encoder and its feedback head stay as pretrained: they are the model's starting point."""
-  parts = ("residual_gates", "projector") if soft_tokens else ("residual_gates",)
+def residual_trains(soft_tokens: bool, align: bool = False):
+  """The nnx filter of what a residual fused stage trains: LoRA and the gates, the projector when the prompt holds
+  soft tokens, and `align_proj` when the stage trains `align_cl` (else the LLM would be aligned through a fixed
+  random map). The encoder and its feedback head stay as pretrained: they are the model's starting point."""
+  parts = ("residual_gates",) + ("projector",) * soft_tokens + ("align_proj",) * align
   return lambda path, value: isinstance(value, nnx.LoRAParam) or (isinstance(value, nnx.Param) and path[0] in parts)
 
 
