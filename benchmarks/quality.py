@@ -48,9 +48,11 @@ NAMES = {"tallrec_published": "TALLRec, published (LLaMA-7B)", "heuristic": "his
          "fused+hint_kd-text_cl": "ours, fused + hint_kd - text_cl",
          "residual": "ours, residual fusion (encoder logit + LoRA's change)",
          "residual+gate": "ours, residual fusion + learned gates",
-         "residual+soft_tokens": "ours, residual fusion + soft tokens"}
+         "residual+soft_tokens": "ours, residual fusion + soft tokens",
+         "residual+text_cl": "ours, residual fusion + text-view InfoNCE",
+         "residual+align_cl": "ours, residual fusion + LLM-encoder alignment"}
 VARIANT_PREFIXES = ("fused-", "fused+", "residual")  # the fused variants plotted beside the recipe
-ABLATION_MARKERS = "v^x*hPXpD<>dH8+12"  # one per fused variant, in NAMES order
+ABLATION_MARKERS = "v^x*hPXpD<>dH8+1234"  # one per fused variant, in NAMES order
 FUSED_DEFAULT = [ROOT / "benchmarks" / "results" / name / "results.json"
                  for name in ("fused_quality", "residual_confirm")]
 
