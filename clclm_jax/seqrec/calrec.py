@@ -126,7 +126,7 @@ def _encode(llm: Llama, tower: str, rows: Sequence[Any], make_batch: Callable[[l
   """Vectors [len(rows), d], `batch_size` rows a call (the last call filled with its last row: one shape)."""
   graphdef, state = nnx.split(llm)
   out = []
-  for start in range(0, len(rows), batch_size):
+  for start in progress(range(0, len(rows), batch_size), f"{tower} vectors"):  # minutes for a catalogue on CPU
     part = list(rows[start:start + batch_size])
     batch = make_batch(part + [part[-1]] * (batch_size - len(part)))
     out.append(np.asarray(_tower(graphdef, state, batch, tower=tower))[:len(part)])
