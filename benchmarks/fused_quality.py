@@ -256,8 +256,7 @@ def run_domain(domain: str, args, log, previous: list[dict], run: int, meta: dic
         weights = stage2_weights(variant)
         extra = config.stage2.history_targets or ablation.history_targets
         spec = fused if ablation.soft_tokens else text
-        trains = (fusion.residual_trains(ablation.soft_tokens, weights.get("align_cl", 0.0) > 0) if ablation.residual
-                  else nnx.Param)
+        trains = fusion.residual_trains(ablation.soft_tokens, weights) if ablation.residual else nnx.Param
         # residual: validated before the first step and after the last (`train.eval_every` steps too, where > 0),
         # keeping the best, so a cell whose training lowers the validation AUC scores its encoder (step 0)
         fit = train(spec, s2, weights, seed, train_set + fewshot.history_targets(train_set, extra, seed), trains,

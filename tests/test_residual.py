@@ -111,15 +111,15 @@ def test_the_residual_stage_trains_only_lora_gates_and_the_projector_with_soft_t
   """... and the alignment head when the stage trains `align_cl` (otherwise a fixed random map)."""
   model = _model(gate)
   _set_lora_b(model, 0.01)
-  trains = fusion.residual_trains(k > 0, align)
+  weights = {"residual_answer": 1.0} | ({"align_cl": 0.5} if align else {})
+  trains = fusion.residual_trains(k > 0, weights)
   _, params, _ = nnx.split(model, trains, ...)
   assert _parts(params) == want
   before = jax.tree.map(np.array, nnx.state(model, nnx.Param))
   xs, cat = tf._data(8)  # pylint: disable=protected-access
   stage = trainer.Stage("fused", tmp_path, lambda: fused.train_batches(xs, cat, tf.CharTokenizer(), tf._spec(k),  # pylint: disable=protected-access
                                                                        batch_size=4, seed=0),
-                        {"residual_answer": 1.0} | ({"align_cl": 0.5} if align else {}), 2, tf.OPTIM, 4, 4,
-                        trains=trains)
+                        weights, 2, tf.OPTIM, 4, 4, trains=trains)
   trainer.place(model, sharding.make_mesh((-1, 1, 1)))
   trainer.run_stage(stage, model, sharding.make_mesh((-1, 1, 1)))
   after = nnx.state(model, nnx.Param)

@@ -12,7 +12,7 @@ LoRA only has to learn what the encoder does not know.
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -128,10 +128,11 @@ def lora_off(llm: Llama) -> Llama:
   return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, lora), rest)
 
 
-def residual_trains(soft_tokens: bool, align: bool = False):
+def residual_trains(soft_tokens: bool, loss_weights: Mapping[str, float] | None = None):
   """The nnx filter of what a residual fused stage trains: LoRA and the gates, the projector when the prompt holds
-  soft tokens, and `align_proj` when the stage trains `align_cl` (else the LLM would be aligned through a fixed
-  random map). The encoder and its feedback head stay as pretrained: they are the model's starting point."""
+  soft tokens, and `align_proj` when the stage's `loss_weights` train `align_cl` (else the LLM would be aligned
+  through a fixed random map). The encoder and its feedback head stay as pretrained: the model's starting point."""
+  align = (loss_weights or {}).get("align_cl", 0.0) > 0
   parts = ("residual_gates",) + ("projector",) * soft_tokens + ("align_proj",) * align
   return lambda path, value: isinstance(value, nnx.LoRAParam) or (isinstance(value, nnx.Param) and path[0] in parts)
 

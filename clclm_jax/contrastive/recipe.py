@@ -55,8 +55,8 @@ class Recipe:
   def stage2_trains(self):
     """What stage 2 trains: every parameter, or for residual fusion `fusion.residual_trains`."""
     f = self.config.fusion
-    align = self.config.stage2.loss_weights.get("align_cl", 0.0) > 0
-    return fusion.residual_trains(f.residual_soft_tokens, align) if f.mode == "residual" else nnx.Param
+    weights = self.config.stage2.loss_weights
+    return fusion.residual_trains(f.residual_soft_tokens, weights) if f.mode == "residual" else nnx.Param
 
   @property
   def yes_no(self) -> tuple[int, int]:
