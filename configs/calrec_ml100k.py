@@ -28,6 +28,10 @@ def calrec_overrides(c: ConfigDict) -> ConfigDict:
     c.calrec = ConfigDict(dict(
         finetune="lora",  # or "full": every float weight (set model.quantize='' and model.dtype='float32')
         temperature=0.1,  # of the cosine InfoNCE terms
+        # False: each InfoNCE anchor's negatives are the other tower's vectors only. SmolLM2's mean-pooled prompts
+        # share their template (cosine ~0.98 between users, ~0.93 user to target), so same-tower negatives outrank
+        # every positive and hold the loss at chance.
+        same_tower_negatives=True,
         # CALRec's total (1 - a - b) L_NIG + a L_TT + b L_UT; the paper's a, b are unverified. 0 switches a term off
         # (the ablations without L_TT or L_UT); both InfoNCE terms at 0 also skip the item-tower pass.
         loss_weights=ConfigDict({"calrec_nig": 0.8, "calrec_tt": 0.1, "calrec_ut": 0.1}),

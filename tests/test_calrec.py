@@ -62,13 +62,15 @@ def masked_mean(h_btd, mask_bt):
   return (np.asarray(h_btd, np.float64) * m).sum(1) / np.maximum(m.sum(1), 1)
 
 
-def nt_xent(a_nd, b_nd, tau, valid_n):
-  """numpy NT-Xent with cosine similarity over the valid pairs."""
+def nt_xent(a_nd, b_nd, tau, valid_n, same_tower=True):
+  """numpy NT-Xent with cosine similarity over the valid pairs (without same-tower negatives: CLIP's loss)."""
   z = np.concatenate([a_nd[valid_n], b_nd[valid_n]])
   z = z / np.linalg.norm(z, axis=1, keepdims=True)
   s = z @ z.T / tau
-  np.fill_diagonal(s, -np.inf)
   n = int(valid_n.sum())
+  if not same_tower:
+    s[:n, :n], s[n:, n:] = -np.inf, -np.inf
+  np.fill_diagonal(s, -np.inf)
   pos = np.r_[np.arange(n, 2 * n), np.arange(n)]
   lse = np.log(np.exp(s - s.max(1, keepdims=True)).sum(1)) + s.max(1)
   return float(np.mean(lse - s[np.arange(2 * n), pos]))
@@ -142,6 +144,11 @@ def test_infonce_terms_equal_numpy_and_ignore_batch_order(toy):
   for name in terms:
     np.testing.assert_allclose(float(permuted[name]), float(terms[name]), rtol=1e-5)
   assert set(loss_terms(model, batch, (calrec.NIG,))) == {calrec.NIG}  # no InfoNCE asked: no item-tower pass
+  clip = loss_terms(calrec.CALRec(llm, calrec.LossSettings(0.2, same_tower=False)), batch, (calrec.TT, calrec.UT))
+  np.testing.assert_allclose(float(clip[calrec.TT]), nt_xent(masked_mean(h, batch["target_mask"]), v_t, 0.2, valid,
+                                                             same_tower=False), rtol=1e-5)
+  np.testing.assert_allclose(float(clip[calrec.UT]), nt_xent(masked_mean(h, batch["history_mask"]), v_t, 0.2, valid,
+                                                             same_tower=False), rtol=1e-5)
 
 
 def test_generation_loss_covers_only_target_tokens(toy):

@@ -1,5 +1,6 @@
 """Sequence encoder, losses, ranking metrics and the pretraining step on tiny synthetic data."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -78,14 +79,14 @@ def test_pool_last_and_mean():
   np.testing.assert_allclose(pool(h, mask, "mean"), [[1, 2], [9, 10]])
 
 
-def _nt_xent_numpy(z1, z2, tau, cosine):
+def _nt_xent_numpy(z1, z2, tau, cosine, same_side=True):
   z = np.concatenate([z1, z2]).astype(np.float64)
   if cosine:
     z = z / np.linalg.norm(z, axis=1, keepdims=True)
   n = len(z1)
   total = 0.0
   for i in range(2 * n):
-    sims = np.asarray([z[i] @ z[j] / tau for j in range(2 * n) if j != i])
+    sims = np.asarray([z[i] @ z[j] / tau for j in range(2 * n) if j != i and (same_side or (j < n) != (i < n))])
     pos = z[i] @ z[(i + n) % (2 * n)] / tau
     total += np.log(np.exp(sims).sum()) - pos
   return total / (2 * n)
@@ -106,6 +107,10 @@ def test_info_nce_matches_numpy_and_ignores_batch_order(similarity, tau):
                    argnums=(0, 1))(jnp.asarray(z1), jnp.asarray(z2))
   for g in grads:  # finite, and nothing flows into the invalid pairs
     assert np.isfinite(g).all() and not np.asarray(g)[~valid].any() and np.asarray(g)[valid].any()
+  cross = functools.partial(losses.info_nce, temperature=tau, similarity=similarity, same_side=False)
+  np.testing.assert_allclose(cross(z1, z2), _nt_xent_numpy(z1, z2, tau, similarity == "cosine", False), rtol=1e-5)
+  np.testing.assert_allclose(cross(z1, z2, valid_n=valid),
+                             _nt_xent_numpy(z1[valid], z2[valid], tau, similarity == "cosine", False), rtol=1e-5)
 
 
 def test_sample_positions_draws_real_positions_of_both_passes():

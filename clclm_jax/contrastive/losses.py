@@ -30,8 +30,12 @@ from clclm_jax.train.step import register_loss
 
 
 def info_nce(z1_nd: jax.Array, z2_nd: jax.Array, *, temperature: float = 1.0,
-             similarity: str = "dot", valid_n: jax.Array | None = None) -> jax.Array:
+             similarity: str = "dot", valid_n: jax.Array | None = None, same_side: bool = True) -> jax.Array:
   """NT-Xent over 2N views: each view's positive is its pair, the other 2N - 2 are negatives.
+
+  `same_side=False` keeps only the other side's views as negatives (CLIP's symmetric loss: N - 1 negatives per
+  anchor, chance ln N): for two towers whose own outputs are far more alike than they are like the other tower's
+  (an LLM's mean-pooled prompts share their template), same-side negatives outscore every positive at the start.
 
   Pairs with `valid_n` False take no part: neither anchors nor negatives (the mean is over valid ones; 0 when
   none is). Their values are replaced before use (ones as vectors: a zero vector's norm has a NaN gradient;
@@ -46,7 +50,9 @@ def info_nce(z1_nd: jax.Array, z2_nd: jax.Array, *, temperature: float = 1.0,
   if similarity == "cosine":
     z_md = z_md / jnp.maximum(jnp.linalg.norm(z_md, axis=-1, keepdims=True), 1e-8)
   logits_mm = z_md @ z_md.T / temperature
-  logits_mm = jnp.where(jnp.eye(2 * n, dtype=bool) | ~valid_m[None, :], -jnp.inf, logits_mm)
+  side_m = jnp.arange(2 * n) < n
+  masked_mm = jnp.eye(2 * n, dtype=bool) if same_side else side_m[:, None] == side_m[None, :]
+  logits_mm = jnp.where(masked_mm | ~valid_m[None, :], -jnp.inf, logits_mm)
   logits_mm = jnp.where(valid_m[:, None], logits_mm, 0.0)
   positive_m = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
   log_probs_mm = jax.nn.log_softmax(logits_mm, axis=-1)

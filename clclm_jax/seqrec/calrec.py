@@ -12,8 +12,9 @@ both InfoNCE weights are 0):
                 (accumulated micro-batches weigh by their target tokens);
   `calrec_tt`   InfoNCE between v_T|U and v_T;  `calrec_ut`  InfoNCE between v_U and v_T.
 InfoNCE is `contrastive.losses.info_nce` with cosine similarity and `calrec.temperature`: NT-Xent over the 2B
-vectors of a (micro-)batch, each pair's positive its partner and every other vector of either tower a negative.
-The paper's exact form (one direction or both, same-tower negatives) is not in the sources we have. Rows whose
+vectors of a (micro-)batch, each pair's positive its partner and every other vector of either tower a negative, or
+with `calrec.same_tower_negatives=False` only the other tower's (CLIP's symmetric loss). The paper's exact form
+(one direction or both, same-tower negatives) is not in the sources we have. Rows whose
 target repeats an earlier row's in the batch are left out of both InfoNCE terms (they would be false negatives).
 
 Stages (`stages`): "mixture" (every `data.mixture` dataset, single-domain batches interleaved, seeded) in
@@ -70,6 +71,7 @@ class LossSettings:
   """What the losses read beside the batch (static: part of the compiled step)."""
 
   temperature: float = 0.1
+  same_tower: bool = True  # negatives from both towers (NT-Xent) or from the other tower only (CLIP)
 
 
 class CALRec(nnx.Module):
@@ -105,7 +107,8 @@ def calrec_losses(model: CALRec, batch: Mapping[str, jax.Array], key: jax.Array 
   if TT in names or UT in names:
     v_t = item_vectors(llm, batch, item_key)
     valid_b = batch["contrastive_valid"] > 0
-    nce = functools.partial(losses.info_nce, temperature=tau, similarity="cosine", valid_n=valid_b)
+    nce = functools.partial(losses.info_nce, temperature=tau, similarity="cosine", valid_n=valid_b,
+                            same_side=model.settings.same_tower)
     if TT in names:
       terms[TT] = nce(losses.masked_mean(h_btd, batch["target_mask"]), v_t)
     if UT in names:
@@ -349,7 +352,8 @@ def build(config: ConfigDict, datasets: dict[str, nextitem.NextItemData] | None 
       raise ConfigError(f"config.data.max_prompt_tokens={layout.max_prompt_tokens} leaves no room for a history "
                         f"item in {name}'s prompts ({it.fixed_prompt_tokens} tokens of fixed text)")
   prompts, aux_layout = aux_prompts(config, datasets, tokenizer)
-  model = CALRec(llm, LossSettings(config.calrec.temperature))
+  model = CALRec(llm, LossSettings(config.calrec.temperature,
+                                       config.calrec.get("same_tower_negatives", True)))  # runs saved before it
   return Run(config, model, tokenizer, layout, datasets, tokens, sharding.make_mesh(config.mesh), prompts,
              aux_layout)
 
