@@ -1,7 +1,8 @@
 """How far apart CALRec's two towers are, before or after training: on seeded batches of the target domain's
 training examples, the mean cosine between pooled vectors (a row's own pair on the diagonal, other rows off it)
-for v_U-v_U, v_T-v_T, v_U-v_T and v_T|U-v_T, and both InfoNCE terms at the config's temperature with negatives
-from both towers (NT-Xent) and from the other tower only (CLIP), each against its chance value.
+for v_U-v_U, v_T-v_T, v_U-v_T and v_T|U-v_T (v_U as the prompt's mean, "U"; as the state at the cue after it,
+"U_cue", `calrec.user_pooling="cue"`; and as the prompt's last state, "U_last"), and the InfoNCE terms at the config's temperature with negatives from both towers (NT-Xent) and from the other
+tower only (CLIP), each against its chance value.
 
   python benchmarks/calrec_towers.py                                           # the untrained SmolLM2
   python benchmarks/calrec_towers.py --workdir runs/calrec_ml100k --set calrec.same_tower_negatives=False
@@ -33,7 +34,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-PAIRS = (("U-U", "u", "u"), ("T-T", "t", "t"), ("U-T", "u", "t"), ("T|U-T", "tu", "t"))
+PAIRS = (("U-U", "u", "u"), ("U_cue-U_cue", "uc", "uc"), ("U_last-U_last", "ul", "ul"), ("T-T", "t", "t"),
+         ("U-T", "u", "t"), ("U_cue-T", "uc", "t"), ("U_last-T", "ul", "t"), ("T|U-T", "tu", "t"))
+TERMS = (("calrec_ut (mean)", "u"), ("calrec_ut (cue)", "uc"), ("calrec_ut (last)", "ul"), ("calrec_tt", "tu"))
 
 
 def tower_vectors(r: calrec.Run, batches: int, batch_size: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -45,7 +48,9 @@ def tower_vectors(r: calrec.Run, batches: int, batch_size: int, seed: int) -> li
     rows = [xs[i] for i in rng.choice(len(xs), batch_size, replace=False)]
     b = {k: jnp.asarray(v) for k, v in nextitem_tokens.train_batch(r.tokens[name], rows, r.layout).items()}
     h = llm.hidden_states(b["tokens"], None, b["attention_mask"])
-    out.append({"u": losses.masked_mean(h, b["history_mask"]), "tu": losses.masked_mean(h, b["target_mask"]),
+    last = jnp.zeros_like(b["history_mask"]).at[jnp.arange(len(rows)), b["history_mask"].cumsum(1).argmax(1)].set(1)
+    out.append({"u": calrec.user_pool(h, b, "mean"), "uc": calrec.user_pool(h, b, "cue"),
+                "ul": losses.masked_mean(h, last), "tu": losses.masked_mean(h, b["target_mask"]),
                 "t": calrec.item_vectors(llm, b)})
   return [{k: np.asarray(v, np.float64) for k, v in x.items()} for x in out]
 
@@ -68,7 +73,7 @@ def measure(vectors: list[dict[str, np.ndarray]], temperature: float) -> dict:
     key = "both towers" if same else "other tower"
     terms = {t: float(np.mean([losses.info_nce(jnp.asarray(v[a]), jnp.asarray(v["t"]), temperature=temperature,
                                                similarity="cosine", same_side=same) for v in vectors]))
-             for t, a in (("calrec_ut", "u"), ("calrec_tt", "tu"))}
+             for t, a in TERMS}
     out["infonce"][key] = terms | {"chance": float(np.log(2 * n - 1 if same else n))}
   return out
 
@@ -80,9 +85,9 @@ def markdown(result: dict) -> str:
            "", common.markdown_table(["vectors", "cosine with own pair", "cosine with other rows"],
                                      [[k, f"{v['own']:.3f}", f"{v['others']:.3f}"] for k, v in m["cosine"].items()]),
            "", common.markdown_table(
-               ["InfoNCE negatives", "calrec_ut", "calrec_tt", "chance"],
-               [[k, f"{v['calrec_ut']:.3f}", f"{v['calrec_tt']:.3f}", f"{v['chance']:.3f}"]
-                for k, v in m["infonce"].items()]) + f"  (temperature {result['temperature']:g})"]
+               ["InfoNCE negatives", *(t for t, _ in TERMS), "chance"],
+               [[k, *(f"{v[t]:.3f}" for t, _ in TERMS), f"{v['chance']:.3f}"] for k, v in m["infonce"].items()])
+           + f"  (temperature {result['temperature']:g})"]
   return "\n".join(lines)
 
 

@@ -32,6 +32,9 @@ def calrec_overrides(c: ConfigDict) -> ConfigDict:
         # share their template (cosine ~0.98 between users, ~0.93 user to target), so same-tower negatives outrank
         # every positive and hold the loss at chance.
         same_tower_negatives=True,
+        # v_U: "mean" of the prompt's states (shared template and all), or "cue": the state after the prompt and
+        # the `Title:` every item line opens with, which next-item generation trains to predict the target's title.
+        user_pooling="mean",
         # CALRec's total (1 - a - b) L_NIG + a L_TT + b L_UT; the paper's a, b are unverified. 0 switches a term off
         # (the ablations without L_TT or L_UT); both InfoNCE terms at 0 also skip the item-tower pass.
         loss_weights=ConfigDict({"calrec_nig": 0.8, "calrec_tt": 0.1, "calrec_ut": 0.1}),

@@ -86,6 +86,9 @@ def test_spans_decode_to_the_rendered_text(toy):
     assert batch["tokens"][r, 0] == tok.bos_token_id and batch["history_mask"][r, 0] == 0
     assert dec(r, batch["target_mask"]) == target
     assert dec(r, batch["loss_mask"]) == target + "\n"  # the newline that teaches to stop
+    cue_at = np.flatnonzero(batch["cue_mask"][r])  # one position: the last token of the lines' shared opening
+    start = np.flatnonzero(batch["target_mask"][r])[0]
+    assert len(cue_at) == 1 and tok.decode(batch["tokens"][r, start:cue_at[0] + 1]) == tok.decode(it.cue)
     idx = batch["target_index"][r][batch["target_index"][r] > 0]
     np.testing.assert_array_equal(idx, np.flatnonzero(batch["loss_mask"][r]))
     item_row = batch["item_tokens"][r]
@@ -93,6 +96,7 @@ def test_spans_decode_to_the_rendered_text(toy):
     assert tok.decode(item_row[batch["item_attention"][r] > 0]) == "<s>" + target
   assert batch["tokens"].shape[1] % LAYOUT.pad_multiple == 0
   assert batch["contrastive_valid"].tolist() == [1, 1, 1, 1, 1]
+  assert tok.decode(it.cue).startswith("Title:")  # every line opens with it; titles differ from the next token on
 
 
 def test_prompt_keeps_the_most_recent_items_that_fit(toy):
@@ -119,6 +123,11 @@ def test_span_pooling_equals_hand_computation_and_the_inference_user_tower(toy):
   v_u_joint = losses.masked_mean(hidden(llm, batch["tokens"], batch["attention_mask"]), batch["history_mask"])
   v_u = calrec.encode_users(llm, it, [ex.history for ex in examples], LAYOUT, batch_size=4)  # prompts alone
   np.testing.assert_allclose(v_u, v_u_joint, rtol=2e-4, atol=2e-5)
+  cue = np.asarray([np.flatnonzero(m).max() + len(it.cue) for m in batch["history_mask"]])  # after `Title:`
+  h_joint = np.asarray(hidden(llm, batch["tokens"], batch["attention_mask"]))
+  np.testing.assert_allclose(calrec.user_pool(h_joint, batch, "cue"), h_joint[np.arange(len(cue)), cue], rtol=1e-6)
+  v_cue = calrec.encode_users(llm, it, [ex.history for ex in examples], LAYOUT, batch_size=4, pooling="cue")
+  np.testing.assert_allclose(v_cue, h_joint[np.arange(len(cue)), cue], rtol=2e-4, atol=2e-5)  # prompt + cue alone
   v_t = calrec.encode_items(llm, it, [ex.target for ex in examples], batch_size=4)
   v_t_batch = losses.masked_mean(hidden(llm, batch["item_tokens"], batch["item_attention"]), batch["item_mask"])
   np.testing.assert_allclose(v_t, v_t_batch, rtol=2e-4, atol=2e-5)
@@ -149,6 +158,10 @@ def test_infonce_terms_equal_numpy_and_ignore_batch_order(toy):
                                                              same_tower=False), rtol=1e-5)
   np.testing.assert_allclose(float(clip[calrec.UT]), nt_xent(masked_mean(h, batch["history_mask"]), v_t, 0.2, valid,
                                                              same_tower=False), rtol=1e-5)
+  cue = loss_terms(calrec.CALRec(llm, calrec.LossSettings(0.2, user_pooling="cue")), batch, (calrec.UT,))
+  at_cue = np.asarray([np.flatnonzero(m).max() + len(it.cue) for m in batch["history_mask"]])
+  np.testing.assert_allclose(float(cue[calrec.UT]), nt_xent(h[np.arange(len(h)), at_cue], v_t, 0.2, valid),
+                             rtol=1e-5)
 
 
 def test_generation_loss_covers_only_target_tokens(toy):
@@ -272,6 +285,10 @@ def test_config_errors_are_one_line(tmp_path):
   c = tiny_calrec.get_config()
   c.calrec.finetune = "full"
   with pytest.raises(ConfigError, match="set model.quantize='' and model.dtype='float32'"):
+    calrec.train(c, tmp_path / "run")
+  c = tiny_calrec.get_config()
+  c.calrec.user_pooling = "max"
+  with pytest.raises(ConfigError, match=r"config.calrec.user_pooling='max': use one of \('mean', 'cue'\)"):
     calrec.train(c, tmp_path / "run")
   assert not (tmp_path / "run").exists()
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -14,11 +14,14 @@ Spans of a joint row (right-padded, the tokenizer's leading special tokens first
   `target_mask`   the target item's line (v_T|U);
   `loss_mask`     the target's line and the newline that ends it (next-item generation: the model learns to
                   stop, which `generate(..., stop_at_newline=True)` relies on); `target_index` lists the same
-                  positions, padded with 0, at a fixed width so the LM head runs on those rows only.
+                  positions, padded with 0, at a fixed width so the LM head runs on those rows only;
+  `cue_mask`      one position: the last token of the cue every item line opens with (`ItemTokens.cue`,
+                  `Title:`), whose state predicts the target's first own word (v_U with `user_pooling="cue"`).
 The item tower reads `item_tokens` (special tokens + the target's line) and pools `item_mask` (the line).
 """
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,6 +56,15 @@ class ItemTokens:
   def fixed_prompt_tokens(self) -> int:
     """Prompt tokens that are there whatever the history."""
     return len(self.specials) + len(self.header) + len(self.next_line)
+
+  @functools.cached_property
+  def cue(self) -> np.ndarray:
+    """The tokens every item line opens with (`Title:`), at most all but one of the shortest line's: after a
+    prompt, the state at the cue's last token is the one that predicts a target's first own word."""
+    first, n = self.lines[0], min(len(x) for x in self.lines) - 1
+    for x in self.lines:
+      n = next((i for i in range(n) if x[i] != first[i]), n)
+    return first[:max(n, 0)]
 
   @property
   def target_width(self) -> int:
@@ -108,14 +120,19 @@ def _pad_rows(rows: Sequence[np.ndarray], width: int) -> np.ndarray:
 
 
 def prompt_batch(it: ItemTokens, histories: Sequence[Sequence[int]], layout: Layout) -> dict[str, np.ndarray]:
-  """Right-padded prompts for the user tower: `tokens`, `attention_mask`, `history_mask` [b, t]."""
+  """Right-padded prompts for the user tower, each followed by the item lines' `cue`: `tokens`,
+  `attention_mask`, `history_mask` (the prompt after the special tokens) and `cue_mask` (the cue's last token,
+  or the prompt's when there is no cue) [b, t]."""
   prompts = [prompt_ids(it, h, layout) for h in histories]
-  width = round_up(max(len(p) for p in prompts), layout.pad_multiple)
-  s = len(it.specials)
-  attention = _pad_rows([np.ones(len(p), np.int32) for p in prompts], width)
-  history = attention.copy()
-  history[:, :s] = 0
-  return {"tokens": _pad_rows(prompts, width), "attention_mask": attention, "history_mask": history}
+  width = round_up(max(len(p) for p in prompts) + len(it.cue), layout.pad_multiple)
+  b, s = len(prompts), len(it.specials)
+  history, cue = np.zeros((b, width), np.int32), np.zeros((b, width), np.int32)
+  for r, p in enumerate(prompts):
+    history[r, s:len(p)] = 1
+    cue[r, len(p) + len(it.cue) - 1] = 1
+  rows = [np.r_[p, it.cue] for p in prompts]
+  return {"tokens": _pad_rows(rows, width), "attention_mask": _pad_rows([np.ones(len(x), np.int32) for x in rows],
+          width), "history_mask": history, "cue_mask": cue}
 
 
 def item_width(it: ItemTokens) -> int:
@@ -152,12 +169,14 @@ def train_batch(it: ItemTokens, examples: Sequence[nextitem.Example], layout: La
   rows = [np.r_[p, t, it.newline] for p, t in zip(prompts, targets)]
   width = round_up(max(len(r) for r in rows), layout.pad_multiple)
   b, s = len(examples), len(it.specials)
-  masks = {k: np.zeros((b, width), np.int32) for k in ("attention_mask", "history_mask", "target_mask", "loss_mask")}
+  masks = {k: np.zeros((b, width), np.int32)
+           for k in ("attention_mask", "history_mask", "target_mask", "loss_mask", "cue_mask")}
   target_index = np.zeros((b, it.target_width), np.int32)
   for r, (p, t, row) in enumerate(zip(prompts, targets, rows)):
     masks["attention_mask"][r, :len(row)] = 1
     masks["history_mask"][r, s:len(p)] = 1
     masks["target_mask"][r, len(p):len(p) + len(t)] = 1
+    masks["cue_mask"][r, len(p) + len(it.cue) - 1] = 1  # the target line opens with the cue
     masks["loss_mask"][r, len(p):len(row)] = 1
     target_index[r, :len(row) - len(p)] = np.arange(len(p), len(row))
   ids = [ex.target for ex in examples]

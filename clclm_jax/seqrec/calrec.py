@@ -1,11 +1,12 @@
 """CALRec (Li et al. 2024, arXiv 2405.02429) through the one trainer: a generative LLM fine-tuned in two-tower
 fashion on next-item text, first on a mixture of domains, then on the target domain.
 
-Two towers, one LLM (`CALRec.llm`), both mean-pooling final-normed last-layer states:
-  item tower   the LLM over an item's line alone -> v_T;
+Two towers, one LLM (`CALRec.llm`), both pooling final-normed last-layer states:
+  item tower   the LLM over an item's line alone -> v_T, their mean;
   joint pass   the LLM over `[history prompt ; target line]` (`data/nextitem_tokens.py`) -> v_U, the mean over
-               the prompt, and v_T|U, the mean over the target's line (causal attention: the prompt's states are
-               those of the prompt alone, so v_U needs no target at inference).
+               the prompt (with `calrec.user_pooling="cue"`: the one state after it and the `Title:` that opens
+               every item line), and v_T|U, the mean over the target's line (causal attention: the prompt's
+               states are those of the prompt alone, so v_U needs no target at inference).
 Losses, registered for `train.step` (a weight of 0 switches one off and skips its work: no item-tower pass when
 both InfoNCE weights are 0):
   `calrec_nig`  next-item generation: CE on the target line's tokens and its closing newline only, per token
@@ -72,6 +73,7 @@ class LossSettings:
 
   temperature: float = 0.1
   same_tower: bool = True  # negatives from both towers (NT-Xent) or from the other tower only (CLIP)
+  user_pooling: str = "mean"  # v_U: "mean" over the prompt, or "cue": one state after it (`user_pool`)
 
 
 class CALRec(nnx.Module):
@@ -82,10 +84,24 @@ class CALRec(nnx.Module):
     self.settings = settings
 
 
-def user_vectors(llm: Llama, batch: Mapping[str, jax.Array], key: jax.Array | None = None) -> jax.Array:
-  """v_U of prompt rows (`tokens`, `attention_mask`, `history_mask`)."""
+USER_POOLING = ("mean", "cue")
+
+
+def user_pool(h_btd: jax.Array, batch: Mapping[str, jax.Array], pooling: str = "mean") -> jax.Array:
+  """v_U [b, d] float32 from the states of prompt rows: their mean over the prompt (`history_mask`), or ("cue")
+  the state at `cue_mask`, after the prompt and the `Title:` every item line opens with: the state that next-item
+  generation trains to predict the target's first word. (The mean is dominated by the template every prompt
+  shares; the prompt's own last state predicts `Title`, the same for every user.)"""
+  if pooling not in USER_POOLING:
+    raise ValueError(f"user pooling {pooling!r}: use one of {USER_POOLING}")
+  return losses.masked_mean(h_btd, batch["history_mask" if pooling == "mean" else "cue_mask"])
+
+
+def user_vectors(llm: Llama, batch: Mapping[str, jax.Array], key: jax.Array | None = None,
+                 pooling: str = "mean") -> jax.Array:
+  """v_U of prompt rows (`tokens`, `attention_mask`, `history_mask`, `cue_mask`)."""
   h_btd = llm.hidden_states(batch["tokens"], None, batch["attention_mask"], dropout_key=key)
-  return losses.masked_mean(h_btd, batch["history_mask"])
+  return user_pool(h_btd, batch, pooling)
 
 
 def item_vectors(llm: Llama, batch: Mapping[str, jax.Array], key: jax.Array | None = None) -> jax.Array:
@@ -112,27 +128,27 @@ def calrec_losses(model: CALRec, batch: Mapping[str, jax.Array], key: jax.Array 
     if TT in names:
       terms[TT] = nce(losses.masked_mean(h_btd, batch["target_mask"]), v_t)
     if UT in names:
-      terms[UT] = nce(losses.masked_mean(h_btd, batch["history_mask"]), v_t)
+      terms[UT] = nce(user_pool(h_btd, batch, model.settings.user_pooling), v_t)
   return terms
 
 
 # --- Encoding and ranking --------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tower"))
-def _tower(graphdef, state, batch, *, tower: str) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("graphdef", "tower", "pooling"))
+def _tower(graphdef, state, batch, *, tower: str, pooling: str) -> jax.Array:
   llm = nnx.merge(graphdef, state)
-  return (user_vectors if tower == "user" else item_vectors)(llm, batch)
+  return user_vectors(llm, batch, pooling=pooling) if tower == "user" else item_vectors(llm, batch)
 
 
 def _encode(llm: Llama, tower: str, rows: Sequence[Any], make_batch: Callable[[list], dict],
-            batch_size: int) -> np.ndarray:
+            batch_size: int, pooling: str = "mean") -> np.ndarray:
   """Vectors [len(rows), d], `batch_size` rows a call (the last call filled with its last row: one shape)."""
   graphdef, state = nnx.split(llm)
   out = []
   for start in progress(range(0, len(rows), batch_size), f"{tower} vectors"):  # minutes for a catalogue on CPU
     part = list(rows[start:start + batch_size])
     batch = make_batch(part + [part[-1]] * (batch_size - len(part)))
-    out.append(np.asarray(_tower(graphdef, state, batch, tower=tower))[:len(part)])
+    out.append(np.asarray(_tower(graphdef, state, batch, tower=tower, pooling=pooling))[:len(part)])
   return np.concatenate(out) if out else np.zeros((0, llm.config.hidden_size), np.float32)
 
 
@@ -142,10 +158,10 @@ def encode_items(llm: Llama, it: ItemTokens, item_ids: Sequence[int], *, batch_s
 
 
 def encode_users(llm: Llama, it: ItemTokens, histories: Sequence[Sequence[int]], layout: Layout, *,
-                 batch_size: int = 16) -> np.ndarray:
-  """v_U [n, d] of histories (their prompts, cut per `layout`)."""
+                 batch_size: int = 16, pooling: str = "mean") -> np.ndarray:
+  """v_U [n, d] of histories (their prompts, cut per `layout`; `user_pool`'s `pooling`)."""
   make = lambda hs: nextitem_tokens.prompt_batch(it, hs, layout)  # noqa: E731
-  return _encode(llm, "user", list(histories), make, batch_size)
+  return _encode(llm, "user", list(histories), make, batch_size, pooling)
 
 
 def params_digest(model: nnx.Module, trains=nnx.Param) -> str:
@@ -160,7 +176,8 @@ def params_digest(model: nnx.Module, trains=nnx.Param) -> str:
 def dense_rankings(model: Llama, tokenizer, data: nextitem.NextItemData, examples: Sequence[nextitem.Example],
                    layout: Layout = Layout(), *, k: int | None = None, exclude_history: bool = False,
                    batch_size: int = 16, cache_dir: str | pathlib.Path | None = None,
-                   cache_key: Mapping | None = None, tokens: ItemTokens | None = None) -> np.ndarray:
+                   cache_key: Mapping | None = None, tokens: ItemTokens | None = None,
+                   user_pooling: str = "mean") -> np.ndarray:
   """Catalogue ids [len(examples), k] (default: every item) ranked by cosine(v_U, v_T), best first. With
   `cache_dir`, the catalogue's v_T are `retrieval.cached_item_vectors` under `cache_key` (name the model and its
   weights, e.g. `params_digest`) plus the catalogue's text and `layout.max_item_tokens`. `model` is a Llama (a
@@ -174,7 +191,8 @@ def dense_rankings(model: Llama, tokenizer, data: nextitem.NextItemData, example
            "texts": retrieval.text_fingerprint(nextitem.catalogue_texts(data)),
            "tokenizer": [type(tokenizer).__name__, len(tokenizer)]}
     items_nd = retrieval.cached_item_vectors(cache_dir, key, compute, name=f"item_vectors_{data.name}")
-  users_bd = encode_users(model, it, [ex.history for ex in examples], layout, batch_size=batch_size)
+  users_bd = encode_users(model, it, [ex.history for ex in examples], layout, batch_size=batch_size,
+                          pooling=user_pooling)
   exclude = [ex.history for ex in examples] if exclude_history else None
   return retrieval.dense_top_k(users_bd, items_nd, k or data.num_items, data.item_ids, exclude=exclude)
 
@@ -295,6 +313,8 @@ def check_config(config: ConfigDict) -> None:
                       "at least one above 0")
   if not cr.temperature > 0:
     raise ConfigError(f"config.calrec.temperature={cr.temperature}: use a positive temperature")
+  if cr.get("user_pooling", "mean") not in USER_POOLING:
+    raise ConfigError(f"config.calrec.user_pooling={cr.user_pooling!r}: use one of {USER_POOLING}")
   if "tasks" in config:
     try:
       auxtasks.check_tasks(config.tasks)
@@ -313,6 +333,12 @@ def check_config(config: ConfigDict) -> None:
   if e.num_beams > 1 and (e.temperature > 0 or e.num_samples > e.num_beams):
     raise ConfigError(f"config.eval: beam search (num_beams={e.num_beams}) needs temperature=0 and num_samples "
                       "<= num_beams")
+
+
+def loss_settings(config: ConfigDict) -> LossSettings:
+  """The config's loss settings (a run saved before a field existed gets that field's earlier behaviour)."""
+  cr = config.calrec
+  return LossSettings(cr.temperature, cr.get("same_tower_negatives", True), cr.get("user_pooling", "mean"))
 
 
 def load_datasets(config: ConfigDict) -> dict[str, nextitem.NextItemData]:
@@ -352,8 +378,7 @@ def build(config: ConfigDict, datasets: dict[str, nextitem.NextItemData] | None 
       raise ConfigError(f"config.data.max_prompt_tokens={layout.max_prompt_tokens} leaves no room for a history "
                         f"item in {name}'s prompts ({it.fixed_prompt_tokens} tokens of fixed text)")
   prompts, aux_layout = aux_prompts(config, datasets, tokenizer)
-  model = CALRec(llm, LossSettings(config.calrec.temperature,
-                                       config.calrec.get("same_tower_negatives", True)))  # runs saved before it
+  model = CALRec(llm, loss_settings(config))
   return Run(config, model, tokenizer, layout, datasets, tokens, sharding.make_mesh(config.mesh), prompts,
              aux_layout)
 
@@ -378,7 +403,8 @@ def dense_metrics(r: Run, model: CALRec, examples: Sequence[nextitem.Example], c
   key = model_key(r.config, model.llm)
   lists = dense_rankings(model.llm, r.tokenizer, r.target, examples, r.layout, k=k,
                          exclude_history=r.config.eval.exclude_history, batch_size=r.config.train.eval_batch_size,
-                         cache_dir=cache_dir, cache_key=key, tokens=r.tokens[r.target.name])
+                         cache_dir=cache_dir, cache_key=key, tokens=r.tokens[r.target.name],
+                         user_pooling=model.settings.user_pooling)
   return list_metrics(lists, examples)
 
 
