@@ -28,8 +28,9 @@ run: setup
 
 # Two workers, a file each at a time (the suite is mostly XLA compiles, one core each). A worker that dies (out of
 # memory) fails its test and is not replaced: a restarted worker reran the whole file and could hang the run.
+# --durations: the slowest tests, named at the end, so a suite that outgrows its ~15 minutes says where.
 test: setup-test
-	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart=0 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart=0 --durations=12 tests
 
 # The default suite plus the `extended` tests: two more mesh shapes and a 2-process recipe run (in the last serial
 # run they took ~6 min: about 210 s for the two meshes, 166 s for the two processes).
