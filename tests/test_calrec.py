@@ -214,6 +214,11 @@ def test_dense_and_generation_rankings(toy, tmp_path):
   cached = calrec.dense_rankings(llm, tok, data, examples, LAYOUT, batch_size=4, cache_dir=tmp_path, cache_key=key)
   np.testing.assert_array_equal(cached, lists)
   assert len(list(tmp_path.glob("item_vectors_toy-*.npy"))) == 1
+  assert len(list(tmp_path.glob("user_vectors_toy-*.npy"))) == 1
+  again = calrec.dense_rankings(llm, tok, data, examples, LAYOUT, batch_size=4, cache_dir=tmp_path, cache_key=key)
+  np.testing.assert_array_equal(again, lists)  # read back
+  sub = calrec.dense_rankings(llm, tok, data, examples[:2], LAYOUT, batch_size=4, cache_dir=tmp_path, cache_key=key)
+  np.testing.assert_array_equal(sub, lists[:2])  # other users: another key, not the first set's vectors
   out = calrec.dense_rankings(llm, tok, data, examples, LAYOUT, k=3, exclude_history=True, batch_size=4)
   assert out.shape == (len(examples), 3)
   assert not any(set(row) & set(ex.history) for row, ex in zip(out.tolist(), examples))

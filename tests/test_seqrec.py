@@ -103,17 +103,17 @@ def test_item_vector_cache(tmp_path):
     return fn
 
   key = {"model": "tiny", "step": 10, "texts": retrieval.text_fingerprint(TEXTS)}
-  a = retrieval.cached_item_vectors(tmp_path, key, compute(1.0))
-  b = retrieval.cached_item_vectors(tmp_path, dict(key), compute(2.0))
+  a = retrieval.cached_vectors(tmp_path, key, compute(1.0))
+  b = retrieval.cached_vectors(tmp_path, dict(key), compute(2.0))
   assert calls == [1.0] and np.array_equal(a, b)  # reused
   files = sorted(p.name for p in tmp_path.iterdir())
   assert len(files) == 1 and files[0].startswith("item_vectors-") and files[0].endswith(".npy")
   stale_key = dict(key, texts=retrieval.text_fingerprint(TEXTS[:-1] + ["Title: new primer"]))
-  c = retrieval.cached_item_vectors(tmp_path, stale_key, compute(3.0))
+  c = retrieval.cached_vectors(tmp_path, stale_key, compute(3.0))
   assert calls == [1.0, 3.0] and c[0, 0] == 3.0  # a changed catalogue misses the cache
   assert len(list(tmp_path.iterdir())) == 1  # the stale file is gone, no temporary left
   (tmp_path / "item_vectors-v2-notes.npy").write_bytes(b"other")
-  retrieval.cached_item_vectors(tmp_path, dict(key, step=20), compute(4.0))
+  retrieval.cached_vectors(tmp_path, dict(key, step=20), compute(4.0))
   assert (tmp_path / "item_vectors-v2-notes.npy").exists()  # only this cache's own files are removed
 
 

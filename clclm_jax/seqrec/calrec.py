@@ -179,20 +179,26 @@ def dense_rankings(model: Llama, tokenizer, data: nextitem.NextItemData, example
                    cache_key: Mapping | None = None, tokens: ItemTokens | None = None,
                    user_pooling: str = "mean") -> np.ndarray:
   """Catalogue ids [len(examples), k] (default: every item) ranked by cosine(v_U, v_T), best first. With
-  `cache_dir`, the catalogue's v_T are `retrieval.cached_item_vectors` under `cache_key` (name the model and its
-  weights, e.g. `params_digest`) plus the catalogue's text and `layout.max_item_tokens`. `model` is a Llama (a
-  `CALRec`'s `.llm`); `tokens` the `ItemTokens` of `data` when already built."""
+  `cache_dir`, the catalogue's v_T and the examples' v_U are `retrieval.cached_vectors` under `cache_key` (name
+  the model and its weights, e.g. `params_digest`) plus the catalogue's text and `layout.max_item_tokens` (and
+  for v_U the layout, pooling and histories). `model` is a Llama (a `CALRec`'s `.llm`); `tokens` the
+  `ItemTokens` of `data` when already built."""
   it = tokens if tokens is not None else nextitem_tokens.item_tokens(data, tokenizer, layout.max_item_tokens)
-  compute = lambda: encode_items(model, it, data.item_ids, batch_size=batch_size)  # noqa: E731
+  histories = [ex.history for ex in examples]
+  compute_items = lambda: encode_items(model, it, data.item_ids, batch_size=batch_size)  # noqa: E731
+  compute_users = lambda: encode_users(model, it, histories, layout, batch_size=batch_size,  # noqa: E731
+                                       pooling=user_pooling)
   if cache_dir is None:
-    items_nd = compute()
+    items_nd, users_bd = compute_items(), compute_users()
   else:
     key = {**(cache_key or {}), "dataset": data.name, "max_item_tokens": layout.max_item_tokens,
            "texts": retrieval.text_fingerprint(nextitem.catalogue_texts(data)),
            "tokenizer": [type(tokenizer).__name__, len(tokenizer)]}
-    items_nd = retrieval.cached_item_vectors(cache_dir, key, compute, name=f"item_vectors_{data.name}")
-  users_bd = encode_users(model, it, [ex.history for ex in examples], layout, batch_size=batch_size,
-                          pooling=user_pooling)
+    items_nd = retrieval.cached_vectors(cache_dir, key, compute_items, name=f"item_vectors_{data.name}")
+    # The users' too: a run's summary scores the validation users again with the weights its last check had.
+    user_key = {**key, "layout": dataclasses.astuple(layout), "pooling": user_pooling,
+                "histories": retrieval.text_fingerprint([",".join(map(str, h)) for h in histories])}
+    users_bd = retrieval.cached_vectors(cache_dir, user_key, compute_users, name=f"user_vectors_{data.name}")
   exclude = [ex.history for ex in examples] if exclude_history else None
   return retrieval.dense_top_k(users_bd, items_nd, k or data.num_items, data.item_ids, exclude=exclude)
 

@@ -170,13 +170,13 @@ def text_fingerprint(texts: Sequence[str]) -> str:
   return h.hexdigest()
 
 
-def cached_item_vectors(run_dir: str | os.PathLike, key: Mapping | str, compute: Callable[[], np.ndarray], *,
-                        name: str = "item_vectors") -> np.ndarray:
-  """The catalogue's item vectors from `run_dir/{name}-{digest}.npy`, else `compute()` saved there.
+def cached_vectors(run_dir: str | os.PathLike, key: Mapping | str, compute: Callable[[], np.ndarray], *,
+                   name: str = "item_vectors") -> np.ndarray:
+  """Vectors (a catalogue's items, a set of users) from `run_dir/{name}-{digest}.npy`, else `compute()` saved there.
 
   `key` names everything the vectors depend on (model and checkpoint step, pooling, `text_fingerprint` of
-  the catalogue texts): its digest is in the file name, so a changed key misses the cache and recomputes,
-  and older files of this name are removed. Written to a temporary name then renamed, so a killed run leaves
+  the texts): its digest is in the file name, so a changed key misses the cache and recomputes, and older
+  files of this name are removed (one file per name). Written to a temporary name then renamed, so a killed run leaves
   no half-written cache that a later run would read."""
   run_dir = pathlib.Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
