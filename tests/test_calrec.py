@@ -62,20 +62,6 @@ def masked_mean(h_btd, mask_bt):
   return (np.asarray(h_btd, np.float64) * m).sum(1) / np.maximum(m.sum(1), 1)
 
 
-def nt_xent(a_nd, b_nd, tau, valid_n, same_tower=True):
-  """numpy NT-Xent with cosine similarity over the valid pairs (without same-tower negatives: CLIP's loss)."""
-  z = np.concatenate([a_nd[valid_n], b_nd[valid_n]])
-  z = z / np.linalg.norm(z, axis=1, keepdims=True)
-  s = z @ z.T / tau
-  n = int(valid_n.sum())
-  if not same_tower:
-    s[:n, :n], s[n:, n:] = -np.inf, -np.inf
-  np.fill_diagonal(s, -np.inf)
-  pos = np.r_[np.arange(n, 2 * n), np.arange(n)]
-  lse = np.log(np.exp(s - s.max(1, keepdims=True)).sum(1)) + s.max(1)
-  return float(np.mean(lse - s[np.arange(2 * n), pos]))
-
-
 def test_spans_decode_to_the_rendered_text(toy):
   data, tok, it, _ = toy
   batch, examples = toy_batch(toy)
@@ -144,8 +130,8 @@ def test_infonce_terms_equal_numpy_and_ignore_batch_order(toy):
   h = np.asarray(hidden(llm, batch["tokens"], batch["attention_mask"]))
   h_item = np.asarray(hidden(llm, batch["item_tokens"], batch["item_attention"]))
   v_t, valid = masked_mean(h_item, batch["item_mask"]), batch["contrastive_valid"] > 0
-  want_tt = nt_xent(masked_mean(h, batch["target_mask"]), v_t, 0.2, valid)
-  want_ut = nt_xent(masked_mean(h, batch["history_mask"]), v_t, 0.2, valid)
+  want_tt = train_helpers.nt_xent(masked_mean(h, batch["target_mask"]), v_t, 0.2, valid_n=valid)
+  want_ut = train_helpers.nt_xent(masked_mean(h, batch["history_mask"]), v_t, 0.2, valid_n=valid)
   np.testing.assert_allclose(float(terms[calrec.TT]), want_tt, rtol=1e-5)
   np.testing.assert_allclose(float(terms[calrec.UT]), want_ut, rtol=1e-5)
   perm = np.random.default_rng(1).permutation(len(examples))
@@ -154,14 +140,13 @@ def test_infonce_terms_equal_numpy_and_ignore_batch_order(toy):
     np.testing.assert_allclose(float(permuted[name]), float(terms[name]), rtol=1e-5)
   assert set(loss_terms(model, batch, (calrec.NIG,))) == {calrec.NIG}  # no InfoNCE asked: no item-tower pass
   clip = loss_terms(calrec.CALRec(llm, calrec.LossSettings(0.2, same_tower=False)), batch, (calrec.TT, calrec.UT))
-  np.testing.assert_allclose(float(clip[calrec.TT]), nt_xent(masked_mean(h, batch["target_mask"]), v_t, 0.2, valid,
-                                                             same_tower=False), rtol=1e-5)
-  np.testing.assert_allclose(float(clip[calrec.UT]), nt_xent(masked_mean(h, batch["history_mask"]), v_t, 0.2, valid,
-                                                             same_tower=False), rtol=1e-5)
+  clip_ref = functools.partial(train_helpers.nt_xent, b_nd=v_t, tau=0.2, valid_n=valid, same_side=False)
+  np.testing.assert_allclose(float(clip[calrec.TT]), clip_ref(masked_mean(h, batch["target_mask"])), rtol=1e-5)
+  np.testing.assert_allclose(float(clip[calrec.UT]), clip_ref(masked_mean(h, batch["history_mask"])), rtol=1e-5)
   cue = loss_terms(calrec.CALRec(llm, calrec.LossSettings(0.2, user_pooling="cue")), batch, (calrec.UT,))
   at_cue = np.asarray([np.flatnonzero(m).max() + len(it.cue) for m in batch["history_mask"]])
-  np.testing.assert_allclose(float(cue[calrec.UT]), nt_xent(h[np.arange(len(h)), at_cue], v_t, 0.2, valid),
-                             rtol=1e-5)
+  want_cue = train_helpers.nt_xent(h[np.arange(len(h)), at_cue], v_t, 0.2, valid_n=valid)
+  np.testing.assert_allclose(float(cue[calrec.UT]), want_cue, rtol=1e-5)
 
 
 def test_generation_loss_covers_only_target_tokens(toy):

@@ -18,6 +18,7 @@ from clclm_jax.contrastive.encoder import SeqEncoder, pool
 from clclm_jax.data import sequences
 from clclm_jax.model.llama import Frozen
 from clclm_jax.train import sharding, state as state_lib, step as step_lib
+import train_helpers
 
 VOCAB = 22  # padding, items 1..20, mask id 21
 
@@ -79,38 +80,25 @@ def test_pool_last_and_mean():
   np.testing.assert_allclose(pool(h, mask, "mean"), [[1, 2], [9, 10]])
 
 
-def _nt_xent_numpy(z1, z2, tau, cosine, same_side=True):
-  z = np.concatenate([z1, z2]).astype(np.float64)
-  if cosine:
-    z = z / np.linalg.norm(z, axis=1, keepdims=True)
-  n = len(z1)
-  total = 0.0
-  for i in range(2 * n):
-    sims = np.asarray([z[i] @ z[j] / tau for j in range(2 * n) if j != i and (same_side or (j < n) != (i < n))])
-    pos = z[i] @ z[(i + n) % (2 * n)] / tau
-    total += np.log(np.exp(sims).sum()) - pos
-  return total / (2 * n)
-
-
 @pytest.mark.parametrize("similarity,tau", [("dot", 1.0), ("cosine", 0.2)])
 def test_info_nce_matches_numpy_and_ignores_batch_order(similarity, tau):
   rng = np.random.default_rng(0)
   z1, z2 = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
   got = losses.info_nce(z1, z2, temperature=tau, similarity=similarity)
-  np.testing.assert_allclose(got, _nt_xent_numpy(z1, z2, tau, similarity == "cosine"), rtol=1e-5)
+  np.testing.assert_allclose(got, train_helpers.nt_xent(z1, z2, tau, cosine=similarity == "cosine"), rtol=1e-5)
   perm = rng.permutation(6)
   np.testing.assert_allclose(losses.info_nce(z1[perm], z2[perm], temperature=tau, similarity=similarity), got, rtol=1e-6)
   valid = np.asarray([True, False, True, True, False, True])  # invalid pairs are as if absent
   np.testing.assert_allclose(losses.info_nce(z1, z2, temperature=tau, similarity=similarity, valid_n=valid),
-                             _nt_xent_numpy(z1[valid], z2[valid], tau, similarity == "cosine"), rtol=1e-5)
+                             train_helpers.nt_xent(z1[valid], z2[valid], tau, cosine=similarity == "cosine"), rtol=1e-5)
   grads = jax.grad(lambda a, b: losses.info_nce(a, b, temperature=tau, similarity=similarity, valid_n=valid),
                    argnums=(0, 1))(jnp.asarray(z1), jnp.asarray(z2))
   for g in grads:  # finite, and nothing flows into the invalid pairs
     assert np.isfinite(g).all() and not np.asarray(g)[~valid].any() and np.asarray(g)[valid].any()
   cross = functools.partial(losses.info_nce, temperature=tau, similarity=similarity, same_side=False)
-  np.testing.assert_allclose(cross(z1, z2), _nt_xent_numpy(z1, z2, tau, similarity == "cosine", False), rtol=1e-5)
-  np.testing.assert_allclose(cross(z1, z2, valid_n=valid),
-                             _nt_xent_numpy(z1[valid], z2[valid], tau, similarity == "cosine", False), rtol=1e-5)
+  clip = functools.partial(train_helpers.nt_xent, tau=tau, cosine=similarity == "cosine", same_side=False)
+  np.testing.assert_allclose(cross(z1, z2), clip(z1, z2), rtol=1e-5)
+  np.testing.assert_allclose(cross(z1, z2, valid_n=valid), clip(z1, z2, valid_n=valid), rtol=1e-5)
 
 
 def test_sample_positions_draws_real_positions_of_both_passes():

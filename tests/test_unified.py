@@ -186,20 +186,6 @@ def test_beams_and_samples_of_unified_prompts_read_their_own_soft_items(toy):
     bound.decode(jnp.asarray(np.repeat(np.asarray(heads[0])[None], 3, 0)), bound.init_cache(3, len(heads[0])), 0)
 
 
-def _nt_xent(a, b, valid, t):
-  """NT-Xent (contrastive.losses.info_nce, cosine) in float64: 2N views, each one's positive is its pair."""
-  n, v = len(a), np.concatenate([valid, valid])
-  z = np.where(v[:, None], np.concatenate([a, b]).astype(np.float64), 1.0)  # invalid rows take no part
-  z /= np.linalg.norm(z, axis=1, keepdims=True)
-  logits = z @ z.T / t
-  logits[np.eye(2 * n, dtype=bool) | ~v[None, :]] = -np.inf
-  out = []
-  for i in np.flatnonzero(v):
-    pos = (i + n) % (2 * n)
-    out.append(-(logits[i, pos] - np.log(np.exp(logits[i][np.isfinite(logits[i])]).sum())))
-  return np.mean(out)
-
-
 def _project(model, z):
   """The projector in numpy: Linear, GELU (tanh), Linear, RMS-scaled to the token embeddings."""
   p = model.projector
@@ -222,7 +208,7 @@ def test_contrastive_losses_equal_numpy_references(toy):
   m = b["history_mask"][..., None]
   text = (hn * m).sum(1) / np.maximum(m.sum(1), 1)
   user = np.asarray(model.encoder.encode(batch["history_ids"], pooling="last"), np.float64)
-  want = _nt_xent(text, _project(model, user), b["user_valid"] > 0, 0.2)
+  want = train_helpers.nt_xent(text, _project(model, user), 0.2, valid_n=b["user_valid"] > 0)
   np.testing.assert_allclose(float(terms[unified.USER_CL]), want, rtol=1e-4)
   # item_cl: each item line's mean title state against its projected item-table row, each item once.
   k = b["item_ids"].shape[1]
@@ -231,7 +217,7 @@ def test_contrastive_losses_equal_numpy_references(toy):
   table = np.asarray(model.encoder.item_table(), np.float64)
   ids = _project(model, table[b["item_ids"]])
   d = hn.shape[-1]
-  want = _nt_xent(titles.reshape(-1, d), ids.reshape(-1, d), b["item_valid"].reshape(-1) > 0, 0.3)
+  want = train_helpers.nt_xent(titles.reshape(-1, d), ids.reshape(-1, d), 0.3, valid_n=b["item_valid"].reshape(-1) > 0)
   np.testing.assert_allclose(float(terms[unified.ITEM_CL]), want, rtol=1e-4)
   # the registered losses compute the same from the one forward; no gradient reaches the encoder
   grads = nnx.grad(lambda m: sum(cs.answer_losses(m, batch, None, (unified.USER_CL, unified.ITEM_CL)).values()))(

@@ -81,3 +81,21 @@ def byte_llm():
   for _, lin in llm.projections(("q_proj", "v_proj")):
     lin.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(2), lin.lora_b.shape)
   return tok, llm
+
+
+def nt_xent(a_nd, b_nd, tau, *, valid_n=None, cosine=True, same_side=True) -> float:
+  """InfoNCE over 2N views in float64, each view's positive its pair: NT-Xent, or CLIP's loss without same-side
+  negatives. Invalid pairs take no part, as if absent."""
+  valid_n = np.ones(len(a_nd), bool) if valid_n is None else np.asarray(valid_n, bool)
+  z = np.concatenate([np.asarray(a_nd, np.float64)[valid_n], np.asarray(b_nd, np.float64)[valid_n]])
+  if cosine:
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+  n = int(valid_n.sum())
+  s = z @ z.T / tau
+  if not same_side:
+    s[:n, :n], s[n:, n:] = -np.inf, -np.inf
+  np.fill_diagonal(s, -np.inf)
+  pos = np.r_[np.arange(n, 2 * n), np.arange(n)]
+  top = s.max(1, keepdims=True)
+  lse = np.log(np.exp(s - top).sum(1)) + top[:, 0]
+  return float(np.mean(lse - s[np.arange(2 * n), pos]))
