@@ -199,7 +199,7 @@ def dense_rankings(model: Llama, tokenizer, data: nextitem.NextItemData, example
     user_key = {**key, "layout": dataclasses.astuple(layout), "pooling": user_pooling,
                 "histories": retrieval.text_fingerprint([",".join(map(str, h)) for h in histories])}
     users_bd = retrieval.cached_vectors(cache_dir, user_key, compute_users, name=f"user_vectors_{data.name}")
-  exclude = [ex.history for ex in examples] if exclude_history else None
+  exclude = histories if exclude_history else None
   return retrieval.dense_top_k(users_bd, items_nd, k or data.num_items, data.item_ids, exclude=exclude)
 
 
