@@ -1,6 +1,7 @@
 """The candidate-ranking table (issue 49, item 4): LLaRA's 20-candidate task on the leave-one-out test split,
-HitRatio@1 of the generated answer with a 95% paired-bootstrap interval against the text-only row (same users,
-same candidates), ValidRatio, the decoding-free HitRatio@1, and wall time per row; markdown + JSON.
+HitRatio@1 of the generated answer with 95% paired-bootstrap intervals against the text-only row and the ID encoder
+(same users, same candidates), ValidRatio, the decoding-free HitRatio@1, wall time per row, and the issue's goal
+checked per table (a dataset and a number of test users); markdown + JSON.
 
   python benchmarks/cand_table.py                                      # every row, both datasets, 3 seeds
   python benchmarks/cand_table.py --rows=id_encoder,text,unified --datasets=ml100k --seeds=0 --steps=20 --users=100
@@ -15,8 +16,9 @@ et al. added alone (`mim`, `bpr`, `mlm`, at `--aux_ratio` of the rec prompts) or
 Budget: `--steps` (each stage's updates), `--users` (seeded test users), `--set` (config overrides) and
 `--encoder_set` (the encoder's) shrink the recipe for a CPU; a row run with any of them is marked **budget** in the
 markdown and `full_recipe: false` in the JSON. Results merge into `--out/<stem>.json` (a row replaces the one of
-the same dataset and row); `--fresh` starts it again. Run folders (resumable; a finished run is read, not
-retrained) live under `--workdir`; the unified rows and `id_encoder` of a dataset share one encoder pretraining.
+the same dataset, row and number of test users); `--fresh` starts it again. Run folders (resumable; a finished run
+is read, not retrained) live under `--workdir`; the unified rows and `id_encoder` of a dataset share one encoder
+pretraining, whatever `--steps` and `--users` say (only `--encoder_set` and `--set` give it another folder).
 """
 
 from clclm_jax.train import malloc
@@ -52,6 +54,7 @@ AUX = ("mim", "bpr", "mlm", "aux")
 ROWS = ("id_encoder", "text", "unified", "unified_no_user_cl", "unified_no_item_cl", "unified_no_curriculum",
         *(f"text+{t}" for t in AUX), *(f"unified+{t}" for t in AUX))
 BASELINE = "text"
+GOAL_HIT, GOAL_VALID = 0.46, 0.95  # LLaRA's MovieLens HitRatio@1 (.4526) rounded up, and its ValidRatio bar
 LABELS = {"id_encoder": "ID encoder (SASRec, CL4SRec losses)", "text": "text-only LoRA",
           "unified": "unified prompts (both InfoNCE, curriculum)", "unified_no_user_cl": "unified, without user_cl",
           "unified_no_item_cl": "unified, without item_cl", "unified_no_curriculum": "unified, without curriculum",
@@ -109,7 +112,9 @@ def row_config(args: dict, dataset: str, name: str, seed: int) -> ConfigDict:
   u = c.unified
   u.enabled = name.startswith("unified")
   u.encoder_overrides = {**u.encoder_overrides.to_dict(), **common.parse_overrides(args["encoder_set"])}
-  u.encoder_workdir = str(run_folder(args["workdir"], dataset, "encoder", budget_of(args)))
+  # The LLM's steps and test users do not touch the encoder's pretraining: every budget of those shares one encoder.
+  encoder_budget = {k: v for k, v in budget_of(args).items() if k not in ("steps", "users")}
+  u.encoder_workdir = str(run_folder(args["workdir"], dataset, "encoder", encoder_budget))
   prefix, _, task = name.partition("+")
   c.tasks.ratios.update({"rec": 1.0, "mim": 0.0, "bpr": 0.0, "mlm": 0.0})
   if task:
@@ -195,39 +200,79 @@ def paired_interval(hits_a: np.ndarray, hits_b: np.ndarray, *, resamples: int, s
 
 # --- Table -------------------------------------------------------------------------------------------
 
+def group_key(r: dict) -> tuple[str, int]:
+  """A table of the markdown: a dataset and a number of test users (a seeded subset of a size is always the same)."""
+  return r["dataset"], r["count"]
+
+
+def interval_text(vs: dict | None) -> str:
+  return f"{vs['difference']:+.4f} [{vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f}]" if vs else ""
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+  """Issue 49's goals, per table: the best unified row's HitRatio@1 and ValidRatio against LLaRA's bar, and its
+  paired intervals against the text-only row and the ID encoder (both must lie above zero)."""
+  lines = []
+  for (dataset, count), group in common.group_by(rows, group_key).items():
+    unified_rows = [r for r in group if r["row"].startswith("unified")]
+    if not unified_rows:
+      continue
+    best = max(unified_rows, key=lambda r: r["metrics"][cs.HIT])
+    m = best["metrics"]
+    checks = [f"HitRatio@1 {m[cs.HIT]:.4f} (goal >= {GOAL_HIT})", f"ValidRatio {m[cs.VALID]:.4f} (goal >= {GOAL_VALID})"]
+    for key, name in (("vs_text", "text-only"), ("vs_id", "the ID encoder")):
+      vs = best.get(key)
+      checks.append(f"vs {name} {interval_text(vs)}" if vs else f"vs {name}: not run on these users")
+    met = (m[cs.HIT] >= GOAL_HIT and m[cs.VALID] >= GOAL_VALID
+           and all(best.get(k) and best[k]["ci95"][0] > 0 for k in ("vs_text", "vs_id")))
+    budget = "" if best["full_recipe"] else " (**budget** row)"
+    lines.append(f"- {dataset}, {count} users, best unified row `{best['label']}`{budget}: " + "; ".join(checks)
+                 + (": **met**" if met else ": missed"))
+  return lines
+
+
 def markdown(result: dict) -> str:
   lines = ["# Candidate ranking (LLaRA's task): HitRatio@1 on the leave-one-out test split", "",
            f"Machine: {common.machine_line(result['machine'])}.",
-           "Every row of a dataset answers the same test users and the same candidates. HitRatio@1 and ValidRatio "
-           "are the greedy answer's (mean over seeds); `vs text-only` is HitRatio@1 minus the text-only row's with "
-           "a 95% paired-bootstrap interval over users; `scored` is the decoding-free HitRatio@1 (log-likelihood "
-           "of each candidate's title). Wall time: training and test evaluation per seed (mean), on a CPU shared "
-           "with other jobs (upper bounds). A row marked **budget** ran with settings other than its config's "
-           "recipe and does not stand for it.", "", "Commands:", ""]
+           "Every row of a table answers the same test users and the same candidates. HitRatio@1 and ValidRatio "
+           "are the greedy answer's (mean over seeds); `vs text-only` and `vs ID encoder` are HitRatio@1 minus "
+           "that row's with a 95% paired-bootstrap interval over users; `scored` is the decoding-free HitRatio@1 "
+           "(log-likelihood of each candidate's title). Wall time: training and test evaluation per seed (mean), "
+           "on a CPU shared with other jobs (upper bounds). A row marked **budget** ran with settings other than "
+           "its config's recipe and does not stand for it.", "", "Commands:", ""]
   lines += [f"- `{c}`" for c in result["commands"]]
-  for dataset, group in common.group_by(result["rows"], lambda r: r["dataset"]).items():
-    lines += ["", f"## {dataset}: {group[0]['count']} test users", ""]
+  for (dataset, count), group in common.group_by(result["rows"], group_key).items():
+    subset = "seeded" if "users" in group[0]["budget"] else "all"
+    lines += ["", f"## {dataset}: {count} test users ({subset})", ""]
     table = []
     for r in group:
-      m, vs = r["metrics"], r.get("vs_text")
-      interval = (f"{vs['difference']:+.4f} [{vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f}]" if vs else "")
+      m = r["metrics"]
       budget = "as configured" if r["full_recipe"] else "**budget**: " + ", ".join(
           f"{k}={v}" for k, v in r["budget"].items())
-      table.append([r["label"], f"{m[cs.HIT]:.4f}", interval, f"{m[cs.VALID]:.4f}", f"{m[cs.SCORED]:.4f}",
-                    r["seeds"], f"{r['wall_s'] / 60:.1f} min", budget])
-    lines.append(common.markdown_table(["row", "HitRatio@1", "vs text-only", "ValidRatio", "scored", "seeds",
-                                        "wall time", "budget"], table))
+      table.append([r["label"], f"{m[cs.HIT]:.4f}", interval_text(r.get("vs_text")), interval_text(r.get("vs_id")),
+                    f"{m[cs.VALID]:.4f}", f"{m[cs.SCORED]:.4f}", r["seeds"], f"{r['wall_s'] / 60:.1f} min", budget])
+    lines.append(common.markdown_table(["row", "HitRatio@1", "vs text-only", "vs ID encoder", "ValidRatio",
+                                        "scored", "seeds", "wall time", "budget"], table))
+  goals = goal_lines(result["rows"])
+  if goals:
+    lines += ["", f"## Goal: a unified row with HitRatio@1 >= {GOAL_HIT}, ValidRatio >= {GOAL_VALID}, above text-only "
+              "and the ID encoder (intervals above zero)", "", *goals]
+  ran = {(r["dataset"], r["row"]) for r in result["rows"]}
+  missing = [f"{d} {n}" for d in DATASETS for n in ROWS if (d, n) not in ran]
+  if missing:
+    lines += ["", "Not run: " + ", ".join(missing) + "."]
   return "\n".join(lines) + "\n"
 
 
 def with_intervals(rows: list[dict], resamples: int) -> list[dict]:
-  """Each row's paired interval against its dataset's text-only row (when both answered the same users)."""
-  base = {r["dataset"]: r for r in rows if r["row"] == BASELINE}
-  for r in rows:
-    b = base.get(r["dataset"])
-    r.pop("vs_text", None)
-    if b is not None and r is not b and r["users"] == b["users"]:
-      r["vs_text"] = paired_interval(r["hits"], b["hits"], resamples=resamples)
+  """Each row's paired intervals against the text-only row and the ID encoder of its table (same users)."""
+  for key, base_name in (("vs_text", BASELINE), ("vs_id", "id_encoder")):
+    base = {group_key(r): r for r in rows if r["row"] == base_name}
+    for r in rows:
+      b = base.get(group_key(r))
+      r.pop(key, None)
+      if b is not None and r is not b and r["users"] == b["users"]:
+        r[key] = paired_interval(r["hits"], b["hits"], resamples=resamples)
   return rows
 
 
@@ -252,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       # Read again before each write: another command may be filling other rows of the same table meanwhile.
       old = json.loads(out_json.read_text()) if out_json.is_file() and not a.fresh else {"rows": [], "commands": []}
       a.fresh = False  # only the first write starts afresh
-      rows = [x for x in old["rows"] if (x["dataset"], x["row"]) != (dataset, name)] + [r]
+      rows = [x for x in old["rows"] if (*group_key(x), x["row"]) != (*group_key(r), name)] + [r]
       result = {"machine": common.machine(), "loadavg": common.loadavg(),
                 "rows": with_intervals(rows, a.resamples),
                 "commands": list(dict.fromkeys(old["commands"] + [command]))}

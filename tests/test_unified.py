@@ -379,12 +379,22 @@ def test_cand_table_on_tiny_models_marks_the_budget_and_pairs_users(data_root, t
     vs = rows[name]["vs_text"]
     want = np.mean(rows[name]["hits"]) - np.mean(rows["text"]["hits"])
     assert vs["difference"] == pytest.approx(want) and vs["ci95"][0] <= want <= vs["ci95"][1]
-  assert "vs_text" not in rows["text"]
+  assert "vs_text" not in rows["text"] and "vs_id" not in rows["id_encoder"]
+  assert rows["unified+bpr"]["vs_id"]["difference"] == pytest.approx(
+      np.mean(rows["unified+bpr"]["hits"]) - np.mean(rows["id_encoder"]["hits"]))
+  # The LLM's steps and users leave the encoder's pretraining alone: one encoder folder for every such budget.
+  assert pathlib.Path(rows["id_encoder"]["runs"][0]["folder"]) == tmp_path / "runs" / "ml100k" / "encoder" / "recipe"
   stages = rows["unified+bpr"]["runs"][0]["stages"]
   assert [s["stage"] for s in stages] == ["text", "unified"] and all(s["steps"] == 1 for s in stages)
   assert rows["unified+bpr"]["metrics"][cand_table.cs.HIT] == pytest.approx(np.mean(rows["unified+bpr"]["hits"]))
   md = (tmp_path / "cand_table.md").read_text()
   assert "**budget**: steps=1, users=6" in md and "text-only + bpr" not in md and "unified + bpr" in md
+  assert "best unified row `unified + bpr` (**budget** row)" in md
+  # Another number of users is another table: it joins the file beside the 6-user rows, replacing none of them.
+  again = cand_table.main([*(x for x in argv if not x.startswith(("--rows", "--users"))), "--rows=id_encoder",
+                           "--users=4"])
+  assert sorted((r["row"], r["count"]) for r in again["rows"]) == [("id_encoder", 4), ("id_encoder", 6),
+                                                                   ("text", 6), ("unified+bpr", 6)]
   # The interval: a row better on every resample is above zero; the same row against itself is exactly zero.
   a, b = np.ones((1, 50)), np.r_[np.zeros(25), np.ones(25)][None]
   assert cand_table.paired_interval(a, b, resamples=100)["ci95"][0] > 0
