@@ -18,7 +18,8 @@ Budget: `--steps` (each stage's updates), `--users` (seeded test users), `--set`
 markdown and `full_recipe: false` in the JSON. Results merge into `--out/<stem>.json` (a row replaces the one of
 the same dataset, row and number of test users); `--fresh` starts it again. Run folders (resumable; a finished run
 is read, not retrained) live under `--workdir`; the unified rows and `id_encoder` of a dataset share one encoder
-pretraining, whatever `--steps` and `--users` say (only `--encoder_set` and `--set` give it another folder).
+pretraining, whatever `--steps` and `--users` say (only `--encoder_set` and `--set` give it another folder), and
+the unified rows of one task mixture and seed share their text-only stage 1 (`unified.text_workdir`).
 """
 
 from clclm_jax.train import malloc
@@ -116,6 +117,10 @@ def row_config(args: dict, dataset: str, name: str, seed: int) -> ConfigDict:
   encoder_budget = {k: v for k, v in budget_of(args).items() if k not in ("steps", "users")}
   u.encoder_workdir = str(run_folder(args["workdir"], dataset, "encoder", encoder_budget))
   prefix, _, task = name.partition("+")
+  if u.enabled:  # the unified ablations differ in stage 2 only: one stage 1 per task mixture, budget and seed
+    text_budget = {k: v for k, v in budget_of(args).items() if k != "users"}
+    u.text_workdir = str(run_folder(args["workdir"], dataset, "+".join(["unified_text", *([task] if task else [])]),
+                                    text_budget, seed))
   c.tasks.ratios.update({"rec": 1.0, "mim": 0.0, "bpr": 0.0, "mlm": 0.0})
   if task:
     c.tasks.ratios.update({t: args["aux_ratio"] for t in ("mim", "bpr", "mlm") if task in (t, "aux")})

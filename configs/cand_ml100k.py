@@ -45,6 +45,9 @@ def candidate_overrides(c: ConfigDict) -> ConfigDict:
         encoder_overrides=ConfigDict({}),  # ... with these of its fields changed ...
         encoder_workdir="",  # ... in this folder ("": WORKDIR/encoder); a finished pretraining there is reused
         projector_hidden=256,  # Linear(encoder width, this), GELU, Linear(this, LLM width)
+        # Stage 1's folder ("": WORKDIR/text). Runs whose stage 1 is the same (the unified ablations differ only in
+        # stage 2) may name one folder: a finished stage 1 there is restored, not trained again.
+        text_workdir="",
         steps=300,  # stage 2 updates
         curriculum=True,  # LLaRA: the share of unified prompts in a batch rises linearly from 0 to 1 over stage 2
         # 0 = off. answer_lm: the answer's CE; user_cl: InfoNCE of the LLM's pooled history state and the encoder's
@@ -52,6 +55,11 @@ def candidate_overrides(c: ConfigDict) -> ConfigDict:
         loss_weights=ConfigDict({"answer_lm": 1.0, "user_cl": 0.1, "item_cl": 0.1}),
         user_temperature=0.1,  # InfoNCE temperatures (cosine similarity)
         item_temperature=0.1,
+        # True: NT-Xent, the other pairs of both sides are negatives. The LLM's pooled states start nearly parallel
+        # (cosine ~0.95-0.99 between users or titles), so those same-side negatives outscore every positive and
+        # both terms start far above chance (measured: user_cl ~10, item_cl ~10.5 against ln(2N - 1)); False
+        # keeps the other side's only (CLIP's loss, chance ln N at the start), as calrec.same_tower_negatives.
+        same_side_negatives=True,
     ))
     c.eval = ConfigDict(dict(
         generation=True,  # generated answers on test (one decode per user) ...

@@ -13,6 +13,7 @@ from flax import nnx
 from clclm_jax.data import auxtasks, nextitem, sequences
 from clclm_jax.data import candidates as cd
 from clclm_jax.seqrec import candidates as cs
+from clclm_jax.train import trainer
 from clclm_jax.train.errors import ConfigError
 import train_helpers
 
@@ -240,6 +241,10 @@ def test_tiny_config_trains_through_the_one_trainer(toy, tmp_path):
   summary = cs.train(c, tmp_path / "run", log=said.append, data=data)
   assert [s["stage"] for s in summary["stages"]] == ["candidates"] and summary["stages"][0]["steps"] == 3
   assert summary["valid"]["count"] == 4 and 0 <= summary["valid"][cs.SCORED] <= 1
+  # The summary's valid score is the stage's last check, not a second pass: the same as scoring the restored model.
+  r = cs.build(c, data, tmp_path / "run")
+  trainer.run(cs.stages(r, tmp_path / "run"), r.model, r.mesh, log=lambda _: None)  # finished: restores the best
+  assert cs.scored_metrics(r, r.model, cs.subset(r, "valid", 4)) == summary["valid"]
   test = summary["test"]
   assert {cs.SCORED, cs.HIT, cs.VALID, "popularity", "count"} <= set(test)
   assert len((tmp_path / "run" / "eval" / "test_answers.jsonl").read_text().splitlines()) == 4

@@ -219,6 +219,18 @@ def test_contrastive_losses_equal_numpy_references(toy):
   d = hn.shape[-1]
   want = train_helpers.nt_xent(titles.reshape(-1, d), ids.reshape(-1, d), 0.3, valid_n=b["item_valid"].reshape(-1) > 0)
   np.testing.assert_allclose(float(terms[unified.ITEM_CL]), want, rtol=1e-4)
+  # CLIP's form (`unified.same_side_negatives=False`): the same pairs, negatives from the other side only.
+  clip = dataclasses.replace(model.settings, same_side_negatives=False)
+  model.settings, kept = clip, model.settings
+  try:
+    clip_terms = unified.answer_terms(model, batch, None, (unified.USER_CL, unified.ITEM_CL), cs.LOSS)
+  finally:
+    model.settings = kept
+  np.testing.assert_allclose(float(clip_terms[unified.ITEM_CL]), train_helpers.nt_xent(
+      titles.reshape(-1, d), ids.reshape(-1, d), 0.3, valid_n=b["item_valid"].reshape(-1) > 0, same_side=False),
+      rtol=1e-4)
+  np.testing.assert_allclose(float(clip_terms[unified.USER_CL]), train_helpers.nt_xent(
+      text, _project(model, user), 0.2, valid_n=b["user_valid"] > 0, same_side=False), rtol=1e-4)
   # the registered losses compute the same from the one forward; no gradient reaches the encoder
   grads = nnx.grad(lambda m: sum(cs.answer_losses(m, batch, None, (unified.USER_CL, unified.ITEM_CL)).values()))(
       model)
@@ -313,6 +325,41 @@ def test_projector_trains_in_stage_2_only(toy, tmp_path):
   assert all(np.array_equal(a, b) for a, b in zip(before["encoder"], _params(r.model, "encoder")))
   rows = [json.loads(x) for x in (tmp_path / "unified" / "metrics.jsonl").read_text().splitlines()]
   assert {"train/loss/answer_lm", "train/loss/user_cl", "train/loss/item_cl"} <= set(rows[-1])
+
+
+def test_unified_runs_differing_in_stage_2_share_one_stage_1(toy, tmp_path):
+  """A run naming a finished stage 1 in `unified.text_workdir` restores it and ends exactly where the same run
+  training its own stage 1 does; a run whose stage 1 differs stops naming the field; the shared folder is locked
+  while a run uses it."""
+  from configs import tiny_cand  # pylint: disable=g-import-not-at-top
+  data = toy[0]
+
+  def config(shared: bool, **weights):
+    c = tiny_cand.get_config("unified")
+    c.data.max_users, c.data.valid_size, c.data.test_size = 0, 2, 0
+    c.candidates.steps, c.unified.steps = 2, 2
+    c.unified.encoder_overrides.batch_size = 2  # 6 toy users
+    c.unified.encoder_workdir = str(tmp_path / "encoder")  # pretrained once for every run here
+    c.unified.text_workdir = str(tmp_path / "shared") if shared else ""
+    c.unified.loss_weights.update(weights)
+    return c
+
+  cs.train(config(True, user_cl=0.0), tmp_path / "a", log=lambda _: None, data=data)
+  said: list[str] = []
+  cs.train(config(True, item_cl=0.0), tmp_path / "b", log=said.append, data=data)
+  assert any(x.startswith("text: finished before (step 2)") for x in said) and not (tmp_path / "b" / "text").exists()
+  cs.train(config(False, item_cl=0.0), tmp_path / "own", log=lambda _: None, data=data)
+  assert (tmp_path / "own" / "text" / "metrics.jsonl").is_file()
+  rows = lambda run: [json.loads(x) for x in (tmp_path / run / "unified" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+  drop = lambda row: {k: v for k, v in row.items() if "time" not in k and "per_s" not in k}  # noqa: E731
+  assert [drop(x) for x in rows("b")] == [drop(x) for x in rows("own")] and len(rows("b")) == 2
+  other = config(True)
+  other.candidates.steps = 3  # another stage 1
+  with pytest.raises(ConfigError, match=r"shared holds a run with another config \(candidates.steps: 2 in the run"):
+    cs.train(other, tmp_path / "c", log=lambda _: None, data=data)
+  with trainer.RunLock(tmp_path / "shared"):
+    with pytest.raises(ConfigError, match=r"shared is in use by process"):
+      cs.train(config(True), tmp_path / "d", log=lambda _: None, data=data)
 
 
 def test_sigterm_in_encoder_pretraining_saves_returns_and_resumes(toy, tmp_path, monkeypatch):

@@ -361,7 +361,8 @@ def train_examples(r: Run) -> list[nextitem.Example]:
 
 def stages(r: Run, workdir: pathlib.Path) -> list[trainer.Stage]:
   """One LoRA stage on the task mixture (none with 0 steps: the zero-shot LLM). Unified runs: the ID encoder's
-  pretraining (`Run.encoder_stage`), that stage on text-only prompts (WORKDIR/text), then LoRA and the projector
+  pretraining (`Run.encoder_stage`), that stage on text-only prompts (`unified.text_folder`: WORKDIR/text unless
+  shared), then LoRA and the projector
   on unified prompts (WORKDIR/unified, `unified.steps`, loss weights `unified.loss_weights`; with
   `unified.curriculum` the unified share of each batch rises from 0 to 1 over the stage)."""
   c = r.config
@@ -369,7 +370,7 @@ def stages(r: Run, workdir: pathlib.Path) -> list[trainer.Stage]:
   valid = subset(r, "valid", c.data.valid_size)
   tasks = ", ".join(auxtasks.mixture(dict(c.tasks.ratios))[0])
 
-  def stage(name, folder, layout, weights, steps, trains, soft, soft_share=None) -> trainer.Stage:
+  def stage(name, folder, layout, weights, steps, trains, soft, soft_share=None, config=c) -> trainer.Stage:
     batches = lambda: auxtasks.train_batches(r.data, r.pt, examples, dict(c.tasks.ratios),  # noqa: E731
                                              c.train.batch_size, layout, r.settings, c.seed, soft_share=soft_share)
     check = lambda model: {SCORED: scored_metrics(r, model, valid, soft)[SCORED]}  # noqa: E731
@@ -377,15 +378,15 @@ def stages(r: Run, workdir: pathlib.Path) -> list[trainer.Stage]:
         name, folder, batches, weights, steps, c.optim, c.train.batch_size,
         min(c.train.micro_batch_size, c.train.batch_size), trains=trains, validate=check, metric=METRIC,
         eval_every=c.train.eval_every, patience=c.train.patience, checkpoint_every=c.train.checkpoint_every,
-        seed=c.seed, config=c, title=f"{c.name}: {name} ({tasks})")
+        seed=c.seed, config=config, title=f"{c.name}: {name} ({tasks})")
   if not r.soft:
     return [stage("candidates", workdir, r.layout, {LOSS: 1.0}, c.candidates.steps, nnx.LoRAParam, False)
             ][:int(c.candidates.steps > 0)]
   u = c.unified
   out = [r.encoder_stage]
   if c.candidates.steps > 0:
-    out.append(stage("text", workdir / "text", dataclasses.replace(r.layout, max_items=0), {LOSS: 1.0},
-                     c.candidates.steps, nnx.LoRAParam, False))
+    out.append(stage("text", unified.text_folder(c, workdir), dataclasses.replace(r.layout, max_items=0),
+                     {LOSS: 1.0}, c.candidates.steps, nnx.LoRAParam, False, config=unified.text_stage_config(c)))
   if u.steps > 0:
     out.append(stage("unified", workdir / "unified", r.layout, dict(u.loss_weights), u.steps,
                      unified.trains_projector, True, unified.soft_share(u.steps, u.curriculum)))
@@ -429,10 +430,13 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
   def finish(r, summaries: list[dict]) -> dict[str, Any]:
     c = config
     encoder, summaries = (summaries[0], summaries[1:]) if r.soft else (None, summaries)  # `stages`' order
+    valid = subset(r, "valid", c.data.valid_size)
+    best = summaries[-1][f"valid_{METRIC}"] if summaries else None
     summary = {"dataset": c.data.dataset, "tasks": {k: v for k, v in dict(c.tasks.ratios).items() if v},
                "stages": [{k: s[k] for k in ("stage", "steps", "best_step", f"valid_{METRIC}", "stopped", "wall_s")}
                           for s in summaries],
-               "valid": scored_metrics(r, r.model, subset(r, "valid", c.data.valid_size))}
+               # The last stage validated the model it leaves (its best step) on these users: no second pass.
+               "valid": scored_metrics(r, r.model, valid) if best is None else {SCORED: best, "count": len(valid)}}
     if r.soft:
       keep = ("steps", "best_step", "stopped", "wall_s", "valid_NDCG@10")
       summary["unified"] = {"encoder": {k: encoder.get(k) for k in keep}, "curriculum": bool(c.unified.curriculum),

@@ -53,6 +53,7 @@ class UnifiedSettings:
   pooling: str = "last"  # the encoder's user representation, as its pretraining pooled it
   user_temperature: float = 0.1
   item_temperature: float = 0.1
+  same_side_negatives: bool = True  # NT-Xent (True) or CLIP's loss, negatives from the other side only (False)
 
 
 class UnifiedRec(nnx.Module):
@@ -163,7 +164,8 @@ def user_cl(model: UnifiedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array])
   """InfoNCE between the LLM's pooled history state and the encoder's projected user representation."""
   text_bd = losses.masked_mean(h_btd, batch["history_mask"])
   return losses.info_nce(text_bd, model.user_embeds(batch["history_ids"]), similarity="cosine",
-                         temperature=model.settings.user_temperature, valid_n=batch["user_valid"] > 0)
+                         temperature=model.settings.user_temperature, valid_n=batch["user_valid"] > 0,
+                         same_side=model.settings.same_side_negatives)
 
 
 def item_cl(model: UnifiedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -173,7 +175,8 @@ def item_cl(model: UnifiedRec, h_btd: jax.Array, batch: Mapping[str, jax.Array])
   id_bkd = model.item_embeds(ids_bk)
   d = text_bkd.shape[-1]
   return losses.info_nce(text_bkd.reshape(-1, d), id_bkd.reshape(-1, d), similarity="cosine",
-                         temperature=model.settings.item_temperature, valid_n=batch["item_valid"].reshape(-1) > 0)
+                         temperature=model.settings.item_temperature, valid_n=batch["item_valid"].reshape(-1) > 0,
+                         same_side=model.settings.same_side_negatives)
 
 
 def answer_terms(model, batch: Mapping[str, jax.Array], key: jax.Array | None, names: Sequence[str],
@@ -245,6 +248,27 @@ def encoder_folder(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(w) if w else pathlib.Path(workdir) / "encoder"
 
 
+# Fields that only stage 2 reads: runs differing in these alone share stage 1 (`unified.text_workdir`).
+STAGE2_FIELDS = ("steps", "curriculum", "loss_weights", "user_temperature", "item_temperature",
+                 "same_side_negatives", "text_workdir")
+
+
+def text_folder(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+  """Stage 1's folder (text-only prompts): `unified.text_workdir`, or WORKDIR/text."""
+  w = config.unified.text_workdir
+  return pathlib.Path(w) if w else pathlib.Path(workdir) / "text"
+
+
+def text_stage_config(config: ConfigDict) -> ConfigDict:
+  """The config stage 1 saves and is resumed against: the run's, less the fields only stage 2 reads, so that the
+  ablations of stage 2 restore one shared stage 1 and a run whose stage 1 differs stops with the differences."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    for k in STAGE2_FIELDS:
+      del c.unified[k]
+  return c
+
+
 def encoder_stage(config: ConfigDict, data: nextitem.NextItemData,
                   workdir: pathlib.Path) -> tuple[pretrain.NextItemRec, ConfigDict, trainer.Stage]:
   """(the fresh ID encoder in its pretraining model, its config, the pretraining stage): `pretrain.stage` of its
@@ -293,5 +317,5 @@ def build_model(config: ConfigDict, llm: Llama, encoder: SeqEncoder, encoder_cfg
   """The `UnifiedRec` of `config.unified` around the LLM and the pretrained encoder (placeholder token `ph`)."""
   check_items(encoder.item_table().shape[0] - 2, data, config)
   u = config.unified
-  settings = UnifiedSettings(ph, encoder_cfg.pooling, u.user_temperature, u.item_temperature)
+  settings = UnifiedSettings(ph, encoder_cfg.pooling, u.user_temperature, u.item_temperature, u.same_side_negatives)
   return UnifiedRec(llm, encoder, settings, u.projector_hidden, rngs=nnx.Rngs(config.seed))

@@ -20,7 +20,9 @@ RESUMABLE = ("name", "mesh", "coordinator_address", "num_processes", "process_id
              "train.checkpoint_every", "train.eval_batch_size", "train.micro_batch_size", "data.test_size",
              "data.eval_widths", "data.files.test", "data.allow_test_in_train",
              # how generated answers decode (candidate ranking): scoring, not training; older runs lack the fields
-             "eval.temperature", "eval.top_p", "eval.num_beams")
+             "eval.temperature", "eval.top_p", "eval.num_beams",
+             # where a unified run's stage 1 lives: that folder's own config is checked against the run's stage 1
+             "unified.text_workdir")
 # Fields that define the trained model: scoring (eval.py, PEFT export) must use the same.
 MODEL = ("model.source", "model.preset", "model.tokenizer", "lora.r", "lora.alpha", "lora.targets", "fusion.")
 MODEL_EXCEPT = ("fusion.pretrain.", "fusion.residual_confirm_size")  # how it trains, not what it is

@@ -8,6 +8,7 @@ data-iterator state), SIGTERM / Ctrl-C saves, and early stopping on its validati
 """
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+import contextlib
 import dataclasses
 import json
 import os
@@ -318,30 +319,40 @@ class RunLock:
       self.file.close()  # closing releases the lock
 
 
-def run(stages: Sequence[Stage], model: nnx.Module, mesh, log: Callable[[str], None] = print) -> list[dict]:
+def run(stages: Sequence[Stage], model: nnx.Module, mesh, log: Callable[[str], None] = print,
+        held: Sequence[pathlib.Path] | None = None) -> list[dict]:
   """Runs the stages in order on `model` (placed on `mesh` once); a finished stage is not rerun: its best
   parameters are restored. Stops after a preempted stage (its summary says so). A stage with a `module` trains
-  that module instead of `model`."""
+  that module instead of `model`. With `held` (the folders the caller has locked), every other stage folder is
+  locked while its stage runs or is restored: stage folders that runs share (an ID encoder's pretraining, a
+  unified run's stage 1) are then trained by one run at a time."""
   place(model, mesh)
   summaries = []
   for stage in stages:
-    part = model if stage.module is None else stage.module
-    if part is not model:
-      place(part, mesh)  # its variables outside `model` (those it shares are placed already)
-    summary = finished(stage)
-    if summary is not None and stage.config is not None:
-      runconfig.check_resume(stage.config, stage.workdir)  # a finished run rerun with other values stops too
-    if summary is not None and summary.get("stopped") == "last step" and stage.steps > summary["total_steps"]:
-      summary = None  # finished at its old length: a longer run goes on from its last checkpoint
-    if summary is not None:
-      restore_best(stage, part)
-      log(f"{stage.name}: finished before (step {summary['steps']}), its parameters restored")
-    else:
-      summary = run_stage(stage, part, mesh)
+    own = held is None or pathlib.Path(stage.workdir).resolve() in {pathlib.Path(h).resolve() for h in held}
+    with contextlib.nullcontext() if own else RunLock(stage.workdir):
+      summary = _run_or_restore(stage, model, mesh, log)
     summaries.append(summary)
     if summary["preempted"]:
       break
   return summaries
+
+
+def _run_or_restore(stage: Stage, model: nnx.Module, mesh, log: Callable[[str], None]) -> dict:
+  part = model if stage.module is None else stage.module
+  if part is not model:
+    place(part, mesh)  # its variables outside `model` (those it shares are placed already)
+  summary = finished(stage)
+  if summary is not None and stage.config is not None:
+    runconfig.check_resume(stage.config, stage.workdir)  # a finished run rerun with other values stops too
+  if summary is not None and summary.get("stopped") == "last step" and stage.steps > summary["total_steps"]:
+    summary = None  # finished at its old length: a longer run goes on from its last checkpoint
+  if summary is not None:
+    restore_best(stage, part)
+    log(f"{stage.name}: finished before (step {summary['steps']}), its parameters restored")
+  else:
+    summary = run_stage(stage, part, mesh)
+  return summary
 
 
 def run_once(config: ConfigDict, workdir: pathlib.Path, summary_name: str,
@@ -361,7 +372,7 @@ def run_once(config: ConfigDict, workdir: pathlib.Path, summary_name: str,
     if not any(s.workdir == workdir and s.config is not None for s in stages) and jax.process_index() == 0:
       workdir.mkdir(parents=True, exist_ok=True)
       runconfig.save(config, workdir)
-    summaries = run(stages, model, mesh, log)
+    summaries = run(stages, model, mesh, log, held=(workdir,))
     if summaries and summaries[-1]["preempted"]:
       return summaries[-1]
     summary = finish(r, summaries)
