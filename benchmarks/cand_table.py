@@ -224,7 +224,8 @@ def goal_lines(rows: list[dict]) -> list[str]:
       continue
     best = max(unified_rows, key=lambda r: r["metrics"][cs.HIT])
     m = best["metrics"]
-    checks = [f"HitRatio@1 {m[cs.HIT]:.4f} (goal >= {GOAL_HIT})", f"ValidRatio {m[cs.VALID]:.4f} (goal >= {GOAL_VALID})"]
+    checks = [f"HitRatio@1 {m[cs.HIT]:.4f} (goal >= {GOAL_HIT})",
+              f"ValidRatio {m[cs.VALID]:.4f} (goal >= {GOAL_VALID})"]
     for key, name in (("vs_text", "text-only"), ("vs_id", "the ID encoder")):
       vs = best.get(key)
       checks.append(f"vs {name} {interval_text(vs)}" if vs else f"vs {name}: not run on these users")
@@ -247,7 +248,7 @@ def markdown(result: dict) -> str:
            "its config's recipe and does not stand for it.", "", "Commands:", ""]
   lines += [f"- `{c}`" for c in result["commands"]]
   for (dataset, count), group in common.group_by(result["rows"], group_key).items():
-    subset = "seeded" if "users" in group[0]["budget"] else "all"
+    subset = "all" if group[0].get("all_users", "users" not in group[0]["budget"]) else "seeded"
     lines += ["", f"## {dataset}: {count} test users ({subset})", ""]
     table = []
     for r in group:
@@ -295,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name in a.rows:
       t0 = time.time()
       r = encoder_row(args, dataset, data) if name == "id_encoder" else llm_row(args, dataset, name, data)
-      r = {"dataset": dataset, "row": name, "label": LABELS[name], "count": len(r["users"]),
+      every = row_config(args, dataset, name, a.seeds[0]).data.test_size < 0  # or the config's seeded subset
+      r = {"dataset": dataset, "row": name, "label": LABELS[name], "count": len(r["users"]), "all_users": every,
            "seeds": len(r["hits"]), "budget": budget, "full_recipe": not budget, **r}
       print(f"[{dataset}] {name}: {time.time() - t0:.0f} s, " + " ".join(
           f"{k} {v:.4f}" for k, v in r["metrics"].items() if isinstance(v, float)), flush=True)

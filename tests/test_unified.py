@@ -350,7 +350,8 @@ def test_unified_runs_differing_in_stage_2_share_one_stage_1(toy, tmp_path):
   assert any(x.startswith("text: finished before (step 2)") for x in said) and not (tmp_path / "b" / "text").exists()
   cs.train(config(False, item_cl=0.0), tmp_path / "own", log=lambda _: None, data=data)
   assert (tmp_path / "own" / "text" / "metrics.jsonl").is_file()
-  rows = lambda run: [json.loads(x) for x in (tmp_path / run / "unified" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+  rows = lambda run: [json.loads(x) for x in  # noqa: E731
+                      (tmp_path / run / "unified" / "metrics.jsonl").read_text().splitlines()]
   drop = lambda row: {k: v for k, v in row.items() if "time" not in k and "per_s" not in k}  # noqa: E731
   assert [drop(x) for x in rows("b")] == [drop(x) for x in rows("own")] and len(rows("b")) == 2
   other = config(True)
@@ -420,7 +421,7 @@ def test_cand_table_on_tiny_models_marks_the_budget_and_pairs_users(data_root, t
   rows = {r["row"]: r for r in result["rows"]}
   assert set(rows) == {"id_encoder", "text", "unified+bpr"}
   assert rows["text"]["users"] == rows["unified+bpr"]["users"] == rows["id_encoder"]["users"]  # paired
-  assert all(r["count"] == 6 and not r["full_recipe"] and r["budget"] == {"steps": 1, "users": 6}
+  assert all(r["count"] == 6 and not r["full_recipe"] and not r["all_users"] and r["budget"] == {"steps": 1, "users": 6}
              for r in rows.values())
   for name in ("id_encoder", "unified+bpr"):
     vs = rows[name]["vs_text"]
