@@ -412,6 +412,29 @@ def test_tiny_unified_config_trains_through_train_py(data_root, tmp_path):
   assert "unified prompts" in run.stdout and (tmp_path / "encoder" / "stage.json").is_file()
 
 
+def test_cand_table_goals_are_the_issues_per_dataset():
+  """MovieLens: LLaRA's bar and both intervals for the best unified row; Beauty: all auxiliary tasks against text."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import cand_table  # pylint: disable=g-import-not-at-top
+
+  def row(dataset, name, hits, valid=1.0):
+    h = np.asarray(hits, np.float64)
+    return {"dataset": dataset, "row": name, "label": cand_table.LABELS[name], "count": len(h),
+            "users": list(range(len(h))), "hits": [h.tolist()], "full_recipe": True, "budget": {},
+            "metrics": {cs.HIT: h.mean(), cs.VALID: valid, cs.SCORED: h.mean()}}
+  won, lost, half = [1] * 40, [0] * 40, [1, 0] * 20
+  rows = cand_table.with_intervals([
+      row("ml100k", "text", lost), row("ml100k", "id_encoder", half), row("ml100k", "unified", won),
+      row("ml100k", "unified_no_user_cl", won, valid=0.9),
+      row("beauty", "text", half), row("beauty", "unified", won), row("beauty", "text+aux", won),
+      row("beauty", "unified+aux", lost)], resamples=200)
+  lines = cand_table.goal_lines(rows)
+  assert len(lines) == 3 and all("(**budget** row)" not in x for x in lines)
+  assert lines[0].startswith("- ml100k, 40 users, best unified row `unified prompts") and lines[0].endswith("**met**")
+  assert lines[1].startswith("- beauty, 40 users, `text-only + all auxiliary tasks`") and lines[1].endswith("**met**")
+  assert lines[2].startswith("- beauty, 40 users, `unified + all auxiliary tasks`") and lines[2].endswith("missed")
+
+
 def test_cand_table_on_tiny_models_marks_the_budget_and_pairs_users(data_root, tmp_path):
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import cand_table  # pylint: disable=g-import-not-at-top
