@@ -113,14 +113,15 @@ def row_config(args: dict, dataset: str, name: str, seed: int) -> ConfigDict:
   u = c.unified
   u.enabled = name.startswith("unified")
   u.encoder_overrides = {**u.encoder_overrides.to_dict(), **common.parse_overrides(args["encoder_set"])}
-  # The LLM's steps and test users do not touch the encoder's pretraining: every budget of those shares one encoder.
-  encoder_budget = {k: v for k, v in budget_of(args).items() if k not in ("steps", "users")}
-  u.encoder_workdir = str(run_folder(args["workdir"], dataset, "encoder", encoder_budget))
+  # Test users touch no training, and the LLM's steps not the encoder's: one encoder for every such budget, and one
+  # stage 1 per task mixture, budget and seed for the unified rows (their ablations differ in stage 2 only).
+  budget = {k: v for k, v in budget_of(args).items() if k != "users"}
+  u.encoder_workdir = str(run_folder(args["workdir"], dataset, "encoder",
+                                     {k: v for k, v in budget.items() if k != "steps"}))
   prefix, _, task = name.partition("+")
-  if u.enabled:  # the unified ablations differ in stage 2 only: one stage 1 per task mixture, budget and seed
-    text_budget = {k: v for k, v in budget_of(args).items() if k != "users"}
+  if u.enabled:
     u.text_workdir = str(run_folder(args["workdir"], dataset, "+".join(["unified_text", *([task] if task else [])]),
-                                    text_budget, seed))
+                                    budget, seed))
   c.tasks.ratios.update({"rec": 1.0, "mim": 0.0, "bpr": 0.0, "mlm": 0.0})
   if task:
     c.tasks.ratios.update({t: args["aux_ratio"] for t in ("mim", "bpr", "mlm") if task in (t, "aux")})
@@ -168,7 +169,7 @@ def llm_row(args: dict, dataset: str, name: str, data: nextitem.NextItemData) ->
     runs.append({"seed": seed, "folder": str(folder), "wall_s": summary["wall_s"], "command_s": time.time() - t0,
                  "test": summary["test"], "stages": summary["stages"], "unified": summary.get("unified")})
   h, v = np.stack(hits), np.stack(valid)
-  return {"users": users, "hits": h.tolist(), "metrics": {
+  return {"users": users, "all_users": c.data.test_size < 0, "hits": h.tolist(), "metrics": {
       cs.HIT: float(h.mean()), cs.VALID: float(v.mean()),
       cs.SCORED: float(np.mean([r["test"][cs.SCORED] for r in runs])),
       f"{cs.HIT}_per_seed": h.mean(1).tolist()}, "wall_s": float(np.mean([r["wall_s"] for r in runs])), "runs": runs}
@@ -186,7 +187,7 @@ def encoder_row(args: dict, dataset: str, data: nextitem.NextItemData) -> dict:
     from clclm_jax.seqrec import baselines  # pylint: disable=g-import-not-at-top
     xs = baselines.sample_examples(xs, c.data.test_size, c.data.subset_seed)
   hit = (cs.target_ranks(cs.encoder_scores(encoder, xs, pooling=cfg.pooling), xs) == 0).astype(np.float64)
-  return {"users": [x.user for x in xs], "hits": [hit.tolist()],
+  return {"users": [x.user for x in xs], "all_users": c.data.test_size < 0, "hits": [hit.tolist()],
           "metrics": {cs.HIT: float(hit.mean()), cs.VALID: 1.0, cs.SCORED: float(hit.mean())},
           "wall_s": time.time() - t0, "runs": [{"encoder": {k: summary.get(k) for k in (
               "steps", "best_step", "stopped", "wall_s", "valid_NDCG@10")}, "folder": c.unified.encoder_workdir}]}
@@ -304,8 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name in a.rows:
       t0 = time.time()
       r = encoder_row(args, dataset, data) if name == "id_encoder" else llm_row(args, dataset, name, data)
-      every = row_config(args, dataset, name, a.seeds[0]).data.test_size < 0  # or the config's seeded subset
-      r = {"dataset": dataset, "row": name, "label": LABELS[name], "count": len(r["users"]), "all_users": every,
+      r = {"dataset": dataset, "row": name, "label": LABELS[name], "count": len(r["users"]),
            "seeds": len(r["hits"]), "budget": budget, "full_recipe": not budget, **r}
       print(f"[{dataset}] {name}: {time.time() - t0:.0f} s, " + " ".join(
           f"{k} {v:.4f}" for k, v in r["metrics"].items() if isinstance(v, float)), flush=True)
