@@ -19,7 +19,8 @@ markdown and `full_recipe: false` in the JSON. Results merge into `--out/<stem>.
 the same dataset, row and number of test users); `--fresh` starts it again. Run folders (resumable; a finished run
 is read, not retrained) live under `--workdir`; the unified rows and `id_encoder` of a dataset share one encoder
 pretraining, whatever `--steps` and `--users` say (only `--encoder_set` and `--set` give it another folder), and
-the unified rows of one task mixture and seed share their text-only stage 1 (`unified.text_workdir`).
+the text-only row and the unified rows of one task mixture, budget and seed share one text-only training (the text
+row's model, the unified rows' stage 1: `unified.text_workdir`), whatever `--users` says.
 """
 
 from clclm_jax.train import malloc
@@ -114,14 +115,14 @@ def row_config(args: dict, dataset: str, name: str, seed: int) -> ConfigDict:
   u.enabled = name.startswith("unified")
   u.encoder_overrides = {**u.encoder_overrides.to_dict(), **common.parse_overrides(args["encoder_set"])}
   # Test users touch no training, and the LLM's steps not the encoder's: one encoder for every such budget, and one
-  # stage 1 per task mixture, budget and seed for the unified rows (their ablations differ in stage 2 only).
+  # text-only stage per task mixture, budget and seed: the text-only row's training and the unified rows' stage 1
+  # (their ablations differ in stage 2 only).
   budget = {k: v for k, v in budget_of(args).items() if k != "users"}
   u.encoder_workdir = str(run_folder(args["workdir"], dataset, "encoder",
                                      {k: v for k, v in budget.items() if k != "steps"}))
   prefix, _, task = name.partition("+")
-  if u.enabled:
-    u.text_workdir = str(run_folder(args["workdir"], dataset, "+".join(["unified_text", *([task] if task else [])]),
-                                    budget, seed))
+  u.text_workdir = str(run_folder(args["workdir"], dataset, "+".join(["text_stage", *([task] if task else [])]),
+                                  budget, seed))
   c.tasks.ratios.update({"rec": 1.0, "mim": 0.0, "bpr": 0.0, "mlm": 0.0})
   if task:
     c.tasks.ratios.update({t: args["aux_ratio"] for t in ("mim", "bpr", "mlm") if task in (t, "aux")})

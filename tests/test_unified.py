@@ -329,8 +329,8 @@ def test_projector_trains_in_stage_2_only(toy, tmp_path):
 
 def test_unified_runs_differing_in_stage_2_share_one_stage_1(toy, tmp_path):
   """A run naming a finished stage 1 in `unified.text_workdir` restores it and ends exactly where the same run
-  training its own stage 1 does; a run whose stage 1 differs stops naming the field; the shared folder is locked
-  while a run uses it."""
+  training its own stage 1 does; a text-only run naming the folder trains the same stage 1; a run whose stage 1
+  differs stops naming the field; the shared folder is locked while a run uses it."""
   from configs import tiny_cand  # pylint: disable=g-import-not-at-top
   data = toy[0]
 
@@ -354,6 +354,21 @@ def test_unified_runs_differing_in_stage_2_share_one_stage_1(toy, tmp_path):
                       (tmp_path / run / "unified" / "metrics.jsonl").read_text().splitlines()]
   drop = lambda row: {k: v for k, v in row.items() if "time" not in k and "per_s" not in k}  # noqa: E731
   assert [drop(x) for x in rows("b")] == [drop(x) for x in rows("own")] and len(rows("b")) == 2
+  # A text-only run naming a folder trains there the stage 1 that unified runs restore: the same batches and losses.
+  text = tiny_cand.get_config()
+  text.data.max_users, text.data.valid_size, text.data.test_size = 0, 2, 0
+  text.candidates.steps = 2
+  text.unified.text_workdir = str(tmp_path / "from_text")
+  cs.train(text, tmp_path / "t", log=lambda _: None, data=data)
+  stage_rows = lambda folder: [drop(json.loads(x)) for x in  # noqa: E731
+                               (tmp_path / folder / "metrics.jsonl").read_text().splitlines()]
+  assert not (tmp_path / "t" / "checkpoints").exists() and len(stage_rows("from_text")) == 2
+  assert stage_rows("from_text") == stage_rows("own/text")
+  later = config(True)
+  later.unified.text_workdir = str(tmp_path / "from_text")
+  said.clear()
+  cs.train(later, tmp_path / "e", log=said.append, data=data)
+  assert any(x.startswith("text: finished before (step 2)") for x in said)
   other = config(True)
   other.candidates.steps = 3  # another stage 1
   with pytest.raises(ConfigError, match=r"shared holds a run with another config \(candidates.steps: 2 in the run"):
@@ -457,6 +472,10 @@ def test_cand_table_on_tiny_models_marks_the_budget_and_pairs_users(data_root, t
   assert pathlib.Path(rows["id_encoder"]["runs"][0]["folder"]) == tmp_path / "runs" / "ml100k" / "encoder" / "recipe"
   stages = rows["unified+bpr"]["runs"][0]["stages"]
   assert [s["stage"] for s in stages] == ["text", "unified"] and all(s["steps"] == 1 for s in stages)
+  # The text-only training of each task mixture lives in one folder: the text row's model, the unified rows' stage 1.
+  assert [s["stage"] for s in rows["text"]["runs"][0]["stages"]] == ["text"]
+  for name in ("text_stage", "text_stage_plus_bpr"):
+    assert (tmp_path / "runs" / "ml100k" / name / "steps1" / "seed0" / "checkpoints").is_dir()
   assert rows["unified+bpr"]["metrics"][cand_table.cs.HIT] == pytest.approx(np.mean(rows["unified+bpr"]["hits"]))
   md = (tmp_path / "cand_table.md").read_text()
   assert "**budget**: steps=1, users=6" in md and "text-only + bpr" not in md and "unified + bpr" in md

@@ -360,9 +360,9 @@ def train_examples(r: Run) -> list[nextitem.Example]:
 
 
 def stages(r: Run, workdir: pathlib.Path) -> list[trainer.Stage]:
-  """One LoRA stage on the task mixture (none with 0 steps: the zero-shot LLM). Unified runs: the ID encoder's
-  pretraining (`Run.encoder_stage`), that stage on text-only prompts (`unified.text_folder`: WORKDIR/text unless
-  shared), then LoRA and the projector
+  """One LoRA stage on the task mixture (none with 0 steps: the zero-shot LLM), in WORKDIR or, with
+  `unified.text_workdir`, in that shared folder. Unified runs: the ID encoder's pretraining (`Run.encoder_stage`),
+  that stage on text-only prompts (`unified.text_folder`: WORKDIR/text unless shared), then LoRA and the projector
   on unified prompts (WORKDIR/unified, `unified.steps`, loss weights `unified.loss_weights`; with
   `unified.curriculum` the unified share of each batch rises from 0 to 1 over the stage)."""
   c = r.config
@@ -370,7 +370,8 @@ def stages(r: Run, workdir: pathlib.Path) -> list[trainer.Stage]:
   valid = subset(r, "valid", c.data.valid_size)
   tasks = ", ".join(auxtasks.mixture(dict(c.tasks.ratios))[0])
 
-  def stage(name, folder, layout, weights, steps, trains, soft, soft_share=None, config=c) -> trainer.Stage:
+  def stage(name, folder, layout, weights, steps, trains, soft, soft_share=None, config=c, module=None
+            ) -> trainer.Stage:
     batches = lambda: auxtasks.train_batches(r.data, r.pt, examples, dict(c.tasks.ratios),  # noqa: E731
                                              c.train.batch_size, layout, r.settings, c.seed, soft_share=soft_share)
     check = lambda model: {SCORED: scored_metrics(r, model, valid, soft)[SCORED]}  # noqa: E731
@@ -378,15 +379,19 @@ def stages(r: Run, workdir: pathlib.Path) -> list[trainer.Stage]:
         name, folder, batches, weights, steps, c.optim, c.train.batch_size,
         min(c.train.micro_batch_size, c.train.batch_size), trains=trains, validate=check, metric=METRIC,
         eval_every=c.train.eval_every, patience=c.train.patience, checkpoint_every=c.train.checkpoint_every,
-        seed=c.seed, config=config, title=f"{c.name}: {name} ({tasks})")
-  if not r.soft:
-    return [stage("candidates", workdir, r.layout, {LOSS: 1.0}, c.candidates.steps, nnx.LoRAParam, False)
-            ][:int(c.candidates.steps > 0)]
+        seed=c.seed, config=config, title=f"{c.name}: {name} ({tasks})", module=module)
   u = c.unified
+  # The text-only stage trains the LLM itself (its LoRA tree is a text-only run's), in a folder that a text-only
+  # run and the unified runs of the same stage 1 may share (`unified.text_workdir`).
+  text = lambda: stage("text", unified.text_folder(c, workdir), dataclasses.replace(r.layout, max_items=0),  # noqa: E731
+                       {LOSS: 1.0}, c.candidates.steps, nnx.LoRAParam, False, config=unified.text_stage_config(c),
+                       module=r.llm)
+  if not r.soft:
+    own = stage("candidates", workdir, r.layout, {LOSS: 1.0}, c.candidates.steps, nnx.LoRAParam, False)
+    return [text() if u.text_workdir else own][:int(c.candidates.steps > 0)]
   out = [r.encoder_stage]
   if c.candidates.steps > 0:
-    out.append(stage("text", unified.text_folder(c, workdir), dataclasses.replace(r.layout, max_items=0),
-                     {LOSS: 1.0}, c.candidates.steps, nnx.LoRAParam, False, config=unified.text_stage_config(c)))
+    out.append(text())
   if u.steps > 0:
     out.append(stage("unified", workdir / "unified", r.layout, dict(u.loss_weights), u.steps,
                      unified.trains_projector, True, unified.soft_share(u.steps, u.curriculum)))

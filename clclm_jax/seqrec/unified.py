@@ -248,11 +248,6 @@ def encoder_folder(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(w) if w else pathlib.Path(workdir) / "encoder"
 
 
-# Fields that only stage 2 reads: runs differing in these alone share stage 1 (`unified.text_workdir`).
-STAGE2_FIELDS = ("steps", "curriculum", "loss_weights", "user_temperature", "item_temperature",
-                 "same_side_negatives", "text_workdir")
-
-
 def text_folder(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
   """Stage 1's folder (text-only prompts): `unified.text_workdir`, or WORKDIR/text."""
   w = config.unified.text_workdir
@@ -260,12 +255,12 @@ def text_folder(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
 
 
 def text_stage_config(config: ConfigDict) -> ConfigDict:
-  """The config stage 1 saves and is resumed against: the run's, less the fields only stage 2 reads, so that the
-  ablations of stage 2 restore one shared stage 1 and a run whose stage 1 differs stops with the differences."""
+  """The config stage 1 saves and is resumed against: the run's less the `unified` block, which text-only prompts
+  never read, so a text-only run and the unified runs (and their stage-2 ablations) with the same stage 1 share
+  one, and a run whose stage 1 differs stops with the differences."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
-    for k in STAGE2_FIELDS:
-      del c.unified[k]
+    del c.unified
   return c
 
 
