@@ -6,7 +6,8 @@ checked per table (a dataset and a number of test users); markdown + JSON.
   python benchmarks/cand_table.py                                      # every row, both datasets, 3 seeds
   python benchmarks/cand_table.py --rows=id_encoder,text,unified --datasets=ml100k --seeds=0 --steps=20 --users=100
 
-Rows (configs/cand_<dataset>.py, `--config`): `id_encoder` (the ID encoder the unified rows read, SASRec trained
+Rows (configs/cand_<dataset>.py, `--config`): `popularity` (candidates by their training interactions: no model),
+`id_encoder` (the ID encoder the unified rows read, SASRec trained
 with CL4SRec/CoSeRec losses, ranking the same candidates), `text` (text-only LoRA), `unified` (unified prompts:
 text-only stage, then LoRA + projector with both InfoNCE terms and the curriculum), `unified_no_user_cl`,
 `unified_no_item_cl`, `unified_no_curriculum`, and `text+<task>` / `unified+<task>` with an auxiliary task of Cao
@@ -43,6 +44,7 @@ from ml_collections import ConfigDict
 
 from clclm_jax.data import nextitem
 from clclm_jax.data import candidates as cand_data
+from clclm_jax.seqrec import baselines
 from clclm_jax.seqrec import candidates as cs
 from clclm_jax.seqrec import unified
 from clclm_jax.train import cli, sharding
@@ -53,11 +55,11 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DATASETS = ("ml100k", "beauty")
 AUX = ("mim", "bpr", "mlm", "aux")
-ROWS = ("id_encoder", "text", "unified", "unified_no_user_cl", "unified_no_item_cl", "unified_no_curriculum",
+ROWS = ("popularity", "id_encoder", "text", "unified", "unified_no_user_cl", "unified_no_item_cl", "unified_no_curriculum",
         *(f"text+{t}" for t in AUX), *(f"unified+{t}" for t in AUX))
 BASELINE = "text"
 GOAL_HIT, GOAL_VALID = 0.46, 0.95  # LLaRA's MovieLens HitRatio@1 (.4526) rounded up, and its ValidRatio bar
-LABELS = {"id_encoder": "ID encoder (SASRec, CL4SRec losses)", "text": "text-only LoRA",
+LABELS = {"popularity": "popularity (training interactions)", "id_encoder": "ID encoder (SASRec, CL4SRec losses)", "text": "text-only LoRA",
           "unified": "unified prompts (both InfoNCE, curriculum)", "unified_no_user_cl": "unified, without user_cl",
           "unified_no_item_cl": "unified, without item_cl", "unified_no_curriculum": "unified, without curriculum",
           **{f"{p}+{t}": f"{'text-only' if p == 'text' else 'unified'} + {'all auxiliary tasks' if t == 'aux' else t}"
@@ -183,15 +185,31 @@ def encoder_row(args: dict, dataset: str, data: nextitem.NextItemData) -> dict:
   mesh = sharding.make_mesh(c.mesh)
   encoder, cfg, summary = unified.pretrained_encoder(c, data, pathlib.Path(c.unified.encoder_workdir), mesh,
                                                      log=lambda _: None)
+  xs = test_examples(c, data)
+  row = ranking_row(c, xs, cs.encoder_scores(encoder, xs, pooling=cfg.pooling), t0)
+  return row | {"runs": [{"encoder": {k: summary.get(k) for k in ("steps", "best_step", "stopped", "wall_s",
+                                                                  "valid_NDCG@10")}, "folder": c.unified.encoder_workdir}]}
+
+
+def popularity_row(args: dict, dataset: str, data: nextitem.NextItemData) -> dict:
+  """Each test user's candidates ranked by their count in the training histories: what a model must beat."""
+  c, t0 = row_config(args, dataset, "text", args["seeds"][0]), time.time()
+  xs = test_examples(c, data)
+  return ranking_row(c, xs, cs.popularity_scores(data, xs), t0) | {"runs": []}
+
+
+def test_examples(c: ConfigDict, data: nextitem.NextItemData) -> list:
+  """The config's test users (all, or its seeded subset) with their candidates: the LLM rows' own."""
   xs = cand_data.candidate_examples(data, "test", num_candidates=c.data.num_candidates, seed=c.data.candidate_seed)
-  if c.data.test_size >= 0:
-    from clclm_jax.seqrec import baselines  # pylint: disable=g-import-not-at-top
-    xs = baselines.sample_examples(xs, c.data.test_size, c.data.subset_seed)
-  hit = (cs.target_ranks(cs.encoder_scores(encoder, xs, pooling=cfg.pooling), xs) == 0).astype(np.float64)
+  return xs if c.data.test_size < 0 else baselines.sample_examples(xs, c.data.test_size, c.data.subset_seed)
+
+
+def ranking_row(c: ConfigDict, xs: list, scores_uc: np.ndarray, t0: float) -> dict:
+  """A row of a ranking without an answer to parse: its top candidate is its answer (ValidRatio 1)."""
+  hit = (cs.target_ranks(scores_uc, xs) == 0).astype(np.float64)
   return {"users": [x.user for x in xs], "all_users": c.data.test_size < 0, "hits": [hit.tolist()],
           "metrics": {cs.HIT: float(hit.mean()), cs.VALID: 1.0, cs.SCORED: float(hit.mean())},
-          "wall_s": time.time() - t0, "runs": [{"encoder": {k: summary.get(k) for k in (
-              "steps", "best_step", "stopped", "wall_s", "valid_NDCG@10")}, "folder": c.unified.encoder_workdir}]}
+          "wall_s": time.time() - t0}
 
 
 def paired_interval(hits_a: np.ndarray, hits_b: np.ndarray, *, resamples: int, seed: int = 0) -> dict:
@@ -305,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
       data = nextitem.load(dataset)
     for name in a.rows:
       t0 = time.time()
-      r = encoder_row(args, dataset, data) if name == "id_encoder" else llm_row(args, dataset, name, data)
+      row = {"id_encoder": encoder_row, "popularity": popularity_row}.get(name)
+      r = row(args, dataset, data) if row else llm_row(args, dataset, name, data)
       r = {"dataset": dataset, "row": name, "label": LABELS[name], "count": len(r["users"]),
            "seeds": len(r["hits"]), "budget": budget, "full_recipe": not budget, **r}
       print(f"[{dataset}] {name}: {time.time() - t0:.0f} s, " + " ".join(

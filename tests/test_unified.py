@@ -453,12 +453,21 @@ def test_cand_table_goals_are_the_issues_per_dataset():
 def test_cand_table_on_tiny_models_marks_the_budget_and_pairs_users(data_root, tmp_path):
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import cand_table  # pylint: disable=g-import-not-at-top
-  argv = ["--config=tiny_cand:unified", "--datasets=ml100k", "--rows=id_encoder,text,unified+bpr", "--seeds=0",
+  argv = ["--config=tiny_cand:unified", "--datasets=ml100k", "--rows=popularity,id_encoder,text,unified+bpr",
+          "--seeds=0",
           "--steps=1", "--users=6", f"--workdir={tmp_path / 'runs'}", f"--out={tmp_path}", "--resamples=200"]
   result = cand_table.main(argv)
   rows = {r["row"]: r for r in result["rows"]}
-  assert set(rows) == {"id_encoder", "text", "unified+bpr"}
+  assert set(rows) == {"popularity", "id_encoder", "text", "unified+bpr"}
   assert rows["text"]["users"] == rows["unified+bpr"]["users"] == rows["id_encoder"]["users"]  # paired
+  assert rows["popularity"]["users"] == rows["text"]["users"]
+  # Popularity's answer is the candidate most often in the training histories (the earlier one on a tie).
+  data = cand_table.nextitem.load("ml100k")
+  counts = cand_table.baselines.popularity_scores(data)
+  test = {x.user: x for x in cand_table.cand_data.candidate_examples(data, "test", num_candidates=5, seed=0)}
+  want = [float(max(test[u].candidates, key=lambda i: counts[i - 1]) == test[u].target)
+          for u in rows["popularity"]["users"]]
+  assert rows["popularity"]["hits"] == [want] and rows["popularity"]["metrics"]["HitRatio@1"] == np.mean(want)
   assert all(r["count"] == 6 and not r["full_recipe"] and not r["all_users"] and r["budget"] == {"steps": 1, "users": 6}
              for r in rows.values())
   for name in ("id_encoder", "unified+bpr"):
@@ -484,7 +493,7 @@ def test_cand_table_on_tiny_models_marks_the_budget_and_pairs_users(data_root, t
   again = cand_table.main([*(x for x in argv if not x.startswith(("--rows", "--users"))), "--rows=id_encoder",
                            "--users=4"])
   assert sorted((r["row"], r["count"]) for r in again["rows"]) == [("id_encoder", 4), ("id_encoder", 6),
-                                                                   ("text", 6), ("unified+bpr", 6)]
+                                                                   ("popularity", 6), ("text", 6), ("unified+bpr", 6)]
   # The interval: a row better on every resample is above zero; the same row against itself is exactly zero.
   a, b = np.ones((1, 50)), np.r_[np.zeros(25), np.ones(25)][None]
   assert cand_table.paired_interval(a, b, resamples=100)["ci95"][0] > 0
