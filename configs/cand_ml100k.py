@@ -45,8 +45,9 @@ def candidate_overrides(c: ConfigDict) -> ConfigDict:
         encoder_overrides=ConfigDict({}),  # ... with these of its fields changed ...
         encoder_workdir="",  # ... in this folder ("": WORKDIR/encoder); a finished pretraining there is reused
         projector_hidden=256,  # Linear(encoder width, this), GELU, Linear(this, LLM width)
-        # Stage 1's folder ("": WORKDIR/text). Runs whose stage 1 is the same (the unified ablations differ only in
-        # stage 2) may name one folder: a finished stage 1 there is restored, not trained again.
+        # Stage 1's folder ("": WORKDIR/text; a text-only run trains in WORKDIR). Runs whose text-only training is
+        # the same (a text-only run, the unified runs and their stage-2 ablations) may name one folder: a finished
+        # stage there is restored, not trained again.
         text_workdir="",
         steps=300,  # stage 2 updates
         curriculum=True,  # LLaRA: the share of unified prompts in a batch rises linearly from 0 to 1 over stage 2
