@@ -55,11 +55,12 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DATASETS = ("ml100k", "beauty")
 AUX = ("mim", "bpr", "mlm", "aux")
-ROWS = ("popularity", "id_encoder", "text", "unified", "unified_no_user_cl", "unified_no_item_cl", "unified_no_curriculum",
-        *(f"text+{t}" for t in AUX), *(f"unified+{t}" for t in AUX))
+ROWS = ("popularity", "id_encoder", "text", "unified", "unified_no_user_cl", "unified_no_item_cl",
+        "unified_no_curriculum", *(f"text+{t}" for t in AUX), *(f"unified+{t}" for t in AUX))
 BASELINE = "text"
 GOAL_HIT, GOAL_VALID = 0.46, 0.95  # LLaRA's MovieLens HitRatio@1 (.4526) rounded up, and its ValidRatio bar
-LABELS = {"popularity": "popularity (training interactions)", "id_encoder": "ID encoder (SASRec, CL4SRec losses)", "text": "text-only LoRA",
+LABELS = {"popularity": "popularity (training interactions)", "id_encoder": "ID encoder (SASRec, CL4SRec losses)",
+          "text": "text-only LoRA",
           "unified": "unified prompts (both InfoNCE, curriculum)", "unified_no_user_cl": "unified, without user_cl",
           "unified_no_item_cl": "unified, without item_cl", "unified_no_curriculum": "unified, without curriculum",
           **{f"{p}+{t}": f"{'text-only' if p == 'text' else 'unified'} + {'all auxiliary tasks' if t == 'aux' else t}"
@@ -187,8 +188,8 @@ def encoder_row(args: dict, dataset: str, data: nextitem.NextItemData) -> dict:
                                                      log=lambda _: None)
   xs = test_examples(c, data)
   row = ranking_row(c, xs, cs.encoder_scores(encoder, xs, pooling=cfg.pooling), t0)
-  return row | {"runs": [{"encoder": {k: summary.get(k) for k in ("steps", "best_step", "stopped", "wall_s",
-                                                                  "valid_NDCG@10")}, "folder": c.unified.encoder_workdir}]}
+  keep = ("steps", "best_step", "stopped", "wall_s", "valid_NDCG@10")
+  return row | {"runs": [{"encoder": {k: summary.get(k) for k in keep}, "folder": c.unified.encoder_workdir}]}
 
 
 def popularity_row(args: dict, dataset: str, data: nextitem.NextItemData) -> dict:

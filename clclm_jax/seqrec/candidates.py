@@ -383,12 +383,14 @@ def stages(r: Run, workdir: pathlib.Path) -> list[trainer.Stage]:
   u = c.unified
   # The text-only stage trains the LLM itself (its LoRA tree is a text-only run's), in a folder that a text-only
   # run and the unified runs of the same stage 1 may share (`unified.text_workdir`).
-  text = lambda: stage("text", unified.text_folder(c, workdir), dataclasses.replace(r.layout, max_items=0),  # noqa: E731
+  text_layout = dataclasses.replace(r.layout, max_items=0)
+  text = lambda: stage("text", unified.text_folder(c, workdir), text_layout,  # noqa: E731
                        {LOSS: 1.0}, c.candidates.steps, nnx.LoRAParam, False, config=unified.text_stage_config(c),
                        module=r.llm)
-  if not r.soft:
-    own = stage("candidates", workdir, r.layout, {LOSS: 1.0}, c.candidates.steps, nnx.LoRAParam, False)
-    return [text() if u.text_workdir else own][:int(c.candidates.steps > 0)]
+  if not r.soft:  # a text-only run: that stage when it names a shared folder, else its own in WORKDIR
+    one = text() if u.text_workdir else stage("candidates", workdir, r.layout, {LOSS: 1.0}, c.candidates.steps,
+                                               nnx.LoRAParam, False)
+    return [one][:int(c.candidates.steps > 0)]
   out = [r.encoder_stage]
   if c.candidates.steps > 0:
     out.append(text())
