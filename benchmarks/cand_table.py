@@ -170,7 +170,11 @@ def llm_row(args: dict, dataset: str, name: str, data: nextitem.NextItemData) ->
     users = u
     hits.append(h)
     valid.append(v)
-    runs.append({"seed": seed, "folder": str(folder), "wall_s": summary["wall_s"], "command_s": time.time() - t0,
+    # Every stage's training, over all the commands that ran it, then the test evaluation (a run finished before the
+    # summary timed its test evaluation: the time of the command that finished it).
+    wall = (sum(s["wall_s"] for s in summary["stages"]) + summary["test_s"] if "test_s" in summary
+            else summary["wall_s"])
+    runs.append({"seed": seed, "folder": str(folder), "wall_s": wall, "command_s": time.time() - t0,
                  "test": summary["test"], "stages": summary["stages"], "unified": summary.get("unified")})
   h, v = np.stack(hits), np.stack(valid)
   return {"users": users, "all_users": c.data.test_size < 0, "hits": h.tolist(), "metrics": {
@@ -231,6 +235,16 @@ def group_key(r: dict) -> tuple[str, int]:
   return r["dataset"], r["count"]
 
 
+def budget_part(r: dict, encoder: bool) -> tuple:
+  """What of a row's budget its LLM (or, `encoder`, its ID encoder) trained with: rows compare only to baselines
+  trained alike, and rows of other budgets stand beside each other rather than replace each other."""
+  return tuple(sorted((k, v) for k, v in r["budget"].items() if k != "users" and k.startswith("encoder.") == encoder))
+
+
+def row_key(r: dict) -> tuple:
+  return *group_key(r), r["row"], budget_part(r, False), budget_part(r, True)
+
+
 def interval_text(vs: dict | None) -> str:
   return f"{vs['difference']:+.4f} [{vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f}]" if vs else ""
 
@@ -270,8 +284,10 @@ def markdown(result: dict) -> str:
            f"Machine: {common.machine_line(result['machine'])}.",
            "Every row of a table answers the same test users and the same candidates. HitRatio@1 and ValidRatio "
            "are the greedy answer's (mean over seeds); `vs text-only` and `vs ID encoder` are HitRatio@1 minus "
-           "that row's with a 95% paired-bootstrap interval over users; `scored` is the decoding-free HitRatio@1 "
-           "(log-likelihood of each candidate's title). Wall time: training and test evaluation per seed (mean), "
+           "that row's (the text-only row of the same training budget; the ID encoder the row reads) with a 95% "
+           "paired-bootstrap interval over users; `scored` is the decoding-free HitRatio@1 "
+           "(log-likelihood of each candidate's title). Wall time: training (every stage, over all the commands "
+           "that ran it) and test evaluation per seed (mean), "
            "on a CPU shared with other jobs (upper bounds). A row marked **budget** ran with settings other than "
            "its config's recipe and does not stand for it.", "", "Commands:", ""]
   lines += [f"- `{c}`" for c in result["commands"]]
@@ -300,11 +316,12 @@ def markdown(result: dict) -> str:
 
 
 def with_intervals(rows: list[dict], resamples: int) -> list[dict]:
-  """Each row's paired intervals against the text-only row and the ID encoder of its table (same users)."""
-  for key, base_name in (("vs_text", BASELINE), ("vs_id", "id_encoder")):
-    base = {group_key(r): r for r in rows if r["row"] == base_name}
+  """Each row's paired intervals against the text-only row of its LLM budget and the ID encoder of its encoder
+  budget, in its table (the same users)."""
+  for key, base_name, encoder in (("vs_text", BASELINE, False), ("vs_id", "id_encoder", True)):
+    base = {(*group_key(r), budget_part(r, encoder)): r for r in rows if r["row"] == base_name}
     for r in rows:
-      b = base.get(group_key(r))
+      b = base.get((*group_key(r), budget_part(r, encoder)))
       r.pop(key, None)
       if b is not None and r is not b and r["users"] == b["users"]:
         r[key] = paired_interval(r["hits"], b["hits"], resamples=resamples)
@@ -333,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       # Read again before each write: another command may be filling other rows of the same table meanwhile.
       old = json.loads(out_json.read_text()) if out_json.is_file() and not a.fresh else {"rows": [], "commands": []}
       a.fresh = False  # only the first write starts afresh
-      rows = [x for x in old["rows"] if (*group_key(x), x["row"]) != (*group_key(r), name)] + [r]
+      rows = [x for x in old["rows"] if row_key(x) != row_key(r)] + [r]
       result = {"machine": common.machine(), "loadavg": common.loadavg(),
                 "rows": with_intervals(rows, a.resamples),
                 "commands": list(dict.fromkeys(old["commands"] + [command]))}

@@ -14,7 +14,7 @@ from clclm_jax.contrastive import feedback
 from clclm_jax.data import configured, prompts, tallrec
 from clclm_jax.data.errors import DataError
 from clclm_jax.data.records import Catalogue, Interaction, Item
-from clclm_jax.train import checkpoint, loop, predictions, trainer
+from clclm_jax.train import checkpoint, loop, predictions, sharding, trainer
 from clclm_jax.train.errors import ConfigError
 from configs import tiny
 import train_helpers
@@ -322,6 +322,46 @@ def test_sigterm_inside_stage1_saves_and_returns_preempted(tmp_path, data_root, 
   assert not (tmp_path / "run" / "text" / trainer.DONE).exists() and not (tmp_path / "run" / "summary.json").exists()
   assert "preempted at step 2 of text: run the same command again to continue" in loop.format_summary(summary)
 
+
+
+class _TickingBatches:
+  """Synthetic batches on a fake clock: each batch costs `tick` seconds; SIGINT while batch `stop_at` is taken."""
+
+  def __init__(self, clock: list, tick: float, stop_at: int = 0):
+    self.batches, self.i = train_helpers.synthetic_batches(12), 0
+    self.clock, self.tick, self.stop_at = clock, tick, stop_at
+
+  def __next__(self):
+    self.i += 1
+    self.clock[0] += self.tick
+    if self.i == self.stop_at:
+      os.kill(os.getpid(), signal.SIGINT)
+    return self.batches[self.i - 1]
+
+  def get_state(self):
+    return {"i": self.i}
+
+  def set_state(self, state):
+    self.i = state["i"]
+
+
+def test_a_resumed_stage_keeps_its_time_budget_and_wall_time_across_runs(tmp_path, monkeypatch):
+  """A stage stopped after 20 s of its 35 s budget trains 2 more steps of 10 s when rerun, not 4, and says 40 s."""
+  clock = [0.0]
+  monkeypatch.setattr(trainer, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+  mesh = sharding.make_mesh((-1, 1, 1))
+
+  def stage(stop_at):
+    return trainer.Stage("rec", tmp_path, lambda: _TickingBatches(clock, 10.0, stop_at), {"lm": 1.0}, 10,
+                         train_helpers.optim_config(), 8, 8, max_seconds=35.0)
+  model = train_helpers.tiny_model()
+  trainer.place(model, mesh)
+  first = trainer.run_stage(stage(stop_at=2), model, mesh)
+  assert first["preempted"] and first["steps"] == 2 and first["wall_s"] == 20.0
+  model = train_helpers.tiny_model()
+  trainer.place(model, mesh)
+  second = trainer.run_stage(stage(stop_at=0), model, mesh)
+  assert (second["steps"], second["stopped"], second["wall_s"]) == (4, "time budget", 40.0)
 
 @pytest.mark.parametrize("field,value,message", [
     ("optim.lr", 0.0, r"config.optim.lr=0.0: use a learning rate in \(0, 1\]"),

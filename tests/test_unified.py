@@ -448,6 +448,16 @@ def test_cand_table_goals_are_the_issues_per_dataset():
   assert lines[0].startswith("- ml100k, 40 users, best unified row `unified prompts") and lines[0].endswith("**met**")
   assert lines[1].startswith("- beauty, 40 users, `text-only + all auxiliary tasks`") and lines[1].endswith("**met**")
   assert lines[2].startswith("- beauty, 40 users, `unified + all auxiliary tasks`") and lines[2].endswith("missed")
+  # Rows of another training budget stand beside each other; each compares to the text-only row trained alike.
+  budget = lambda r, **b: r | {"budget": b, "full_recipe": False}  # noqa: E731
+  rows = cand_table.with_intervals([
+      row("ml100k", "text", won), budget(row("ml100k", "text", lost), steps=30),
+      budget(row("ml100k", "unified", half), steps=30), row("ml100k", "unified", lost),
+      budget(row("ml100k", "id_encoder", won), **{"encoder.num_epochs": 1}), row("ml100k", "id_encoder", half)],
+      resamples=200)
+  assert len({cand_table.row_key(r) for r in rows}) == 6
+  assert [r["vs_text"]["difference"] for r in rows if r["row"] == "unified"] == [0.5, -1.0]
+  assert [r["vs_id"]["difference"] for r in rows if r["row"] == "unified"] == [0.0, -0.5]
 
 
 def test_cand_table_on_tiny_models_marks_the_budget_and_pairs_users(data_root, tmp_path):

@@ -449,7 +449,9 @@ def train(config: ConfigDict, workdir: str | pathlib.Path, log: Callable[[str], 
       summary["unified"] = {"encoder": {k: encoder.get(k) for k in keep}, "curriculum": bool(c.unified.curriculum),
                             "loss_weights": {k: v for k, v in dict(c.unified.loss_weights).items() if v}}
     if c.data.test_size != 0:
+      t1 = time.time()
       summary["test"] = evaluate_split(r, "test", workdir, c.data.test_size)
+      summary["test_s"] = time.time() - t1
     return summary | {"wall_s": time.time() - t0}
 
   return trainer.run_once(config, workdir, SUMMARY, build_run, finish, log)

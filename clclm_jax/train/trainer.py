@@ -59,7 +59,7 @@ class Stage:
   confirm: Callable[[nnx.Module], dict] | None = None
   patience: int = 0  # validations without a better metric before stopping; <= 0: never early
   checkpoint_every: int = 0  # steps between latest checkpoints (also at each validation and the end)
-  max_seconds: float = 0.0  # > 0: the stage ends after the step that passes this much training time
+  max_seconds: float = 0.0  # > 0: the stage ends after the step that passes this much training time (all its runs)
   seed: int = 0
   config: ConfigDict | None = None  # the run's config: saved as config.json, checked on resume
   valid_reference: float | None = None  # drawn dashed on the validation curve (e.g. the like-ratio AUC)
@@ -188,17 +188,19 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
       runconfig.save(stage.config, workdir)
   stopper = evaluate.EarlyStopping(stage.patience if stage.patience > 0 else stage.steps + 1)
   restored = ckpts.restore_latest(state)
-  if restored is not None:
+  before_s = 0.0  # the training time of this stage's earlier runs: a resumed stage's time budget and wall time are
+  if restored is not None:  # its whole training's, however often it was stopped
     state, data_state, meta = restored
     data_iter.set_state(data_state)
     stopper = evaluate.EarlyStopping(**meta["early_stopping"])
+    before_s = float(meta.get("wall_s", 0.0))
   start = int(state["step"])
   log = MetricsLog(workdir, start if restored is not None else -1)  # a fresh start drops a dead run's step-0 row
   state_sh = state_lib.state_shardings(params, tx, mesh)
   train_step = step_lib.jit_train_step(graphdef, sharding.state_sharding(frozen, mesh), tx, state_sh, mesh,
                                        loss_weights=weights, accum_steps=accum_steps)
   n_tokens, t0 = 0, time.time()
-  meta = lambda: {"early_stopping": dataclasses.asdict(stopper)}  # noqa: E731
+  meta = lambda: {"early_stopping": dataclasses.asdict(stopper), "wall_s": before_s + time.time() - t0}  # noqa: E731
   preempted, out_of_time, step, grad_norm, spread = False, False, start, None, None
   with _Stop() as stop, jax.set_mesh(mesh), tqdm.tqdm(total=stage.steps, initial=start, desc=stage.name,
                                                       disable=jax.process_index() != 0) as bar:
@@ -231,7 +233,7 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
                       | ({"best": f"{stopper.best:.4f}"} if stopper.best_step >= 0 else {}))
       bar.update(1)
       preempted = stop.is_set()
-      out_of_time = 0 < stage.max_seconds < time.time() - t0
+      out_of_time = 0 < stage.max_seconds < before_s + time.time() - t0
       done = step == stage.steps or stopper.should_stop or preempted or out_of_time
       validated = f"valid/{stage.metric}" in row  # the early-stopping state changed: keep it with the latest
       if done or validated or (stage.checkpoint_every > 0 and step % stage.checkpoint_every == 0):
@@ -251,7 +253,7 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
   summary = {"stage": stage.name, "steps": int(state["step"]), "total_steps": stage.steps,
              "preempted": preempted, "stopped": stopped, "best_step": best_step,
              f"valid_{stage.metric}": best_metric, **({"confirm": confirmed} if confirmed else {}),
-             "tokens_per_s": n_tokens / max(wall, 1e-9), "wall_s": wall,
+             "tokens_per_s": n_tokens / max(wall, 1e-9), "wall_s": before_s + wall,
              "collapsed": evaluate.collapsed(grad_norm=grad_norm, valid=spread)}
   best, _ = ckpts.restore_best(state["params"])
   nnx.update(model, best)
