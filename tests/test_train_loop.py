@@ -323,7 +323,6 @@ def test_sigterm_inside_stage1_saves_and_returns_preempted(tmp_path, data_root, 
   assert "preempted at step 2 of text: run the same command again to continue" in loop.format_summary(summary)
 
 
-
 class _TickingBatches:
   """Synthetic batches on a fake clock: each batch costs `tick` seconds; SIGINT while batch `stop_at` is taken."""
 
@@ -362,6 +361,7 @@ def test_a_resumed_stage_keeps_its_time_budget_and_wall_time_across_runs(tmp_pat
   trainer.place(model, mesh)
   second = trainer.run_stage(stage(stop_at=0), model, mesh)
   assert (second["steps"], second["stopped"], second["wall_s"]) == (4, "time budget", 40.0)
+
 
 @pytest.mark.parametrize("field,value,message", [
     ("optim.lr", 0.0, r"config.optim.lr=0.0: use a learning rate in \(0, 1\]"),

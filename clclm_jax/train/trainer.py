@@ -188,8 +188,10 @@ def run_stage(stage: Stage, model: nnx.Module, mesh) -> dict:
       runconfig.save(stage.config, workdir)
   stopper = evaluate.EarlyStopping(stage.patience if stage.patience > 0 else stage.steps + 1)
   restored = ckpts.restore_latest(state)
-  before_s = 0.0  # the training time of this stage's earlier runs: a resumed stage's time budget and wall time are
-  if restored is not None:  # its whole training's, however often it was stopped
+  # The training time of this stage's earlier runs: a resumed stage's time budget and wall time are its whole
+  # training's, however often it was stopped.
+  before_s = 0.0
+  if restored is not None:
     state, data_state, meta = restored
     data_iter.set_state(data_state)
     stopper = evaluate.EarlyStopping(**meta["early_stopping"])
